@@ -1,0 +1,20 @@
+"""flaxformer_lite: encoder-only, decoder-only and encoder-decoder Transformers in JAX/Flax."""
+
+from flaxformer_lite.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    dump_config,
+    load_config,
+)
+from flaxformer_lite.models import (
+    ModelOutput,
+    build_model,
+    count_params,
+    init_params,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,47 @@
+"""`flaxformer-lite {train,eval,generate,convert,viz,bench}`.
+
+Each command lives in its own module exposing `add_arguments(parser)` and `run(args)`;
+only the chosen command's module is imported, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("flaxformer_lite.train.commands", "train", "train a model from a config"),
+    "eval": ("flaxformer_lite.train.commands", "eval", "evaluate a run's checkpoint"),
+    "generate": ("flaxformer_lite.decode", "generate", "generate text from a run or an HF folder"),
+    "convert": ("flaxformer_lite.interop.commands", "convert", "convert HF <-> flaxformer_lite"),
+    "viz": ("flaxformer_lite.viz", "viz", "plot attention weights"),
+    "bench": ("flaxformer_lite.bench", "bench", "run benchmarks"),
+}
+
+
+def _load(command: str):
+    module_name, prefix, _ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    return getattr(module, f"add_{prefix}_arguments"), getattr(module, f"run_{prefix}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="flaxformer-lite", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints usage / errors for unknown commands
+        parser.print_help()
+        return 2
+    add_arguments, run = _load(argv[0])
+    command_parser = argparse.ArgumentParser(prog=f"flaxformer-lite {argv[0]}", description=COMMANDS[argv[0]][2])
+    add_arguments(command_parser)
+    args = command_parser.parse_args(argv[1:])
+    return run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""Frozen config dataclasses, YAML presets with `extends:`, `key.sub=value` overrides.
+
+Every choice a run makes lives here; models, data and trainer read these objects and
+nothing else. Errors name the key and say how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import types
+import typing
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+Family = Literal["encoder", "decoder", "encoder_decoder"]
+Position = Literal["learned", "sinusoidal", "relative", "rope", "alibi", "none"]
+Norm = Literal["layernorm", "rmsnorm"]
+NormPosition = Literal["pre", "post"]
+Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"]
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. `num_layers` is the encoder depth (or the decoder's, decoder-only)."""
+
+    family: Family = "decoder"
+    vocab_size: int = 384
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None  # None: = num_heads (MHA); 1: MQA; else GQA
+    head_dim: Optional[int] = None  # None: d_model // num_heads
+    d_ff: int = 512
+    num_layers: int = 2
+    num_decoder_layers: Optional[int] = None  # encoder_decoder only; None: = num_layers
+    max_len: int = 256
+    position: Position = "learned"
+    rope_theta: float = 10000.0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    sliding_window: Optional[int] = None  # keys further back than this are masked
+    norm: Norm = "layernorm"
+    norm_position: NormPosition = "pre"
+    norm_eps: float = 1e-5
+    embedding_norm: bool = False  # BERT: LayerNorm after the summed embeddings
+    final_norm: bool = True  # a norm after the last block (pre-LN stacks need it)
+    activation: Activation = "gelu"
+    use_bias: bool = True
+    scale_attention: bool = True  # T5 folds 1/sqrt(H) into its init and does not scale
+    scale_embeddings: bool = False  # 2017 paper: embeddings times sqrt(d_model)
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    tie_embeddings: bool = True  # output projection is the input embedding transposed
+    tied_logits_scale: bool = False  # T5 v1.0: tied logits times d_model**-0.5
+    share_embeddings: bool = True  # encoder_decoder: one input table for both stacks
+    type_vocab_size: int = 0  # BERT token-type embeddings; 0: none
+    mlm_head: bool = False  # encoder: BERT transform + LayerNorm before the tied decoder
+    pooler: bool = False  # encoder: tanh dense over the first token
+    num_labels: int = 0  # encoder: classifier over the pooled output; 0: none
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 0
+    initializer_range: float = 0.02
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    attention_impl: Literal["xla", "auto"] = "xla"
+    scan_layers: bool = False
+    remat_policy: str = "none"  # none | full | a jax.checkpoint_policies name
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to train on and how it becomes batches (see flaxformer_lite.data)."""
+
+    objective: Literal[
+        "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse"
+    ] = "causal_lm"
+    corpus: str = "builtin"  # builtin | path/glob to text, .jsonl, .tsv
+    text_field: str = "text"
+    label_field: str = "label"
+    tokenizer: str = "byte"  # byte | path to tokenizer.json (or its folder)
+    seq_len: int = 128
+    target_len: Optional[int] = None  # seq2seq targets; None: = seq_len
+    batch_size: int = 32
+    pack: bool = True
+    val_fraction: float = 0.05
+    mask_probability: float = 0.15
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    synthetic_vocab: int = 32  # copy / reverse tasks: symbols drawn from this many ids
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule, loop, checkpoints."""
+
+    learning_rate: float = 3e-3
+    schedule: Literal["cosine", "linear", "inverse_sqrt", "constant"] = "cosine"
+    warmup_steps: int = 50
+    num_steps: int = 1000
+    time_budget_s: Optional[float] = None  # stop early after this many seconds of training
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: Optional[float] = 1.0
+    grad_accum_steps: int = 1
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    log_every: int = 50
+    eval_every: int = 200
+    eval_batches: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    num_samples: int = 2  # LM samples printed at the end
+    sample_len: int = 64
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Mesh shape and the logical-axis -> mesh-axis rules (used only by parallel.py)."""
+
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    rules: tuple[tuple[str, Optional[str]], ...] = (
+        ("batch", "data"),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("layers", None),
+        ("length", None),
+        ("kv_length", None),
+        ("norm", None),
+        ("relpos_buckets", None),
+        ("type_vocab", None),
+        ("positions", None),
+        ("labels", None),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run: model, data, training, parallelism."""
+
+    name: str = "unnamed"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+
+# ---------------------------------------------------------------------------- validation
+
+_REMAT_NAMED = ("none", "full")
+
+
+def validate_model(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
+    """Raise ConfigError for combinations that cannot build a model; return cfg."""
+    p = prefix + "."
+    positive = ["vocab_size", "d_model", "num_heads", "d_ff", "num_layers", "max_len"]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{p}{key}={getattr(cfg, key)} must be positive")
+    if cfg.head_dim is None and cfg.d_model % cfg.num_heads:
+        raise ConfigError(
+            f"{p}d_model={cfg.d_model} is not divisible by {p}num_heads={cfg.num_heads}: "
+            f"pick num_heads dividing d_model, or set {p}head_dim explicitly"
+        )
+    if cfg.num_heads % cfg.kv_heads:
+        raise ConfigError(
+            f"{p}num_kv_heads={cfg.kv_heads} does not divide {p}num_heads={cfg.num_heads}: "
+            "each key/value head must serve a whole group of query heads"
+        )
+    if cfg.position == "rope" and cfg.dim_per_head % 2:
+        raise ConfigError(
+            f"{p}position=rope needs an even head dim, got {cfg.dim_per_head}: "
+            f"change {p}d_model/{p}num_heads or set an even {p}head_dim"
+        )
+    if cfg.family == "encoder_decoder" and cfg.position == "alibi":
+        # ALiBi is defined for causal self-attention; the encoder side has no published form.
+        raise ConfigError(
+            f"{p}position=alibi is for decoder-only models: use relative or rope for encoder_decoder"
+        )
+    if cfg.family != "encoder" and (cfg.mlm_head or cfg.pooler or cfg.num_labels):
+        raise ConfigError(
+            f"{p}mlm_head/pooler/num_labels are encoder heads; {p}family={cfg.family} has none: "
+            "remove them or set family: encoder"
+        )
+    if cfg.num_labels and not cfg.pooler:
+        raise ConfigError(f"{p}num_labels={cfg.num_labels} classifies the pooled output: set {p}pooler: true")
+    if cfg.family == "encoder" and cfg.sliding_window is not None and cfg.sliding_window <= 0:
+        raise ConfigError(f"{p}sliding_window must be positive or null")
+    if cfg.remat_policy not in _REMAT_NAMED:
+        import jax  # deferred: config parsing must not start a backend
+
+        if not hasattr(jax.checkpoint_policies, cfg.remat_policy):
+            names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
+            near = difflib.get_close_matches(cfg.remat_policy, names + list(_REMAT_NAMED), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(
+                f"{p}remat_policy={cfg.remat_policy!r} is not none, full or a "
+                f"jax.checkpoint_policies name{hint}"
+            )
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Validate a whole run config; return it unchanged."""
+    validate_model(cfg.model)
+    if cfg.data.seq_len > cfg.model.max_len and cfg.model.position in ("learned", "sinusoidal"):
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={cfg.model.max_len} "
+            "with absolute positions: lower data.seq_len or raise model.max_len"
+        )
+    if cfg.train.grad_accum_steps < 1:
+        raise ConfigError("train.grad_accum_steps must be >= 1")
+    if cfg.data.batch_size % cfg.train.grad_accum_steps:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by "
+            f"train.grad_accum_steps={cfg.train.grad_accum_steps}"
+        )
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    return cfg
+
+
+# ---------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (tuples from lists)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] + (" or null" if type(None) in args else ""))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{key}={value!r} is not one of {_type_name(tp)}{hint}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key} must have {len(args)} entries, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        # bool is an int in Python; an int field given `true` is still a mistake.
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{key} must be {tp.__name__}, got {type(value).__name__} {value!r}"
+            )
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, naming any unknown or ill-typed key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f"; did you mean {prefix}{near[0]!r}?" if near else f"; valid keys: {sorted(fields)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return to_dict(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+# ---------------------------------------------------------------------------- YAML
+
+
+def resolve_config_path(path: str | pathlib.Path) -> pathlib.Path:
+    """A path as given, or a preset name (`gpt_tiny`) looked up in configs/."""
+    p = pathlib.Path(path)
+    if p.exists():
+        return p
+    preset = CONFIG_DIR / (p.name if p.suffix else p.name + ".yaml")
+    if preset.exists():
+        return preset
+    names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    near = difflib.get_close_matches(p.stem, names, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise ConfigError(f"config file {str(path)!r} not found{hint} (presets: {', '.join(names)})")
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: pathlib.Path, seen: tuple = ()) -> dict:
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `extends:` cycle through {[str(s) for s in seen]}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        parent_path = path.parent / parent
+        if not parent_path.exists():
+            raise ConfigError(f"{path}: extends {parent!r}, which does not exist next to it")
+        data = _deep_merge(_read_yaml(parent_path, seen + (path.resolve(),)), data)
+    return data
+
+
+def apply_override(data: dict, override: str) -> dict:
+    """Apply one `a.b.c=value` string (value parsed as YAML) to a nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value, e.g. model.num_layers=2")
+    key, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {e}") from None
+    parts = key.strip().split(".")
+    out = dict(data)
+    node = out
+    for part in parts[:-1]:
+        node[part] = dict(node.get(part) or {})
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | pathlib.Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML run config (following `extends:`), apply overrides, validate."""
+    file = resolve_config_path(path)
+    data = _read_yaml(file)
+    for o in overrides:
+        data = apply_override(data, o)
+    try:
+        cfg = from_dict(Config, data)
+        return validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+
+
+def dump_config(cfg: Config, path: str | pathlib.Path) -> None:
+    """Write the resolved config as YAML (loadable by load_config)."""
+    pathlib.Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

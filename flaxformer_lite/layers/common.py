@@ -1,0 +1,36 @@
+"""Parameter helpers shared by the layers: logical names, initializers, dtypes."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from flaxformer_lite.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype(cfg: ModelConfig):
+    """Compute dtype of activations."""
+    return DTYPES[cfg.dtype]
+
+
+def param_dtype(cfg: ModelConfig):
+    """Storage dtype of parameters."""
+    return DTYPES[cfg.param_dtype]
+
+
+def kernel_init(cfg: ModelConfig):
+    """Truncated normal with the config's std (BERT/GPT-2 use 0.02)."""
+    return nn.initializers.truncated_normal(cfg.initializer_range)
+
+
+def param(module: nn.Module, name: str, init, shape: tuple, axes: tuple, cfg: ModelConfig):
+    """A parameter carrying logical axis names, cast to the compute dtype."""
+    value = module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype(cfg))
+    return jnp.asarray(value, dtype(cfg))
+
+
+def constrain(x, axes: tuple):
+    """Logical sharding constraint on an activation (no-op outside a mesh + rules)."""
+    return nn.with_logical_constraint(x, axes)

@@ -1,0 +1,22 @@
+"""Pure JAX functions: no Flax, no parameters, no config objects."""
+
+from flaxformer_lite.ops.attention import (
+    causal_mask,
+    combine_masks,
+    dot_product_attention,
+    lengths_to_valid,
+    padding_mask,
+    segment_mask,
+    sliding_window_mask,
+)
+from flaxformer_lite.ops.ffn import ACTIVATIONS, GATED, activate, feed_forward, is_gated
+from flaxformer_lite.ops.losses import cross_entropy
+from flaxformer_lite.ops.norms import layer_norm, rms_norm
+from flaxformer_lite.ops.positions import (
+    alibi_bias,
+    alibi_slopes,
+    relative_position_bias,
+    relative_position_bucket,
+    rope,
+    sinusoidal,
+)

@@ -1,0 +1,146 @@
+"""Scaled dot-product attention and the boolean masks that feed it.
+
+Axis letters: B batch, T query length, S key length, N query heads, K key/value heads,
+H head dim. Masks are boolean, True = may attend, shaped [B, 1, T, S] (broadcast over
+heads). Biases are additive, shaped [B or 1, N, T, S].
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def causal_mask(q_positions_BT: Array, k_positions_BS: Array) -> Array:
+    """[B,1,T,S]: a query sees keys at its own position or earlier."""
+    return (k_positions_BS[:, None, None, :] <= q_positions_BT[:, None, :, None])
+
+
+def padding_mask(q_valid_BT: Array, k_valid_BS: Array) -> Array:
+    """[B,1,T,S]: both the query and the key are real tokens (not padding)."""
+    return q_valid_BT[:, None, :, None].astype(bool) & k_valid_BS[:, None, None, :].astype(bool)
+
+
+def segment_mask(q_segment_ids_BT: Array, k_segment_ids_BS: Array) -> Array:
+    """[B,1,T,S]: packed rows; attend only within the same non-zero segment (0 = padding)."""
+    same = q_segment_ids_BT[:, None, :, None] == k_segment_ids_BS[:, None, None, :]
+    return same & (q_segment_ids_BT[:, None, :, None] != 0) & (k_segment_ids_BS[:, None, None, :] != 0)
+
+
+def sliding_window_mask(q_positions_BT: Array, k_positions_BS: Array, window: int) -> Array:
+    """[B,1,T,S]: keys no more than `window - 1` positions away (either side)."""
+    dist = q_positions_BT[:, None, :, None] - k_positions_BS[:, None, None, :]
+    return jnp.abs(dist) < window
+
+
+def lengths_to_valid(lengths_B: Array, length: int) -> Array:
+    """[B,length] bool from per-row lengths: the first lengths[b] tokens are real."""
+    return jnp.arange(length)[None, :] < lengths_B[:, None]
+
+
+def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
+    """Logical AND of the masks that are not None (None if all are None)."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0]
+    for m in present[1:]:
+        out = out & m
+    return out
+
+
+def _check_shapes(q_BTNH, k_BSKH, v_BSKH):
+    if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.ndim != 4:
+        raise ValueError(
+            f"q, k, v must be [B,T,N,H], [B,S,K,H], [B,S,K,H]; got {q_BTNH.shape}, "
+            f"{k_BSKH.shape}, {v_BSKH.shape}"
+        )
+    B, _, N, H = q_BTNH.shape
+    _, S, K, _ = k_BSKH.shape
+    if k_BSKH.shape != v_BSKH.shape or k_BSKH.shape[0] != B or k_BSKH.shape[3] != H:
+        raise ValueError(f"k {k_BSKH.shape} / v {v_BSKH.shape} do not match q {q_BTNH.shape}")
+    if N % K:
+        raise ValueError(f"{K} key/value heads do not divide {N} query heads")
+
+
+def dot_product_attention(
+    q_BTNH: Array,
+    k_BSKH: Array,
+    v_BSKH: Array,
+    bias: Optional[Array] = None,
+    mask: Optional[Array] = None,
+    *,
+    scale: Optional[float] = None,
+    implementation: Literal["xla", "auto"] = "xla",
+    return_weights: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: Optional[Array] = None,
+) -> tuple[Array, Optional[Array]]:
+    """softmax(q k^T * scale + bias, masked) v, with grouped K/V heads.
+
+    Args:
+      q_BTNH, k_BSKH, v_BSKH: queries, keys, values; K must divide N (MHA, GQA, MQA).
+      bias: additive, broadcastable to [B,N,T,S] (relative position, ALiBi).
+      mask: boolean, broadcastable to [B,1,T,S] or [B,N,T,S]; True = attend.
+      scale: multiplies the logits; default 1/sqrt(H).
+      implementation: 'xla' is the explicit einsum reference; 'auto' calls
+        jax.nn.dot_product_attention, which picks cuDNN flash on GPU where dtype and
+        shape allow. 'auto' falls back to 'xla' when weights or dropout are requested.
+      return_weights: also return the [B,N,T,S] attention probabilities.
+
+    Returns:
+      (out_BTNH, weights_BNTS or None). Logits and softmax are computed in float32;
+      the output has q's dtype. Query rows with no visible key give zeros, not NaN.
+    """
+    _check_shapes(q_BTNH, k_BSKH, v_BSKH)
+    B, T, N, H = q_BTNH.shape
+    _, S, K, _ = k_BSKH.shape
+    G = N // K
+    scale = H**-0.5 if scale is None else scale
+    dropping = dropout_rate > 0.0 and dropout_rng is not None
+    # A row is alive if any key is visible; dead rows are zeroed below (no NaN, no uniform).
+    alive_B1T1 = None
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (B, mask.shape[1], T, S))
+        alive_B1T1 = jnp.any(mask, axis=(1, 3), keepdims=True)
+
+    if implementation == "auto" and not return_weights and not dropping:
+        out_BTNH = jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH,
+            bias=None if bias is None else bias.astype(q_BTNH.dtype),
+            mask=mask, scale=scale,
+        )
+        if alive_B1T1 is not None:
+            out_BTNH = out_BTNH * jnp.transpose(alive_B1T1, (0, 2, 1, 3)).astype(out_BTNH.dtype)
+        return out_BTNH, None
+    if implementation not in ("xla", "auto"):
+        raise ValueError(f"implementation={implementation!r}: use 'xla' or 'auto'")
+
+    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    logits_BKGTS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+    ) * jnp.float32(scale)
+    if bias is not None:
+        bias_BNTS = jnp.broadcast_to(bias.astype(jnp.float32), (bias.shape[0], N, T, S))
+        logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(bias_BNTS.shape[0], K, G, T, S)
+    if mask is not None:
+        mask_BKGTS = jnp.broadcast_to(mask, (B, mask.shape[1], T, S))
+        mask_BKGTS = (
+            mask_BKGTS[:, :, None] if mask.shape[1] == 1 else mask_BKGTS.reshape(B, K, G, T, S)
+        )
+        logits_BKGTS = jnp.where(mask_BKGTS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+    weights_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
+    if alive_B1T1 is not None:
+        weights_BKGTS = weights_BKGTS * alive_B1T1[:, :, None].astype(jnp.float32)
+    probs_BKGTS = weights_BKGTS
+    if dropping:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BKGTS.shape)
+        probs_BKGTS = jnp.where(keep, probs_BKGTS / (1.0 - dropout_rate), 0.0)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+    out_BTNH = out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+    weights_BNTS = weights_BKGTS.reshape(B, N, T, S) if return_weights else None
+    return out_BTNH, weights_BNTS
