@@ -1,0 +1,559 @@
+"""Objectives: text to batches. `make_dataset` is the one call a trainer makes.
+
+    tok = load_tokenizer("byte")
+    train_docs, val_docs = split(load_corpus("causal_lm"), val_fraction=0.05)
+    ds = make_dataset("causal_lm", train_docs, tokenizer=tok, batch_size=32, seq_len=128,
+                      shard_index=jax.process_index(), shard_count=jax.process_count())
+    it = iter(ds)                  # grain.DatasetIterator, endless when train=True
+    batch = next(it)
+    state = it.get_state()         # JSON-serialisable; a fresh iter(ds).set_state(state)
+                                   # continues with exactly the next batch
+    val = make_dataset("causal_lm", val_docs, tokenizer=tok, batch_size=32, seq_len=128,
+                       train=False)        # one pass; the last batch padded with empty rows
+
+Batch contract: dicts of numpy arrays; B batch_size, T seq_len, S target_len.
+  causal_lm        input_ids, labels, segment_ids, positions [B,T] int32; weights [B,T] float32
+                   labels[t] is the token after input_ids[t] in the same document; weights
+                   are 0 on padding and on each document's last token (nothing follows it).
+  masked_lm        the same keys; labels hold the original token and weights are 1 only
+                   at the positions picked for prediction (BERT 80/10/10 rule).
+  span_corruption, seq2seq, copy, reverse
+                   encoder: input_ids, segment_ids, positions [B,T] int32;
+                   decoder: decoder_input_ids, labels, decoder_segment_ids,
+                   decoder_positions [B,S] int32; weights [B,S] float32.
+                   decoder_input_ids are the labels shifted right in each segment, starting
+                   with the decoder start id = pad_id (as in T5).
+  classification   input_ids, segment_ids, positions [B,T] int32; label [B] int32.
+segment_ids number the examples packed into a row 1, 2, ... and are 0 on padding;
+positions restart at 0 in every segment; padding ids are the tokenizer's pad_id. Rows of
+the padded last evaluation batch have segment_ids 0 everywhere (and label 0).
+
+Sequences: causal_lm documents are bos + text + eos; masked_lm and classification rows
+are bos + text + eos (the [CLS] ... [SEP] of BERT); seq2seq inputs and targets end with
+eos. Documents longer than a row are split, never cut, for the self-supervised
+objectives (causal_lm, masked_lm, span_corruption); causal_lm chunks overlap by one token
+so every next-token prediction is made exactly once. Paired and labelled examples cannot
+be split: seq2seq and classification truncate them, with one warning that counts them.
+
+Every batch is checked for ids outside [0, vocab_size) (`vocab_size`: the model's,
+default the tokenizer's), which a JAX gather would otherwise clamp silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import grain
+import numpy as np
+
+from flaxformer_lite.data import corpora, pipeline
+from flaxformer_lite.data.errors import DataError
+from flaxformer_lite.data.pipeline import Batch, Example
+from flaxformer_lite.data.tokenizers import Tokenizer
+
+OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse")
+
+# Synthetic copy/reverse sets: examples are drawn lazily from a seeded stream per index, so
+# size costs nothing; evaluation draws from a different stream than training.
+SYNTHETIC_TRAIN_EXAMPLES = 1_000_000
+SYNTHETIC_EVAL_EXAMPLES = 1_024
+
+
+# ------------------------------------------------------------------------ pure batch functions
+
+
+def causal_lm_batch(rows: Batch, pad_id: int) -> Batch:
+    """Packed rows {tokens, tokens_segment_ids, tokens_positions} -> the causal_lm contract."""
+    ids_BT, seg_BT = rows["tokens"], rows["tokens_segment_ids"]
+    next_ids_BT = np.roll(ids_BT, -1, axis=1)
+    next_seg_BT = np.pad(seg_BT[:, 1:], ((0, 0), (0, 1)))
+    predicts_BT = (seg_BT > 0) & (next_seg_BT == seg_BT)
+    return {
+        "input_ids": np.where(seg_BT > 0, ids_BT, pad_id).astype(np.int32),
+        "labels": np.where(predicts_BT, next_ids_BT, pad_id).astype(np.int32),
+        "weights": predicts_BT.astype(np.float32),
+        "segment_ids": seg_BT.astype(np.int32),
+        "positions": rows["tokens_positions"].astype(np.int32),
+    }
+
+
+def mask_tokens(
+    ids: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    mask_probability: float,
+    mask_id: int,
+    pad_id: int,
+    special_ids: np.ndarray,
+    random_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BERT masking: (inputs, labels, weights) for one sequence.
+
+    Each non-special token is picked with probability `mask_probability`; a picked
+    token becomes `mask_id` 80% of the time, a uniform draw from `random_ids` 10%, and
+    stays itself 10%. labels hold the original token where picked (pad_id elsewhere);
+    weights are 1 exactly where picked.
+    """
+    picked = ~np.isin(ids, special_ids) & (rng.random(ids.shape) < mask_probability)
+    action = rng.random(ids.shape)
+    to_mask = picked & (action < 0.8)
+    to_random = picked & (action >= 0.8) & (action < 0.9)
+    inputs = np.where(to_mask, mask_id, ids)
+    inputs[to_random] = rng.choice(random_ids, size=int(to_random.sum()))
+    labels = np.where(picked, ids, pad_id)
+    return inputs.astype(np.int32), labels.astype(np.int32), picked.astype(np.float32)
+
+
+def masked_lm_batch(rows: Batch, pad_id: int) -> Batch:
+    """Packed rows {tokens, labels, weights (+ segment ids, positions)} -> the masked_lm contract."""
+    seg_BT = rows["tokens_segment_ids"]
+    picked_BT = (rows["weights"] > 0) & (seg_BT > 0)
+    return {
+        "input_ids": np.where(seg_BT > 0, rows["tokens"], pad_id).astype(np.int32),
+        "labels": np.where(picked_BT, rows["labels"], pad_id).astype(np.int32),
+        "weights": picked_BT.astype(np.float32),
+        "segment_ids": seg_BT.astype(np.int32),
+        "positions": rows["tokens_positions"].astype(np.int32),
+    }
+
+
+def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) for a sequence of `length` >= 2 tokens, as T5 rounds them."""
+    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    num_spans = int(round(num_noise / mean_noise_span_length))
+    return num_noise, min(max(num_spans, 1), num_noise, length - num_noise)
+
+
+def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
+    """Lengths of a uniformly random split of num_items into num_segments non-empty runs."""
+    cuts = np.sort(rng.choice(num_items - 1, num_segments - 1, replace=False)) + 1
+    return np.diff(np.concatenate([[0], cuts, [num_items]]))
+
+
+def random_spans_noise_mask(
+    length: int, noise_density: float, mean_noise_span_length: float, rng: np.random.Generator
+) -> np.ndarray:
+    """T5's noise mask: bool [length], alternating clean/noise spans, starting clean."""
+    num_noise, num_spans = _noise_counts(length, noise_density, mean_noise_span_length)
+    noise_lengths = _random_segmentation(num_noise, num_spans, rng)
+    clean_lengths = _random_segmentation(length - num_noise, num_spans, rng)
+    span_lengths = np.stack([clean_lengths, noise_lengths], axis=1).reshape(-1)
+    return np.repeat(np.arange(2 * num_spans) % 2 == 1, span_lengths)
+
+
+def span_corruption(
+    ids: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    noise_density: float,
+    mean_noise_span_length: float,
+    sentinel_ids: np.ndarray,
+    eos_id: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """T5 span corruption of one sequence (>= 2 tokens): (inputs, targets), both ending in eos.
+
+    Noise span i is replaced by sentinel_ids[i] in the inputs; the targets are
+    sentinel_ids[0], span 0, sentinel_ids[1], span 1, ... so putting each span back in
+    place of its sentinel rebuilds `ids`.
+    """
+    noise = random_spans_noise_mask(len(ids), noise_density, mean_noise_span_length, rng)
+    span_start = noise & ~np.pad(noise[:-1], (1, 0))
+    span_index = np.cumsum(span_start) - 1
+    if span_start.sum() > len(sentinel_ids):
+        raise DataError(
+            f"span corruption needs {span_start.sum()} sentinels but the tokenizer has "
+            f"{len(sentinel_ids)}; lower seq_len or use a tokenizer with more <extra_id_N>"
+        )
+    inputs = np.where(span_start, sentinel_ids[span_index], ids)[~noise | span_start]
+    noise_starts = np.flatnonzero(span_start[noise])
+    targets = np.insert(ids[noise], noise_starts, sentinel_ids[: len(noise_starts)])
+    eos = np.array([eos_id])
+    return np.concatenate([inputs, eos]).astype(np.int32), np.concatenate([targets, eos]).astype(np.int32)
+
+
+def span_corruption_lengths(
+    seq_len: int,
+    noise_density: float,
+    mean_noise_span_length: float,
+    target_len: Optional[int] = None,
+) -> tuple[int, int]:
+    """(raw chunk length, target_len) so that corrupted chunks fit seq_len and target_len.
+
+    As T5's `random_spans_helper`: the longest raw chunk whose inputs (clean tokens +
+    one sentinel a span + eos) fit seq_len, and, if given, whose targets fit target_len;
+    target_len defaults to the longest targets such chunks make.
+    """
+
+    if not 0.0 < noise_density < 1.0 or mean_noise_span_length < 1.0:
+        raise DataError(
+            f"noise_density={noise_density} must be in (0, 1) and mean_noise_span_length="
+            f"{mean_noise_span_length} at least 1 (T5: 0.15 and 3.0)"
+        )
+
+    def sizes(n: int) -> tuple[int, int]:
+        num_noise, num_spans = _noise_counts(n, noise_density, mean_noise_span_length)
+        return n - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+    longest_inputs = longest_targets = 0
+    raw = 1
+    while True:
+        inputs, targets = sizes(raw + 1)
+        if max(longest_inputs, inputs) > seq_len or (
+            target_len and max(longest_targets, targets) > target_len
+        ):
+            break
+        raw += 1
+        longest_inputs, longest_targets = max(longest_inputs, inputs), max(longest_targets, targets)
+    if raw < 2:
+        raise DataError(
+            f"span_corruption cannot fit any chunk into seq_len={seq_len}, target_len={target_len}; "
+            "raise them"
+        )
+    return raw, target_len or longest_targets
+
+
+def seq2seq_batch(rows: Batch, pad_id: int) -> Batch:
+    """Packed rows {inputs, targets (+ segment ids, positions)} -> the seq2seq contract."""
+    enc_seg_BT, dec_seg_BS = rows["inputs_segment_ids"], rows["targets_segment_ids"]
+    targets_BS, dec_pos_BS = rows["targets"], rows["targets_positions"]
+    # Shift right inside each segment: position 0 of every segment gets the start id.
+    decoder_input_ids_BS = np.where(dec_pos_BS == 0, pad_id, np.roll(targets_BS, 1, axis=1))
+    return {
+        "input_ids": np.where(enc_seg_BT > 0, rows["inputs"], pad_id).astype(np.int32),
+        "segment_ids": enc_seg_BT.astype(np.int32),
+        "positions": rows["inputs_positions"].astype(np.int32),
+        "decoder_input_ids": np.where(dec_seg_BS > 0, decoder_input_ids_BS, pad_id).astype(np.int32),
+        "labels": np.where(dec_seg_BS > 0, targets_BS, pad_id).astype(np.int32),
+        "weights": (dec_seg_BS > 0).astype(np.float32),
+        "decoder_segment_ids": dec_seg_BS.astype(np.int32),
+        "decoder_positions": dec_pos_BS.astype(np.int32),
+    }
+
+
+def classification_batch(rows: Batch, pad_id: int) -> Batch:
+    """Padded rows {tokens (+ segment ids, positions), label} -> the classification contract."""
+    seg_BT = rows["tokens_segment_ids"]
+    return {
+        "input_ids": np.where(seg_BT > 0, rows["tokens"], pad_id).astype(np.int32),
+        "segment_ids": seg_BT.astype(np.int32),
+        "positions": rows["tokens_positions"].astype(np.int32),
+        "label": np.asarray(rows["label"], np.int32),
+    }
+
+
+# --------------------------------------------------------------------------------- plans
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """make_dataset's arguments, as the plan builders read them."""
+
+    tokenizer: Tokenizer
+    vocab_size: int
+    seq_len: int
+    target_len: Optional[int]
+    train: bool
+    seed: int
+    pack: bool
+    mask_probability: float
+    noise_density: float
+    mean_noise_span_length: float
+    synthetic_vocab: int
+
+
+class _Plan(NamedTuple):
+    """What `pipeline.build` needs for one objective."""
+
+    examples: Sequence[Any]
+    features: Callable[[Any, np.random.Generator], Example]
+    lengths: dict[str, int]
+    finalize: Callable[[Batch], Batch]
+    pack: bool
+
+
+def _chunks(ids: list[int], size: int, step: int) -> list[list[int]]:
+    """Windows of `size` tokens every `step` tokens covering ids (step < size: overlap)."""
+    return [ids[s : s + size] for s in range(0, max(len(ids) - (size - step), 1), step)]
+
+
+def _tokenize(spec: _Spec, texts: Sequence[str], what: str) -> list[list[int]]:
+    out = []
+    for i, text in enumerate(texts):
+        ids = spec.tokenizer.encode(text)
+        if ids and (max(ids) >= spec.vocab_size or min(ids) < 0):
+            pipeline.check_ids(np.asarray(ids), spec.vocab_size, f"{what} {i} ({text[:40]!r}...)")
+        out.append(ids)
+    return out
+
+
+def _regular_ids(spec: _Spec) -> np.ndarray:
+    """Ids below both vocab sizes that are not special tokens, ascending."""
+    ids = np.arange(min(spec.tokenizer.vocab_size, spec.vocab_size))
+    return ids[~np.isin(ids, sorted(spec.tokenizer.special_ids))]
+
+
+def _finalizer(fn: Callable[..., Batch], spec: _Spec) -> Callable[[Batch], Batch]:
+    return functools.partial(fn, pad_id=spec.tokenizer.pad_id)
+
+
+def _token_features(chunk: list[int], rng: np.random.Generator) -> Example:
+    del rng  # no randomness: the chunk is fixed by the corpus
+    return {"tokens": np.asarray(chunk, np.int32)}
+
+
+def _causal_lm_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
+    tok, seq_len = spec.tokenizer, spec.seq_len
+    if seq_len < 2:
+        raise DataError(f"causal_lm needs seq_len >= 2, got {seq_len}")
+    docs = [[tok.bos_id] + ids + [tok.eos_id] for ids in _tokenize(spec, texts, "document")]
+    chunks = [c for d in docs for c in _chunks(d, seq_len, seq_len - 1)]
+    return _Plan(chunks, _token_features, {"tokens": seq_len}, _finalizer(causal_lm_batch, spec), spec.pack)
+
+
+def _masked_lm_features(chunk: list[int], rng: np.random.Generator, **mask_kwargs) -> Example:
+    inputs, labels, weights = mask_tokens(np.asarray(chunk, np.int32), rng, **mask_kwargs)
+    return {"tokens": inputs, "labels": labels, "weights": weights}
+
+
+def _masked_lm_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
+    tok, seq_len = spec.tokenizer, spec.seq_len
+    if seq_len < 3:
+        raise DataError(f"masked_lm needs seq_len >= 3 (bos, a token, eos), got {seq_len}")
+    if not 0.0 < spec.mask_probability < 1.0:
+        raise DataError(f"mask_probability={spec.mask_probability} must be in (0, 1) (BERT: 0.15)")
+    body = seq_len - 2
+    chunks = [
+        [tok.bos_id] + c + [tok.eos_id]
+        for ids in _tokenize(spec, texts, "document")
+        if ids
+        for c in _chunks(ids, body, body)
+    ]
+    features = functools.partial(
+        _masked_lm_features,
+        mask_probability=spec.mask_probability,
+        mask_id=tok.mask_id,
+        pad_id=tok.pad_id,
+        special_ids=np.asarray(sorted(tok.special_ids)),
+        random_ids=_regular_ids(spec),
+    )
+    lengths = {"tokens": seq_len, "labels": seq_len, "weights": seq_len}
+    return _Plan(chunks, features, lengths, _finalizer(masked_lm_batch, spec), spec.pack)
+
+
+def _span_corruption_features(chunk: list[int], rng: np.random.Generator, **span_kwargs) -> Example:
+    inputs, targets = span_corruption(np.asarray(chunk, np.int32), rng, **span_kwargs)
+    return {"inputs": inputs, "targets": targets}
+
+
+def _span_corruption_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
+    tok, density, mean_span = spec.tokenizer, spec.noise_density, spec.mean_noise_span_length
+    raw_len, target_len = span_corruption_lengths(spec.seq_len, density, mean_span, spec.target_len)
+    most_spans = max(_noise_counts(n, density, mean_span)[1] for n in range(2, raw_len + 1))
+    if most_spans > tok.num_sentinels:
+        raise DataError(
+            f"span_corruption at seq_len={spec.seq_len} makes up to {most_spans} noise spans but "
+            f"the tokenizer has {tok.num_sentinels} sentinels; lower seq_len or add sentinels"
+        )
+    # A one-token chunk has no clean token to keep beside its noise; it is dropped.
+    chunks = [
+        c for ids in _tokenize(spec, texts, "document") for c in _chunks(ids, raw_len, raw_len) if len(c) >= 2
+    ]
+    features = functools.partial(
+        _span_corruption_features,
+        noise_density=density,
+        mean_noise_span_length=mean_span,
+        sentinel_ids=np.asarray([tok.sentinel_id(i) for i in range(most_spans)]),
+        eos_id=tok.eos_id,
+    )
+    lengths = {"inputs": spec.seq_len, "targets": target_len}
+    return _Plan(chunks, features, lengths, _finalizer(seq2seq_batch, spec), spec.pack)
+
+
+def _pair_features(pair: tuple[list[int], list[int]], rng: np.random.Generator) -> Example:
+    del rng  # no randomness: the pair is fixed by the corpus
+    return {"inputs": np.asarray(pair[0], np.int32), "targets": np.asarray(pair[1], np.int32)}
+
+
+def _seq2seq_plan(pairs: Sequence[tuple[str, str]], spec: _Spec) -> _Plan:
+    eos, target_len = spec.tokenizer.eos_id, spec.target_len or spec.seq_len
+    sources = _tokenize(spec, [p[0] for p in pairs], "source")
+    targets = _tokenize(spec, [p[1] for p in pairs], "target")
+    sources = [s + [eos] for s in pipeline.truncate(sources, spec.seq_len - 1, "seq2seq sources")]
+    targets = [t + [eos] for t in pipeline.truncate(targets, target_len - 1, "seq2seq targets")]
+    lengths = {"inputs": spec.seq_len, "targets": target_len}
+    return _Plan(
+        list(zip(sources, targets)), _pair_features, lengths, _finalizer(seq2seq_batch, spec), spec.pack
+    )
+
+
+def _labeled_features(example: tuple[list[int], int], rng: np.random.Generator) -> Example:
+    del rng  # no randomness: the example is fixed by the corpus
+    return {"tokens": np.asarray(example[0], np.int32), "label": np.int32(example[1])}
+
+
+def _classification_plan(examples: Sequence[tuple[str, int]], spec: _Spec) -> _Plan:
+    tok = spec.tokenizer
+    texts = _tokenize(spec, [e[0] for e in examples], "example")
+    texts = pipeline.truncate(texts, spec.seq_len - 2, "classification texts")
+    rows = [([tok.bos_id] + ids + [tok.eos_id], label) for ids, (_, label) in zip(texts, examples)]
+    # One example a row: the label belongs to the row, so rows are never packed.
+    lengths = {"tokens": spec.seq_len}
+    return _Plan(rows, _labeled_features, lengths, _finalizer(classification_batch, spec), False)
+
+
+def _synthetic_features(
+    index: int,
+    rng: np.random.Generator,
+    *,
+    reverse: bool,
+    symbols: np.ndarray,
+    max_len: int,
+    eos_id: int,
+    stream: tuple[int, int],
+) -> Example:
+    del rng  # each example is a function of its index, so training sees a fixed set
+    rng = np.random.default_rng(stream + (index,))
+    seq = rng.choice(symbols, size=int(rng.integers(1, max_len + 1)))
+    target = seq[::-1] if reverse else seq
+    eos = np.array([eos_id])
+    return {
+        "inputs": np.concatenate([seq, eos]).astype(np.int32),
+        "targets": np.concatenate([target, eos]).astype(np.int32),
+    }
+
+
+def _synthetic_plan(indices: Sequence[int], spec: _Spec, *, reverse: bool) -> _Plan:
+    target_len = spec.target_len or spec.seq_len
+    symbols = _regular_ids(spec)[: spec.synthetic_vocab]
+    if len(symbols) < spec.synthetic_vocab:
+        raise DataError(
+            f"synthetic_vocab={spec.synthetic_vocab} exceeds the {len(symbols)} non-special ids "
+            f"below vocab_size={spec.vocab_size}"
+        )
+    max_len = min(spec.seq_len, target_len) - 1
+    if max_len < 1:
+        raise DataError(f"copy/reverse need seq_len and target_len >= 2, got {spec.seq_len}, {target_len}")
+    features = functools.partial(
+        _synthetic_features,
+        reverse=reverse,
+        symbols=symbols,
+        max_len=max_len,
+        eos_id=spec.tokenizer.eos_id,
+        stream=(spec.seed, int(spec.train)),
+    )
+    lengths = {"inputs": spec.seq_len, "targets": target_len}
+    return _Plan(indices, features, lengths, _finalizer(seq2seq_batch, spec), spec.pack)
+
+
+_PLANS: dict[str, Callable[[Sequence[Any], _Spec], _Plan]] = {
+    "causal_lm": _causal_lm_plan,
+    "masked_lm": _masked_lm_plan,
+    "span_corruption": _span_corruption_plan,
+    "seq2seq": _seq2seq_plan,
+    "classification": _classification_plan,
+    "copy": functools.partial(_synthetic_plan, reverse=False),
+    "reverse": functools.partial(_synthetic_plan, reverse=True),
+}
+
+
+# ----------------------------------------------------------------------------------- public
+
+
+def load_corpus(
+    objective: str,
+    corpus: corpora.Source = corpora.BUILTIN,
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+) -> Any:
+    """The data `make_dataset(objective, data)` takes, read from `corpus` ("builtin": offline).
+
+    Documents (list[str]) for causal_lm/masked_lm/span_corruption, (source, target)
+    pairs for seq2seq, a `LabeledCorpus` for classification, None for copy/reverse.
+    """
+    _check_objective(objective)
+    if objective in ("causal_lm", "masked_lm", "span_corruption"):
+        return corpora.load_texts(corpus, text_field=text_field)
+    if objective == "seq2seq":
+        return corpora.load_pairs(corpus)
+    if objective == "classification":
+        return corpora.load_labeled(corpus, text_field=text_field, label_field=label_field)
+    return None
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise DataError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+
+
+def make_dataset(
+    objective: str,
+    data: Any = None,
+    *,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    seq_len: int,
+    target_len: Optional[int] = None,
+    train: bool = True,
+    seed: int = 0,
+    vocab_size: Optional[int] = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    pack: bool = True,
+    mask_probability: float = 0.15,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+    synthetic_vocab: int = 32,
+) -> grain.IterDataset:
+    """A grain dataset of batches for `objective` (see the module docstring for the contract).
+
+    data: what `load_corpus(objective, ...)` returns (ignored by copy/reverse).
+    train: endless, reshuffled every epoch, random packing-bin order; else one pass.
+    seed: shuffling, masks and noise spans; the same seed gives the same batches.
+    target_len: decoder length for the seq2seq family; None: seq_len, except for
+      span_corruption, where None means the longest targets a full chunk can make.
+    vocab_size: the model's vocabulary; ids at or above it raise DataError. None: the
+      tokenizer's.
+    shard_index, shard_count: this process's share of the examples
+      (jax.process_index(), jax.process_count()); each process gets its own batches.
+      Evaluation shards may end after different numbers of batches; a multi-process
+      evaluation loop must agree when all are done.
+    pack: several examples per row (not for classification, always one per row).
+    """
+    _check_objective(objective)
+    spec = _Spec(
+        tokenizer=tokenizer,
+        vocab_size=vocab_size or tokenizer.vocab_size,
+        seq_len=seq_len,
+        target_len=target_len,
+        train=train,
+        seed=seed,
+        pack=pack,
+        mask_probability=mask_probability,
+        noise_density=noise_density,
+        mean_noise_span_length=mean_noise_span_length,
+        synthetic_vocab=synthetic_vocab,
+    )
+    if objective in ("copy", "reverse"):
+        data = range(SYNTHETIC_TRAIN_EXAMPLES if train else SYNTHETIC_EVAL_EXAMPLES)
+    elif data is None:
+        raise DataError(f"{objective} needs data: pass load_corpus({objective!r}, ...) or a split of it")
+    elif isinstance(data, corpora.LabeledCorpus):
+        data = data.examples
+    mine = pipeline.shard(data, shard_index, shard_count)
+    plan = _PLANS[objective](mine, spec)
+    if not plan.examples:
+        raise DataError(f"{objective}: none of this shard's {len(mine)} items makes an example")
+    return pipeline.build(
+        plan.examples,
+        features=plan.features,
+        lengths=plan.lengths,
+        finalize=plan.finalize,
+        batch_size=batch_size,
+        vocab_size=spec.vocab_size,
+        seed=seed,
+        train=train,
+        pack=plan.pack,
+    )

@@ -1,0 +1,292 @@
+"""Tokenizers: bytes with no files at all, or a HuggingFace `tokenizer.json`.
+
+Both kinds satisfy `Tokenizer`: `encode(text) -> list[int]` adds no special tokens
+unless asked, `decode(ids) -> str` drops special tokens, and the special ids the
+objectives need (`pad_id`, `bos_id`, `eos_id`, `mask_id`, `sentinel_id(i)`) are
+properties. A property whose token the vocabulary lacks raises `DataError` when it is
+read, so a tokenizer without a mask token still serves causal LM.
+
+    tok = load_tokenizer("byte")                    # ByteTokenizer(num_sentinels=100)
+    tok = load_tokenizer("runs/tok")                # runs/tok/tokenizer.json
+    tok = train_tokenizer(texts, kind="bpe", vocab_size=4096, out_path="runs/tok")
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+from typing import Iterable, Literal, Protocol, Union
+
+import numpy as np
+import tokenizers as hf
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+from flaxformer_lite.data.errors import DataError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class Tokenizer(Protocol):
+    """What the corpora, objectives and pipelines need from a tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def pad_id(self) -> int: ...
+    @property
+    def bos_id(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    @property
+    def mask_id(self) -> int: ...
+    @property
+    def num_sentinels(self) -> int: ...
+    @property
+    def special_ids(self) -> frozenset[int]: ...
+    def sentinel_id(self, i: int) -> int: ...
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+def _with_specials(ids: list[int], tok: Tokenizer, bos: bool, eos: bool) -> list[int]:
+    return ([tok.bos_id] if bos else []) + ids + ([tok.eos_id] if eos else [])
+
+
+class ByteTokenizer:
+    """UTF-8 bytes. Ids: pad 0, bos 1, eos 2, mask 3, byte b at 4 + b, then sentinels.
+
+    As in T5, sentinel 0 is the last id: `sentinel_id(i) = vocab_size - 1 - i`. Every
+    string is representable, so there is no unknown token.
+    """
+
+    BYTE_OFFSET = 4
+
+    def __init__(self, num_sentinels: int = 100):
+        if num_sentinels < 0:
+            raise DataError(f"num_sentinels={num_sentinels} must be >= 0")
+        self._num_sentinels = num_sentinels
+
+    pad_id = 0
+    bos_id = 1
+    eos_id = 2
+    mask_id = 3
+
+    @property
+    def vocab_size(self) -> int:
+        return self.BYTE_OFFSET + 256 + self._num_sentinels
+
+    @property
+    def num_sentinels(self) -> int:
+        return self._num_sentinels
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        sentinels = range(self.BYTE_OFFSET + 256, self.vocab_size)
+        return frozenset(range(self.BYTE_OFFSET)) | frozenset(sentinels)
+
+    def sentinel_id(self, i: int) -> int:
+        if not 0 <= i < self._num_sentinels:
+            raise DataError(f"sentinel {i} out of range: this ByteTokenizer has {self._num_sentinels}")
+        return self.vocab_size - 1 - i
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """UTF-8 bytes of `text` as ids; `bos`/`eos` add those tokens at the ends."""
+        byte_ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+        return _with_specials((byte_ids + self.BYTE_OFFSET).tolist(), self, bos, eos)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the byte ids in `ids`; special and out-of-range ids are skipped."""
+        lo, hi = self.BYTE_OFFSET, self.BYTE_OFFSET + 256
+        data = bytes(int(i) - lo for i in ids if lo <= int(i) < hi)
+        return data.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(num_sentinels={self._num_sentinels})"
+
+
+# Token strings each role goes by in common tokenizer.json files, first match wins.
+_ROLE_TOKENS = {
+    "pad": ("<pad>", "[PAD]", "<|pad|>", "<|padding|>"),
+    "bos": ("<s>", "[CLS]", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>"),
+    "eos": ("</s>", "[SEP]", "<eos>", "<|end_of_text|>", "<|endoftext|>"),
+    "mask": ("<mask>", "[MASK]", "<|mask|>"),
+}
+
+
+def _sentinel_token(i: int) -> str:
+    return f"<extra_id_{i}>"
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer`; special ids are looked up by their usual token strings.
+
+    Text that spells a special token ("</s>", "<extra_id_0>") is encoded as ordinary
+    text, so a corpus that quotes one cannot inject an eos or a sentinel; special ids
+    come only from `bos`/`eos` and the objectives. (This sets the wrapped tokenizer's
+    `encode_special_tokens`.)
+    """
+
+    def __init__(self, tokenizer: hf.Tokenizer, name: str = "<in-memory tokenizer>"):
+        tokenizer.encode_special_tokens = True
+        self._tok = tokenizer
+        self.name = name
+
+    @classmethod
+    def from_file(cls, path: PathLike) -> "HFTokenizer":
+        """Load a local tokenizer.json (nothing is downloaded)."""
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise DataError(
+                f"{path}: no such tokenizer file; pass 'byte', a tokenizer.json or a folder "
+                "holding one (make one with flaxformer_lite.data.train_tokenizer)"
+            )
+        try:
+            tok = hf.Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception for parse and I/O errors
+            raise DataError(f"{path}: cannot load as a HuggingFace tokenizer.json ({e})") from e
+        return cls(tok, name=str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _role_id(self, role: str) -> int:
+        for token in _ROLE_TOKENS[role]:
+            i = self._tok.token_to_id(token)
+            if i is not None:
+                return i
+        raise DataError(
+            f"{self.name} has no {role} token (looked for {', '.join(_ROLE_TOKENS[role])}); "
+            f"add one with tokenizer.add_special_tokens([...]) and save it, or use another tokenizer"
+        )
+
+    @functools.cached_property
+    def pad_id(self) -> int:
+        return self._role_id("pad")
+
+    @functools.cached_property
+    def bos_id(self) -> int:
+        return self._role_id("bos")
+
+    @functools.cached_property
+    def eos_id(self) -> int:
+        return self._role_id("eos")
+
+    @functools.cached_property
+    def mask_id(self) -> int:
+        return self._role_id("mask")
+
+    @functools.cached_property
+    def num_sentinels(self) -> int:
+        n = 0
+        while self._tok.token_to_id(_sentinel_token(n)) is not None:
+            n += 1
+        return n
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        added = self._tok.get_added_tokens_decoder()
+        return frozenset(i for i, token in added.items() if token.special)
+
+    def sentinel_id(self, i: int) -> int:
+        if not 0 <= i < self.num_sentinels:
+            raise DataError(
+                f"{self.name} has {self.num_sentinels} sentinel tokens <extra_id_N>, "
+                f"sentinel {i} was asked for; train one with num_sentinels > {i}"
+            )
+        return self._tok.token_to_id(_sentinel_token(i))
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Ids of `text` without the tokenizer's own post-processing specials."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return _with_specials(ids, self, bos, eos)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special and out-of-range ids are skipped."""
+        n = self.vocab_size
+        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    *,
+    kind: Literal["bpe", "wordpiece"] = "bpe",
+    vocab_size: int,
+    out_path: PathLike,
+    num_sentinels: int = 100,
+) -> HFTokenizer:
+    """Train a tokenizer with HF `tokenizers` and save it as tokenizer.json.
+
+    bpe: byte-level BPE (GPT-2 style), so any text round-trips exactly; specials
+    <pad> <s> </s> <mask> get ids 0-3. wordpiece: cased BERT WordPiece with [PAD] [CLS]
+    [SEP] [MASK] [UNK] at 0-4. `vocab_size` counts everything, including the
+    `num_sentinels` <extra_id_N> tokens, which take the last ids (<extra_id_0> last, as
+    in T5). `out_path` is a .json file or a folder that will hold tokenizer.json.
+    """
+    trainer_vocab = vocab_size - num_sentinels
+    if kind == "bpe":
+        specials = ["<pad>", "<s>", "</s>", "<mask>"]
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        _check_room(kind, vocab_size, len(specials) + len(alphabet), num_sentinels)
+        tok = hf.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=trainer_vocab,
+            special_tokens=specials,
+            initial_alphabet=alphabet,
+            show_progress=False,
+        )
+    elif kind == "wordpiece":
+        specials = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
+        _check_room(kind, vocab_size, len(specials), num_sentinels)
+        tok = hf.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=trainer_vocab, special_tokens=specials, show_progress=False
+        )
+    else:
+        raise DataError(f"tokenizer kind {kind!r} is not one of 'bpe', 'wordpiece'")
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([_sentinel_token(i) for i in reversed(range(num_sentinels))])
+
+    out = pathlib.Path(out_path)
+    if out.suffix != ".json":
+        out.mkdir(parents=True, exist_ok=True)
+        out = out / "tokenizer.json"
+    tok.save(str(out))
+    return HFTokenizer(tok, name=str(out))
+
+
+def _check_room(kind: str, vocab_size: int, base: int, num_sentinels: int) -> None:
+    if vocab_size <= base + num_sentinels:
+        raise DataError(
+            f"vocab_size={vocab_size} leaves no room for learned tokens: {kind} needs more than "
+            f"{base} base tokens + {num_sentinels} sentinels"
+        )
+
+
+def load_tokenizer(spec: Union[PathLike, Tokenizer]) -> Tokenizer:
+    """'byte' -> ByteTokenizer(); a tokenizer.json or a folder holding one -> HFTokenizer.
+
+    A Tokenizer object is returned as it is, so callers may pass either.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        return spec
+    if str(spec) == "byte":
+        return ByteTokenizer()
+    path = pathlib.Path(spec)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise DataError(
+                f"{path}: folder has no tokenizer.json; pass 'byte', a tokenizer.json, or a folder "
+                "holding one (make one with flaxformer_lite.data.train_tokenizer)"
+            )
+        path = path / "tokenizer.json"
+    return HFTokenizer.from_file(path)

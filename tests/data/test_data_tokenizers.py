@@ -1,0 +1,139 @@
+"""Tokenizers: round trips, special ids, training, loading and their errors."""
+
+import hypothesis
+import hypothesis.strategies as st
+import pytest
+import tokenizers as hf
+
+from flaxformer_lite.data import (
+    ByteTokenizer,
+    DataError,
+    HFTokenizer,
+    builtin_documents,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+# Text with combining marks, astral characters, controls and whitespace runs.
+_TRICKY = [
+    "",
+    "a",
+    "</s> <extra_id_0> <pad>",
+    "héllo wörld",
+    "☃ 𝄞 🚀",
+    "tab\there\nnew  line",
+    "e\u0301",
+    "\x00\x7f",
+    "  lead",
+    "trail  ",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return builtin_documents()[:20]
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bpe")
+    train_tokenizer(corpus, kind="bpe", vocab_size=600, out_path=folder, num_sentinels=10)
+    return load_tokenizer(folder)
+
+
+@hypothesis.settings(database=None)
+@hypothesis.given(st.text())
+def test_byte_round_trip_unicode(text):
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode(text)) == text
+
+
+@hypothesis.settings(database=None)
+@hypothesis.given(st.binary())
+def test_byte_decode_of_arbitrary_bytes_replaces_invalid_utf8(data):
+    tok = ByteTokenizer()
+    ids = [b + ByteTokenizer.BYTE_OFFSET for b in data]
+    assert tok.decode(ids) == data.decode("utf-8", errors="replace")
+
+
+def test_byte_layout_and_specials():
+    tok = ByteTokenizer(num_sentinels=100)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id) == (0, 1, 2, 3)
+    assert tok.vocab_size == 4 + 256 + 100
+    assert tok.encode("A") == [ord("A") + 4]
+    assert tok.encode("A", bos=True, eos=True) == [1, ord("A") + 4, 2]
+    sentinels = [tok.sentinel_id(i) for i in range(100)]
+    assert sentinels[0] == tok.vocab_size - 1 and sentinels == sorted(sentinels, reverse=True)
+    assert set(sentinels) | {0, 1, 2, 3} == tok.special_ids
+    assert tok.decode([1, ord("h") + 4, tok.sentinel_id(3), ord("i") + 4, 2, 0, 10_000]) == "hi"
+    with pytest.raises(DataError, match="sentinel 100 out of range"):
+        tok.sentinel_id(100)
+
+
+def test_bpe_train_save_load_round_trip(bpe, tmp_path):
+    assert isinstance(bpe, HFTokenizer)
+    assert bpe.vocab_size == 600
+    assert (bpe.pad_id, bpe.bos_id, bpe.eos_id, bpe.mask_id) == (0, 1, 2, 3)
+    assert bpe.num_sentinels == 10
+    assert bpe.sentinel_id(0) == bpe.vocab_size - 1
+    assert {bpe.sentinel_id(i) for i in range(10)} | {0, 1, 2, 3} == bpe.special_ids
+    for text in _TRICKY:
+        assert bpe.decode(bpe.encode(text)) == text
+    assert len(bpe.encode("the statement")) < len("the statement")  # merges were learned
+    assert bpe.special_ids.isdisjoint(bpe.encode("</s><extra_id_0>"))  # quoted, not injected
+    ids = bpe.encode("x", bos=True, eos=True)
+    assert ids[0] == bpe.bos_id and ids[-1] == bpe.eos_id and bpe.decode(ids) == "x"
+
+
+@hypothesis.settings(max_examples=50, deadline=None, database=None)
+@hypothesis.given(st.text())
+def test_bpe_round_trip_any_unicode(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_wordpiece_train_and_load_json_path(corpus, tmp_path):
+    path = tmp_path / "wp" / "my_tokenizer.json"
+    path.parent.mkdir()
+    tok = train_tokenizer(corpus, kind="wordpiece", vocab_size=800, out_path=path, num_sentinels=5)
+    loaded = load_tokenizer(path)
+    assert (loaded.pad_id, loaded.bos_id, loaded.eos_id, loaded.mask_id) == (0, 1, 2, 3)
+    assert loaded.num_sentinels == 5 and loaded.vocab_size == tok.vocab_size
+    for text in ["The assert statement is a convenient way to insert debugging assertions.", "x = y + 1"]:
+        assert loaded.decode(loaded.encode(text)) == text
+
+
+def test_train_tokenizer_errors(tmp_path):
+    with pytest.raises(DataError, match="kind 'sentencepiece' is not one of"):
+        train_tokenizer(["a"], kind="sentencepiece", vocab_size=1000, out_path=tmp_path)
+    with pytest.raises(DataError, match="vocab_size=300 leaves no room"):
+        train_tokenizer(["a"], kind="bpe", vocab_size=300, out_path=tmp_path)
+
+
+def test_load_tokenizer_byte_and_passthrough():
+    assert isinstance(load_tokenizer("byte"), ByteTokenizer)
+    tok = ByteTokenizer(num_sentinels=3)
+    assert load_tokenizer(tok) is tok
+
+
+def test_load_tokenizer_errors_name_the_path(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere/tokenizer\.json: no such tokenizer file; pass 'byte'"):
+        load_tokenizer(tmp_path / "nowhere" / "tokenizer.json")
+    with pytest.raises(DataError, match=f"{tmp_path}: folder has no tokenizer.json"):
+        load_tokenizer(tmp_path)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(DataError, match=r"broken\.json: cannot load as a HuggingFace tokenizer\.json"):
+        load_tokenizer(broken)
+
+
+def test_missing_special_token_is_a_clear_error(tmp_path):
+    # A T5-like vocabulary: pad and eos, no bos and no mask.
+    tok = hf.Tokenizer(hf.models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3}, unk_token="<unk>"))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.pad_id == 0 and loaded.eos_id == 1
+    with pytest.raises(DataError, match=r"tokenizer\.json has no mask token \(looked for <mask>, \[MASK\]"):
+        loaded.mask_id
+    with pytest.raises(DataError, match="has 0 sentinel tokens"):
+        loaded.sentinel_id(0)
