@@ -59,7 +59,7 @@ class ModelConfig:
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     tie_embeddings: bool = True  # output projection is the input embedding transposed
-    tied_logits_scale: bool = False  # T5 v1.0: tied logits times d_model**-0.5
+    tied_logits_scale: bool = False  # T5 v1.0: logits of h * d_model**-0.5 (tied or untied head)
     share_embeddings: bool = True  # encoder_decoder: one input table for both stacks
     type_vocab_size: int = 0  # BERT token-type embeddings; 0: none
     mlm_head: bool = False  # encoder: BERT transform + LayerNorm before the tied decoder
@@ -146,22 +146,23 @@ class ParallelConfig:
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1
     tensor: int = 1
-    rules: tuple[tuple[str, Optional[str]], ...] = (
-        ("batch", "data"),
+    # Each rule: (logical axis, mesh axes...); no mesh axis = replicated. YAML: [batch, data, fsdp]
+    rules: tuple[tuple[str, ...], ...] = (
+        ("batch", "data", "fsdp"),
         ("vocab", "tensor"),
         ("embed", "fsdp"),
         ("mlp", "tensor"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("layers", None),
-        ("length", None),
-        ("kv_length", None),
-        ("norm", None),
-        ("relpos_buckets", None),
-        ("type_vocab", None),
-        ("positions", None),
-        ("labels", None),
+        ("head_dim",),
+        ("layers",),
+        ("length",),
+        ("kv_length",),
+        ("norm",),
+        ("relpos_buckets",),
+        ("type_vocab",),
+        ("positions",),
+        ("labels",),
     )
 
 
@@ -179,6 +180,16 @@ class Config:
 # ---------------------------------------------------------------------------- validation
 
 _REMAT_NAMED = ("none", "full")
+# jax.checkpoint_policies usable by name alone; the others there (save_only_these_names,
+# offload_dot_with_no_batch_dims, ...) are factories that need arguments.
+_REMAT_POLICIES = (
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
+    "everything_saveable",
+    "nothing_saveable",
+)
 
 
 def validate_model(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
@@ -215,19 +226,15 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
         )
     if cfg.num_labels and not cfg.pooler:
         raise ConfigError(f"{p}num_labels={cfg.num_labels} classifies the pooled output: set {p}pooler: true")
-    if cfg.family == "encoder" and cfg.sliding_window is not None and cfg.sliding_window <= 0:
+    if cfg.sliding_window is not None and cfg.sliding_window <= 0:
         raise ConfigError(f"{p}sliding_window must be positive or null")
-    if cfg.remat_policy not in _REMAT_NAMED:
-        import jax  # deferred: config parsing must not start a backend
-
-        if not hasattr(jax.checkpoint_policies, cfg.remat_policy):
-            names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
-            near = difflib.get_close_matches(cfg.remat_policy, names + list(_REMAT_NAMED), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ConfigError(
-                f"{p}remat_policy={cfg.remat_policy!r} is not none, full or a "
-                f"jax.checkpoint_policies name{hint}"
-            )
+    if cfg.remat_policy not in _REMAT_NAMED + _REMAT_POLICIES:
+        near = difflib.get_close_matches(cfg.remat_policy, _REMAT_NAMED + _REMAT_POLICIES, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(
+            f"{p}remat_policy={cfg.remat_policy!r} is not none, full or one of the "
+            f"jax.checkpoint_policies {', '.join(_REMAT_POLICIES)}{hint}"
+        )
     return cfg
 
 
@@ -315,7 +322,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         full = f"{prefix}{key}"
         if key not in fields:
             near = difflib.get_close_matches(key, sorted(fields), n=1)
-            hint = f"; did you mean {prefix}{near[0]!r}?" if near else f"; valid keys: {sorted(fields)}"
+            hint = f"; did you mean {prefix + near[0]!r}?" if near else f"; valid keys: {sorted(fields)}"
             raise ConfigError(f"unknown config key {full!r}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -392,7 +399,12 @@ def apply_override(data: dict, override: str) -> dict:
     parts = key.strip().split(".")
     out = dict(data)
     node = out
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part) or {}, dict):
+            raise ConfigError(
+                f"override {override!r}: {'.'.join(parts[: i + 1])} is a value, not a section; "
+                "set it directly (e.g. name=my_run) or fix the key path"
+            )
         node[part] = dict(node.get(part) or {})
         node = node[part]
     node[parts[-1]] = value
