@@ -16,5 +16,6 @@ from flaxformer_lite.models import (
     count_params,
     init_params,
 )
+from flaxformer_lite.interop import hf
 
 __version__ = "0.1.0"

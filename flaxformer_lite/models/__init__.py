@@ -1,5 +1,6 @@
 """Model assemblies: Encoder, Decoder, EncoderDecoder, built from a ModelConfig."""
 
+from flaxformer_lite.models.layout import stack_layers, unstack_layers
 from flaxformer_lite.models.stack import Stack
 from flaxformer_lite.models.transformer import (
     FAMILIES,

@@ -58,10 +58,11 @@ def _positions(ids_BT, positions):
 
 
 def _lm_logits(cfg: ModelConfig, embed: Embed, lm_head: Optional[Dense], h_BTD):
+    # T5 v1.0 rescales before the tied projection; HF T5 can also rescale before an untied one.
+    if cfg.tied_logits_scale:
+        h_BTD = h_BTD * jnp.asarray(cfg.d_model**-0.5, h_BTD.dtype)
     if lm_head is not None:
         return lm_head(h_BTD)
-    if cfg.tied_logits_scale:  # T5 v1.0 rescales before the tied projection
-        h_BTD = h_BTD * jnp.asarray(cfg.d_model**-0.5, h_BTD.dtype)
     return embed.attend(h_BTD)
 
 

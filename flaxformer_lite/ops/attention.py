@@ -102,11 +102,12 @@ def dot_product_attention(
     G = N // K
     scale = H**-0.5 if scale is None else scale
     dropping = dropout_rate > 0.0 and dropout_rng is not None
-    # A row is alive if any key is visible; dead rows are zeroed below (no NaN, no uniform).
-    alive_B1T1 = None
+    # A row is alive (per mask head) if any key is visible; dead rows are zeroed below
+    # (no NaN, no uniform). M is the mask's head axis: 1 or N.
+    alive_BMT1 = None
     if mask is not None:
         mask = jnp.broadcast_to(mask, (B, mask.shape[1], T, S))
-        alive_B1T1 = jnp.any(mask, axis=(1, 3), keepdims=True)
+        alive_BMT1 = jnp.any(mask, axis=3, keepdims=True)
 
     if implementation == "auto" and not return_weights and not dropping:
         out_BTNH = jax.nn.dot_product_attention(
@@ -114,8 +115,8 @@ def dot_product_attention(
             bias=None if bias is None else bias.astype(q_BTNH.dtype),
             mask=mask, scale=scale,
         )
-        if alive_B1T1 is not None:
-            out_BTNH = out_BTNH * jnp.transpose(alive_B1T1, (0, 2, 1, 3)).astype(out_BTNH.dtype)
+        if alive_BMT1 is not None:
+            out_BTNH = out_BTNH * jnp.transpose(alive_BMT1, (0, 2, 1, 3)).astype(out_BTNH.dtype)
         return out_BTNH, None
     if implementation not in ("xla", "auto"):
         raise ValueError(f"implementation={implementation!r}: use 'xla' or 'auto'")
@@ -134,8 +135,11 @@ def dot_product_attention(
         )
         logits_BKGTS = jnp.where(mask_BKGTS, logits_BKGTS, jnp.finfo(jnp.float32).min)
     weights_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-    if alive_B1T1 is not None:
-        weights_BKGTS = weights_BKGTS * alive_B1T1[:, :, None].astype(jnp.float32)
+    if alive_BMT1 is not None:
+        alive_BKGT1 = (
+            alive_BMT1[:, :, None] if mask.shape[1] == 1 else alive_BMT1.reshape(B, K, G, T, 1)
+        )
+        weights_BKGTS = weights_BKGTS * alive_BKGT1.astype(jnp.float32)
     probs_BKGTS = weights_BKGTS
     if dropping:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BKGTS.shape)

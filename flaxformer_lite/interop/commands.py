@@ -1,0 +1,104 @@
+"""`flaxformer-lite convert`: HF model folder <-> run directory.
+
+    flaxformer-lite convert --from-hf DIR --to WORKDIR      # config.yaml + orbax params (+ tokenizer.json)
+    flaxformer-lite convert --from WORKDIR --to-hf DIR      # config.json + model.safetensors (+ tokenizer.json)
+
+A converted WORKDIR is what train (--init-from), generate and viz read. Bad input prints
+one `error: ...` line naming the file, key or tensor, and exits with status 2 before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+
+from flaxformer_lite.interop import families
+
+EXIT_BAD_INPUT = 2
+HF_CONFIG_COPY = "hf_config.json"  # the source config.json, kept so --to-hf writes the same family
+# A first training objective for each family; edit config.yaml to train on something else.
+_OBJECTIVES = {"decoder": "causal_lm", "encoder_decoder": "span_corruption", "encoder": "masked_lm"}
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `flaxformer-lite convert`."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="DIR", help="local HF model folder: config.json + *.safetensors")
+    source.add_argument("--from", dest="from_workdir", metavar="WORKDIR", help="run directory to export")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", metavar="WORKDIR", help="run directory to write (with --from-hf)")
+    target.add_argument("--to-hf", metavar="DIR", help="HF model folder to write (with --from)")
+    parser.add_argument("--step", type=int, help="--from: checkpoint step (default: the latest)")
+    parser.add_argument("--model-type", choices=sorted(families.FAMILIES),
+                        help="--to-hf: HF family (default: the one converted from, else inferred)")
+    parser.add_argument("--scan-layers", action="store_true", help="--from-hf: stack layers for nn.scan")
+    parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="--from-hf: dtype to store parameters in")
+    parser.add_argument("--skip", action="append", default=[], metavar="PREFIX",
+                        help="--from-hf: drop checkpoint tensors with this prefix (a head not supported here)")
+
+
+def _from_hf(args: argparse.Namespace) -> dict:
+    from flaxformer_lite import checkpoint
+    from flaxformer_lite.config import Config, DataConfig, validate
+    from flaxformer_lite.interop import hf
+    from flaxformer_lite.models import count_params
+
+    source, workdir = pathlib.Path(args.from_hf), pathlib.Path(args.to)
+    model_cfg, params = hf.load(source, skip=args.skip, scan_layers=args.scan_layers, param_dtype=args.param_dtype)
+    hf_config = hf.read_config(source)
+    has_tokenizer = (source / hf.TOKENIZER_FILE).is_file()
+    if has_tokenizer:
+        hf.load_tokenizer(source)  # a broken tokenizer.json fails here, before anything is written
+    objective = "classification" if model_cfg.num_labels else _OBJECTIVES[model_cfg.family]
+    data = DataConfig(
+        objective=objective,
+        tokenizer=str(workdir / hf.TOKENIZER_FILE) if has_tokenizer else "byte",
+        seq_len=min(DataConfig.seq_len, model_cfg.max_len),
+    )
+    cfg = validate(Config(name=f"hf-{source.resolve().name}", model=model_cfg, data=data))
+    checkpoint.save_params(workdir, cfg, params)
+    if has_tokenizer:
+        shutil.copyfile(source / hf.TOKENIZER_FILE, workdir / hf.TOKENIZER_FILE)
+    (workdir / HF_CONFIG_COPY).write_text(json.dumps(hf_config, indent=2) + "\n")
+    return {"workdir": str(workdir), "model_type": hf_config["model_type"], "family": model_cfg.family,
+            "parameters": count_params(params), "tokenizer": data.tokenizer}
+
+
+def _to_hf(args: argparse.Namespace) -> dict:
+    from flaxformer_lite import checkpoint
+    from flaxformer_lite.interop import hf
+
+    workdir, out = pathlib.Path(args.from_workdir), pathlib.Path(args.to_hf)
+    cfg, params = checkpoint.load_params(workdir, args.step)
+    model_type = args.model_type
+    if model_type is None and (workdir / HF_CONFIG_COPY).is_file():
+        model_type = json.loads((workdir / HF_CONFIG_COPY).read_text()).get("model_type")
+    # The byte tokenizer has no tokenizer.json form; anything else is a file to copy along.
+    tokenizer = None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer
+    hf.save(cfg.model, params, out, model_type=model_type, tokenizer=tokenizer)
+    written = json.loads((out / hf.CONFIG_FILE).read_text())
+    return {"hf_dir": str(out), "model_type": written["model_type"], "architecture": written["architectures"][0],
+            "tokenizer": str(out / hf.TOKENIZER_FILE) if tokenizer else None}
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert one way or the other; print a JSON summary."""
+    from flaxformer_lite.config import ConfigError
+    from flaxformer_lite.data import DataError
+    from flaxformer_lite.interop.hf import HFError
+
+    if bool(args.from_hf) != bool(args.to):
+        print("error: use --from-hf DIR --to WORKDIR, or --from WORKDIR --to-hf DIR", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        summary = _from_hf(args) if args.from_hf else _to_hf(args)
+    except (HFError, ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(summary, indent=2))
+    return 0

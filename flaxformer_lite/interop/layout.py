@@ -1,0 +1,84 @@
+"""How one HF tensor becomes our parameters and back: reshape, transpose, fuse, offset.
+
+A `Map` names one HF tensor and the parameter(s) it holds. Both directions come from the
+same record, so import and export cannot disagree. HF tensors are 1-D or 2-D; ours group
+the same numbers on more axes (`query` [D,N,H] is a torch Linear [N*H, D] transposed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, Sequence
+
+import numpy as np
+
+
+class HFError(ValueError):
+    """An HF folder, config key or tensor we cannot read or write; the message says why and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Map:
+    """One HF tensor <-> one or more of our parameters (flat '/'-joined paths).
+
+    kind: 'reshape' (same numbers in the same order: embeddings, norms, biases, GPT-2
+      Conv1D [in, out]) or 'linear' (a torch nn.Linear weight [out, in]: transposed).
+    in_axes: how many leading axes of our parameter form the HF input axis; 0 gives a
+      1-D HF tensor (biases, norm scales).
+    ours: several paths for a fused HF tensor (GPT-2 c_attn holds query, key, value),
+      concatenated along the HF output axis.
+    row_offset: HF rows before ours (RoBERTa's position table starts at padding_idx+1);
+      export writes them as zeros.
+    """
+
+    hf: str
+    ours: tuple[str, ...]
+    kind: Literal["reshape", "linear"] = "reshape"
+    in_axes: int = 1
+    row_offset: int = 0
+
+    def _hf_2d(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """HF shape of one of our parameters, before transposing or fusing."""
+        if self.in_axes == 0:
+            return (math.prod(shape),)
+        return (math.prod(shape[: self.in_axes]), math.prod(shape[self.in_axes :]))
+
+    @property
+    def _transposed(self) -> bool:
+        # nn.Linear stores [out, in]; everything else [in, out] or [n].
+        return self.kind == "linear" and self.in_axes > 0
+
+    @property
+    def _out_axis(self) -> int:
+        return 0 if self._transposed else -1
+
+    def hf_shape(self, our_shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
+        """The shape the HF tensor must have, given our parameters' shapes."""
+        parts = [self._hf_2d(s) for s in our_shapes]
+        if self._transposed:
+            parts = [p[::-1] for p in parts]
+        shape = list(parts[0])
+        shape[self._out_axis] = sum(p[self._out_axis] for p in parts)
+        shape[0] += self.row_offset
+        return tuple(shape)
+
+    def to_ours(self, w: np.ndarray, our_shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Split/transpose/reshape an HF tensor into our parameters."""
+        w = w[self.row_offset :]
+        parts = [self._hf_2d(s) for s in our_shapes]
+        if self._transposed:
+            w = w.T
+        # Transposed, a Linear's output axis is last too: split fused parts along it.
+        sizes = [p[-1] for p in parts]
+        pieces = np.split(w, np.cumsum(sizes)[:-1], axis=-1) if len(parts) > 1 else [w]
+        return [np.ascontiguousarray(p).reshape(s) for p, s in zip(pieces, our_shapes)]
+
+    def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
+        """Our parameter(s) as the HF tensor."""
+        w = np.concatenate([x.reshape(self._hf_2d(x.shape)) for x in xs], axis=-1)
+        if self._transposed:
+            w = w.T
+        if self.row_offset:
+            w = np.concatenate([np.zeros((self.row_offset,) + w.shape[1:], w.dtype), w])
+        return np.ascontiguousarray(w)
