@@ -17,5 +17,6 @@ from flaxformer_lite.models import (
     init_params,
 )
 from flaxformer_lite.interop import hf
+from flaxformer_lite.decode import generate
 
 __version__ = "0.1.0"

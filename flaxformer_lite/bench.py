@@ -1,0 +1,192 @@
+"""`flaxformer-lite bench NAME`: named benchmarks, each printing its figures (JSON with --json).
+
+A benchmark is an entry in BENCHMARKS, name -> (module, prefix, help), as in cli.COMMANDS:
+its module defines `add_<prefix>_arguments(parser)` and `run_<prefix>(args) -> dict`, which
+prints a report and returns JSON-able results. Add one by adding an entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pathlib
+import platform
+import statistics
+import tempfile
+import time
+
+BENCHMARKS = {
+    "decode": (
+        "flaxformer_lite.bench", "decode",
+        "greedy decoding on a random GPT-2: tokens/s against transformers' generate, per-token time by position",
+    ),
+}
+
+
+def _entry(name: str):
+    module, prefix, _ = BENCHMARKS[name]
+    module = importlib.import_module(module)
+    return getattr(module, f"add_{prefix}_arguments"), getattr(module, f"run_{prefix}")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """One sub-command per benchmark, each with its own flags and --json."""
+    sub = parser.add_subparsers(dest="benchmark", metavar="NAME", required=True)
+    for name, (_, _, help_text) in BENCHMARKS.items():
+        bench_parser = sub.add_parser(name, help=help_text, description=help_text)
+        bench_parser.add_argument("--json", metavar="FILE", help="also write the results here as JSON")
+        _entry(name)[0](bench_parser)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the chosen benchmark; write its results to --json if given."""
+    results = _entry(args.benchmark)[1](args)
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls (fn blocks until its result exists)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------- decode
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model shape and workload of the decode benchmark."""
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--max-len", type=int, default=1280, help="n_positions; must fit the longest --positions prompt")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--positions", type=int, nargs="*", default=[100, 1000],
+                        help="prompt lengths at which to time single decode steps (none: skip)")
+    parser.add_argument("--step-tokens", type=int, default=32, help="steps timed at each of --positions")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_decode(args: argparse.Namespace) -> dict:
+    """Greedy decoding of one prompt (batch 1), here and in transformers, same weights, same process.
+
+    The GPT-2 is random, built in transformers and loaded here through interop.hf. Both
+    sides generate exactly the requested number of tokens (EOS ignored) with a KV cache.
+    Per-token time at position p: (time(p-token prompt, 1 + k new) - time(p, 1 new)) / k,
+    which leaves out the prefill.
+    """
+    import jax
+    import numpy as np
+
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise SystemExit(f"bench decode compares against transformers (PyTorch): pip install -e '.[test]' ({e})")
+
+    from flaxformer_lite.decode import generate
+    from flaxformer_lite.interop import hf
+    from flaxformer_lite.models import build_model
+
+    longest = max([args.prompt_len + args.new_tokens] + [p + 1 + args.step_tokens for p in args.positions])
+    if longest > args.max_len:
+        raise SystemExit(f"bench decode: --max-len {args.max_len} is below the longest sequence timed ({longest})")
+    last = args.vocab - 1  # GPT-2's <|endoftext|> is the last id
+    config = transformers.GPT2Config(
+        vocab_size=args.vocab, n_positions=args.max_len, n_embd=args.d_model, n_layer=args.layers,
+        n_head=args.heads, bos_token_id=last, eos_token_id=last, pad_token_id=last,
+    )
+    torch.manual_seed(args.seed)
+    theirs = transformers.GPT2LMHeadModel(config).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        cfg, params = hf.load(folder)
+    ours = build_model(cfg)
+    rng = np.random.default_rng(args.seed)
+
+    def run_ours(prompt, n):
+        out = generate(ours, params, [prompt], max_new_tokens=n, ignore_eos=True)
+        return np.asarray(jax.block_until_ready(out.tokens))[0]
+
+    def run_theirs(prompt, n):
+        ids = torch.tensor([prompt])
+        greedy = transformers.GenerationConfig(
+            max_new_tokens=n, do_sample=False, num_beams=1, use_cache=True, eos_token_id=None, pad_token_id=last
+        )
+        with torch.inference_mode():
+            out = theirs.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
+        return out[0, len(prompt):].numpy()
+
+    prompt = rng.integers(0, args.vocab - 1, args.prompt_len).tolist()
+    start = time.perf_counter()
+    our_tokens = run_ours(prompt, args.new_tokens)
+    first_call_s = time.perf_counter() - start
+    our_s = _median_seconds(lambda: run_ours(prompt, args.new_tokens), args.repeats)
+    their_tokens = run_theirs(prompt, args.new_tokens)  # warm-up
+    their_s = _median_seconds(lambda: run_theirs(prompt, args.new_tokens), args.repeats)
+
+    per_token = {}
+    for p in args.positions:
+        long_prompt = rng.integers(0, args.vocab - 1, p).tolist()
+        row = {}
+        for name, fn in (("ours", run_ours), ("transformers", run_theirs)):
+            fn(long_prompt, 1), fn(long_prompt, 1 + args.step_tokens)  # compile / warm up
+            one = _median_seconds(lambda: fn(long_prompt, 1), args.repeats)
+            many = _median_seconds(lambda: fn(long_prompt, 1 + args.step_tokens), args.repeats)
+            row[name] = 1e3 * (many - one) / args.step_tokens
+        per_token[p] = row
+
+    results = {
+        "benchmark": "decode",
+        "model": {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
+                  "max_len": args.max_len, "parameters": int(sum(x.size for x in jax.tree.leaves(params)))},
+        "workload": {"batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats},
+        "ours": {"tokens_per_s": args.new_tokens / our_s, "seconds": our_s,
+                 "first_call_s": first_call_s, "compile_s_approx": first_call_s - our_s},
+        "transformers": {"tokens_per_s": args.new_tokens / their_s, "seconds": their_s,
+                         "version": transformers.__version__, "torch": torch.__version__,
+                         "torch_threads": torch.get_num_threads()},
+        "speedup": their_s / our_s,
+        "same_tokens": bool((our_tokens == their_tokens).all()),
+        "per_token_ms": per_token,
+        "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+    }
+    print(_decode_report(results))
+    return results
+
+
+def _decode_report(r: dict) -> str:
+    m, w = r["model"], r["workload"]
+    lines = [
+        f"GPT-2 {m['layers']} layers, d_model {m['d_model']}, {m['heads']} heads, vocab {m['vocab']} "
+        f"({m['parameters']:,} parameters); batch 1, prompt {w['prompt_len']}, {w['new_tokens']} new tokens, "
+        f"median of {w['repeats']}; {r['jax']['backend']}",
+        "",
+        "| | tokens/s | seconds |",
+        "|---|---|---|",
+        f"| flaxformer_lite generate (jit) | {r['ours']['tokens_per_s']:.0f} | {r['ours']['seconds']:.3f} |",
+        f"| transformers {r['transformers']['version']} generate (torch {r['transformers']['torch']}, "
+        f"{r['transformers']['torch_threads']} threads) | {r['transformers']['tokens_per_s']:.0f} | {r['transformers']['seconds']:.3f} |",
+        "",
+        f"speedup {r['speedup']:.2f}x; same tokens: {'yes' if r['same_tokens'] else 'NO'}; "
+        f"first call {r['ours']['first_call_s']:.2f} s (compile about {r['ours']['compile_s_approx']:.2f} s)",
+    ]
+    if r["per_token_ms"]:
+        lines += ["", "| position | ours ms/token | transformers ms/token |", "|---|---|---|"]
+        lines += [f"| {p} | {v['ours']:.2f} | {v['transformers']:.2f} |" for p, v in r["per_token_ms"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""Command-line errors of `flaxformer-lite generate`, and `flaxformer-lite bench decode`.
+
+Generating from run directories and HF folders is tested in test_decode_hf.py.
+"""
+
+import json
+import re
+
+import pytest
+from decode_helpers import TINY, tiny
+
+import flaxformer_lite as ffl
+from flaxformer_lite import checkpoint
+from flaxformer_lite.cli import main
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A run directory holding the tiny GPT's config (byte tokenizer) and params."""
+    path = tmp_path_factory.mktemp("run")
+    cfg = ffl.load_config("gpt_tiny", overrides=TINY)
+    checkpoint.save_params(path, cfg, tiny("gpt_tiny")[1])
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "OTHER"], r"different model section .*model.d_model.*drop --config"),
+        (["--hf", "somewhere"], "pass one model source"),
+        (["--stop", "ab"], "--stop 'ab' is 2 tokens"),
+        (["--prompt", "y", "--stream"], "--stream prints one prompt"),
+        (["--max-new-tokens", "64"], r"prompt \(2\) \+ max_new_tokens \(64\) = 66 tokens overflows model.max_len=64"),
+        (["--method", "sample", "--top-p", "0"], r"top_p=0.0 must be in \(0, 1\]"),
+        (["--step", "7"], "no checkpoint for step 7"),
+    ],
+)
+def test_bad_command_input_prints_one_error_line(workdir, tmp_path, capsys, args, message):
+    other = tmp_path / "other.yaml"
+    ffl.dump_config(ffl.load_config("gpt_tiny", overrides=[*TINY, "model.d_model=64"]), other)
+    args = [str(other) if a == "OTHER" else a for a in args]
+    assert main(["generate", "--workdir", str(workdir), "--prompt", "x", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert re.search(message, err)
+
+
+def test_generate_needs_a_model_source(capsys):
+    assert main(["generate", "--prompt", "x"]) == 2
+    assert "pass a model: --workdir DIR" in capsys.readouterr().err
+
+
+def test_bench_decode_runs_and_reports(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--json", str(out), "--layers", "1", "--d-model", "32", "--heads", "2",
+                 "--vocab", "320", "--max-len", "64", "--prompt-len", "4", "--new-tokens", "6",
+                 "--positions", "--repeats", "1"]) == 0
+    results = json.loads(out.read_text())
+    assert results["same_tokens"] is True
+    assert results["ours"]["tokens_per_s"] > 0 and results["transformers"]["tokens_per_s"] > 0
+    assert "speedup" in capsys.readouterr().out
