@@ -42,12 +42,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the chosen benchmark; write its results to --json if given."""
+    load_before = os.getloadavg()[0]
     results = _entry(args.benchmark)[1](args)
+    # Other work on a shared machine moves every figure: record how busy it was.
     results["machine"] = {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        "load_average_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
     }
+    print(f"machine: {os.cpu_count()} CPUs, 1-minute load average {load_before:.2f} at start, "
+          f"{os.getloadavg()[0]:.2f} at end")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -80,6 +84,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-tokens", type=int, default=32, help="steps timed at each of --positions")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--single-thread", action="store_true",
+                        help="one CPU thread for torch and for XLA: steadier figures on a shared, busy machine")
 
 
 def run_decode(args: argparse.Namespace) -> dict:
@@ -90,6 +96,11 @@ def run_decode(args: argparse.Namespace) -> dict:
     Per-token time at position p: (time(p-token prompt, 1 + k new) - time(p, 1 new)) / k,
     which leaves out the prefill.
     """
+    if args.single_thread:
+        # Read when JAX starts its CPU backend, which nothing in the command has done yet.
+        os.environ["XLA_FLAGS"] = " ".join(
+            [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
+        ).strip()
     import jax
     import numpy as np
 
@@ -98,6 +109,8 @@ def run_decode(args: argparse.Namespace) -> dict:
         import transformers
     except ImportError as e:
         raise SystemExit(f"bench decode compares against transformers (PyTorch): pip install -e '.[test]' ({e})")
+    if args.single_thread:
+        torch.set_num_threads(1)
 
     from flaxformer_lite.decode import generate
     from flaxformer_lite.interop import hf
@@ -155,7 +168,8 @@ def run_decode(args: argparse.Namespace) -> dict:
         "benchmark": "decode",
         "model": {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
                   "max_len": args.max_len, "parameters": int(sum(x.size for x in jax.tree.leaves(params)))},
-        "workload": {"batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats},
+        "workload": {"batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                     "single_thread": args.single_thread},
         "ours": {"tokens_per_s": args.new_tokens / our_s, "seconds": our_s,
                  "first_call_s": first_call_s, "compile_s_approx": first_call_s - our_s},
         "transformers": {"tokens_per_s": args.new_tokens / their_s, "seconds": their_s,
@@ -175,7 +189,7 @@ def _decode_report(r: dict) -> str:
     lines = [
         f"GPT-2 {m['layers']} layers, d_model {m['d_model']}, {m['heads']} heads, vocab {m['vocab']} "
         f"({m['parameters']:,} parameters); batch 1, prompt {w['prompt_len']}, {w['new_tokens']} new tokens, "
-        f"median of {w['repeats']}; {r['jax']['backend']}",
+        f"median of {w['repeats']}; {r['jax']['backend']}{', one thread each' if w['single_thread'] else ''}",
         "",
         "| | tokens/s | seconds |",
         "|---|---|---|",

@@ -1,0 +1,113 @@
+"""`flaxformer-lite train` and `flaxformer-lite eval`.
+
+Bad input (config, corpus, tokenizer, workdir) prints one `error: ...` line naming the
+file, line or key, and exits with status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `flaxformer-lite train`."""
+    parser.add_argument("--config", required=True, help="YAML run config, or a preset name (gpt_tiny)")
+    parser.add_argument("--workdir", required=True, help="run directory: config, checkpoints, metrics")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set train.num_steps=100 model.num_layers=2")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from WORKDIR's latest checkpoint (a fresh start if it has none)")
+    parser.add_argument("--init-from", metavar="RUNDIR",
+                        help="initialise parameters from another run directory (fine-tuning, converted HF weights)")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `flaxformer-lite eval`."""
+    parser.add_argument("--workdir", required=True, help="run directory to evaluate")
+    parser.add_argument("--config", help="config whose data section to evaluate on (default: the run's own)")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set train.eval_batches=50")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+
+
+def _bad_input_errors() -> tuple:
+    from flaxformer_lite.config import ConfigError
+    from flaxformer_lite.data import DataError
+
+    return ConfigError, DataError, FileNotFoundError
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train; print the final evaluation (and samples, for language models)."""
+    from flaxformer_lite import parallel
+    from flaxformer_lite.config import load_config
+    from flaxformer_lite.train.loop import train
+
+    try:
+        parallel.initialize_distributed()
+        cfg = load_config(args.config, overrides=args.set)
+        summary = train(cfg, args.workdir, resume=args.resume, init_from=args.init_from)
+    except _bad_input_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    shown = {k: v for k, v in summary.items() if k != "samples"}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Evaluate a run's checkpoint on its validation split; print and write WORKDIR/eval.json."""
+    import jax
+
+    from flaxformer_lite import checkpoint, parallel
+    from flaxformer_lite.config import ConfigError, load_config
+    from flaxformer_lite.models import build_model, init_params
+    from flaxformer_lite.train import metrics as metrics_lib
+    from flaxformer_lite.train.loop import evaluate, merge_params, prepare_data
+    from flaxformer_lite.train.step import make_eval_step
+
+    workdir = pathlib.Path(args.workdir)
+    try:
+        parallel.initialize_distributed()
+        config_path = args.config or workdir / checkpoint.CONFIG_FILE
+        if not args.config and not pathlib.Path(config_path).exists():
+            raise ConfigError(f"{config_path} not found: {workdir} is not a run directory (or pass --config)")
+        setup = prepare_data(load_config(config_path, overrides=args.set), train=False)
+        cfg = setup.cfg
+        _, loaded = checkpoint.load_params(workdir, step=args.step)
+        abstract = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
+        params, missing, _ = merge_params(abstract, loaded, str(workdir))
+        if missing:
+            raise ConfigError(
+                f"{workdir}: checkpoint lacks {missing}; its model differs from {config_path}'s model section"
+            )
+    except _bad_input_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    mesh = parallel.make_mesh(cfg.parallel)
+    with parallel.use_mesh(mesh, cfg.parallel):
+        shardings = parallel.param_shardings(mesh, cfg)
+        eval_step = jax.jit(make_eval_step(build_model(cfg.model), cfg))
+        sums = evaluate(eval_step, jax.device_put(params, shardings), setup.eval_batches, mesh)
+    result = {
+        "step": args.step if args.step is not None else checkpoint_step(workdir),
+        **metrics_lib.summarize(sums, bytes_are_tokens=setup.bytes_are_tokens, prefix="eval_"),
+        **metrics_lib.baselines(setup.eval_batches, cfg.data.objective),
+    }
+    if jax.process_index() == 0:
+        (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def checkpoint_step(workdir: pathlib.Path) -> int:
+    """The latest complete checkpoint step of a run directory."""
+    from flaxformer_lite import checkpoint
+
+    with checkpoint.manager(workdir, read_only=True, best_metric=None) as mngr:
+        return mngr.latest_step()

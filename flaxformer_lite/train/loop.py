@@ -1,0 +1,477 @@
+"""The training loop: data, a sharded train state, steps, eval, metrics, checkpoints, samples.
+
+    summary = train(cfg, "runs/gpt_tiny")                 # fresh run
+    summary = train(cfg, "runs/gpt_tiny", resume=True)    # continue from the latest checkpoint
+    summary = train(cfg, "runs/ft", init_from="runs/hf")  # start from another run's params
+
+WORKDIR holds config.yaml, checkpoints/ (orbax: params, optimizer state, step, RNG and
+the data iterator's position), metrics.jsonl, tensorboard/, loss_curve.png, samples.txt
+(language models) and summary.json. Everything is validated, and all data is read,
+before anything is written there, so bad input leaves no half-made run behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import pathlib
+import time
+import warnings
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import grain
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from flaxformer_lite import checkpoint, data, parallel
+from flaxformer_lite.config import Config, ConfigError
+from flaxformer_lite.models import build_model, count_params, dummy_inputs, init_params
+from flaxformer_lite.train import metrics as metrics_lib
+from flaxformer_lite.train.optim import make_optimizer
+from flaxformer_lite.train.step import (
+    TrainState,
+    check_objective,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
+
+Batch = dict[str, np.ndarray]
+
+SUMMARY_FILE = "summary.json"
+SAMPLES_FILE = "samples.txt"
+SAMPLE_PROMPT_TOKENS = 16  # each sample continues the start of a validation document
+SAMPLE_TEMPERATURE = 0.8
+
+
+@dataclasses.dataclass
+class DataSetup:
+    """A run's data: its config (classifier heads filled in from the labels), tokenizer,
+    endless training dataset (None for evaluation only), evaluation batches and, for
+    language models, the prompts of the samples printed at the end."""
+
+    cfg: Config
+    tokenizer: data.Tokenizer
+    train: Optional[grain.IterDataset]
+    eval_batches: list[Batch]
+    sample_prompts: list[list[int]]
+
+    @property
+    def bytes_are_tokens(self) -> bool:
+        """Targets are bytes (or EOS), so nats per token convert to bits per byte."""
+        return isinstance(self.tokenizer, data.ByteTokenizer) and self.cfg.data.objective != "classification"
+
+
+def _with_classifier(cfg: Config, num_classes: int) -> Config:
+    """Set model.pooler and model.num_labels from the data, or check the config's value."""
+    m = cfg.model
+    if m.num_labels and m.num_labels != num_classes:
+        raise ConfigError(
+            f"model.num_labels={m.num_labels} but {cfg.data.corpus} has {num_classes} labels: "
+            f"set model.num_labels={num_classes} (or 0 to take it from the data)"
+        )
+    model = dataclasses.replace(m, pooler=True, num_labels=num_classes)
+    return dataclasses.replace(cfg, model=model)
+
+
+def _warn_special_ids(cfg: Config, tokenizer: data.Tokenizer) -> None:
+    """Warn when generation would use other EOS/PAD ids than the data was made with."""
+    if cfg.model.family == "encoder":
+        return
+    for key, role in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):
+        try:
+            wanted = getattr(tokenizer, role)
+        except data.DataError:  # the tokenizer has no such token: nothing to compare
+            continue
+        if getattr(cfg.model, key) != wanted:
+            warnings.warn(
+                f"model.{key}={getattr(cfg.model, key)} but the tokenizer's {role} is {wanted}: "
+                f"generation from this run will not stop or pad as the data does; set model.{key}={wanted}",
+                stacklevel=3,
+            )
+
+
+def local_batch_size(cfg: Config) -> int:
+    """This process's share of data.batch_size (which is the global batch)."""
+    processes = jax.process_count()
+    if cfg.data.batch_size % processes:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is the global batch and must divide evenly "
+            f"over {processes} processes"
+        )
+    return cfg.data.batch_size // processes
+
+
+def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
+    """Read, split, tokenize and check the corpus; materialise the evaluation batches.
+
+    Raises data.DataError or ConfigError, naming the file, line or key, before any
+    output exists.
+    """
+    d = cfg.data
+    tokenizer = data.load_tokenizer(d.tokenizer)
+    corpus = data.load_corpus(d.objective, d.corpus, text_field=d.text_field, label_field=d.label_field)
+    if d.objective == "classification":
+        cfg = _with_classifier(cfg, corpus.num_classes)
+        corpus = corpus.examples
+    check_objective(cfg)
+    _warn_special_ids(cfg, tokenizer)
+    train_items = val_items = None
+    if corpus is not None:
+        train_items, val_items = data.split(corpus, d.val_fraction, seed=d.seed)
+    options = dict(
+        tokenizer=tokenizer, batch_size=local_batch_size(cfg), seq_len=d.seq_len, target_len=d.target_len,
+        seed=d.seed, vocab_size=cfg.model.vocab_size, shard_index=jax.process_index(),
+        shard_count=jax.process_count(), pack=d.pack, mask_probability=d.mask_probability,
+        noise_density=d.noise_density, mean_noise_span_length=d.mean_noise_span_length,
+        synthetic_vocab=d.synthetic_vocab,
+    )
+    train_ds = data.make_dataset(d.objective, train_items, train=True, **options) if train else None
+    val_iter = iter(data.make_dataset(d.objective, val_items, train=False, **options))
+    eval_batches = list(itertools.islice(val_iter, max(cfg.train.eval_batches, 1)))
+    val_iter.close()
+    prompts = []
+    if d.objective == "causal_lm":
+        for text in val_items[: cfg.train.num_samples]:
+            prompts.append([tokenizer.bos_id] + tokenizer.encode(text)[: SAMPLE_PROMPT_TOKENS - 1])
+    return DataSetup(cfg, tokenizer, train_ds, eval_batches, prompts)
+
+
+# ------------------------------------------------------------------------------- state
+
+
+def state_shardings(cfg: Config, optimizer, mesh) -> tuple[Any, Any]:
+    """(NamedSharding tree, abstract TrainState with those shardings), nothing allocated.
+
+    The optimizer state is built over the *boxed* parameters, so its moments inherit
+    each parameter's logical axis names and are sharded like it.
+    """
+    model = build_model(cfg.model)
+    seed = cfg.train.seed
+
+    def boxed_state():
+        boxed = {"params": model.init(jax.random.key(0), *dummy_inputs(cfg.model))["params"]}
+        return init_train_state(boxed, optimizer, seed)
+
+    specs = nn.get_partition_spec(jax.eval_shape(boxed_state))
+    shardings = parallel.logical_to_sharding(mesh, cfg.parallel, specs)
+    shapes = jax.eval_shape(lambda: init_train_state(init_params(cfg.model, jax.random.key(0)), optimizer, seed))
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    return shardings, abstract
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """A run's jitted functions and the sharding of its state."""
+
+    shardings: Any
+    abstract: Any  # TrainState of jax.ShapeDtypeStruct with shardings (restore target)
+    init: Callable  # key -> fresh TrainState
+    init_with: Callable  # params -> TrainState around given params
+    train_step: Callable  # (state, batch) -> (state, sums), state donated
+    eval_step: Callable  # (params, batch) -> sums
+
+
+@functools.lru_cache(maxsize=4)
+def programs(cfg: Config, mesh) -> Programs:
+    """The jitted functions for (cfg, mesh); cached, so a process that trains the same
+    config again (resuming, a notebook re-running a cell) compiles nothing twice."""
+    optimizer = make_optimizer(cfg.train)
+    model = build_model(cfg.model)
+    shardings, abstract = state_shardings(cfg, optimizer, mesh)
+    batch = parallel.batch_sharding(mesh)
+    seed = cfg.train.seed
+    return Programs(
+        shardings=shardings,
+        abstract=abstract,
+        init=jax.jit(
+            lambda key: init_train_state(init_params(cfg.model, key), optimizer, seed), out_shardings=shardings
+        ),
+        init_with=jax.jit(lambda p: init_train_state(p, optimizer, seed), out_shardings=shardings),
+        train_step=jax.jit(
+            make_train_step(model, cfg, optimizer),
+            in_shardings=(shardings, batch), out_shardings=(shardings, None), donate_argnums=0,
+        ),
+        eval_step=jax.jit(make_eval_step(model, cfg), in_shardings=(shardings.params, batch)),
+    )
+
+
+def merge_params(fresh: Any, loaded: Any, source: str) -> tuple[Any, list[str], list[str]]:
+    """`fresh` with every entry `loaded` also has (same path, same shape) replaced by it.
+
+    Returns (params, names kept fresh, names of `loaded` not used). A shape mismatch is
+    an error naming the parameter: the two models differ in more than their heads.
+    """
+    flat_loaded = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+    kept_fresh, used = [], set()
+
+    def pick(path, x):
+        name = jax.tree_util.keystr(path)
+        if name not in flat_loaded:
+            kept_fresh.append(name)
+            return x
+        y = flat_loaded[name]
+        if tuple(y.shape) != tuple(x.shape):
+            raise ConfigError(
+                f"--init-from {source}: parameter {name} has shape {tuple(y.shape)} there but "
+                f"{tuple(x.shape)} in this model: make the model section match that run's config.yaml"
+            )
+        used.add(name)
+        return np.asarray(y).astype(x.dtype)
+
+    merged = jax.tree_util.tree_map_with_path(pick, fresh)
+    return merged, kept_fresh, sorted(set(flat_loaded) - used)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def evaluate(eval_step: Callable, params: Any, batches: list[Batch], mesh) -> dict[str, float]:
+    """Sum eval_step's sums over the batches (every process feeds the same count)."""
+    count = len(batches)
+    if jax.process_count() > 1:  # shards may differ in length; the rest feed empty batches
+        count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
+    empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
+    device_sums = [
+        eval_step(params, parallel.shard_batch(mesh, batches[i] if i < len(batches) else empty))
+        for i in range(count)
+    ]
+    total: dict[str, float] = {}
+    for sums in jax.device_get(device_sums):
+        total = metrics_lib.add_sums(total, sums)
+    return total
+
+
+def _check_workdir(workdir: pathlib.Path, resume: bool, cfg: Config) -> None:
+    """A fresh run needs a workdir without checkpoints; a resumed one the same model and data."""
+    has_checkpoints = (workdir / checkpoint.CHECKPOINT_DIR).exists()
+    if has_checkpoints and not resume:
+        raise ConfigError(
+            f"{workdir} already holds a run's checkpoints: pass --resume to continue it, or "
+            "choose a new --workdir"
+        )
+    if resume and (workdir / checkpoint.CONFIG_FILE).exists():
+        saved = checkpoint.read_config(workdir)
+        for section in ("model", "data"):
+            a, b = getattr(saved, section), getattr(cfg, section)
+            diff = [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+            if diff:
+                keys = ", ".join(f"{section}.{k}" for k in diff)
+                raise ConfigError(
+                    f"--resume: {keys} differ from {workdir / checkpoint.CONFIG_FILE}; resume with "
+                    "the run's own config (train.* may change)"
+                )
+
+
+def _every(step: int, period: int) -> bool:
+    return period > 0 and step % period == 0
+
+
+def _out_of_time(started: float, budget: Optional[float]) -> bool:
+    """True once `budget` seconds have passed since `started`, on any process."""
+    if budget is None:
+        return False
+    over = time.perf_counter() - started > budget
+    if jax.process_count() > 1:
+        over = bool(np.any(multihost_utils.process_allgather(np.bool_(over))))
+    return over
+
+
+def _host_copy(tree: Any) -> Any:
+    """A numpy copy of a (possibly sharded over several processes) tree, on every process."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+# ------------------------------------------------------------------------------- train
+
+
+def train(
+    cfg: Config,
+    workdir: str | pathlib.Path,
+    *,
+    resume: bool = False,
+    init_from: Optional[str | pathlib.Path] = None,
+    stop_at: Optional[int] = None,
+) -> dict:
+    """Train `cfg` into `workdir`; return the summary (also written to summary.json).
+
+    resume: continue from the latest complete checkpoint in workdir (params, optimizer
+      state, step, RNG and data position), or start fresh if it has none yet.
+    init_from: a run directory whose latest params initialise the model (fine-tuning,
+      converted HF weights); parameters it lacks, e.g. a new classifier, start fresh.
+    stop_at: stop after this step, checkpointing first, as a pre-empted job would; a
+      later resume continues exactly where it left off.
+    """
+    started = time.perf_counter()
+    workdir = pathlib.Path(workdir)
+    if resume and init_from is not None:
+        raise ConfigError("--resume and --init-from exclude each other: a resumed run already has params")
+    setup = prepare_data(cfg)
+    cfg = setup.cfg
+    _check_workdir(workdir, resume, cfg)
+    main = jax.process_index() == 0
+    log = tqdm.write if main else (lambda _msg: None)
+
+    mesh = parallel.make_mesh(cfg.parallel)
+    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % (data_shards * cfg.train.grad_accum_steps):
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must be a multiple of the {data_shards} data-parallel "
+            f"devices times train.grad_accum_steps={cfg.train.grad_accum_steps}"
+        )
+    loaded = checkpoint.load_params(init_from)[1] if init_from is not None else None
+
+    with parallel.use_mesh(mesh, cfg.parallel):
+        prog = programs(cfg, mesh)
+        if main:
+            checkpoint.write_config(workdir, cfg)
+        mngr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints, best_metric="eval_loss")
+        it = iter(setup.train)
+        start_step, tokens_seen = 0, 0.0
+        if resume and mngr.latest_step() is not None:
+            abstract = prog.abstract
+            extra_target = {"opt_state": abstract.opt_state, "step": abstract.step, "rng": abstract.rng}
+            params, extra, meta = checkpoint.restore(mngr, params_target=abstract.params, extra_target=extra_target)
+            state = TrainState(step=extra["step"], params=params, opt_state=extra["opt_state"], rng=extra["rng"])
+            it.set_state(meta["data_iterator"])
+            start_step, tokens_seen = int(state.step), float(meta["tokens"])
+            log(f"resumed {workdir} at step {start_step}")
+        elif loaded is not None:
+            fresh = _host_copy(prog.init(jax.random.key(cfg.train.seed)).params)
+            params, kept_fresh, unused = merge_params(fresh, loaded, str(init_from))
+            state = prog.init_with(jax.device_put(params, prog.shardings.params))
+            log(f"initialised from {init_from}: {len(kept_fresh)} new parameter arrays {kept_fresh}, "
+                f"{len(unused)} unused {unused}")
+        else:
+            state = prog.init(jax.random.key(cfg.train.seed))
+        n_params = count_params(prog.abstract.params)
+        log(f"{cfg.name}: {cfg.model.family}, {n_params:,} parameters, objective {cfg.data.objective}, "
+            f"mesh {dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} device(s)")
+        train_step, eval_step = prog.train_step, prog.eval_step
+        bytes_are_tokens = setup.bytes_are_tokens
+        writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step if resume else None) if main else None
+        baselines = metrics_lib.baselines(setup.eval_batches, cfg.data.objective)
+
+        tc = cfg.train
+        last_step = tc.num_steps if stop_at is None else min(stop_at, tc.num_steps)
+        bar = tqdm(total=tc.num_steps, initial=start_step, disable=not main, unit="step", dynamic_ncols=True)
+        window: list = []  # step sums since the last log record, still on the device
+        window_start, untimed_tokens = time.perf_counter(), 0.0
+        eval_record: dict[str, float] = {}
+        step = start_step
+        train_seconds = train_tokens = 0.0
+        over_budget = False
+        while step < last_step:
+            state, step_sums = train_step(state, parallel.shard_batch(mesh, next(it)))
+            step += 1
+            bar.update(1)
+            window.append(step_sums)
+            if step == start_step + 1:
+                # The first step compiles: time the window from its end, without its tokens.
+                untimed_tokens = float(jax.device_get(step_sums["token_count"]))
+                window_start = time.perf_counter()
+            # Several processes must stop at the same step; they agree at log steps only,
+            # since agreeing is a collective that waits for the step to finish.
+            if jax.process_count() == 1 or _every(step, tc.log_every):
+                over_budget = _out_of_time(started, tc.time_budget_s)
+            final = step == last_step or over_budget
+            saving = _every(step, tc.checkpoint_every) or final
+            # A checkpoint step also closes the log window, so the token count it saves is exact.
+            if _every(step, tc.log_every) or saving:
+                fetched = jax.device_get(window)
+                sums: dict[str, float] = {}
+                for s in fetched:
+                    sums = metrics_lib.add_sums(sums, s)
+                record = metrics_lib.summarize(sums, bytes_are_tokens=bytes_are_tokens)
+                record.pop("perplexity")  # of a moving model: eval_perplexity is the one to read
+                record["grad_norm"] = sums["grad_norm"] / len(fetched)
+                record["learning_rate"] = float(fetched[-1]["learning_rate"])
+                tokens_seen += sums["token_count"]
+                record["tokens"] = tokens_seen
+                timed_tokens = sums["token_count"] - untimed_tokens
+                if timed_tokens:
+                    seconds = time.perf_counter() - window_start
+                    record["tokens_per_s"] = timed_tokens / seconds
+                    train_seconds += seconds
+                    train_tokens += timed_tokens
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                if writer:
+                    writer.write(step, record)
+                window, window_start, untimed_tokens = [], time.perf_counter(), 0.0
+            if _every(step, tc.eval_every) or final:
+                pause = time.perf_counter()
+                sums = evaluate(eval_step, state.params, setup.eval_batches, mesh)
+                eval_record = metrics_lib.summarize(sums, bytes_are_tokens=bytes_are_tokens, prefix="eval_")
+                if writer:
+                    writer.write(step, eval_record)
+                log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_record.items()))
+                window_start += time.perf_counter() - pause
+            if saving:
+                pause = time.perf_counter()
+                evaluated = _every(step, tc.eval_every) or final
+                checkpoint.save(
+                    mngr, step, params=state.params,
+                    extra={"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
+                    meta={"data_iterator": it.get_state(), "step": step, "tokens": tokens_seen},
+                    metrics={"eval_loss": eval_record["eval_loss"]} if evaluated else None,
+                )
+                window_start += time.perf_counter() - pause
+            if over_budget:
+                log(f"time budget of {tc.time_budget_s:.0f} s reached at step {step}")
+                break
+        bar.close()
+        it.close()
+        mngr.wait_until_finished()
+        mngr.close()
+
+    summary = {
+        "name": cfg.name,
+        "step": step,
+        "num_params": n_params,
+        "seconds": time.perf_counter() - started,
+        **eval_record,
+        **baselines,
+    }
+    if train_seconds:
+        summary["train_tokens_per_s"] = train_tokens / train_seconds
+    sampling = setup.sample_prompts and (step == tc.num_steps or over_budget)
+    host_params = _host_copy(state.params) if sampling else None
+    if main:
+        writer.close()
+        metrics_lib.plot_loss_curve(workdir)
+        if sampling:
+            summary["samples"] = write_samples(build_model(cfg.model), host_params, setup, workdir, log)
+        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def write_samples(model, params, setup: DataSetup, workdir: pathlib.Path, log) -> list[str]:
+    """Continue each sample prompt with flaxformer_lite.decode.generate; write samples.txt."""
+    from flaxformer_lite.decode import generate  # deferred: only language models need it
+
+    tc, tok = setup.cfg.train, setup.tokenizer
+    longest = max(len(p) for p in setup.sample_prompts)
+    out = generate(
+        model, params, setup.sample_prompts,
+        max_new_tokens=min(tc.sample_len, setup.cfg.model.max_len - longest),
+        method="sample", temperature=SAMPLE_TEMPERATURE, seed=tc.seed,
+        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+    )
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    samples = [
+        tok.decode(prompt) + tok.decode(row[:n].tolist())
+        for prompt, row, n in zip(setup.sample_prompts, tokens, lengths)
+    ]
+    text = "".join(f"--- sample {i} (prompt: {tok.decode(p)!r})\n{s}\n" for i, (p, s) in enumerate(zip(setup.sample_prompts, samples)))
+    (workdir / SAMPLES_FILE).write_text(text)
+    log(text)
+    return samples

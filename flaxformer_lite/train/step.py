@@ -1,0 +1,204 @@
+"""Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
+
+Every objective reduces to one weighted token cross-entropy (ops.cross_entropy):
+  causal_lm (decoder), masked_lm (encoder MLM head), span_corruption / seq2seq / copy /
+  reverse (encoder-decoder), classification (the encoder's pooled head, one "token" a row).
+Steps return float32 *sums* (loss_sum, weight_sum, correct_sum, ...), never means, so
+microbatches, devices, hosts and logging windows aggregate exactly by adding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from flaxformer_lite import ops
+from flaxformer_lite.config import Config, ConfigError
+from flaxformer_lite.train.optim import learning_rate_schedule
+
+Batch = dict[str, jax.Array]
+Sums = dict[str, jax.Array]
+
+SEQ2SEQ_OBJECTIVES = ("span_corruption", "seq2seq", "copy", "reverse")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. The dropout key of step s is fold_in(rng, s)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0, the given params, a fresh optimizer state and the run's base key."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.PRNGKey(seed),
+    )
+
+
+def check_objective(cfg: Config) -> None:
+    """ConfigError unless the model family (and heads) can train on data.objective."""
+    objective, m = cfg.data.objective, cfg.model
+    if objective == "causal_lm":
+        need, ok = "family: decoder", m.family == "decoder"
+    elif objective == "masked_lm":
+        need, ok = "family: encoder with mlm_head: true", m.family == "encoder" and m.mlm_head
+    elif objective == "classification":
+        need = "family: encoder with pooler: true and num_labels > 0"
+        ok = m.family == "encoder" and m.pooler and m.num_labels > 0
+    else:
+        need, ok = "family: encoder_decoder", m.family == "encoder_decoder"
+    if not ok:
+        raise ConfigError(
+            f"data.objective={objective} needs model.{need} (got family={m.family}, "
+            f"mlm_head={m.mlm_head}, pooler={m.pooler}, num_labels={m.num_labels}): "
+            "pick a preset of that family or another objective"
+        )
+
+
+def forward(
+    model: nn.Module, cfg: Config, params: Any, batch: Batch, *, deterministic: bool, rng: Optional[jax.Array]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logits [B,T,V], labels [B,T], weights [B,T]) of the objective's prediction."""
+    rngs = None if rng is None else {"dropout": rng}
+    family, objective = cfg.model.family, cfg.data.objective
+    common = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], deterministic=deterministic)
+    if family == "encoder_decoder":
+        out = model.apply(
+            params, batch["input_ids"], batch["decoder_input_ids"],
+            decoder_segment_ids=batch["decoder_segment_ids"],
+            decoder_positions=batch["decoder_positions"], rngs=rngs, **common,
+        )
+        return out.logits, batch["labels"], batch["weights"]
+    out = model.apply(params, batch["input_ids"], rngs=rngs, **common)
+    if objective == "classification":
+        # One prediction a row; rows of a padded evaluation batch have segment_ids 0.
+        real_B1 = (batch["segment_ids"][:, :1] > 0).astype(jnp.float32)
+        return out.class_logits[:, None, :], batch["label"][:, None], real_B1
+    return out.logits, batch["labels"], batch["weights"]
+
+
+def sequence_sums(logits_BTV: jax.Array, labels_BT: jax.Array, weights_BT: jax.Array, segment_ids_BT: jax.Array) -> Sums:
+    """Exact-match counts over the sequences packed in each row (segment ids 1..T).
+
+    A sequence is right when every weighted token's argmax is its label. Under teacher
+    forcing that is also what greedy decoding would produce, token by token.
+    """
+    T = labels_BT.shape[1]
+    wrong_BT = weights_BT * (jnp.argmax(logits_BTV, -1) != labels_BT)
+    seg_BTK = jax.nn.one_hot(segment_ids_BT, T + 1, dtype=jnp.float32)[..., 1:]
+    errors_BK = jnp.einsum("BT,BTK->BK", wrong_BT, seg_BTK)
+    present_BK = jnp.einsum("BT,BTK->BK", weights_BT, seg_BTK) > 0
+    return {
+        "seq_correct_sum": jnp.sum(present_BK & (errors_BK == 0), dtype=jnp.float32),
+        "seq_count": jnp.sum(present_BK, dtype=jnp.float32),
+    }
+
+
+def loss_and_sums(
+    model: nn.Module, cfg: Config, params: Any, batch: Batch, *, deterministic: bool, rng: Optional[jax.Array]
+) -> tuple[jax.Array, Sums]:
+    """(training objective summed over weighted tokens, float32 sums for metrics)."""
+    logits_BTV, labels_BT, weights_BT = forward(
+        model, cfg, params, batch, deterministic=deterministic, rng=rng
+    )
+    loss, sums = ops.cross_entropy(
+        logits_BTV, labels_BT, weights_BT,
+        label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss,
+    )
+    if cfg.data.objective in SEQ2SEQ_OBJECTIVES:
+        sums = {**sums, **sequence_sums(logits_BTV, labels_BT, weights_BT, batch["decoder_segment_ids"])}
+    # Throughput counts real tokens only: encoder (or decoder-only) input plus decoder input.
+    real = [batch[k] > 0 for k in ("segment_ids", "decoder_segment_ids") if k in batch]
+    sums["token_count"] = sum(jnp.sum(r, dtype=jnp.float32) for r in real)
+    # cross_entropy's loss is the weighted mean; the sum makes microbatches add exactly.
+    return loss * jnp.maximum(sums["weight_sum"], 1.0), sums
+
+
+def _microbatches(batch: Batch, count: int) -> Batch:
+    """[B,...] -> [count, B/count, ...] taking every count-th row, so that each
+    microbatch keeps rows from every data shard of a batch sharded on its first axis."""
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    model: nn.Module,
+    cfg: Config,
+    optimizer: optax.GradientTransformation,
+    *,
+    axis_name: Optional[str] = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Sums]]:
+    """The pure step for `jax.jit(..., donate_argnums=0)`.
+
+    Gradients of grad_accum_steps microbatches are summed and divided by the batch's
+    total weight, so accumulation computes the same update as one large batch. With
+    `axis_name` (under pmap or shard_map) gradients and sums are also summed over it.
+    """
+    accum = cfg.train.grad_accum_steps
+    schedule = learning_rate_schedule(cfg.train)
+
+    def objective(params, batch, rng):
+        return loss_and_sums(model, cfg, params, batch, deterministic=False, rng=rng)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Sums]:
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        if accum == 1:
+            (_, sums), grads = grad_fn(state.params, batch, step_rng)
+        else:
+            microbatches = _microbatches(batch, accum)
+
+            def micro(carry, xs):
+                index, mb = xs
+                (_, sums), grads = grad_fn(state.params, mb, jax.random.fold_in(step_rng, index))
+                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+            first = jax.tree.map(lambda x: x[0], microbatches)
+            sums_shape = jax.eval_shape(objective, state.params, first, step_rng)[1]
+            zeros = (
+                jax.tree.map(jnp.zeros_like, state.params),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+            )
+            (grads, sums), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), microbatches))
+        if axis_name is not None:
+            grads, sums = jax.lax.psum((grads, sums), axis_name)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            **sums,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(
+    model: nn.Module, cfg: Config, *, axis_name: Optional[str] = None
+) -> Callable[[Any, Batch], Sums]:
+    """`eval_step(params, batch) -> sums` (no dropout)."""
+
+    def eval_step(params: Any, batch: Batch) -> Sums:
+        _, sums = loss_and_sums(model, cfg, params, batch, deterministic=True, rng=None)
+        if axis_name is not None:
+            sums = jax.lax.psum(sums, axis_name)
+        return sums
+
+    return eval_step

@@ -1,0 +1,41 @@
+"""Shared tiny runs: a 1-layer d=32 GPT trained 20 steps once per session."""
+
+import pytest
+
+import flaxformer_lite as ffl
+from flaxformer_lite.train import loop
+
+# Small enough that a step takes milliseconds; batch 8 splits over the 8 simulated devices.
+TINY = (
+    "model.num_layers=1", "model.d_model=32", "model.d_ff=64", "model.num_heads=2", "model.max_len=32",
+    "data.seq_len=32", "data.batch_size=8", "train.eval_batches=2", "train.warmup_steps=5",
+    "train.learning_rate=0.01", "train.time_budget_s=null", "train.num_samples=0",
+)
+GPT_RUN = (
+    "train.num_steps=20", "train.log_every=1", "train.eval_every=10", "train.checkpoint_every=5",
+    "train.num_samples=2", "train.sample_len=8",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny(preset, *overrides) -> a CPU-test-sized Config of that preset."""
+    return lambda preset, *overrides: ffl.load_config(preset, overrides=TINY + tuple(overrides))
+
+
+@pytest.fixture(scope="session")
+def gpt_overrides():
+    """The --set overrides of the session's GPT run, for subprocesses."""
+    return list(TINY + GPT_RUN)
+
+
+@pytest.fixture(scope="session")
+def gpt_cfg(gpt_overrides):
+    return ffl.load_config("gpt_tiny", overrides=gpt_overrides)
+
+
+@pytest.fixture(scope="session")
+def gpt_run(gpt_cfg, tmp_path_factory):
+    """(workdir, summary) of one uninterrupted 20-step run."""
+    workdir = tmp_path_factory.mktemp("gpt") / "run"
+    return workdir, loop.train(gpt_cfg, workdir)

@@ -1,0 +1,66 @@
+"""`flaxformer-lite train` on bad input: one clear error line, exit status 2, no run left behind."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from flaxformer_lite import cli
+
+
+def _bad_files(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("first line\nsecond line\ncaf\xe9\n".encode("latin-1"))
+    (tmp_path / "rows.tsv").write_text("a fine row\tyes\nno tab in this row\n")
+    return tmp_path
+
+
+CASES = {
+    "missing corpus": (["data.corpus={d}/nope.txt"], r"{d}/nope.txt: no such file or folder"),
+    "empty corpus": (["data.corpus={d}/empty.txt"], r"{d}/empty.txt: no text found; the corpus is empty"),
+    "not UTF-8": (["data.corpus={d}/latin1.txt"], r"{d}/latin1.txt:3: not valid UTF-8"),
+    "TSV row without a tab": (
+        ["data.objective=classification", "data.corpus={d}/rows.tsv", "model.family=encoder", "model.mlm_head=true"],
+        r"{d}/rows.tsv:2: row has no tab; expected text<TAB>label",
+    ),
+    "ids past the vocabulary": (["model.vocab_size=200"], r"token id \d+ is outside \[0, vocab_size=200\)"),
+    "misspelt key": (["train.learning_rat=0.1"], r"unknown config key 'train.learning_rat'; did you mean 'train.learning_rate'"),
+    "objective for another family": (["data.objective=span_corruption"], r"data.objective=span_corruption needs model.family: encoder_decoder"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, capsys):
+    data_dir = _bad_files(tmp_path)
+    overrides, message = CASES[case]
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", "gpt_tiny", "--workdir", str(workdir), "--set"]
+    argv += [o.format(d=data_dir) for o in overrides]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert re.search(message.format(d=data_dir), err), err
+    assert not workdir.exists()
+
+
+def test_resume_with_another_model_is_refused_and_changes_nothing(gpt_run, gpt_overrides, capsys):
+    workdir, _ = gpt_run
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    argv = ["train", "--config", "gpt_tiny", "--workdir", str(workdir), "--resume", "--set", *gpt_overrides]
+    assert cli.main(argv + ["model.d_ff=128"]) == 2
+    assert "--resume: model.d_ff differ from" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_the_command_exits_with_status_2_and_no_traceback(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "flaxformer_lite", "train", "--config", "gpt_tiny", "--workdir", str(workdir),
+         "--set", f"data.corpus={tmp_path}/missing"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"error: {tmp_path}/missing: no such file or folder" in result.stderr
+    assert not workdir.exists()

@@ -1,0 +1,93 @@
+"""The loop end to end: run directory, metrics, throughput, resume, eval command."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from flaxformer_lite import checkpoint, cli
+from flaxformer_lite.config import ConfigError
+from flaxformer_lite.train import loop, metrics
+
+
+def _records(workdir, key):
+    return [r for r in metrics.read_metrics(workdir) if key in r]
+
+
+def _without_timing(workdir):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics.read_metrics(workdir)]
+
+
+def _same_params(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(leaves_a) == len(leaves_b) and all(np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b))
+
+
+def test_run_directory_holds_config_metrics_events_curve_samples(gpt_run, gpt_cfg):
+    workdir, summary = gpt_run
+    assert checkpoint.read_config(workdir) == gpt_cfg
+    train = _records(workdir, "loss")
+    assert [r["step"] for r in train] == list(range(1, 21))
+    evals = _records(workdir, "eval_loss")
+    assert [r["step"] for r in evals] == [10, 20]
+    for r in evals:
+        assert r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
+        assert r["eval_bits_per_byte"] == pytest.approx(r["eval_loss"] / math.log(2))
+        assert 0 < r["eval_accuracy"] < 1
+    # Short version of the gpt_tiny benchmark: the loss falls from the uniform guess.
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < math.log(gpt_cfg.model.vocab_size)
+    assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]])
+    assert summary["eval_loss"] == evals[-1]["eval_loss"]
+    assert json.loads((workdir / "summary.json").read_text())["eval_loss"] == summary["eval_loss"]
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = summary["samples"]
+    assert len(samples) == 2 and all(s in (workdir / "samples.txt").read_text() for s in samples)
+
+
+def test_throughput_counts_real_tokens(gpt_run, gpt_cfg):
+    workdir, summary = gpt_run
+    setup = loop.prepare_data(gpt_cfg)
+    it = iter(setup.train)
+    batches = [next(it) for _ in range(20)]
+    it.close()
+    real = np.cumsum([np.count_nonzero(b["segment_ids"]) for b in batches])
+    assert real[-1] < 20 * batches[0]["segment_ids"].size  # the batches do hold padding
+    train = _records(workdir, "loss")
+    assert [r["tokens"] for r in train] == real.tolist()
+    timed = [r for r in train if "tokens_per_s" in r]
+    assert len(timed) == 19  # all but the first step, which compiles
+    for previous, r in zip(train, train[1:]):
+        # tokens of the step over its seconds, which are fewer than the whole run's
+        assert r["tokens_per_s"] > (r["tokens"] - previous["tokens"]) / summary["seconds"]
+
+
+def test_resume_gives_identical_params_and_losses(gpt_run, gpt_cfg, tmp_path):
+    reference, _ = gpt_run
+    workdir = tmp_path / "run"
+    loop.train(gpt_cfg, workdir, stop_at=10)
+    assert max(_records(workdir, "loss"), key=lambda r: r["step"])["step"] == 10
+    loop.train(gpt_cfg, workdir, resume=True)
+    # Every record but the wall-clock throughput: losses, grad norms, learning rates,
+    # token counts and evaluations, step by step.
+    assert _without_timing(workdir) == _without_timing(reference)
+    assert _same_params(checkpoint.load_params(workdir)[1], checkpoint.load_params(reference)[1])
+
+
+def test_eval_command_reproduces_the_final_evaluation(gpt_run, capsys):
+    workdir, summary = gpt_run
+    assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 20
+    assert result["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
+    assert json.loads((workdir / "eval.json").read_text()) == result
+
+
+def test_a_finished_run_dir_refuses_a_fresh_run(gpt_run, gpt_cfg):
+    workdir, _ = gpt_run
+    before = sorted(p.name for p in workdir.rglob("*"))
+    with pytest.raises(ConfigError, match="already holds a run's checkpoints: pass --resume"):
+        loop.train(gpt_cfg, workdir)
+    assert sorted(p.name for p in workdir.rglob("*")) == before
