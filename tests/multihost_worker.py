@@ -8,16 +8,12 @@ import json
 import sys
 
 import jax
+import numpy as np
 
-jax.config.update("jax_platforms", "cpu")
-jax.config.update("jax_num_cpu_devices", 2)
-
-import numpy as np  # noqa: E402
-
-import flaxformer_lite as ffl  # noqa: E402
-from flaxformer_lite import parallel  # noqa: E402
-from flaxformer_lite.models import build_model  # noqa: E402
-from flaxformer_lite.ops import cross_entropy  # noqa: E402
+import flaxformer_lite as ffl
+from flaxformer_lite import parallel
+from flaxformer_lite.models import build_model
+from flaxformer_lite.ops import cross_entropy
 
 OVERRIDES = ["model.num_layers=2", "model.d_model=32", "model.d_ff=64", "model.max_len=16",
              "data.seq_len=16", "parallel.data=2", "parallel.fsdp=2"]
@@ -53,4 +49,8 @@ def main(out_file):
 
 
 if __name__ == "__main__":
+    # Only as a script: the test imports this module, and these would change the
+    # pytest process's own devices.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", 2)
     main(sys.argv[1])
