@@ -220,7 +220,7 @@ def merge_params(fresh: Any, loaded: Any, source: str) -> tuple[Any, list[str], 
         y = flat_loaded[name]
         if tuple(y.shape) != tuple(x.shape):
             raise ConfigError(
-                f"--init-from {source}: parameter {name} has shape {tuple(y.shape)} there but "
+                f"{source}: parameter {name} has shape {tuple(y.shape)} there but "
                 f"{tuple(x.shape)} in this model: make the model section match that run's config.yaml"
             )
         used.add(name)
@@ -328,7 +328,11 @@ def train(
             f"data.batch_size={cfg.data.batch_size} must be a multiple of the {data_shards} data-parallel "
             f"devices times train.grad_accum_steps={cfg.train.grad_accum_steps}"
         )
-    loaded = checkpoint.load_params(init_from)[1] if init_from is not None else None
+    loaded = None
+    if init_from is not None:
+        loaded = checkpoint.load_params(init_from)[1]
+        shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
+        merge_params(shapes, loaded, f"--init-from {init_from}")  # shape errors before any output
 
     with parallel.use_mesh(mesh, cfg.parallel):
         prog = programs(cfg, mesh)
@@ -347,7 +351,7 @@ def train(
             log(f"resumed {workdir} at step {start_step}")
         elif loaded is not None:
             fresh = _host_copy(prog.init(jax.random.key(cfg.train.seed)).params)
-            params, kept_fresh, unused = merge_params(fresh, loaded, str(init_from))
+            params, kept_fresh, unused = merge_params(fresh, loaded, f"--init-from {init_from}")
             state = prog.init_with(jax.device_put(params, prog.shardings.params))
             log(f"initialised from {init_from}: {len(kept_fresh)} new parameter arrays {kept_fresh}, "
                 f"{len(unused)} unused {unused}")

@@ -64,3 +64,14 @@ def test_the_command_exits_with_status_2_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert f"error: {tmp_path}/missing: no such file or folder" in result.stderr
     assert not workdir.exists()
+
+
+def test_init_from_a_differently_shaped_model_names_the_parameter(gpt_run, gpt_overrides, tmp_path, capsys):
+    source, _ = gpt_run
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", "gpt_tiny", "--workdir", str(workdir), "--init-from", str(source),
+            "--set", *gpt_overrides, "model.d_ff=128"]
+    assert cli.main(argv) == 2
+    assert re.search(r"--init-from .*: parameter \['params'\]\['decoder'\]\['layers_0'\]\['mlp'\]\['bi'\] "
+                     r"has shape \(64,\) there but \(128,\) in this model", capsys.readouterr().err)
+    assert not workdir.exists()
