@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Literal, Optional, Union
@@ -99,6 +100,9 @@ class DataConfig:
     corpus: str = "builtin"  # builtin | path/glob to text, .jsonl, .tsv
     text_field: str = "text"
     label_field: str = "label"
+    # Language-model objectives: a document is a paragraph (text cut at blank lines), a
+    # line, or a whole file (a built-in topic). Long documents span several rows.
+    document_unit: Literal["paragraph", "line", "file"] = "paragraph"
     tokenizer: str = "byte"  # byte | path to tokenizer.json (or its folder)
     seq_len: int = 128
     target_len: Optional[int] = None  # seq2seq targets; None: = seq_len
@@ -267,6 +271,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it (tuples from lists)."""
     origin = typing.get_origin(tp)
@@ -301,6 +308,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 5e-3 (no dot) as a string
     if tp in (int, float, str, bool):
         # bool is an int in Python; an int field given `true` is still a mistake.
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -467,15 +467,17 @@ def load_corpus(
     *,
     text_field: str = "text",
     label_field: str = "label",
+    document_unit: corpora.Unit = "paragraph",
 ) -> Any:
     """The data `make_dataset(objective, data)` takes, read from `corpus` ("builtin": offline).
 
     Documents (list[str]) for causal_lm/masked_lm/span_corruption, (source, target)
     pairs for seq2seq, a `LabeledCorpus` for classification, None for copy/reverse.
+    `document_unit` is `load_texts`'s `unit` for the documents.
     """
     _check_objective(objective)
     if objective in ("causal_lm", "masked_lm", "span_corruption"):
-        return corpora.load_texts(corpus, text_field=text_field)
+        return corpora.load_texts(corpus, text_field=text_field, unit=document_unit)
     if objective == "seq2seq":
         return corpora.load_pairs(corpus)
     if objective == "classification":

@@ -115,7 +115,9 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
     """
     d = cfg.data
     tokenizer = data.load_tokenizer(d.tokenizer)
-    corpus = data.load_corpus(d.objective, d.corpus, text_field=d.text_field, label_field=d.label_field)
+    corpus = data.load_corpus(
+        d.objective, d.corpus, text_field=d.text_field, label_field=d.label_field, document_unit=d.document_unit
+    )
     if d.objective == "classification":
         cfg = _with_classifier(cfg, corpus.num_classes)
         corpus = corpus.examples

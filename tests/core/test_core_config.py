@@ -95,3 +95,13 @@ def test_load_override_dump_round_trip(preset, tmp_path):
 
 def test_presets_are_found_by_name_and_by_path():
     assert ffl.load_config("t5_tiny") == ffl.load_config(pathlib.Path(ffl.config.CONFIG_DIR) / "t5_tiny.yaml")
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # YAML 1.1 (PyYAML) reads 5e-3 as a string; a float field takes it as the number.
+    (tmp_path / "lr.yaml").write_text("name: lr\ntrain:\n  learning_rate: 2e-3\n")
+    assert ffl.load_config(tmp_path / "lr.yaml").train.learning_rate == 2e-3
+    cfg = ffl.load_config("gpt_tiny", overrides=["train.learning_rate=5e-3", "train.clip_norm=1E+1"])
+    assert (cfg.train.learning_rate, cfg.train.clip_norm) == (5e-3, 10.0)
+    with pytest.raises(ConfigError, match=r"train.learning_rate must be float, got str '5e-x'"):
+        ffl.load_config("gpt_tiny", overrides=["train.learning_rate=5e-x"])

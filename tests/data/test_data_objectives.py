@@ -90,6 +90,7 @@ def test_batch_contract_keys_shapes_dtypes(objective):
 
 def test_load_corpus_dispatches_by_objective():
     assert load_corpus("causal_lm") == load_texts()
+    assert load_corpus("masked_lm", document_unit="file") == load_texts(unit="file")
     assert load_corpus("classification") == builtin_classification()
     assert load_corpus("copy") is None
     with pytest.raises(DataError, match="objective 'gpt' is not one of causal_lm"):
