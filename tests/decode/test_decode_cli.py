@@ -58,4 +58,6 @@ def test_bench_decode_runs_and_reports(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["same_tokens"] is True
     assert results["ours"]["tokens_per_s"] > 0 and results["transformers"]["tokens_per_s"] > 0
-    assert "speedup" in capsys.readouterr().out
+    assert results["lm_head_ms"]["ours"] > 0 and results["lm_head_ms"]["transformers"] > 0
+    report = capsys.readouterr().out
+    assert "speedup" in report and "LM head alone" in report
