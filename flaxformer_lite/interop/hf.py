@@ -42,7 +42,7 @@ PICKLED_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.
 # Settings of how we run the weights, not what they compute: load() accepts them.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "scan_layers", "remat_policy")
 # Settings for training from scratch; mapped where HF has them, not required to round-trip.
-TRAINING_FIELDS = ("dropout_rate", "attention_dropout_rate", "initializer_range")
+TRAINING_FIELDS = ("dropout_rate", "attention_dropout_rate", "initializer_range", "embedding_init_std")
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 

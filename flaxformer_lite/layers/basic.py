@@ -45,6 +45,11 @@ class Dense(nn.Module):
         return y
 
 
+def embedding_std(cfg: ModelConfig) -> float:
+    """Init std of the token table: cfg.embedding_init_std, else cfg.initializer_range."""
+    return cfg.initializer_range if cfg.embedding_init_std is None else cfg.embedding_init_std
+
+
 class Embed(nn.Module):
     """Token embedding table [V,D]; `attend` gives tied output logits."""
 
@@ -55,7 +60,7 @@ class Embed(nn.Module):
     def setup(self):
         self.embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(self.cfg.initializer_range), self.axes),
+            nn.with_logical_partitioning(nn.initializers.normal(embedding_std(self.cfg)), self.axes),
             (self.num_embeddings, self.cfg.d_model),
             jnp.dtype(self.cfg.param_dtype),
         )

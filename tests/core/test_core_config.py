@@ -20,7 +20,7 @@ PRESETS = sorted(p.stem for p in ffl.config.CONFIG_DIR.glob("*.yaml"))
         (["model.d_model=true"], "model.d_model must be int, got bool True"),
         (["model.head_dim=abc"], "model.head_dim must be int, got str 'abc' or null"),
         (["model.position=rotary"], "model.position='rotary' is not one of 'learned' | 'sinusoidal'"),
-        (["model.num_heads=5"], "model.d_model=128 is not divisible by model.num_heads=5: pick num_heads "
+        (["model.num_heads=5"], "model.d_model=96 is not divisible by model.num_heads=5: pick num_heads "
                                 "dividing d_model, or set model.head_dim explicitly"),
         (["model.num_kv_heads=3"], "model.num_kv_heads=3 does not divide model.num_heads=4"),
         (["model.position=rope", "model.head_dim=7"], "model.position=rope needs an even head dim, got 7"),

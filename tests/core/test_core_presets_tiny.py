@@ -34,3 +34,18 @@ def test_shrunk_preset_trains_one_step(preset):
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         g = np.asarray(g)
         assert np.isfinite(g).all() and g.any(), f"{preset}: gradient of {jax.tree_util.keystr(path)}"
+
+
+@pytest.mark.parametrize("preset, overrides, std", [
+    ("gpt_tiny", [], 0.05),  # initializer_range
+    ("gpt_tiny", ["model.embedding_init_std=0.5"], 0.5),
+    ("t5_tiny", [], 1.0),  # T5's N(0, 1) shared table
+])
+def test_token_table_is_drawn_with_embedding_init_std(preset, overrides, std):
+    cfg = ffl.load_config(preset, overrides=["model.vocab_size=4096", *overrides]).model
+    params = init_params(cfg, key(0))["params"]
+    table = np.asarray(params["token_embed"]["embedding"])
+    assert abs(table.std() / std - 1) < 0.02
+    others = [np.asarray(x).ravel() for p, x in jax.tree_util.tree_leaves_with_path(params)
+              if np.ndim(x) >= 2 and "token_embed" not in jax.tree_util.keystr(p)]
+    assert 0.03 < np.concatenate(others).std() < 0.06  # the other matrices keep initializer_range 0.05
