@@ -45,11 +45,6 @@ class Dense(nn.Module):
         return y
 
 
-def embedding_std(cfg: ModelConfig) -> float:
-    """Init std of the token table: cfg.embedding_init_std, else cfg.initializer_range."""
-    return cfg.initializer_range if cfg.embedding_init_std is None else cfg.embedding_init_std
-
-
 class Embed(nn.Module):
     """Token embedding table [V,D]; `attend` gives tied output logits."""
 
@@ -58,9 +53,11 @@ class Embed(nn.Module):
     axes: tuple[str, str] = ("vocab", "embed")
 
     def setup(self):
+        cfg = self.cfg
+        std = cfg.initializer_range if cfg.embedding_init_std is None else cfg.embedding_init_std
         self.embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(embedding_std(self.cfg)), self.axes),
+            nn.with_logical_partitioning(nn.initializers.normal(std), self.axes),
             (self.num_embeddings, self.cfg.d_model),
             jnp.dtype(self.cfg.param_dtype),
         )
