@@ -32,8 +32,10 @@ Sequences: causal_lm documents are bos + text + eos; masked_lm and classificatio
 are bos + text + eos (the [CLS] ... [SEP] of BERT); seq2seq inputs and targets end with
 eos. Documents longer than a row are split, never cut, for the self-supervised
 objectives (causal_lm, masked_lm, span_corruption); causal_lm chunks overlap by one token
-so every next-token prediction is made exactly once. Paired and labelled examples cannot
-be split: seq2seq and classification truncate them, with one warning that counts them.
+so every next-token prediction is made exactly once. In training, causal_lm and masked_lm
+windows of long documents shift by a random offset every epoch (`shift_windows`). Paired
+and labelled examples cannot be split: seq2seq and classification truncate them, with one
+warning that counts them.
 
 Every batch is checked for ids outside [0, vocab_size) (`vocab_size`: the model's,
 default the tokenizer's), which a JAX gather would otherwise clamp silently.
@@ -261,6 +263,7 @@ class _Spec:
     noise_density: float
     mean_noise_span_length: float
     synthetic_vocab: int
+    shift_windows: bool
 
 
 class _Plan(NamedTuple):
@@ -275,7 +278,29 @@ class _Plan(NamedTuple):
 
 def _chunks(ids: list[int], size: int, step: int) -> list[list[int]]:
     """Windows of `size` tokens every `step` tokens covering ids (step < size: overlap)."""
-    return [ids[s : s + size] for s in range(0, max(len(ids) - (size - step), 1), step)]
+    return [ids[s : s + size] for s in _starts(len(ids), size, step)]
+
+
+def _starts(length: int, size: int, step: int) -> range:
+    """Start of each `_chunks` window over a sequence of `length` tokens."""
+    return range(0, max(length - (size - step), 1), step)
+
+
+def _windows(docs: Sequence[list[int]], size: int, step: int) -> list[tuple[int, int]]:
+    """(document index, start) of each `_chunks` window of every document."""
+    return [(d, s) for d, ids in enumerate(docs) for s in _starts(len(ids), size, step)]
+
+
+def _window(item: tuple[int, int], rng: np.random.Generator, *, docs, size: int, shift: bool) -> np.ndarray:
+    """The window `item` names; with `shift`, moved by a uniform offset of up to half a
+    window either way (kept inside its document), so each epoch cuts long documents at
+    new places and a row is not the same token sequence every pass."""
+    d, start = item
+    ids = docs[d]
+    if shift and len(ids) > size:
+        half = (size - 1) // 2
+        start = int(np.clip(start + rng.integers(-half, half + 1), 0, len(ids) - size))
+    return np.asarray(ids[start : start + size], np.int32)
 
 
 def _tokenize(spec: _Spec, texts: Sequence[str], what: str) -> list[list[int]]:
@@ -298,9 +323,8 @@ def _finalizer(fn: Callable[..., Batch], spec: _Spec) -> Callable[[Batch], Batch
     return functools.partial(fn, pad_id=spec.tokenizer.pad_id)
 
 
-def _token_features(chunk: list[int], rng: np.random.Generator) -> Example:
-    del rng  # no randomness: the chunk is fixed by the corpus
-    return {"tokens": np.asarray(chunk, np.int32)}
+def _token_features(item: tuple[int, int], rng: np.random.Generator, **window_kwargs) -> Example:
+    return {"tokens": _window(item, rng, **window_kwargs)}
 
 
 def _causal_lm_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
@@ -308,12 +332,16 @@ def _causal_lm_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
     if seq_len < 2:
         raise DataError(f"causal_lm needs seq_len >= 2, got {seq_len}")
     docs = [[tok.bos_id] + ids + [tok.eos_id] for ids in _tokenize(spec, texts, "document")]
-    chunks = [c for d in docs for c in _chunks(d, seq_len, seq_len - 1)]
-    return _Plan(chunks, _token_features, {"tokens": seq_len}, _finalizer(causal_lm_batch, spec), spec.pack)
+    features = functools.partial(_token_features, docs=docs, size=seq_len, shift=spec.shift_windows)
+    windows = _windows(docs, seq_len, seq_len - 1)
+    return _Plan(windows, features, {"tokens": seq_len}, _finalizer(causal_lm_batch, spec), spec.pack)
 
 
-def _masked_lm_features(chunk: list[int], rng: np.random.Generator, **mask_kwargs) -> Example:
-    inputs, labels, weights = mask_tokens(np.asarray(chunk, np.int32), rng, **mask_kwargs)
+def _masked_lm_features(
+    item: tuple[int, int], rng: np.random.Generator, *, window_kwargs: dict, bos_id: int, eos_id: int, **mask_kwargs
+) -> Example:
+    ids = np.concatenate([[bos_id], _window(item, rng, **window_kwargs), [eos_id]]).astype(np.int32)
+    inputs, labels, weights = mask_tokens(ids, rng, **mask_kwargs)
     return {"tokens": inputs, "labels": labels, "weights": weights}
 
 
@@ -324,14 +352,12 @@ def _masked_lm_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
     if not 0.0 < spec.mask_probability < 1.0:
         raise DataError(f"mask_probability={spec.mask_probability} must be in (0, 1) (BERT: 0.15)")
     body = seq_len - 2
-    chunks = [
-        [tok.bos_id] + c + [tok.eos_id]
-        for ids in _tokenize(spec, texts, "document")
-        if ids
-        for c in _chunks(ids, body, body)
-    ]
+    docs = [ids for ids in _tokenize(spec, texts, "document") if ids]
     features = functools.partial(
         _masked_lm_features,
+        window_kwargs=dict(docs=docs, size=body, shift=spec.shift_windows),
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
         mask_probability=spec.mask_probability,
         mask_id=tok.mask_id,
         pad_id=tok.pad_id,
@@ -339,7 +365,7 @@ def _masked_lm_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
         random_ids=_regular_ids(spec),
     )
     lengths = {"tokens": seq_len, "labels": seq_len, "weights": seq_len}
-    return _Plan(chunks, features, lengths, _finalizer(masked_lm_batch, spec), spec.pack)
+    return _Plan(_windows(docs, body, body), features, lengths, _finalizer(masked_lm_batch, spec), spec.pack)
 
 
 def _span_corruption_features(chunk: list[int], rng: np.random.Generator, **span_kwargs) -> Example:
@@ -508,6 +534,7 @@ def make_dataset(
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
     synthetic_vocab: int = 32,
+    shift_windows: bool = True,
 ) -> grain.IterDataset:
     """A grain dataset of batches for `objective` (see the module docstring for the contract).
 
@@ -523,6 +550,9 @@ def make_dataset(
       Evaluation shards may end after different numbers of batches; a multi-process
       evaluation loop must agree when all are done.
     pack: several examples per row (not for classification, always one per row).
+    shift_windows: causal_lm and masked_lm training rows of a document longer than a row
+      move by a random offset (up to half a row either way) every epoch, so passes over
+      a small corpus do not repeat the same rows. Evaluation never shifts.
     """
     _check_objective(objective)
     spec = _Spec(
@@ -537,6 +567,7 @@ def make_dataset(
         noise_density=noise_density,
         mean_noise_span_length=mean_noise_span_length,
         synthetic_vocab=synthetic_vocab,
+        shift_windows=shift_windows and train,
     )
     if objective in ("copy", "reverse"):
         data = range(SYNTHETIC_TRAIN_EXAMPLES if train else SYNTHETIC_EVAL_EXAMPLES)

@@ -128,6 +128,31 @@ def test_causal_lm_makes_every_prediction_of_long_documents_exactly_once():
     assert predictions == expected
 
 
+@pytest.mark.parametrize("objective", ["causal_lm", "masked_lm"])
+def test_training_windows_shift_every_epoch_and_stay_inside_documents(objective):
+    rng = np.random.default_rng(3)
+    text = "".join(chr(c) for c in rng.integers(ord("a"), ord("z") + 1, 300))
+    as_text = lambda ids: "".join(map(chr, ids))  # noqa: E731
+    doc = as_text(TOK.encode(text, bos=True, eos=True))
+
+    def windows(**kw):  # one row a batch, one window a row: about 40 rows in 4 epochs
+        it = iter(make_dataset(objective, [text], tokenizer=TOK, batch_size=1, seq_len=32, pack=False, **kw))
+        out = []
+        for b in (next(it) for _ in range(40)):
+            real = b["segment_ids"][0] > 0
+            ids = b["input_ids"][0][real]
+            if objective == "masked_lm":  # undo the masking; drop the added bos and eos
+                ids = np.where(b["weights"][0] > 0, b["labels"][0], b["input_ids"][0])[real][1:-1]
+                assert len(ids) == 30
+            out.append(as_text(ids))
+        return out
+
+    shifted, fixed = windows(), windows(shift_windows=False)
+    assert all(w in doc for w in shifted + fixed)
+    assert len(set(fixed)) <= 11  # the same cuts every epoch
+    assert len(set(shifted)) > 30  # new cuts every epoch
+
+
 # ------------------------------------------------------------------------------- masked LM
 
 
