@@ -113,7 +113,11 @@ class DataConfig:
     target_len: Optional[int] = None  # seq2seq targets; None: = seq_len
     batch_size: int = 32
     pack: bool = True
+    # causal_lm / masked_lm training: cut long documents at new places every epoch.
+    shift_windows: bool = True
     val_fraction: float = 0.05
+    # hash: items ranked by a seeded content hash; tail: the last items in corpus order.
+    split: Literal["hash", "tail"] = "hash"
     mask_probability: float = 0.15
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0

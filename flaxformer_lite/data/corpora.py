@@ -308,26 +308,36 @@ def builtin_classification(*, max_words: int = 20, min_words: int = 8, seed: int
 
 # ---------------------------------------------------------------------------------- splitting
 
+SPLIT_METHODS = ("hash", "tail")
 
-def split(items: Sequence[T], val_fraction: float, *, seed: int = 0) -> tuple[list[T], list[T]]:
+
+def split(
+    items: Sequence[T], val_fraction: float, *, seed: int = 0, method: str = "hash"
+) -> tuple[list[T], list[T]]:
     """(train, validation), deterministic and disjoint, both in the input's order.
 
-    Each item is ranked by a seeded hash of its content, and the lowest-ranked
-    `round(val_fraction * len(items))` (at least one) go to validation. The split
-    does not depend on the input order, and identical items land on the same side.
+    method="hash": each item is ranked by a seeded hash of its content, and the
+    lowest-ranked `round(val_fraction * len(items))` (at least one) go to validation.
+    The split does not depend on the input order, and identical items land on the same
+    side. method="tail": the last that many items, in corpus order, are validation (a
+    held-out block, as for time-ordered corpora; `seed` is unused).
     """
+    if method not in SPLIT_METHODS:
+        raise DataError(f"split method {method!r} is not one of {', '.join(SPLIT_METHODS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
     if val_fraction == 0.0:
         return list(items), []
     if len(items) < 2:
         raise DataError(f"cannot split {len(items)} item(s) into train and validation; add data")
+    n_val = min(max(1, round(val_fraction * len(items))), len(items) - 1)
+    if method == "tail":
+        return list(items[: len(items) - n_val]), list(items[len(items) - n_val :])
     salt = str(seed).encode()
     hashes = [
         hashlib.blake2b(json.dumps(item, default=str).encode(), digest_size=8, key=salt).digest()
         for item in items
     ]
-    n_val = min(max(1, round(val_fraction * len(items))), len(items) - 1)
     threshold = sorted(hashes)[n_val - 1]
     train = [item for item, h in zip(items, hashes) if h > threshold]
     val = [item for item, h in zip(items, hashes) if h <= threshold]

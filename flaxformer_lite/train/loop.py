@@ -125,13 +125,13 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
     _warn_special_ids(cfg, tokenizer)
     train_items = val_items = None
     if corpus is not None:
-        train_items, val_items = data.split(corpus, d.val_fraction, seed=d.seed)
+        train_items, val_items = data.split(corpus, d.val_fraction, seed=d.seed, method=d.split)
     options = dict(
         tokenizer=tokenizer, batch_size=local_batch_size(cfg), seq_len=d.seq_len, target_len=d.target_len,
         seed=d.seed, vocab_size=cfg.model.vocab_size, shard_index=jax.process_index(),
         shard_count=jax.process_count(), pack=d.pack, mask_probability=d.mask_probability,
         noise_density=d.noise_density, mean_noise_span_length=d.mean_noise_span_length,
-        synthetic_vocab=d.synthetic_vocab,
+        synthetic_vocab=d.synthetic_vocab, shift_windows=d.shift_windows,
     )
     train_ds = data.make_dataset(d.objective, train_items, train=True, **options) if train else None
     val_iter = iter(data.make_dataset(d.objective, val_items, train=False, **options))

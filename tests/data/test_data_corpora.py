@@ -139,6 +139,16 @@ def test_split_pairs_and_duplicates_and_edge_cases():
     with pytest.raises(DataError, match="all 3 items are identical"):
         split(["x"] * 3, 0.5)
 
+    with pytest.raises(DataError, match="split method 'random' is not one of hash, tail"):
+        split(["x", "y"], 0.5, method="random")
+
+
+def test_tail_split_holds_out_the_last_items_in_order():
+    items = [f"doc {i}" for i in range(40)]
+    assert split(items, 0.1, method="tail") == (items[:36], items[36:])
+    assert split(items[:2], 0.01, method="tail") == (["doc 0"], ["doc 1"])  # at least one each side
+
+
 
 # ------------------------------------------------------------------------------ bad input
 
