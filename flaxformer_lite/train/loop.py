@@ -139,9 +139,20 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
     val_iter.close()
     prompts = []
     if d.objective == "causal_lm":
-        for text in val_items[: cfg.train.num_samples]:
-            prompts.append([tokenizer.bos_id] + tokenizer.encode(text)[: SAMPLE_PROMPT_TOKENS - 1])
+        prompts = sample_prompts(val_items, cfg.train.num_samples, tokenizer)
     return DataSetup(cfg, tokenizer, train_ds, eval_batches, prompts)
+
+
+def sample_prompts(texts: list[str], count: int, tokenizer: data.Tokenizer) -> list[list[int]]:
+    """bos + the first tokens of `count` held-out documents, preferring ones that read as
+    prose: those that start with a letter and are at least 4 prompts long come first
+    (a table border or a heading makes a poor prompt), then the rest, in corpus order."""
+    def prose(text: str) -> bool:
+        return text[:1].isalpha() and len(tokenizer.encode(text)) >= 4 * SAMPLE_PROMPT_TOKENS
+
+    chosen = list(itertools.islice(filter(prose, texts), count))
+    chosen += itertools.islice(itertools.filterfalse(prose, texts), count - len(chosen))
+    return [[tokenizer.bos_id] + tokenizer.encode(text)[: SAMPLE_PROMPT_TOKENS - 1] for text in chosen]
 
 
 # ------------------------------------------------------------------------------- state

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxformer_lite import checkpoint, cli
+from flaxformer_lite import checkpoint, cli, data
 from flaxformer_lite.config import ConfigError
 from flaxformer_lite.train import loop, metrics
 
@@ -91,3 +91,15 @@ def test_a_finished_run_dir_refuses_a_fresh_run(gpt_run, gpt_cfg):
     with pytest.raises(ConfigError, match="already holds a run's checkpoints: pass --resume"):
         loop.train(gpt_cfg, workdir)
     assert sorted(p.name for p in workdir.rglob("*")) == before
+
+
+def test_sample_prompts_prefer_prose_openings():
+    tok = data.ByteTokenizer()
+    prose = "Lists are mutable sequences, " * 3
+    texts = ["+----+----+", "Notes:", prose, "  indented " * 10, "Tuples are immutable. " * 4]
+    prompts = loop.sample_prompts(texts, 2, tok)
+    assert prompts == [[tok.bos_id] + tok.encode(t)[: loop.SAMPLE_PROMPT_TOKENS - 1] for t in (prose, texts[4])]
+    # Too few prose documents: the others fill in, in corpus order.
+    assert [p[1:] for p in loop.sample_prompts(texts[:3], 3, tok)] == [
+        tok.encode(t)[: loop.SAMPLE_PROMPT_TOKENS - 1] for t in (prose, texts[0], texts[1])
+    ]
