@@ -515,7 +515,9 @@ def _t5_config_in(hf: dict, t: Tensors, base: str) -> tuple[ModelConfig, set[str
         share_embeddings=share,
         dropout_rate=dropout,
         attention_dropout_rate=dropout,  # T5 drops attention weights at the same rate
-        initializer_range=hf.get("initializer_factor", 1.0),
+        # HF T5 draws projections at about factor * d_model**-0.5 and the tables at factor.
+        initializer_range=_t5_factor(hf) * _required(hf, "d_model", mt) ** -0.5,
+        embedding_init_std=_t5_factor(hf),
         decoder_start_token_id=start,
         **ids,
     )
@@ -523,6 +525,10 @@ def _t5_config_in(hf: dict, t: Tensors, base: str) -> tuple[ModelConfig, set[str
     # have their own, which transformers keeps but never reads).
     used = {enc} | ({dec} if not share else set()) | ({head} if not tied else set())
     return cfg, (set(_T5_TABLES) & keys) - used
+
+
+def _t5_factor(hf: dict) -> float:
+    return float(hf.get("initializer_factor", 1.0))
 
 
 def _t5_config_out(cfg: ModelConfig, model_type: str) -> dict:
@@ -546,7 +552,7 @@ def _t5_config_out(cfg: ModelConfig, model_type: str) -> dict:
         "scale_decoder_outputs": cfg.tied_logits_scale,
         "is_encoder_decoder": True,
         "dropout_rate": cfg.dropout_rate,
-        "initializer_factor": cfg.initializer_range,
+        "initializer_factor": cfg.initializer_range * cfg.d_model**0.5,
         "pad_token_id": cfg.pad_token_id,
         "eos_token_id": cfg.eos_token_id,
         "bos_token_id": cfg.bos_token_id,

@@ -170,6 +170,15 @@ def test_bfloat16_params_and_scan_layers_on_request(folders):
     np.testing.assert_array_equal(stacked[1], query.astype(jax.numpy.bfloat16))
 
 
+def test_t5_init_scale_comes_from_initializer_factor(folders, tmp_path):
+    cfg, params = hf.load(variant(folders, "t5 v1.0", tmp_path, config={"initializer_factor": 0.5}))
+    # HF T5 draws k/v/wi at factor * d_model**-0.5 and the shared table at factor.
+    assert cfg.initializer_range == pytest.approx(0.5 * cfg.d_model**-0.5)
+    assert cfg.embedding_init_std == 0.5
+    hf.save(cfg, params, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["initializer_factor"] == pytest.approx(0.5)
+
+
 def test_load_rejects_settings_that_change_the_model(folders):
     with pytest.raises(hf.HFError, match="accepts only"):
         hf.load(folders["gpt2"][1], num_layers=3)
