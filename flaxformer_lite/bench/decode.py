@@ -1,74 +1,13 @@
-"""`flaxformer-lite bench NAME`: named benchmarks, each printing its figures (JSON with --json).
-
-A benchmark is an entry in BENCHMARKS, name -> (module, prefix, help), as in cli.COMMANDS:
-its module defines `add_<prefix>_arguments(parser)` and `run_<prefix>(args) -> dict`, which
-prints a report and returns JSON-able results. Add one by adding an entry.
-"""
+"""`bench decode`: batch-1 greedy decoding against transformers' generate, same weights."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
-import pathlib
-import platform
-import statistics
 import tempfile
 import time
 
-BENCHMARKS = {
-    "decode": (
-        "flaxformer_lite.bench", "decode",
-        "greedy decoding on a random GPT-2: tokens/s against transformers' generate, per-token time by position",
-    ),
-}
-
-
-def _entry(name: str):
-    module, prefix, _ = BENCHMARKS[name]
-    module = importlib.import_module(module)
-    return getattr(module, f"add_{prefix}_arguments"), getattr(module, f"run_{prefix}")
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """One sub-command per benchmark, each with its own flags and --json."""
-    sub = parser.add_subparsers(dest="benchmark", metavar="NAME", required=True)
-    for name, (_, _, help_text) in BENCHMARKS.items():
-        bench_parser = sub.add_parser(name, help=help_text, description=help_text)
-        bench_parser.add_argument("--json", metavar="FILE", help="also write the results here as JSON")
-        _entry(name)[0](bench_parser)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """Run the chosen benchmark; write its results to --json if given."""
-    load_before = os.getloadavg()[0]
-    results = _entry(args.benchmark)[1](args)
-    # Other work on a shared machine moves every figure: record how busy it was.
-    results["machine"] = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "load_average_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
-    }
-    print(f"machine: {os.cpu_count()} CPUs, 1-minute load average {load_before:.2f} at start, "
-          f"{os.getloadavg()[0]:.2f} at end")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls (fn blocks until its result exists)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-# ---------------------------------------------------------------------------- decode
-
+from flaxformer_lite.bench import median_seconds
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     """Model shape and workload of the decode benchmark."""
@@ -149,9 +88,9 @@ def run_decode(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     our_tokens = run_ours(prompt, args.new_tokens)
     first_call_s = time.perf_counter() - start
-    our_s = _median_seconds(lambda: run_ours(prompt, args.new_tokens), args.repeats)
+    our_s = median_seconds(lambda: run_ours(prompt, args.new_tokens), args.repeats)
     their_tokens = run_theirs(prompt, args.new_tokens)  # warm-up
-    their_s = _median_seconds(lambda: run_theirs(prompt, args.new_tokens), args.repeats)
+    their_s = median_seconds(lambda: run_theirs(prompt, args.new_tokens), args.repeats)
 
     # The LM head (one d_model row times the vocab x d_model table) is most of a step's
     # weight traffic at batch 1, and both frameworks run it as one matrix-vector product.
@@ -163,8 +102,8 @@ def run_decode(args: argparse.Namespace) -> dict:
     jax.block_until_ready(our_head(row_j, table_j))
     with torch.inference_mode():
         lm_head_ms = {
-            "ours": 1e3 * _median_seconds(lambda: jax.block_until_ready(our_head(row_j, table_j)), 20 * args.repeats),
-            "transformers": 1e3 * _median_seconds(lambda: torch.nn.functional.linear(row, table), 20 * args.repeats),
+            "ours": 1e3 * median_seconds(lambda: jax.block_until_ready(our_head(row_j, table_j)), 20 * args.repeats),
+            "transformers": 1e3 * median_seconds(lambda: torch.nn.functional.linear(row, table), 20 * args.repeats),
         }
 
     per_token = {}
@@ -173,8 +112,8 @@ def run_decode(args: argparse.Namespace) -> dict:
         row = {}
         for name, fn in (("ours", run_ours), ("transformers", run_theirs)):
             fn(long_prompt, 1), fn(long_prompt, 1 + args.step_tokens)  # compile / warm up
-            one = _median_seconds(lambda: fn(long_prompt, 1), args.repeats)
-            many = _median_seconds(lambda: fn(long_prompt, 1 + args.step_tokens), args.repeats)
+            one = median_seconds(lambda: fn(long_prompt, 1), args.repeats)
+            many = median_seconds(lambda: fn(long_prompt, 1 + args.step_tokens), args.repeats)
             row[name] = 1e3 * (many - one) / args.step_tokens
         per_token[p] = row
 

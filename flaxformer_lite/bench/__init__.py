@@ -1,0 +1,67 @@
+"""`flaxformer-lite bench NAME`: named benchmarks, each printing its figures (JSON with --json).
+
+A benchmark is a module of this package and an entry in BENCHMARKS, name -> (module,
+prefix, help), as in cli.COMMANDS: its module defines `add_<prefix>_arguments(parser)`
+and `run_<prefix>(args) -> dict`, which prints a report and returns JSON-able results.
+Add one by adding a module and an entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+BENCHMARKS = {
+    "decode": (
+        "flaxformer_lite.bench.decode", "decode",
+        "greedy decoding on a random GPT-2: tokens/s against transformers' generate, per-token time by position",
+    ),
+}
+
+
+def _entry(name: str):
+    module, prefix, _ = BENCHMARKS[name]
+    module = importlib.import_module(module)
+    return getattr(module, f"add_{prefix}_arguments"), getattr(module, f"run_{prefix}")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """One sub-command per benchmark, each with its own flags and --json."""
+    sub = parser.add_subparsers(dest="benchmark", metavar="NAME", required=True)
+    for name, (_, _, help_text) in BENCHMARKS.items():
+        bench_parser = sub.add_parser(name, help=help_text, description=help_text)
+        bench_parser.add_argument("--json", metavar="FILE", help="also write the results here as JSON")
+        _entry(name)[0](bench_parser)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the chosen benchmark; write its results to --json if given."""
+    load_before = os.getloadavg()[0]
+    results = _entry(args.benchmark)[1](args)
+    # Other work on a shared machine moves every figure: record how busy it was.
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
+    }
+    print(f"machine: {os.cpu_count()} CPUs, 1-minute load average {load_before:.2f} at start, "
+          f"{os.getloadavg()[0]:.2f} at end")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls (fn blocks until its result exists)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -1,0 +1,126 @@
+"""Model FLOPs per token and model-FLOPs utilisation (MFU), one formula for every caller.
+
+The count follows the convention of the PaLM paper (Chowdhery et al. 2022, appendix B):
+a training step costs three forward passes (forward, and backward at twice the forward),
+and only matrix multiplications count. Per token of a sequence of T tokens,
+
+    training FLOPs = 6 * N_matmul + 12 * L * T * N * H * (1/2 if causal)
+
+where N_matmul counts the weights a token is multiplied with: every attention and
+feed-forward projection of every layer, the pooler, MLM transform and classifier, and the
+V x D output projection (tied or not). Embedding lookups, norms and biases do no matrix
+multiplication and are left out. The attention term is QK^T and the weighted sum over V:
+2 * T * N * H multiply-adds each per query token and layer. Causal self-attention is
+counted at half (the average query sees half the keys), which is what a flash kernel
+computes; XLA's dense attention computes the masked half too, so on the `xla` path the
+MFU is an under-estimate by that much.
+
+Encoder-decoder models count encoder tokens (S = seq_len) and decoder tokens
+(T = target_len) separately; "per token" divides by S + T. Cross-attention key/value
+projections run over the S encoder outputs.
+
+MFU = achieved model FLOP/s / peak FLOP/s. The peak is `train.peak_flops` from the config,
+or a square matmul timed once per process on the default device (`matmul_peak_flops`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from flaxformer_lite.config import ModelConfig
+from flaxformer_lite.ops.ffn import is_gated
+
+
+def _ffn_weights(cfg: ModelConfig) -> int:
+    return (3 if is_gated(cfg.activation) else 2) * cfg.d_model * cfg.d_ff
+
+
+def _head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.d_model // cfg.num_heads
+
+
+def _qo_weights(cfg: ModelConfig) -> int:
+    return 2 * cfg.d_model * cfg.num_heads * _head_dim(cfg)
+
+
+def _kv_weights(cfg: ModelConfig) -> int:
+    return 2 * cfg.d_model * (cfg.num_kv_heads or cfg.num_heads) * _head_dim(cfg)
+
+
+def _attention_flops(cfg: ModelConfig, queries: int, keys: int, causal: bool) -> float:
+    """Forward FLOPs of QK^T and probs @ V for one sequence in one layer."""
+    flops = 4.0 * queries * keys * cfg.num_heads * _head_dim(cfg)
+    return flops / 2 if causal else flops
+
+
+def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int, target_len: Optional[int] = None) -> float:
+    """Matmul FLOPs of one forward pass over one sequence (see the module docstring).
+
+    seq_len: tokens of the (only) stack, or the encoder's for encoder_decoder.
+    target_len: decoder tokens of an encoder_decoder (None: = seq_len).
+    """
+    D, V = cfg.d_model, cfg.vocab_size
+    layer = _qo_weights(cfg) + _kv_weights(cfg) + _ffn_weights(cfg)
+    if cfg.family == "decoder":
+        T = seq_len
+        weights = cfg.num_layers * layer + V * D
+        return 2.0 * weights * T + cfg.num_layers * _attention_flops(cfg, T, T, causal=True)
+    if cfg.family == "encoder":
+        T = seq_len
+        weights = cfg.num_layers * layer
+        if cfg.mlm_head:
+            weights += D * D + V * D
+        flops = 2.0 * weights * T + cfg.num_layers * _attention_flops(cfg, T, T, causal=False)
+        # The pooler and classifier see one token a sequence.
+        flops += 2.0 * ((D * D if cfg.pooler else 0) + D * cfg.num_labels)
+        return flops
+    S, T = seq_len, target_len or seq_len
+    dec_layers = cfg.num_decoder_layers or cfg.num_layers
+    encoder = 2.0 * cfg.num_layers * layer * S + cfg.num_layers * _attention_flops(cfg, S, S, causal=False)
+    # Decoder layer: self-attention and FFN over T, cross-attention Q/O over T, K/V over S.
+    decoder = 2.0 * dec_layers * ((layer + _qo_weights(cfg)) * T + _kv_weights(cfg) * S)
+    decoder += dec_layers * (_attention_flops(cfg, T, T, causal=True) + _attention_flops(cfg, T, S, causal=False))
+    return encoder + decoder + 2.0 * V * D * T
+
+
+def tokens_per_sequence(cfg: ModelConfig, seq_len: int, target_len: Optional[int] = None) -> int:
+    """The tokens a sequence row holds: seq_len, plus target_len for encoder_decoder."""
+    if cfg.family == "encoder_decoder":
+        return seq_len + (target_len or seq_len)
+    return seq_len
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, target_len: Optional[int] = None) -> float:
+    """Model FLOPs of one training step per token: 3x the forward pass (PaLM convention)."""
+    return 3.0 * forward_flops_per_sequence(cfg, seq_len, target_len) / tokens_per_sequence(cfg, seq_len, target_len)
+
+
+@functools.cache
+def matmul_peak_flops(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted size^3 matmul on the default device: the best of `repeats` runs.
+
+    Measured once per (dtype, size) and process, then cached; the first call compiles and
+    takes a second or so on a CPU.
+    """
+    keys = jax.random.split(jax.random.key(0))
+    a, b = (jax.random.normal(k, (size, size), jnp.dtype(dtype)) for k in keys)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model-FLOPs utilisation: the fraction of `peak_flops` the model's FLOPs use."""
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops={peak_flops} must be > 0")
+    return tokens_per_s * flops_per_token / peak_flops
