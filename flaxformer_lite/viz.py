@@ -223,7 +223,9 @@ def _cosine_similarity(table_PD: np.ndarray) -> np.ndarray:
     return unit_PD @ unit_PD.T
 
 
-def position_arrays(cfg: ModelConfig, params: Optional[dict] = None, *, length: Optional[int] = None) -> dict[str, dict[str, np.ndarray]]:
+def position_arrays(
+    cfg: ModelConfig, params: Optional[dict] = None, *, length: Optional[int] = None
+) -> dict[str, dict[str, np.ndarray]]:
     """The numbers behind each position plot, keyed by the plot's file name (no .png).
 
     P = `length` (default model.max_len) positions; X indexes a distance axis
@@ -459,7 +461,8 @@ def add_viz_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=None, help="decoder text (attention plots, encoder-decoder models)")
     parser.add_argument("--out", required=True, help="folder for the PNGs (and index.html)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--length", type=int, default=None, help="--positions: positions to draw (default: model.max_len)")
+    parser.add_argument("--length", type=int, default=None,
+                        help="--positions: positions to draw (default: model.max_len)")
 
 
 def _argument_problem(args: argparse.Namespace) -> Optional[str]:

@@ -11,7 +11,8 @@ import flaxformer_lite as ffl
 from flaxformer_lite import checkpoint, viz
 from flaxformer_lite.cli import main
 
-TINY = ["model.num_layers=1", "model.d_model=32", "model.d_ff=64", "model.num_heads=4", "model.max_len=48", "data.seq_len=48"]
+TINY = ["model.num_layers=1", "model.d_model=32", "model.d_ff=64", "model.num_heads=4",
+        "model.max_len=48", "data.seq_len=48"]
 
 
 def _model(preset, *extra):
@@ -19,11 +20,13 @@ def _model(preset, *extra):
 
 
 def _random_params(cfg, seed):
-    """Parameters with every leaf random (not an init's zeros or ones), as if trained."""
-    params = jax.jit(ffl.init_params, static_argnums=0)(cfg, jax.random.key(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(tree, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    """The model's parameter tree with every leaf random (not an init's zeros or ones).
+
+    Shapes come from eval_shape: nothing is compiled, so the test stays fast.
+    """
+    shapes = jax.eval_shape(lambda: ffl.init_params(cfg, jax.random.key(0)))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
 
 
 def _assert_picture(path):
@@ -153,7 +156,7 @@ def test_bad_requests_are_named(tmp_path, capsys):
         viz.position_arrays(none)
     t5 = _model("t5_tiny", "model.head_dim=8")
     with pytest.raises(ValueError, match="params hold no relpos_bias table"):
-        viz.position_arrays(t5, ffl.init_params(_model("gpt_tiny"), jax.random.key(0)))
+        viz.position_arrays(t5, _random_params(_model("gpt_tiny"), 0))
     cases = [
         (["--positions"], "needs --config CONFIG"),
         (["--positions", "--config", "gpt_tiny", "--text", "hi"], "drop them with --positions"),
