@@ -202,7 +202,7 @@ def _position_params(params) -> dict[tuple[str, str], np.ndarray]:
     """
     from flax import traverse_util
 
-    tree = params["params"] if set(params) == {"params"} else params
+    tree = params.get("params", params)  # {'params': ...} or the inner tree
     found = {}
     for path, leaf in traverse_util.flatten_dict(tree).items():
         if path[-1] == "relpos_bias":
