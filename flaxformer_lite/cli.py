@@ -15,7 +15,7 @@ COMMANDS = {
     "eval": ("flaxformer_lite.train.commands", "eval", "evaluate a run's checkpoint"),
     "generate": ("flaxformer_lite.decode", "generate", "generate text from a run or an HF folder"),
     "convert": ("flaxformer_lite.interop.commands", "convert", "convert HF <-> flaxformer_lite"),
-    "viz": ("flaxformer_lite.viz", "viz", "plot attention weights"),
+    "viz": ("flaxformer_lite.viz", "viz", "plot attention weights or position encodings"),
     "bench": ("flaxformer_lite.bench", "bench", "run benchmarks"),
 }
 

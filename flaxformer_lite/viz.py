@@ -1,10 +1,17 @@
-"""Attention visualization: per-layer head grids (PNG) and an interactive head view (HTML).
+"""Attention and position-encoding plots.
 
     flaxformer-lite viz --workdir runs/gpt_tiny --text "The quick brown fox" --out viz/
+    flaxformer-lite viz --positions --config t5_tiny --out viz/positions
 
-The HTML page is self-contained (no network): pick the attention (encoder self,
-decoder self, cross), the layer and a head (or the mean over heads); hover a token on
-the left to see where it attends on the right, as in BertViz's head view (Vig 2019).
+Attention: per-layer head grids (PNG) and an interactive head view (HTML). The page is
+self-contained (no network): pick the attention (encoder self, decoder self, cross), the
+layer and a head (or the mean over heads); hover a token on the left to see where it
+attends on the right, as in BertViz's head view (Vig 2019).
+
+Positions (`plot_positions`): one PNG per scheme (and per stack where each stack has its
+own parameters), drawn from the functions in ops/positions.py and the model's own
+parameters: the sinusoidal table, a learned table's cosine similarity, RoPE's rotation,
+T5's buckets and per-head bias, ALiBi's per-head bias.
 """
 
 from __future__ import annotations
@@ -13,15 +20,16 @@ import argparse
 import html
 import json
 import pathlib
+import sys
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxformer_lite import checkpoint
+from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
-from flaxformer_lite.models import build_model
+from flaxformer_lite.models import build_model, init_params
 
 # Which token row each attention kind's queries and keys come from.
 _SIDES = {"encoder": ("source", "source"), "decoder": ("target", "target"), "cross": ("target", "source")}
@@ -180,18 +188,336 @@ def visualize(cfg: ModelConfig, params: dict, tokenizer, text: str, out_dir, tar
     return written
 
 
+# --------------------------------------------------------------------- position encodings
+
+FRESH_INIT = "fresh init (seed 0, untrained)"
+
+
+def _position_params(params) -> dict[tuple[str, str], np.ndarray]:
+    """{(stack, 'learned' | 'relative'): table} found in a parameter tree.
+
+    Found by name, not by place, so unrolled, scanned or fused layouts all work: a
+    learned table is `<stack>/.../position_embedding/embedding` [max_len,D], a T5 table
+    is `<stack>/.../relpos_bias` [R,N].
+    """
+    from flax import traverse_util
+
+    tree = params.get("params", params)  # {'params': ...} or the inner tree
+    found = {}
+    for path, leaf in traverse_util.flatten_dict(tree).items():
+        if path[-1] == "relpos_bias":
+            found[(path[0], "relative")] = leaf
+        elif path[-1] == "embedding" and "position_embedding" in path:
+            found[(path[0], "learned")] = leaf
+    return found
+
+
+def _fresh_position_params(cfg: ModelConfig) -> dict[tuple[str, str], np.ndarray]:
+    # Under jit, XLA drops the initialisers of every other parameter: no full model is allocated.
+    picked = jax.jit(lambda key: {"/".join(k): v for k, v in _position_params(init_params(cfg, key)).items()})
+    return {tuple(k.split("/")): v for k, v in picked(jax.random.key(0)).items()}
+
+
+def _cosine_similarity(table_PD: np.ndarray) -> np.ndarray:
+    unit_PD = table_PD / np.maximum(np.linalg.norm(table_PD, axis=-1, keepdims=True), 1e-12)
+    return unit_PD @ unit_PD.T
+
+
+def position_arrays(
+    cfg: ModelConfig, params: Optional[dict] = None, *, length: Optional[int] = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """The numbers behind each position plot, keyed by the plot's file name (no .png).
+
+    P = `length` (default model.max_len) positions; X indexes a distance axis
+    (key position - query position, so the past is negative).
+      sinusoidal:        table_PD (ops.sinusoidal), similarity_PP (cosine).
+      learned_<stack>:   table_PD (the first P rows), similarity_PP (cosine).
+      rope:              cos_PJ, sin_PJ: where pair j's unit vector (1, 0) is turned to
+                         at position p (ops.rope on unit vectors); distance_X and
+                         score_X, the dot product of an all-ones query and key X
+                         positions apart, over H.
+      relative_<stack>:  distance_X, bucket_X (ops.relative_position_bucket) and bias_NX
+                         (ops.relative_position_bias); encoder stacks are bidirectional,
+                         decoder stacks see only the past.
+      alibi:             distance_X, slopes_N, bias_NX (ops.alibi_bias).
+    Learned tables and T5 tables come from `params` ({'params': ...}, as init_params,
+    checkpoint.load_params and hf.load give them), or from a fresh init when None.
+    """
+    if cfg.position == "none":
+        raise ValueError("model.position is 'none': there is no position encoding to plot "
+                         "(use a config with learned, sinusoidal, relative, rope or alibi positions)")
+    P = cfg.max_len if length is None else length
+    if P < 2:
+        raise ValueError(f"length={P}: plot at least 2 positions")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if cfg.position == "sinusoidal":
+        table_PD = _computed(lambda: ops.sinusoidal(jnp.arange(P)[None], cfg.d_model)[0])
+        out["sinusoidal"] = {"table_PD": table_PD, "similarity_PP": _cosine_similarity(table_PD)}
+    elif cfg.position == "rope":
+        out["rope"] = _computed(lambda: _rope_arrays(P, cfg.dim_per_head, cfg.rope_theta))
+    elif cfg.position == "alibi":
+        M = P - 1
+        X = 2 * M + 1 if cfg.family != "decoder" else M + 1  # decoders see only the past
+        slopes_N = ops.alibi_slopes(cfg.num_heads)
+        out["alibi"] = _computed(lambda: {
+            "distance_X": jnp.arange(X) - M,
+            "slopes_N": jnp.asarray(slopes_N),
+            "bias_NX": ops.alibi_bias(slopes_N, jnp.full((1, 1), M), jnp.arange(X)[None])[0, :, 0],
+        })
+    else:  # learned, relative: parameters
+        found = _fresh_position_params(cfg) if params is None else _position_params(params)
+        stacks = [k for k in ("encoder", "decoder") if (k, cfg.position) in found]
+        if not stacks:
+            what = "position_embedding/embedding" if cfg.position == "learned" else "relpos_bias"
+            raise ValueError(f"params hold no {what} table for model.position={cfg.position!r}: "
+                             "pass the parameters that belong to this config")
+        for stack in stacks:
+            table = np.asarray(found[(stack, cfg.position)], np.float32)
+            if cfg.position == "learned":
+                if P > table.shape[0]:
+                    raise ValueError(f"length={P} exceeds the learned table's {table.shape[0]} rows "
+                                     "(model.max_len): plot at most that many positions")
+                out[f"learned_{stack}"] = {"table_PD": table[:P], "similarity_PP": _cosine_similarity(table[:P])}
+            else:
+                # Encoder stacks are bidirectional; past relative_max_distance every offset
+                # shares the last bucket, and the plot shows some of that.
+                M = max(P - 1, cfg.relative_max_distance * 3 // 2)
+                out[f"relative_{stack}"] = _computed(
+                    lambda t=table, b=stack == "encoder": _relative_arrays(t, M, b, cfg.relative_max_distance)
+                )
+    return out
+
+
+def _computed(fn) -> dict:
+    # One jit: eagerly, every small op compiles on its own, which is many times slower.
+    return jax.tree.map(np.asarray, jax.jit(fn)())
+
+
+def _rope_arrays(P: int, H: int, theta: float) -> dict:
+    J = H // 2
+    positions_1P = jnp.arange(P)[None]
+    # Head j of the input is the unit vector of pair j's first dimension; after the
+    # rotation that dimension holds cos(angle), its partner j + H/2 holds sin(angle).
+    rotated_PJH = ops.rope(jnp.broadcast_to(jnp.eye(J, H), (1, P, J, H)), positions_1P, theta)[0]
+    # Position 0 is not rotated, so this is q(p) . k(0): RoPE's score at distance p.
+    score_X = ops.rope(jnp.ones((1, P, 1, H)), positions_1P, theta)[0, :, 0].sum(-1) / H
+    return {
+        "cos_PJ": rotated_PJH[:, jnp.arange(J), jnp.arange(J)],
+        "sin_PJ": rotated_PJH[:, jnp.arange(J), jnp.arange(J) + J],
+        "distance_X": -jnp.arange(P),
+        "score_X": score_X,
+    }
+
+
+def _relative_arrays(table_RN, M: int, bidirectional: bool, max_distance: int) -> dict:
+    k_1X = jnp.arange(2 * M + 1 if bidirectional else M + 1)[None]
+    distance_X = k_1X[0] - M
+    bucket_X = ops.relative_position_bucket(
+        distance_X, bidirectional=bidirectional, num_buckets=table_RN.shape[0], max_distance=max_distance
+    )
+    bias_1N1X = ops.relative_position_bias(
+        jnp.asarray(table_RN), jnp.full((1, 1), M), k_1X, bidirectional=bidirectional, max_distance=max_distance
+    )
+    return {"distance_X": distance_X, "bucket_X": bucket_X, "bias_NX": bias_1N1X[0, :, 0]}
+
+
+def _heads_legend(ax, N: int) -> None:
+    if N <= 8:
+        ax.legend(fontsize=7, ncol=2 if N > 4 else 1)
+
+
+def _draw_position_plot(plt, name: str, a: dict, cfg: ModelConfig, source: str):
+    if name == "rope":
+        fig, (circle, left, right) = plt.subplots(1, 3, figsize=(14, 4), gridspec_kw={"width_ratios": [3, 4, 4]})
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if name == "sinusoidal":
+        im = left.imshow(a["table_PD"], aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+        left.set(title="sinusoidal table", xlabel="dimension (sin, cos interleaved; slower to the right)",
+                 ylabel="position")
+        fig.colorbar(im, ax=left)
+        im = right.imshow(a["similarity_PP"], cmap="viridis", interpolation="nearest")
+        right.set(title="cosine similarity: depends on distance only", xlabel="position", ylabel="position")
+        fig.colorbar(im, ax=right)
+        title = f"sinusoidal positions, d_model={cfg.d_model} (fixed: no parameters)"
+    elif name.startswith("learned_"):
+        table = a["table_PD"]
+        v = float(np.abs(table).max()) or 1.0
+        im = left.imshow(table, aspect="auto", cmap="RdBu", vmin=-v, vmax=v, interpolation="nearest")
+        left.set(title="learned table", xlabel="dimension", ylabel="position")
+        fig.colorbar(im, ax=left)
+        im = right.imshow(a["similarity_PP"], cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        right.set(title="position-to-position cosine similarity", xlabel="position", ylabel="position")
+        fig.colorbar(im, ax=right)
+        title = f"learned positions ({name.split('_', 1)[1]} stack), {source}"
+    elif name == "rope":
+        J = a["cos_PJ"].shape[1]
+        shown = min(len(a["cos_PJ"]), 12)
+        for j in sorted({0, J // 4, J // 2}):
+            circle.plot(a["cos_PJ"][:shown, j], a["sin_PJ"][:shown, j], "o-", ms=3, label=f"pair {j}")
+        circle.add_patch(plt.Circle((0, 0), 1.0, fill=False, color="0.8"))
+        circle.set(title=f"pair (1, 0) at positions 0..{shown - 1}", aspect="equal", xlim=(-1.15, 1.15),
+                   ylim=(-1.15, 1.15), xticks=[-1, 0, 1], yticks=[-1, 0, 1])
+        circle.legend(fontsize=7, loc="lower left")
+        im = left.imshow(a["cos_PJ"], aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+        left.set(title="cos of each pair's rotation angle", xlabel="dimension pair j (slower to the right)",
+                 ylabel="position")
+        fig.colorbar(im, ax=left)
+        right.plot(a["distance_X"], a["score_X"])
+        right.axhline(0, color="0.7", lw=0.8)
+        right.set(title="q.k / H for all-ones q, k: a function of distance", xlabel="key - query position",
+                  ylabel="score")
+        title = f"RoPE, head dim {cfg.dim_per_head}, theta={cfg.rope_theta:g} (fixed: no parameters)"
+    elif name.startswith("relative_"):
+        stack = name.split("_", 1)[1]
+        left.step(a["distance_X"], a["bucket_X"], where="mid")
+        left.axvline(0, color="0.7", lw=0.8)
+        kind = "bidirectional" if stack == "encoder" else "causal: past only"
+        left.set(title=f"bucket of each offset ({kind})", xlabel="key - query position", ylabel="bucket")
+        for h, row in enumerate(a["bias_NX"]):
+            right.step(a["distance_X"], row, where="mid", label=f"head {h}")
+        right.axvline(0, color="0.7", lw=0.8)
+        right.set(title="learned bias per head", xlabel="key - query position", ylabel="added to the logit")
+        _heads_legend(right, a["bias_NX"].shape[0])
+        # Buckets are exact near 0 and log-spaced beyond: a symmetric log axis shows both.
+        exact = cfg.relative_buckets // (4 if stack == "encoder" else 2)
+        for ax in (left, right):
+            ax.set_xscale("symlog", linthresh=max(exact, 1), linscale=1.5)
+            ax.set_xlim(a["distance_X"][0], a["distance_X"][-1] + 0.5)
+        title = (f"T5 relative positions ({stack} stack), {cfg.relative_buckets} buckets, "
+                 f"max distance {cfg.relative_max_distance}, {source}")
+    elif name == "alibi":
+        for h, row in enumerate(a["bias_NX"]):
+            left.plot(a["distance_X"], row, label=f"head {h}: slope {a['slopes_N'][h]:.3g}")
+        left.set(title="bias per head", xlabel="key - query position", ylabel="added to the logit")
+        _heads_legend(left, a["bias_NX"].shape[0])
+        T = min(len(a["distance_X"]), 32)
+        d_TT = np.arange(T)[:, None] - np.arange(T)[None, :]
+        grid = -a["slopes_N"][0] * np.abs(d_TT).astype(np.float32)
+        if cfg.family == "decoder":
+            grid = np.where(d_TT >= 0, grid, np.nan)  # the causal mask hides the future
+        im = right.imshow(grid, cmap="viridis", interpolation="nearest")
+        right.set(title=f"head 0 over the first {T} positions", xlabel="key position", ylabel="query position")
+        fig.colorbar(im, ax=right)
+        title = f"ALiBi, {cfg.num_heads} heads (fixed: no parameters)"
+    else:
+        raise ValueError(f"no plot named {name!r}")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_positions(
+    cfg: ModelConfig,
+    out_dir,
+    params: Optional[dict] = None,
+    *,
+    source: Optional[str] = None,
+    length: Optional[int] = None,
+) -> list[pathlib.Path]:
+    """Write the position-encoding plots of `cfg` to out_dir as PNGs; return their paths.
+
+    One file per entry of `position_arrays` (which documents what each shows):
+    sinusoidal.png, learned_<stack>.png, rope.png, relative_<stack>.png or alibi.png.
+    `params` supplies learned and T5 tables (checkpoint.load_params, hf.load); without
+    them a fresh init is drawn and the titles say so. `source` names where params came
+    from in the titles.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arrays = position_arrays(cfg, params, length=length)
+    source = FRESH_INIT if params is None else (source or "given parameters")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, a in arrays.items():
+        fig = _draw_position_plot(plt, name, a, cfg, source)
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------ command
+
+EXIT_BAD_INPUT = 2
+
+
 def add_viz_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
+    """Flags of `flaxformer-lite viz` (attention by default, --positions for position encodings)."""
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--workdir", help="a run directory (config.yaml + checkpoints)")
     source.add_argument("--hf", help="a local HuggingFace model folder (config.json + safetensors)")
-    parser.add_argument("--text", required=True, help="the input text")
-    parser.add_argument("--target", default=None, help="decoder text (encoder-decoder models)")
-    parser.add_argument("--out", required=True, help="folder for the PNGs and index.html")
+    source.add_argument("--config", help="--positions only: a YAML config or preset name (a fresh init)")
+    parser.add_argument("--positions", action="store_true",
+                        help="plot the position encoding (tables, similarities, biases) instead of attention")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override --config keys, e.g. --set model.position=alibi")
+    parser.add_argument("--text", help="the input text (attention plots)")
+    parser.add_argument("--target", default=None, help="decoder text (attention plots, encoder-decoder models)")
+    parser.add_argument("--out", required=True, help="folder for the PNGs (and index.html)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--length", type=int, default=None,
+                        help="--positions: positions to draw (default: model.max_len)")
+
+
+def _argument_problem(args: argparse.Namespace) -> Optional[str]:
+    if args.set and not args.config:
+        return "--set overrides --config keys: add --config, or drop --set"
+    if args.positions:
+        if not (args.config or args.workdir or args.hf):
+            return "viz --positions needs --config CONFIG (a fresh init), --workdir RUN or --hf DIR"
+        if args.text is not None or args.target is not None:
+            return "--text/--target are for attention plots: drop them with --positions"
+        return None
+    if args.config:
+        return "attention plots need trained weights: use --workdir or --hf (or add --positions)"
+    if not (args.workdir or args.hf):
+        return "viz needs --workdir RUN or --hf DIR (or --positions --config CONFIG)"
+    if args.text is None:
+        return "viz needs --text (the input whose attention to plot), or --positions"
+    if args.length is not None:
+        return "--length is for --positions plots"
+    return None
+
+
+def _run_positions(args: argparse.Namespace) -> int:
+    from flaxformer_lite import checkpoint
+    from flaxformer_lite.config import load_config
+
+    try:
+        if args.config:
+            cfg, params, source = load_config(args.config, overrides=args.set).model, None, None
+        elif args.workdir:
+            run_cfg, params = checkpoint.load_params(args.workdir, step=args.step)
+            cfg = run_cfg.model
+            source = f"run {args.workdir}, " + ("latest step" if args.step is None else f"step {args.step}")
+        else:
+            from flaxformer_lite.interop import hf
+
+            cfg, params = hf.load(args.hf)
+            source = f"HF folder {args.hf}"
+        written = plot_positions(cfg, args.out, params, source=source, length=args.length)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError and HFError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
+    return 0
 
 
 def run_viz(args: argparse.Namespace) -> int:
-    from flaxformer_lite import data
+    """Attention plots (PNGs + index.html) or, with --positions, position-encoding plots."""
+    problem = _argument_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.positions:
+        return _run_positions(args)
+    from flaxformer_lite import checkpoint, data
 
     if args.workdir:
         run_cfg, params = checkpoint.load_params(args.workdir, step=args.step)
