@@ -18,5 +18,6 @@ from flaxformer_lite.models import (
 )
 from flaxformer_lite.interop import hf
 from flaxformer_lite.decode import generate
+from flaxformer_lite.embeddings import embed
 
 __version__ = "0.1.0"
