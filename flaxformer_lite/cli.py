@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("flaxformer_lite.train.commands", "eval", "evaluate a run's checkpoint"),
     "generate": ("flaxformer_lite.inference_commands", "generate", "generate text from a run or an HF folder"),
     "embed": ("flaxformer_lite.inference_commands", "embed", "sentence embeddings from an HF encoder folder"),
+    "summary": ("flaxformer_lite.model_summary", "summary", "parameters, FLOPs and memory of a config"),
     "convert": ("flaxformer_lite.interop.commands", "convert", "convert HF <-> flaxformer_lite"),
     "viz": ("flaxformer_lite.viz", "viz", "plot attention weights"),
     "bench": ("flaxformer_lite.bench", "bench", "run benchmarks"),
