@@ -441,9 +441,11 @@ def generate(
       method: 'greedy', 'sample' (temperature, then top_k, then top_p, seeded by `seed`)
         or 'beam' (num_beams, length_penalty, early_stopping).
       min_new_tokens: stop tokens are blocked until this many tokens exist.
-      eos_token_id: default the model's; `ignore_eos=True` never stops on it.
+      eos_token_id: default the model's (none if that lies outside the vocabulary);
+        `ignore_eos=True` never stops on it.
       stop_tokens: more ids that end a row (kept in its output, like EOS).
-      pad_token_id: fills a row after it stopped; default the model's.
+      pad_token_id: fills a row after it stopped; default the model's (0 if that lies
+        outside the vocabulary).
       length_penalty: beam scores are log p / length**length_penalty.
       early_stopping: beam rows stop once num_beams hypotheses have finished; False: once
         no alive beam can still beat the worst finished one.
@@ -483,11 +485,23 @@ def generate(
         raise ValueError(f"generate: pad_to_multiple={pad_to_multiple} must be >= 1")
 
     V = cfg.vocab_size
-    pad_id = cfg.pad_token_id if pad_token_id is None else pad_token_id
-    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-    stops = tuple(dict.fromkeys(([] if ignore_eos else [eos]) + [int(t) for t in stop_tokens]))
+    # A model config's id outside the vocabulary (HF's GPT2Config defaults with a small
+    # vocab; hf.load warns) can never be generated: no stop on it, and padding uses 0.
+    usable = lambda i: 0 <= i < V  # noqa: E731
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if usable(cfg.pad_token_id) else 0
+    if eos_token_id is None and usable(cfg.eos_token_id):
+        eos_token_id = cfg.eos_token_id
+    pad_id = pad_token_id
+    eos = [] if ignore_eos or eos_token_id is None else [eos_token_id]
+    stops = tuple(dict.fromkeys(eos + [int(t) for t in stop_tokens]))
     _check_ids("stop_tokens/eos_token_id", stops, V)
     _check_ids("pad_token_id", [pad_id], V)
+    if cfg.family == "encoder_decoder" and not usable(cfg.decoder_start_token_id):
+        raise ValueError(
+            f"generate: model.decoder_start_token_id={cfg.decoder_start_token_id} is outside [0, {V}) = "
+            "the model's vocab_size: set decoder_start_token_id in the model's config"
+        )
 
     ids, valid = _as_rows(prompt_ids, attention_mask)
     lengths = valid.sum(1)
