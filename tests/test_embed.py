@@ -164,3 +164,14 @@ def test_embed_command_on_a_plain_hf_folder_takes_the_flags_and_normalizes(bert_
     result = json.loads(capsys.readouterr().out)
     assert result["pooling"] == "max" and result["normalize"] is True
     assert abs(np.linalg.norm(result["embeddings"][0]["embedding"]) - 1) < 1e-5
+
+
+def test_encoder_decoder_models_embed_with_their_encoder():
+    cfg = ffl.load_config("t5_tiny", overrides=["model.num_layers=1"]).model
+    model, params = ffl.build_model(cfg), ffl.init_params(cfg, jax.random.key(0))
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 6)).astype(np.int32)
+    mask = np.array([[1] * 6, [1] * 4 + [0] * 2], bool)
+    hidden = np.asarray(model.apply(params, ids, attention_mask=mask, method="encode").hidden_states, np.float64)
+    expected = np.stack([hidden[b][mask[b]].mean(0) for b in range(2)])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(ffl.embed(model, params, ids, mask)), expected, rtol=1e-5, atol=1e-6)
