@@ -48,7 +48,9 @@ def pool(hidden_BTD: Array, valid_BT: Array, pooling: str = "mean", normalize: b
 @functools.partial(jax.jit, static_argnames=("model", "pooling", "normalize"))
 def _embed(model, params, ids_BT, valid_BT, pooling, normalize):
     kwargs = {"method": "encode"} if model.cfg.family == "encoder_decoder" else {}
-    out = model.apply(params, ids_BT, attention_mask=valid_BT, **kwargs)
+    # Positions count real tokens only, so a left-padded row embeds as it would alone.
+    positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0)
+    out = model.apply(params, ids_BT, attention_mask=valid_BT, positions=positions_BT, **kwargs)
     return pool(out.hidden_states, valid_BT, pooling, normalize)
 
 
@@ -67,7 +69,8 @@ def embed(
         (its encoder stack is used), and its {'params': ...}.
       input_ids: int [B,T] (or [T]), tokenized as the model was trained, e.g. with
         [CLS] ... [SEP] for BERT.
-      attention_mask: [B,T], 1 on real tokens (padding on either side); None: all real.
+      attention_mask: [B,T], 1 on real tokens (padding on either side: positions count
+        real tokens only); None: all real.
       pooling: 'mean' (over real tokens), 'cls' (the first real token) or 'max'.
       normalize: scale each vector to unit L2 norm, so dot products are cosines.
     """

@@ -3,8 +3,8 @@
     flaxformer-lite generate --workdir RUN --prompt "Once upon" [--stream]
     flaxformer-lite embed --hf DIR --text "a cat" --text "a dog"      # JSON
 
-The library functions they call (flaxformer_lite.decode.generate, flaxformer_lite.embeddings.embed)
-depend on models alone; reading run directories and HF folders is this module's job.
+The library functions they call (decode.generate, embeddings.embed) depend on models
+alone; reading run directories and HF folders is this module's job.
 Bad input prints one `error: ...` line and exits with status 2.
 """
 

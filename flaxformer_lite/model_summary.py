@@ -207,7 +207,8 @@ def summary(
     lines.append(f"memory at batch {B}, {lengths}".ljust(label_width) + "".join(f"{d:>12}" for d in BYTES))
     for what, elements in items:
         lines.append(f"  {what}".ljust(label_width) + "".join(f"{_size(elements * b):>12}" for b in BYTES.values()))
-    lines.append("  total".ljust(label_width) + "".join(f"{_size(sum(e for _, e in items) * b):>12}" for b in BYTES.values()))
+    everything = sum(e for _, e in items)
+    lines.append("  total".ljust(label_width) + "".join(f"{_size(everything * b):>12}" for b in BYTES.values()))
     return "\n".join(lines)
 
 

@@ -102,24 +102,25 @@ def test_embed_command_matches_sentence_transformers(bert_dir, tmp_path, capsys,
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
-def test_embed_function_on_a_padded_batch_equals_one_row_at_a_time(bert_dir):
+def test_embed_on_a_padded_batch_equals_one_row_at_a_time(bert_dir):
     cfg, params = ffl.hf.load(bert_dir)
     model = ffl.build_model(cfg)
     tok = tokenizers.Tokenizer.from_file(str(bert_dir / "tokenizer.json"))
     rows = [tok.encode(t).ids for t in TEXTS]
     width = max(map(len, rows))
-    # Left-pad half the rows and right-pad the others: pooling must only see real tokens.
+    # Left-pad half the rows and right-pad the others: pooling must only see real tokens,
+    # and positions must count real tokens only.
     ids = np.zeros((len(rows), width), np.int32)
     mask = np.zeros((len(rows), width), bool)
     for b, r in enumerate(rows):
         cols = slice(width - len(r), width) if b % 2 else slice(0, len(r))
         ids[b, cols], mask[b, cols] = r, True
-    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    apply = jax.jit(model.apply)
+    alone = [apply(params, np.asarray([r], np.int32)).hidden_states for r in rows]
     for pooling in ("mean", "cls", "max"):
-        alone = np.concatenate([np.asarray(ffl.embed(model, params, [r], pooling=pooling)) for r in rows])
-        hidden = model.apply(params, ids, attention_mask=mask, positions=positions).hidden_states
-        batched = np.asarray(pool(hidden, mask, pooling))
-        np.testing.assert_allclose(batched, alone, atol=1e-5)
+        expected = np.concatenate([np.asarray(pool(h, np.ones(h.shape[:2], bool), pooling)) for h in alone])
+        np.testing.assert_allclose(np.asarray(ffl.embed(model, params, ids, mask, pooling=pooling)), expected,
+                                   atol=1e-5)
 
 
 def test_pool_matches_a_numpy_reference():
@@ -168,10 +169,11 @@ def test_embed_command_on_a_plain_hf_folder_takes_the_flags_and_normalizes(bert_
 
 def test_encoder_decoder_models_embed_with_their_encoder():
     cfg = ffl.load_config("t5_tiny", overrides=["model.num_layers=1"]).model
-    model, params = ffl.build_model(cfg), ffl.init_params(cfg, jax.random.key(0))
+    model, params = ffl.build_model(cfg), jax.jit(ffl.init_params, static_argnums=0)(cfg, jax.random.key(0))
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 6)).astype(np.int32)
     mask = np.array([[1] * 6, [1] * 4 + [0] * 2], bool)
-    hidden = np.asarray(model.apply(params, ids, attention_mask=mask, method="encode").hidden_states, np.float64)
+    encode = jax.jit(lambda p, i, m: model.apply(p, i, attention_mask=m, method="encode").hidden_states)
+    hidden = np.asarray(encode(params, ids, mask), np.float64)
     expected = np.stack([hidden[b][mask[b]].mean(0) for b in range(2)])
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(np.asarray(ffl.embed(model, params, ids, mask)), expected, rtol=1e-5, atol=1e-6)
