@@ -111,7 +111,7 @@ def _check_prompts(prompts: Sequence[str]) -> None:
     for i, text in enumerate(prompts):
         if not text:
             raise ValueError(
-                f"--prompt {i + 1} is empty: give text to continue (for unconditional samples call "
+                f"--prompt {i + 1} is empty: give text to continue or to encode (for unconditional samples call "
                 "flaxformer_lite.generate with [[bos_id]] as the prompt)"
             )
 
