@@ -19,5 +19,7 @@ from flaxformer_lite.models import (
 from flaxformer_lite.interop import hf
 from flaxformer_lite.decode import generate
 from flaxformer_lite import viz
+from flaxformer_lite.embeddings import embed
+from flaxformer_lite.model_summary import summary
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""`flaxformer-lite {train,eval,generate,convert,viz,bench}`.
+"""`flaxformer-lite {train,eval,generate,embed,summary,convert,viz,bench}`.
 
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args)`;
 only the chosen command's module is imported, so `--help` stays fast.
@@ -13,7 +13,9 @@ import sys
 COMMANDS = {
     "train": ("flaxformer_lite.train.commands", "train", "train a model from a config"),
     "eval": ("flaxformer_lite.train.commands", "eval", "evaluate a run's checkpoint"),
-    "generate": ("flaxformer_lite.decode", "generate", "generate text from a run or an HF folder"),
+    "generate": ("flaxformer_lite.inference_commands", "generate", "generate text from a run or an HF folder"),
+    "embed": ("flaxformer_lite.inference_commands", "embed", "sentence embeddings from an HF encoder folder"),
+    "summary": ("flaxformer_lite.model_summary", "summary", "parameters, FLOPs and memory of a config"),
     "convert": ("flaxformer_lite.interop.commands", "convert", "convert HF <-> flaxformer_lite"),
     "viz": ("flaxformer_lite.viz", "viz", "plot attention weights or position encodings"),
     "bench": ("flaxformer_lite.bench", "bench", "run benchmarks"),

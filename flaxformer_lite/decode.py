@@ -11,15 +11,13 @@ one jitted function, compiled once per model, batch shape and static setting.
 Prompts of different lengths: decoder-only prompts are left-padded and each row gets its
 own positions (0 at its first real token), so every row's next token goes to the same
 cache slot; encoder-decoder prompts are the encoder input and are right-padded. The
-`flaxformer-lite generate` command is at the end of this file; docs/decoding.md has more.
+`flaxformer-lite generate` command is in inference_commands.py; docs/decoding.md has more.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import sys
 from typing import Callable, Optional, Sequence, Union
 
 import flax
@@ -31,7 +29,6 @@ from jax.sharding import PartitionSpec
 
 Array = jax.Array
 METHODS = ("greedy", "sample", "beam")
-EXIT_BAD_INPUT = 2  # the command's status for bad input, as train/eval/convert
 
 
 @flax.struct.dataclass
@@ -444,9 +441,11 @@ def generate(
       method: 'greedy', 'sample' (temperature, then top_k, then top_p, seeded by `seed`)
         or 'beam' (num_beams, length_penalty, early_stopping).
       min_new_tokens: stop tokens are blocked until this many tokens exist.
-      eos_token_id: default the model's; `ignore_eos=True` never stops on it.
+      eos_token_id: default the model's (none if that lies outside the vocabulary);
+        `ignore_eos=True` never stops on it.
       stop_tokens: more ids that end a row (kept in its output, like EOS).
-      pad_token_id: fills a row after it stopped; default the model's.
+      pad_token_id: fills a row after it stopped; default the model's (0 if that lies
+        outside the vocabulary).
       length_penalty: beam scores are log p / length**length_penalty.
       early_stopping: beam rows stop once num_beams hypotheses have finished; False: once
         no alive beam can still beat the worst finished one.
@@ -486,11 +485,23 @@ def generate(
         raise ValueError(f"generate: pad_to_multiple={pad_to_multiple} must be >= 1")
 
     V = cfg.vocab_size
-    pad_id = cfg.pad_token_id if pad_token_id is None else pad_token_id
-    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-    stops = tuple(dict.fromkeys(([] if ignore_eos else [eos]) + [int(t) for t in stop_tokens]))
+    # A model config's id outside the vocabulary (HF's GPT2Config defaults with a small
+    # vocab; hf.load warns) can never be generated: no stop on it, and padding uses 0.
+    usable = lambda i: 0 <= i < V  # noqa: E731
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if usable(cfg.pad_token_id) else 0
+    if eos_token_id is None and usable(cfg.eos_token_id):
+        eos_token_id = cfg.eos_token_id
+    pad_id = pad_token_id
+    eos = [] if ignore_eos or eos_token_id is None else [eos_token_id]
+    stops = tuple(dict.fromkeys(eos + [int(t) for t in stop_tokens]))
     _check_ids("stop_tokens/eos_token_id", stops, V)
     _check_ids("pad_token_id", [pad_id], V)
+    if cfg.family == "encoder_decoder" and not usable(cfg.decoder_start_token_id):
+        raise ValueError(
+            f"generate: model.decoder_start_token_id={cfg.decoder_start_token_id} is outside [0, {V}) = "
+            "the model's vocab_size: set decoder_start_token_id in the model's config"
+        )
 
     ids, valid = _as_rows(prompt_ids, attention_mask)
     lengths = valid.sum(1)
@@ -533,129 +544,3 @@ def generate(
     }
     rng = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
     return _generate(model, static, params, jnp.asarray(ids), jnp.asarray(valid), rng, dyn)
-
-
-# ------------------------------------------------------------------------ command line
-
-
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `flaxformer-lite generate`."""
-    source = parser.add_argument_group("model (one of --workdir, --hf, --config)")
-    source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
-    source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, tokenizer.json")
-    source.add_argument(
-        "--config",
-        help="with --workdir: use this config instead of the run's (its model section must match); "
-        "alone: a randomly initialised model, to try the command",
-    )
-    source.add_argument("--step", type=int, help="checkpoint step to load from --workdir (default: the latest)")
-    parser.add_argument("--prompt", action="append", required=True, help="text to continue (decoder) or to encode (encoder-decoder); repeat for a batch")
-    parser.add_argument("--method", choices=METHODS, default="greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--min-new-tokens", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-beams", type=int, default=4)
-    parser.add_argument("--length-penalty", type=float, default=1.0)
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text's (single) token is generated; repeatable")
-    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                        help="prepend BOS to decoder-only prompts (default: yes for --workdir/--config runs, "
-                        "which train on bos+text+eos; no for --hf)")
-    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt, greedy/sample)")
-
-
-def _load_for_cli(args):
-    """(ModelConfig, params, tokenizer, from_hf) for the chosen source."""
-    from flaxformer_lite import data
-    from flaxformer_lite.config import ConfigError, load_config
-    from flaxformer_lite.models import init_params
-
-    chosen = [name for name in ("workdir", "hf") if getattr(args, name)]
-    if len(chosen) > 1 or (args.hf and args.config):
-        raise ConfigError("generate: pass one model source: --workdir DIR, --hf DIR, or --config FILE")
-    if args.hf:
-        from flaxformer_lite.interop import hf
-
-        model_cfg, params = hf.load(args.hf)
-        return model_cfg, params, hf.load_tokenizer(args.hf), True
-    if args.workdir:
-        from flaxformer_lite import checkpoint
-
-        cfg, params = checkpoint.load_params(args.workdir, step=args.step)
-        if args.config:
-            given = load_config(args.config)
-            if given.model != cfg.model:
-                diff = [f.name for f in dataclasses.fields(cfg.model) if getattr(cfg.model, f.name) != getattr(given.model, f.name)]
-                raise ConfigError(
-                    f"generate: --config {args.config} has a different model section than the run in "
-                    f"{args.workdir} (model.{', model.'.join(diff)}); drop --config to use the run's own"
-                )
-            cfg = given
-        return cfg.model, params, data.load_tokenizer(cfg.data.tokenizer), False
-    if args.config:
-        cfg = load_config(args.config)
-        print(f"note: no --workdir/--hf given: {args.config} with random weights", file=sys.stderr)
-        return cfg.model, init_params(cfg.model, jax.random.key(args.seed)), data.load_tokenizer(cfg.data.tokenizer), False
-    raise ConfigError("generate: pass a model: --workdir DIR (a training run), --hf DIR, or --config FILE")
-
-
-def _stop_ids(texts: Sequence[str], tokenizer) -> list[int]:
-    ids = []
-    for text in texts:
-        encoded = tokenizer.encode(text)
-        if len(encoded) != 1:
-            raise ValueError(f"--stop {text!r} is {len(encoded)} tokens {encoded}; a stop must be exactly one token")
-        ids.append(encoded[0])
-    return ids
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    """`flaxformer-lite generate`: print each prompt's continuation.
-
-    Bad input (model source, config, tokenizer, prompt, settings) prints one `error: ...`
-    line and returns 2.
-    """
-    from flaxformer_lite.models import build_model
-
-    streamed, printed = [], [""]
-
-    def stream(step, tokens_B):
-        # Tokens can split a character: decode the whole continuation each time and print
-        # only up to a trailing incomplete character (U+FFFD), which later tokens may change.
-        streamed.append(int(tokens_B[0]))
-        text = tokenizer.decode(streamed)
-        if not text.endswith("\ufffd"):
-            print(text[len(printed[0]):], end="", flush=True)
-            printed[0] = text
-
-    try:
-        model_cfg, params, tokenizer, from_hf = _load_for_cli(args)
-        decoder_only = model_cfg.family == "decoder"
-        bos = (not from_hf) if args.bos is None else args.bos
-        # Encoder inputs end with EOS in training (data/ objectives) and in T5's tokenizer.
-        prompts = [tokenizer.encode(p, bos=bos and decoder_only, eos=not decoder_only) for p in args.prompt]
-        if args.stream and (len(prompts) > 1 or args.method == "beam"):
-            raise ValueError("--stream prints one prompt's tokens: give one --prompt and --method greedy or sample")
-        out = generate(
-            build_model(model_cfg), params, prompts,
-            max_new_tokens=args.max_new_tokens, method=args.method, min_new_tokens=args.min_new_tokens,
-            ignore_eos=args.ignore_eos, stop_tokens=_stop_ids(args.stop, tokenizer),
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            num_beams=args.num_beams, length_penalty=args.length_penalty,
-            stream=stream if args.stream else None,
-        )
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, HFError included
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    jax.effects_barrier()
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    continuations = [tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens, lengths)]
-    if args.stream:
-        print(continuations[0][len(printed[0]):])
-        return 0
-    for text, continuation in zip(args.prompt, continuations):
-        print(text + continuation if decoder_only else continuation)
-    return 0

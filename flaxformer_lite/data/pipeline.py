@@ -24,8 +24,10 @@ example); other keys (e.g. a class label) pass through unpadded, one example a r
 
 from __future__ import annotations
 
+import atexit
 import functools
 import warnings
+import weakref
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import grain
@@ -161,4 +163,27 @@ def build(
     batches = batches.map(finalize).map(functools.partial(check_batch_ids, vocab_size=vocab_size))
     # One thread makes the next batches while the train step runs (JAX releases the GIL
     # while XLA computes); its iterator's state is still that of the last batch handed out.
-    return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=PREFETCH_BATCHES)
+    return _PrefetchClosedAtExit(batches, prefetch_buffer_size=PREFETCH_BATCHES)
+
+
+# grain's prefetch iterator closes itself in __del__. For an iterator still alive at
+# interpreter exit that runs during finalisation, when grain's module globals are gone
+# ("AttributeError: 'NoneType' object has no attribute 'Empty'") and its thread may be
+# torn down mid-call ("terminate called without an active exception", exit status 134).
+# Closing the live ones from atexit, which runs before finalisation, avoids both; their
+# __del__ then finds close() a no-op, as it would otherwise look up those globals again.
+_LIVE_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+    for iterator in list(_LIVE_ITERATORS):
+        iterator.close()
+        iterator.close = lambda: None
+
+
+class _PrefetchClosedAtExit(grain.experimental.ThreadPrefetchIterDataset):
+    def __iter__(self):
+        iterator = super().__iter__()
+        _LIVE_ITERATORS.add(iterator)
+        return iterator

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import pathlib
 import shutil
+import warnings
 from typing import Any, Iterable, Optional
 
 import flax.linen as nn
@@ -188,6 +189,7 @@ def load(path, *, skip: Iterable[str] = (), **runtime) -> tuple[ModelConfig, dic
             cfg = validate_model(dataclasses.replace(cfg, **runtime))
         except (HFError, ConfigError) as e:
             raise HFError(f"{folder / CONFIG_FILE}: {e}") from None
+        _warn_unusable_ids(folder / CONFIG_FILE, cfg)
         maps = family.maps(cfg, base, keys)
         wanted = {m.hf for m in maps}
         missing = wanted - keys
@@ -223,6 +225,23 @@ def load(path, *, skip: Iterable[str] = (), **runtime) -> tuple[ModelConfig, dic
         raise HFError(f"internal: unmapped {unmapped}, extra {extra}")
     params = traverse_util.unflatten_dict({k: jnp.asarray(x) for k, x in flat.items()}, sep="/")
     return cfg, {"params": stack_layers(params) if cfg.scan_layers else params}
+
+
+def _warn_unusable_ids(config_file: pathlib.Path, cfg: ModelConfig) -> None:
+    """Warn about special ids outside the vocabulary (HF's GPT2Config defaults give eos and
+    bos 50256 whatever vocab_size is). The model can never produce such an id, so generate
+    ignores it: no stop on an unusable eos, padding with 0 for an unusable pad."""
+    fields = ["pad_token_id", "bos_token_id", "eos_token_id"]
+    if cfg.family == "encoder_decoder":
+        fields.append("decoder_start_token_id")
+    bad = [f"{name}={getattr(cfg, name)}" for name in fields if not 0 <= getattr(cfg, name) < cfg.vocab_size]
+    if bad:
+        warnings.warn(
+            f"{config_file}: {', '.join(bad)} outside the vocabulary [0, {cfg.vocab_size}): generate "
+            "ignores them (no stop on such an eos, padding with 0); set ids below vocab_size there "
+            "to use them",
+            stacklevel=3,
+        )
 
 
 def load_tokenizer(path):

@@ -15,10 +15,12 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "silu": jax.nn.silu,
+    "sigmoid": jax.nn.sigmoid,
 }
-# Gated units (Shazeer 2020): act(x W_gate) * (x W_up). geglu uses the tanh GELU, as
-# T5 v1.1's "gated-gelu" does.
-GATED = {"swiglu": "silu", "geglu": "gelu_tanh"}
+# Gated units (Shazeer 2020, "GLU Variants Improve Transformer"): act(x W_gate) * (x W_in).
+# glu is the sigmoid-gated original (Dauphin et al. 2017) without biases; geglu uses the
+# tanh GELU, as T5 v1.1's "gated-gelu" does.
+GATED = {"glu": "sigmoid", "reglu": "relu", "geglu": "gelu_tanh", "swiglu": "silu"}
 
 
 def is_gated(activation: str) -> bool:

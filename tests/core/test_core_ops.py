@@ -346,7 +346,10 @@ REF_ACT = {
     "gelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))),
     "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
     "silu": lambda x: x / (1 + np.exp(-x)),
+    "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
 }
+# Shazeer 2020, table 1: the gate's activation for each GLU variant.
+REF_GATE = {"glu": "sigmoid", "reglu": "relu", "geglu": "gelu_tanh", "swiglu": "silu"}
 
 
 @pytest.mark.parametrize("name", sorted(REF_ACT))
@@ -360,7 +363,7 @@ def test_unknown_activation_names_the_choices():
         ops.activate(jnp.ones(3), "swish")
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", *REF_GATE])
 @pytest.mark.parametrize("use_bias", [False, True], ids=["nobias", "bias"])
 def test_feed_forward_matches_reference(activation, use_bias):
     D, F = 8, 12
@@ -370,8 +373,8 @@ def test_feed_forward_matches_reference(activation, use_bias):
     out = ops.feed_forward(jnp.asarray(x), w_in, w_out, activation=activation, w_gate_DF=w_gate,
                            b_in_F=b_in, b_out_D=b_out)
     h = as64(x) @ w_in + (0.0 if b_in is None else b_in)
-    if activation in ("swiglu", "geglu"):  # Shazeer 2020: act(x W_gate) * (x W_in)
-        h = REF_ACT["silu" if activation == "swiglu" else "gelu_tanh"](as64(x) @ w_gate) * h
+    if activation in REF_GATE:  # Shazeer 2020: act(x W_gate) * (x W_in)
+        h = REF_ACT[REF_GATE[activation]](as64(x) @ w_gate) * h
     else:
         h = REF_ACT[activation](h)
     expected = h @ w_out + (0.0 if b_out is None else b_out)

@@ -1,9 +1,12 @@
-"""Command-line errors of `flaxformer-lite generate`, and `flaxformer-lite bench decode`.
+"""Command-line errors of `flaxformer-lite generate`, and `flaxformer-lite bench decode`;
+decode.py's own imports.
 
 Generating from run directories and HF folders is tested in test_decode_hf.py.
 """
 
+import ast
 import json
+import pathlib
 import re
 
 import pytest
@@ -30,6 +33,7 @@ def workdir(tmp_path_factory):
         (["--hf", "somewhere"], "pass one model source"),
         (["--stop", "ab"], "--stop 'ab' is 2 tokens"),
         (["--prompt", "y", "--stream"], "--stream prints one prompt"),
+        (["--prompt", ""], r"--prompt 2 is empty: give text to continue"),
         (["--max-new-tokens", "64"], r"prompt \(2\) \+ max_new_tokens \(64\) = 66 tokens overflows model.max_len=64"),
         (["--method", "sample", "--top-p", "0"], r"top_p=0.0 must be in \(0, 1\]"),
         (["--step", "7"], "no checkpoint for step 7"),
@@ -43,6 +47,29 @@ def test_bad_command_input_prints_one_error_line(workdir, tmp_path, capsys, args
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert re.search(message, err)
+
+
+def test_stream_prints_what_the_plain_command_prints(workdir, capsys):
+    argv = ["generate", "--workdir", str(workdir), "--prompt", "ab", "--max-new-tokens", "12", "--ignore-eos",
+            "--method", "sample", "--seed", "3"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--stream"]) == 0
+    streamed = capsys.readouterr().out
+    assert streamed == plain and plain.startswith("ab") and len(plain) > len("ab\n")
+
+
+def test_decoding_depends_on_models_alone():
+    """decode.py imports no interop/data/train/checkpoint: the command glue is elsewhere."""
+    source = pathlib.Path(ffl.__file__).parent / "decode.py"
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    ours = {m for m in imported if m.startswith("flaxformer_lite")}
+    assert not {m for m in ours if not m.startswith(("flaxformer_lite.models", "flaxformer_lite.config"))}
 
 
 def test_generate_needs_a_model_source(capsys):

@@ -122,4 +122,5 @@ def test_cli_generates_from_a_run_directory(workdir, capsys):
 
     assert main(["generate", "--workdir", str(workdir), "--prompt", TEXTS[1], "--stream",
                  "--max-new-tokens", str(NEW_TOKENS)]) == 0
-    assert capsys.readouterr().out.splitlines() == [printed[1][len(TEXTS[1]):]]
+    # --stream prints what the command prints without it: the prompt, then the continuation.
+    assert capsys.readouterr().out.splitlines() == [printed[1]]

@@ -1,0 +1,288 @@
+"""`flaxformer-lite generate` and `flaxformer-lite embed`: load a model, tokenize, print.
+
+    flaxformer-lite generate --workdir RUN --prompt "Once upon" [--stream]
+    flaxformer-lite embed --hf DIR --text "a cat" --text "a dog"      # JSON
+
+The library functions they call (decode.generate, embeddings.embed) depend on models
+alone; reading run directories and HF folders is this module's job.
+Bad input prints one `error: ...` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from flaxformer_lite.decode import METHODS, generate
+
+EXIT_BAD_INPUT = 2  # the command's status for bad input, as train/eval/convert
+
+
+# ------------------------------------------------------------------------ generate
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `flaxformer-lite generate`."""
+    source = parser.add_argument_group("model (one of --workdir, --hf, --config)")
+    source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
+    source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, tokenizer.json")
+    source.add_argument(
+        "--config",
+        help="with --workdir: use this config instead of the run's (its model section must match); "
+        "alone: a randomly initialised model, to try the command",
+    )
+    source.add_argument("--step", type=int, help="checkpoint step to load from --workdir (default: the latest)")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="text to continue (decoder) or to encode (encoder-decoder), not empty; repeat for a batch")
+    parser.add_argument("--method", choices=METHODS, default="greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--min-new-tokens", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text's (single) token is generated; repeatable")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="prepend BOS to decoder-only prompts (default: yes for --workdir/--config runs, "
+                        "which train on bos+text+eos; no for --hf)")
+    parser.add_argument("--stream", action="store_true",
+                        help="print tokens as they are generated (one prompt, greedy/sample); the output is the same")
+
+
+def _load_for_cli(args):
+    """(ModelConfig, params, tokenizer, from_hf) for the chosen source."""
+    from flaxformer_lite import data
+    from flaxformer_lite.config import ConfigError, load_config
+    from flaxformer_lite.models import init_params
+
+    chosen = [name for name in ("workdir", "hf") if getattr(args, name)]
+    if len(chosen) > 1 or (args.hf and args.config):
+        raise ConfigError("generate: pass one model source: --workdir DIR, --hf DIR, or --config FILE")
+    if args.hf:
+        from flaxformer_lite.interop import hf
+
+        model_cfg, params = hf.load(args.hf)
+        return model_cfg, params, hf.load_tokenizer(args.hf), True
+    if args.workdir:
+        from flaxformer_lite import checkpoint
+
+        cfg, params = checkpoint.load_params(args.workdir, step=args.step)
+        if args.config:
+            given = load_config(args.config)
+            if given.model != cfg.model:
+                diff = [f.name for f in dataclasses.fields(cfg.model) if getattr(cfg.model, f.name) != getattr(given.model, f.name)]
+                raise ConfigError(
+                    f"generate: --config {args.config} has a different model section than the run in "
+                    f"{args.workdir} (model.{', model.'.join(diff)}); drop --config to use the run's own"
+                )
+            cfg = given
+        return cfg.model, params, data.load_tokenizer(cfg.data.tokenizer), False
+    if args.config:
+        cfg = load_config(args.config)
+        print(f"note: no --workdir/--hf given: {args.config} with random weights", file=sys.stderr)
+        return cfg.model, init_params(cfg.model, jax.random.key(args.seed)), data.load_tokenizer(cfg.data.tokenizer), False
+    raise ConfigError("generate: pass a model: --workdir DIR (a training run), --hf DIR, or --config FILE")
+
+
+def _stop_ids(texts: Sequence[str], tokenizer) -> list[int]:
+    ids = []
+    for text in texts:
+        encoded = tokenizer.encode(text)
+        if len(encoded) != 1:
+            raise ValueError(f"--stop {text!r} is {len(encoded)} tokens {encoded}; a stop must be exactly one token")
+        ids.append(encoded[0])
+    return ids
+
+
+def _check_prompts(prompts: Sequence[str]) -> None:
+    # An empty prompt would silently sample from BOS alone (decoder) or encode EOS alone
+    # (encoder-decoder). Unconditional samples are a deliberate choice: the library call
+    # generate(model, params, [[bos_id]], ...) makes them.
+    for i, text in enumerate(prompts):
+        if not text:
+            raise ValueError(
+                f"--prompt {i + 1} is empty: give text to continue or to encode (for unconditional samples call "
+                "flaxformer_lite.generate with [[bos_id]] as the prompt)"
+            )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """`flaxformer-lite generate`: print each prompt (decoder-only) and its continuation.
+
+    --stream prints the same text, the continuation as it is generated. Bad input (model
+    source, config, tokenizer, prompt, settings) prints one `error: ...` line and returns 2.
+    """
+    from flaxformer_lite.models import build_model
+
+    streamed, printed = [], [None]
+
+    def stream(step, tokens_B):
+        if printed[0] is None:  # the first token: the prompt goes first, as without --stream
+            print(args.prompt[0] if decoder_only else "", end="", flush=True)
+            printed[0] = ""
+        # Tokens can split a character: decode the whole continuation each time and print
+        # only up to a trailing incomplete character (U+FFFD), which later tokens may change.
+        streamed.append(int(tokens_B[0]))
+        text = tokenizer.decode(streamed)
+        if not text.endswith("\ufffd"):
+            print(text[len(printed[0]):], end="", flush=True)
+            printed[0] = text
+
+    try:
+        _check_prompts(args.prompt)
+        model_cfg, params, tokenizer, from_hf = _load_for_cli(args)
+        decoder_only = model_cfg.family == "decoder"
+        bos = (not from_hf) if args.bos is None else args.bos
+        # Encoder inputs end with EOS in training (data/ objectives) and in T5's tokenizer.
+        prompts = [tokenizer.encode(p, bos=bos and decoder_only, eos=not decoder_only) for p in args.prompt]
+        if args.stream and (len(prompts) > 1 or args.method == "beam"):
+            raise ValueError("--stream prints one prompt's tokens: give one --prompt and --method greedy or sample")
+        out = generate(
+            build_model(model_cfg), params, prompts,
+            max_new_tokens=args.max_new_tokens, method=args.method, min_new_tokens=args.min_new_tokens,
+            ignore_eos=args.ignore_eos, stop_tokens=_stop_ids(args.stop, tokenizer),
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            num_beams=args.num_beams, length_penalty=args.length_penalty,
+            stream=stream if args.stream else None,
+        )
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, HFError included
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    jax.effects_barrier()
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    continuations = [tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens, lengths)]
+    if args.stream:
+        if printed[0] is None:  # no token came through the stream: print as without --stream
+            print(args.prompt[0] + continuations[0] if decoder_only else continuations[0])
+        else:
+            print(continuations[0][len(printed[0]):])
+        return 0
+    for text, continuation in zip(args.prompt, continuations):
+        print(text + continuation if decoder_only else continuation)
+    return 0
+
+
+# ------------------------------------------------------------------------ embed
+
+# sentence-transformers folder files: which modules run after the transformer, and how.
+ST_MODULES = "modules.json"
+ST_SETTINGS = "sentence_bert_config.json"
+# Its Pooling config: pooling_mode (6.x) or one pooling_mode_* flag (older releases).
+_ST_POOLING_FLAGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                     "pooling_mode_max_tokens": "max"}
+
+
+def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `flaxformer-lite embed`."""
+    from flaxformer_lite.embeddings import POOLINGS
+
+    parser.add_argument("--hf", metavar="DIR", required=True,
+                        help="a local HF encoder folder (config.json, *.safetensors, tokenizer.json), "
+                        "e.g. a sentence-transformers checkpoint")
+    parser.add_argument("--text", action="append", required=True, help="a text to embed; repeat for a batch")
+    parser.add_argument("--pooling", choices=POOLINGS,
+                        help="default: the folder's sentence-transformers Pooling module, else mean")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="unit-length vectors (default: yes, or as the folder's modules.json says)")
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def sentence_transformers_settings(folder) -> dict:
+    """{'pooling', 'normalize', 'max_seq_length'} from a sentence-transformers folder's
+    modules.json, its Pooling config and sentence_bert_config.json; {} for a plain HF folder.
+
+    Only Transformer -> Pooling (mean, cls or max) -> optional Normalize pipelines are
+    read; anything else (Dense layers, other poolings) is an error naming the file.
+    """
+    folder = pathlib.Path(folder)
+    if not (folder / ST_MODULES).is_file():
+        return {}
+    settings = {"pooling": "mean", "normalize": False}
+    for module in _read_json(folder / ST_MODULES):
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        if kind == "Transformer" and module.get("path", "") in ("", "."):
+            continue
+        if kind == "Normalize":
+            settings["normalize"] = True
+            continue
+        if kind != "Pooling":
+            raise ValueError(
+                f"{folder / ST_MODULES}: module {module.get('type')!r} at {module.get('path')!r} is not "
+                "supported here (only a Transformer in the folder itself, Pooling and Normalize)"
+            )
+        pooling_file = folder / module["path"] / "config.json"
+        config = _read_json(pooling_file)
+        modes = config.get("pooling_mode") or [m for k, m in _ST_POOLING_FLAGS.items() if config.get(k)]
+        modes = [modes] if isinstance(modes, str) else list(modes)
+        if len(modes) != 1 or modes[0] not in _ST_POOLING_FLAGS.values():
+            raise ValueError(
+                f"{pooling_file}: pooling {modes or 'none'} is not supported; one of mean, cls, max is"
+            )
+        settings["pooling"] = modes[0]
+    if (folder / ST_SETTINGS).is_file():
+        settings["max_seq_length"] = _read_json(folder / ST_SETTINGS).get("max_seq_length")
+    return settings
+
+
+def _tokenize(folder: pathlib.Path, texts: Sequence[str], max_len: int):
+    """(ids [B,T], mask [B,T]) with the folder's tokenizer.json and its own special tokens
+    ([CLS] ... [SEP] for BERT), truncated to max_len and right-padded."""
+    import tokenizers
+
+    from flaxformer_lite.interop.hf import TOKENIZER_FILE, load_tokenizer
+
+    load_tokenizer(folder)  # the one-line error for a folder without tokenizer.json
+    tok = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    tok.no_padding()
+    tok.enable_truncation(max_len)
+    rows = [e.ids for e in tok.encode_batch(list(texts))]
+    width = max(len(r) for r in rows)
+    ids, mask = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), bool)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)], mask[b, : len(r)] = r, True
+    return ids, mask
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """`flaxformer-lite embed`: print {'pooling', 'normalize', 'dim', 'embeddings'} as JSON.
+
+    Bad input prints one `error: ...` line and returns 2.
+    """
+    from flaxformer_lite.embeddings import embed
+    from flaxformer_lite.interop import hf
+    from flaxformer_lite.models import build_model
+
+    folder = pathlib.Path(args.hf)
+    try:
+        settings = sentence_transformers_settings(folder)
+        pooling = args.pooling or settings.get("pooling", "mean")
+        normalize = args.normalize if args.normalize is not None else settings.get("normalize", True)
+        model_cfg, params = hf.load(folder)
+        max_len = min(settings.get("max_seq_length") or model_cfg.max_len, model_cfg.max_len)
+        ids, mask = _tokenize(folder, args.text, max_len)
+        vectors = embed(build_model(model_cfg), params, ids, mask, pooling=pooling, normalize=normalize)
+    except (ValueError, FileNotFoundError) as e:  # HFError, DataError included
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    vectors = np.asarray(vectors)
+    print(json.dumps({
+        "pooling": pooling, "normalize": normalize, "dim": int(vectors.shape[1]),
+        "embeddings": [{"text": t, "embedding": [round(float(x), 7) for x in v]} for t, v in zip(args.text, vectors)],
+    }))
+    return 0
