@@ -40,7 +40,7 @@ from flaxformer_lite.data.objectives import (
     span_corruption_lengths,
 )
 from flaxformer_lite.data.pipeline import build, check_ids, shard
-from flaxformer_lite.data.prepare import PrepareOptions, cached, corpus_store, merge, prepare, prepare_source
+from flaxformer_lite.data.preparation import PrepareOptions, cached, corpus_store, merge, prepare, prepare_source
 from flaxformer_lite.data.sources import iter_texts
 from flaxformer_lite.data.store import Documents, Store, is_store
 from flaxformer_lite.data.tokenizers import (

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
+import importlib
 import io
 import json
 import os
@@ -119,8 +120,7 @@ def _open(path: pathlib.Path) -> IO[bytes]:
         if path.name.endswith(".gz"):
             return gzip.open(path, "rb")
         if path.name.endswith(".zst"):
-            import zstandard
-
+            zstandard = _optional("zstandard", path)
             return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
         return open(path, "rb")
     except OSError as e:
@@ -133,7 +133,8 @@ def _decode(data: bytes, where: str, errors: str, stats: ReadStats) -> str:
     except UnicodeDecodeError as e:
         if errors == "strict":
             raise DataError(
-                f"{where}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file as UTF-8"
+                f"{where}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file as UTF-8, or "
+                "`flaxformer-lite prepare` it (which replaces such bytes and counts them)"
             ) from e
         text = data.decode("utf-8", errors="replace")
         stats.replaced += text.count("\ufffd") - data.count(_REPLACEMENT)
@@ -220,8 +221,18 @@ def _string(value, where: str, field: str) -> str:
     return value
 
 
+def _optional(module: str, path: pathlib.Path):
+    """An optional reader's module; DataError saying how to install it if it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise DataError(
+            f"{path}: reading it needs the {module.split('.')[0]} package: pip install 'flaxformer_lite[data]'"
+        ) from e
+
+
 def _parquet_texts(path: pathlib.Path, text_field: str, stats: ReadStats) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    pq = _optional("pyarrow.parquet", path)
 
     try:
         table = pq.ParquetFile(path)

@@ -266,8 +266,9 @@ class Store:
             )
         if m["max_id"] >= vocab_size:
             raise DataError(
-                f"model.vocab_size={vocab_size} but {where} holds token id {m['max_id']} (tokenizer "
-                f"vocab_size {m['vocab_size']}): set model.vocab_size >= {m['max_id'] + 1}"
+                f"{where}: token id {m['max_id']} is outside [0, vocab_size={vocab_size}) of the model "
+                f"(model.vocab_size; the tokenizer has {m['vocab_size']}): set model.vocab_size >= "
+                f"{m['max_id'] + 1}, or use a smaller tokenizer"
             )
         rule = m["split"]
         theirs = {"split": rule["method"], "val_fraction": rule["val_fraction"], "seed": rule["seed"]}

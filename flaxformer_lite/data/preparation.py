@@ -28,10 +28,9 @@ import json
 import multiprocessing
 import os
 import pathlib
-import sys
 import time
 import warnings
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -56,6 +55,9 @@ class PrepareOptions:
     split: str = "hash"  # hash | tail, as corpora.split
     seed: int = 0  # the hash split's key
     shard_tokens: int = 1 << 27  # tokens per chunk at most (256 MB of uint16)
+    # Bytes that are not UTF-8: "replace" (with U+FFFD, counted and reported) or "strict"
+    # (a DataError naming the file and line; what `train` on a plain corpus does).
+    utf8_errors: str = "replace"
 
     def check(self) -> None:
         """DataError naming the option that is out of range."""
@@ -64,6 +66,8 @@ class PrepareOptions:
             raise DataError(f"split {self.split!r} is not one of {', '.join(corpora.SPLIT_METHODS)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.utf8_errors not in ("replace", "strict"):
+            raise DataError(f"utf8_errors={self.utf8_errors!r} is not one of 'replace', 'strict'")
         if self.shard_tokens < 1:
             raise DataError(f"shard_tokens={self.shard_tokens} must be >= 1")
 
@@ -199,7 +203,7 @@ def _source_texts(name: str, options: PrepareOptions, stats: sources.ReadStats) 
     if name == sources.BUILTIN:
         return sources.builtin_texts(options.document_unit, stats)
     return sources.file_texts(pathlib.Path(name), text_field=options.text_field, unit=options.document_unit,
-                              errors="replace", stats=stats)
+                              errors=options.utf8_errors, stats=stats)
 
 
 def _done_chunks(shards: pathlib.Path, index: int, src: dict) -> list[dict]:
@@ -322,9 +326,10 @@ def start(corpus: sources.Source, out, options: PrepareOptions, tokenizer: Optio
 class _Bar:
     """tqdm in input bytes, with documents/s and tokens/s beside it."""
 
-    def __init__(self, total: Optional[int], enabled: bool):
+    def __init__(self, total: Optional[int], enabled: bool, desc: str = "prepare"):
+        # Shown after a second only: a small corpus prepares without a word.
         self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=not enabled,
-                        desc="prepare", dynamic_ncols=True, mininterval=0.5)
+                        desc=desc, dynamic_ncols=True, mininterval=0.5, delay=1.0)
         self.started, self.docs, self.tokens = time.perf_counter(), 0, 0
 
     def __call__(self, nbytes: int, docs: int, tokens: int) -> None:
@@ -365,7 +370,7 @@ def prepare(
     mine = [i for i in range(len(header["sources"])) if part is None or i % part[1] == part[0]]
     plain = all(sources.kind(pathlib.Path(s["name"])) == "text" and not s["name"].endswith((".gz", ".zst"))
                 for s in header["sources"])
-    bar = _Bar(sum(header["sources"][i]["size"] for i in mine) if plain else None, progress)
+    bar = _Bar(sum(header["sources"][i]["size"] for i in mine) if plain else None, progress, f"prepare {out}")
     try:
         if workers > 1 and len(mine) > 1:
             _in_pool(out, mine, workers, bar)
@@ -489,8 +494,6 @@ def cached(corpus: sources.Source, options: PrepareOptions, *, tokenizer: Option
     tok = tokenizer or load_tokenizer(options.tokenizer)
     out = cache_root() / "data" / content_key(corpus, options, tok)[:32]
     if not (out / store.MANIFEST).is_file():
-        if progress:
-            print(f"preparing {corpus} into the cache {out}", file=sys.stderr)
         prepare(corpus, out, options, progress=progress, tokenizer=tok)
     return out
 
