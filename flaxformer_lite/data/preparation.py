@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -30,7 +31,8 @@ import os
 import pathlib
 import time
 import warnings
-from typing import Callable, Iterator, Optional
+from json.encoder import encode_basestring_ascii
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -156,13 +158,17 @@ class _Chunk:
             raise _write_error(self.final[key], e) from e
         self.sha[key].update(data)
 
-    def add(self, ids: np.ndarray, split_hash: int) -> None:
-        if ids.size:
-            self.max_id = max(self.max_id, int(ids.max()))
-        self._put("tokens", ids.astype(self.dtype).tobytes())
-        self.tokens += len(ids)
-        self.documents += 1
-        self._put("docs", np.array([self.tokens, split_hash], "<u8").tobytes())
+    def add(self, docs: Sequence[np.ndarray], hashes: Sequence[int]) -> None:
+        """Append documents (arrays of ids) and their split hashes."""
+        lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+        flat = np.concatenate(docs)
+        if flat.size:
+            self.max_id = max(self.max_id, int(flat.max()))
+        self._put("tokens", flat.astype(self.dtype).tobytes())
+        ends = self.tokens + np.cumsum(lengths)
+        self._put("docs", np.stack([ends.astype("<u8"), np.asarray(hashes, "<u8")], axis=1).tobytes())
+        self.tokens = int(ends[-1])
+        self.documents += len(docs)
 
     def finish(self, meta: dict) -> dict:
         """Flush, rename both files, then write the .json that marks the chunk done."""
@@ -195,8 +201,19 @@ class _Chunk:
 
 def split_hash(text: str, seed: int) -> int:
     """`corpora.split`'s hash of a document, as an integer (same order as its bytes)."""
-    digest = hashlib.blake2b(json.dumps(text).encode(), digest_size=8, key=str(seed).encode()).digest()
-    return int.from_bytes(digest, "big")
+    return _split_hasher(seed)(text)
+
+
+@functools.lru_cache(maxsize=4)
+def _split_hasher(seed: int) -> Callable[[str], int]:
+    keyed = hashlib.blake2b(digest_size=8, key=str(seed).encode())
+
+    def hash_text(text: str) -> int:
+        h = keyed.copy()
+        h.update(encode_basestring_ascii(text).encode())  # what json.dumps(text) returns
+        return int.from_bytes(h.digest(), "big")
+
+    return hash_text
 
 
 def _source_texts(name: str, options: PrepareOptions, stats: sources.ReadStats) -> Iterator[str]:
@@ -246,18 +263,25 @@ def prepare_source(out, index: int, tokenizer: Optional[Tokenizer] = None,
     first_document, replaced_before, read_before = skip, stats.replaced, stats.bytes_read
     try:
         while batch := [t for _, t in zip(range(BATCH_DOCUMENTS), texts)]:
-            tokens = 0
-            for text, ids in zip(batch, tok.encode_batch(batch)):
-                if chunk.documents and chunk.tokens + len(ids) > options.shard_tokens:
+            ids = tok.encode_batch(batch)
+            hashes = list(map(_split_hasher(options.seed), batch)) if hashing else [0] * len(batch)
+            ends = np.cumsum([len(i) for i in ids])
+            at = 0
+            while at < len(batch):
+                # The documents that fit, and one alone if even it does not.
+                room = options.shard_tokens - chunk.tokens + (ends[at - 1] if at else 0)
+                k = max(int(np.searchsorted(ends[at:], room, side="right")), 0 if chunk.documents else 1)
+                if k:
+                    chunk.add(ids[at : at + k], hashes[at : at + k])
+                    at += k
+                if at < len(batch):
                     meta = _chunk_meta(src, index, chunk, first_document, stats.replaced - replaced_before, False)
                     done.append(chunk.finish(meta))
                     first_document += chunk.documents
                     replaced_before = stats.replaced
                     chunk = _Chunk(shards, index, len(done), dtype)
-                chunk.add(ids, split_hash(text, options.seed) if hashing else 0)
-                tokens += len(ids)
             if progress:
-                progress(stats.bytes_read - read_before, len(batch), tokens)
+                progress(stats.bytes_read - read_before, len(batch), int(ends[-1]))
             read_before = stats.bytes_read
     except BaseException:
         chunk.abort()

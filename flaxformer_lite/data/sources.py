@@ -32,6 +32,7 @@ import io
 import json
 import os
 import pathlib
+import re
 from typing import IO, Iterator, Literal, Optional, Sequence, Union
 
 from flaxformer_lite.data.errors import DataError
@@ -44,7 +45,10 @@ UNITS = ("paragraph", "line", "file")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # What a folder is searched for when it is a source of documents.
 TEXT_PATTERNS = ("*.txt", "*.jsonl", "*.ndjson", "*.jsonl.gz", "*.jsonl.zst", "*.parquet")
+NEWLINE = b"\n"
 _BLANK = " \t"  # a line of only these separates paragraphs
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")  # one or more such lines
+BLOCK_BYTES = 1 << 22  # plain text is read this much at a time
 _REPLACEMENT = "\ufffd".encode()
 
 
@@ -127,10 +131,12 @@ def _open(path: pathlib.Path) -> IO[bytes]:
         raise DataError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
 
 
-def _decode(data: bytes, where: str, errors: str, stats: ReadStats) -> str:
+def _decode(data: bytes, path: pathlib.Path, line: int, errors: str, stats: ReadStats) -> str:
+    """UTF-8 text of `data`, the bytes of `path` from line `line` on."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
+        where = f"{path}:{line + data.count(NEWLINE, 0, e.start)}"
         if errors == "strict":
             raise DataError(
                 f"{where}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file as UTF-8, or "
@@ -148,15 +154,15 @@ def _lines(path: pathlib.Path, errors: str, stats: ReadStats) -> Iterator[tuple[
         try:
             for number, raw in enumerate(f, start=1):
                 stats.bytes_read += len(raw)
-                raw = raw[:-1] if raw.endswith(b"\n") else raw
-                raw = raw[:-1] if raw.endswith(b"\r") else raw
-                line = _decode(raw, f"{path}:{number}", errors, stats)
+                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(NEWLINE) else raw
+                line = _decode(raw, path, number, errors, stats)
                 yield number, line.removeprefix("\ufeff") if number == 1 else line
         except (OSError, EOFError) as e:  # a truncated .gz or .zst, an I/O error mid-file
             raise DataError(f"{path}: cannot read ({e}); the file is damaged or truncated") from e
 
 
 def _paragraphs(lines: Iterator[tuple[int, str]]) -> Iterator[str]:
+    """Runs of non-blank lines, joined: what `_PARAGRAPH_BREAK` splits a text into."""
     lines_of_paragraph: list[str] = []
     for _, line in lines:
         if line.strip(_BLANK):
@@ -180,17 +186,54 @@ def units(text: str, unit: Unit) -> Iterator[str]:
     return (p for p in pieces if p.strip())
 
 
+def _blocks(path: pathlib.Path, errors: str, stats: ReadStats) -> Iterator[str]:
+    """The file's text in blocks of whole lines ("\r\n" read as "\n", no BOM)."""
+    line, rest = 1, b""
+    with _open(path) as f:
+        try:
+            while True:
+                data = f.read(BLOCK_BYTES)
+                if data:
+                    data = rest + data
+                    cut = data.rfind(NEWLINE) + 1
+                    if not cut:  # no whole line yet
+                        rest = data
+                        continue
+                    data, rest = data[:cut], data[cut:]
+                elif rest:  # the last line, without a newline
+                    data, rest = rest, b""
+                else:
+                    return
+                stats.bytes_read += len(data)
+                text = _decode(data, path, line, errors, stats).replace("\r\n", "\n")
+                yield text.removeprefix("\ufeff") if line == 1 else text
+                line += data.count(NEWLINE)
+        except (OSError, EOFError) as e:  # a truncated .gz or .zst, an I/O error mid-file
+            raise DataError(f"{path}: cannot read ({e}); the file is damaged or truncated") from e
+
+
 def _plain_texts(path: pathlib.Path, unit: Unit, errors: str, stats: ReadStats) -> Iterator[str]:
+    """A text file's documents, read a block of lines at a time.
+
+    Paragraphs are split with a regular expression over each block rather than line by
+    line (several times faster); the piece after a block's last break is carried into the
+    next block behind a "\n" that restores its line start, so the result is the same as
+    `_paragraphs` over the file's lines.
+    """
     if unit == "file":
-        with _open(path) as f:
-            data = f.read()
-        stats.bytes_read += len(data)
-        text = _decode(data, str(path), errors, stats).removeprefix("\ufeff").replace("\r\n", "\n")
+        text = "".join(_blocks(path, errors, stats))
         yield from units(text, "file")
-    elif unit == "paragraph":
-        yield from (p for p in _paragraphs(_lines(path, errors, stats)) if p.strip())
-    else:
-        yield from (p for _, line in _lines(path, errors, stats) for p in line.splitlines() if p.strip())
+        return
+    if unit == "line":
+        for block in _blocks(path, errors, stats):
+            yield from (p for p in block.splitlines() if p.strip())
+        return
+    carry = "\n"
+    for block in _blocks(path, errors, stats):
+        pieces = _PARAGRAPH_BREAK.split(carry + block)
+        carry = "\n" + pieces.pop()
+        yield from (p for p in (p.strip("\n") for p in pieces) if p.strip())
+    yield from (p for p in (p.strip("\n") for p in _PARAGRAPH_BREAK.split(carry + "\n")) if p.strip())
 
 
 def jsonl_records(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import pathlib
 from typing import Iterable, Literal, Protocol, Sequence, Union
@@ -101,7 +102,10 @@ class ByteTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """`encode` of each text as an int32 array, without specials (the fast path)."""
-        return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) + self.BYTE_OFFSET for t in texts]
+        encoded = [t.encode("utf-8") for t in texts]
+        flat = np.frombuffer(b"".join(encoded), np.uint8).astype(np.int32) + self.BYTE_OFFSET
+        ends = list(itertools.accumulate(map(len, encoded)))
+        return [flat[start:end] for start, end in zip([0] + ends, ends)]
 
     @property
     def identity(self) -> dict:
