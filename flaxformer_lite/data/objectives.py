@@ -288,11 +288,13 @@ class _Windows(Sequence):
     """
 
     def __init__(self, lengths: np.ndarray, size: int, step: int, min_last: int = 0):
-        starts_end = np.maximum(lengths - (size - step), 1)
-        counts = -(-starts_end // step)
+        # In place where it can be: this runs over every document of a large corpus.
+        counts = np.maximum(lengths - (size - step), 1)
+        counts += step - 1
+        counts //= step
         if min_last:  # drop a last window shorter than min_last tokens
-            counts = counts - ((lengths - (counts - 1) * step) < min_last)
-        self._ends = np.cumsum(counts)
+            counts -= (lengths - (counts - 1) * step) < min_last
+        self._ends = np.cumsum(counts, out=counts)
         self._step = step
 
     def __len__(self) -> int:
@@ -312,7 +314,7 @@ def _window(item: tuple[int, int], rng: np.random.Generator, *, docs: Documents,
     each epoch cuts long documents at new places and a row is not the same token
     sequence every pass."""
     d, start = item
-    n = int(docs.lengths[d]) + (bos is not None) + (eos is not None)
+    n = docs.length(d) + (bos is not None) + (eos is not None)
     if shift and n > size:
         half = (size - 1) // 2
         start = int(np.clip(start + rng.integers(-half, half + 1), 0, n - size))
@@ -359,7 +361,9 @@ def _causal_lm_plan(docs: Documents, spec: _Spec) -> _Plan:
     features = functools.partial(
         _token_features, docs=docs, size=seq_len, shift=spec.shift_windows, bos=tok.bos_id, eos=tok.eos_id
     )
-    windows = _Windows(docs.lengths + 2, seq_len, seq_len - 1)
+    lengths = docs.lengths
+    lengths += 2  # bos and eos
+    windows = _Windows(lengths, seq_len, seq_len - 1)
     return _Plan(windows, features, {"tokens": seq_len}, _finalizer(causal_lm_batch, spec), spec.pack)
 
 
@@ -378,7 +382,9 @@ def _masked_lm_plan(docs: Documents, spec: _Spec) -> _Plan:
     if not 0.0 < spec.mask_probability < 1.0:
         raise DataError(f"mask_probability={spec.mask_probability} must be in (0, 1) (BERT: 0.15)")
     body = seq_len - 2
-    docs = docs.select(np.flatnonzero(docs.lengths))
+    doc_lengths = docs.lengths
+    if not doc_lengths.all():
+        docs, doc_lengths = docs.select(np.flatnonzero(doc_lengths)), doc_lengths[doc_lengths > 0]
     features = functools.partial(
         _masked_lm_features,
         window_kwargs=dict(docs=docs, size=body, shift=spec.shift_windows),
@@ -391,7 +397,8 @@ def _masked_lm_plan(docs: Documents, spec: _Spec) -> _Plan:
         random_ids=_regular_ids(spec),
     )
     lengths = {"tokens": seq_len, "labels": seq_len, "weights": seq_len}
-    return _Plan(_Windows(docs.lengths, body, body), features, lengths, _finalizer(masked_lm_batch, spec), spec.pack)
+    windows = _Windows(doc_lengths, body, body)
+    return _Plan(windows, features, lengths, _finalizer(masked_lm_batch, spec), spec.pack)
 
 
 def _span_corruption_features(

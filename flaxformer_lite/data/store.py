@@ -1,7 +1,7 @@
-"""The token store: a corpus tokenized once into memory-mapped shards, with a manifest.
+"""The token store: a corpus tokenized once into flat shards of ids, with a manifest.
 
     store = Store.open("data/web")            # DATADIR; shard sizes and checksums verified
-    train_docs = store.documents("train")      # Documents: random access, memory-mapped
+    train_docs = store.documents("train")      # Documents: random access, read on demand
     ds = make_dataset("causal_lm", train_docs, tokenizer=tok, batch_size=32, seq_len=128)
 
 On disk (`prepare` writes it; docs/data.md has the whole format):
@@ -24,9 +24,11 @@ rewriting a byte. The hash is `corpora.split`'s, so both give the same split.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 from typing import Optional, Sequence
 
@@ -86,34 +88,104 @@ def block(count: int, index: int, parts: int) -> range:
 # ------------------------------------------------------------------------------ documents
 
 
+class ShardFile:
+    """A shard file as a read-only 1-D array: `f[i]`, `f[a:b]`, `np.asarray(f)`, `len(f)`.
+
+    Reads are positioned reads (`os.pread`) of just the bytes asked for. A memory map
+    would do the same I/O, but every page it touches stays in the process's resident
+    memory (with the kernel's fault-around, 64 KB a random read), so a long run would
+    look as if it held the whole corpus. `stride=2` reads every other item (the end
+    offsets of a .docs file). Pickles by path, so worker processes reopen the file.
+    """
+
+    def __init__(self, path: pathlib.Path, dtype: np.dtype, stride: int = 1):
+        self.path, self.dtype, self.stride = pathlib.Path(path), np.dtype(dtype), stride
+        self._len = self.path.stat().st_size // (self.dtype.itemsize * stride)
+        self._fd: Optional[int] = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _read(self, first: int, count: int) -> np.ndarray:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        step = self.dtype.itemsize * self.stride
+        return np.frombuffer(os.pread(self._fd, count * step, first * step), self.dtype)[:: self.stride]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self._len)
+            if step != 1:
+                raise IndexError("ShardFile slices take step 1")
+            return self._read(start, max(stop - start, 0))
+        if not 0 <= key < self._len:
+            raise IndexError(key)
+        return self._read(key, 1)[0]
+
+    def __array__(self, dtype=None, copy=None):
+        data = np.fromfile(self.path, self.dtype)[:: self.stride]
+        return data if dtype is None else data.astype(dtype)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
 class Documents:
     """Tokenized documents with random access, backed by flat token arrays.
 
-    Document d is `arrays[array_of[d]][start[d] : start[d] + length[d]]`; the arrays are
-    memory-mapped shards (a Store) or one in-memory array (`from_arrays`). Reading a
-    window touches only its own bytes, so memory does not grow with the corpus.
+    Array a holds its documents back to back; `ends[a][i]` is where its document i ends.
+    The arrays are memory-mapped shards (a Store) or one in-memory array (`from_arrays`).
+    A Documents is a selection of those documents by global id (a `range` when it is
+    contiguous, as for the tail split or a process's block), so it costs nothing per
+    document until `lengths` is asked for, and reading a window touches only its own bytes.
     """
 
-    def __init__(self, arrays: Sequence[np.ndarray], array_of: np.ndarray, start: np.ndarray,
-                 length: np.ndarray, *, max_id: int, name: str):
-        self._arrays = list(arrays)
-        self._array_of = np.asarray(array_of, np.int32)
-        self._start = np.asarray(start, np.int64)
-        self.lengths = np.asarray(length, np.int64)
+    def __init__(self, arrays: Sequence[np.ndarray], ends: Sequence[np.ndarray], ids=None, *,
+                 max_id: int, name: str):
+        self._arrays, self._ends = list(arrays), list(ends)
+        self._first = np.concatenate([[0], np.cumsum([len(e) for e in self._ends])]).tolist()
+        self._ids = range(self._first[-1]) if ids is None else ids
         self.max_id = max_id  # the largest id in any array (-1: none), for the vocab check
         self.name = name
 
     @classmethod
     def from_arrays(cls, docs: Sequence[np.ndarray], name: str = "documents") -> "Documents":
         """Documents held in memory, one array of ids each."""
-        lengths = np.array([len(d) for d in docs], np.int64)
         flat = np.concatenate([np.asarray(d, np.int32) for d in docs]) if len(docs) else np.zeros(0, np.int32)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(docs) else lengths
-        max_id = int(flat.max()) if flat.size else -1
-        return cls([flat], np.zeros(len(docs), np.int32), starts, lengths, max_id=max_id, name=name)
+        ends = np.cumsum([len(d) for d in docs], dtype=np.int64)
+        return cls([flat], [ends], max_id=int(flat.max()) if flat.size else -1, name=name)
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self._ids)
+
+    def _span(self, d: int) -> tuple[np.ndarray, int, int]:
+        """(array, start, end) of document d."""
+        g = int(self._ids[d])
+        a = bisect.bisect_right(self._first, g) - 1
+        i, ends = g - self._first[a], self._ends[a]
+        return self._arrays[a], int(ends[i - 1]) if i else 0, int(ends[i])
+
+    def length(self, d: int) -> int:
+        """Tokens in document d."""
+        _, start, end = self._span(d)
+        return end - start
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens in each document (int64; computed, 8 bytes a document, not kept)."""
+        every = np.empty(self._first[-1], np.int64)
+        for first, ends in zip(self._first, self._ends):
+            ends = np.asarray(ends, np.int64)
+            part = every[first : first + len(ends)]
+            part[:] = ends
+            part[1:] -= ends[:-1]
+        if isinstance(self._ids, range):
+            return every[self._ids.start : self._ids.stop]
+        return every[self._ids]
 
     @property
     def num_tokens(self) -> int:
@@ -121,12 +193,13 @@ class Documents:
 
     def tokens(self, d: int) -> np.ndarray:
         """Document d's ids (int32)."""
-        s = self._start[d]
-        return np.asarray(self._arrays[self._array_of[d]][s : s + self.lengths[d]], np.int32)
+        array, start, end = self._span(d)
+        return np.asarray(array[start:end], np.int32)
 
     def window(self, d: int, start: int, size: int, bos: Optional[int] = None, eos: Optional[int] = None) -> np.ndarray:
         """Ids [start, start + size) of document d as if it were [bos] + ids + [eos] (int32)."""
-        pre, n = int(bos is not None), int(self.lengths[d])
+        array, first, last = self._span(d)
+        pre, n = int(bos is not None), last - first
         total = pre + n + int(eos is not None)
         end = min(start + size, total)
         out = np.empty(max(end - start, 0), np.int32)
@@ -135,16 +208,18 @@ class Documents:
         if pre and start == 0 and end > 0:
             out[0], at = bos, 1
         if hi > lo:
-            s = self._start[d]
-            out[at : at + hi - lo] = self._arrays[self._array_of[d]][s + lo : s + hi]
+            out[at : at + hi - lo] = array[first + lo : first + hi]
         if eos is not None and end == total and end > start:
             out[-1] = eos
         return out
 
-    def select(self, indices: np.ndarray, name: Optional[str] = None) -> "Documents":
-        """The documents at `indices`, in that order."""
-        return Documents(self._arrays, self._array_of[indices], self._start[indices], self.lengths[indices],
-                         max_id=self.max_id, name=name or self.name)
+    def select(self, indices, name: Optional[str] = None) -> "Documents":
+        """The documents at `indices` (a range or an integer array), in that order."""
+        if isinstance(indices, range) and isinstance(self._ids, range):
+            ids = self._ids[indices.start : indices.stop]
+        else:
+            ids = np.asarray(self._ids)[np.asarray(indices)]
+        return Documents(self._arrays, self._ends, ids, max_id=self.max_id, name=name or self.name)
 
     def shard(self, index: int, count: int) -> "Documents":
         """Process `index` of `count`'s contiguous block of documents (disjoint, covering all)."""
@@ -154,7 +229,7 @@ class Documents:
                 f"shard {index} of {count} is empty: {self.name} has only {len(self)} documents; use "
                 "more data or fewer processes"
             )
-        return self.select(np.arange(mine.start, mine.stop), self.name)
+        return self.select(mine)
 
 
 # ---------------------------------------------------------------------------------- store
@@ -217,42 +292,32 @@ class Store:
             if verify and file_sha256(file) != shard["sha256"][key]:
                 raise DataError(f"{file}: shard checksum does not match the manifest (corrupted); {fix}")
 
-    def _map(self, shard: dict, key: str, dtype) -> np.ndarray:
-        file = self.path / shard["files"][key]
-        if file.stat().st_size == 0:
-            return np.zeros(0, dtype)
-        return np.memmap(file, dtype=dtype, mode="r")
-
     def documents(self, split: str = "train") -> Documents:
         """The documents of a split ('train', 'val' or 'all'), in corpus order."""
         if split not in SPLITS:
             raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        arrays, array_of, starts, lengths, hashes = [], [], [], [], []
-        for i, shard in enumerate(self.manifest["shards"]):
-            docs = self._map(shard, "docs", "<u8").reshape(-1, 2)
-            ends = np.asarray(docs[:, 0], np.int64)
-            arrays.append(self._map(shard, "tokens", self.dtype))
-            array_of.append(np.full(len(ends), i, np.int32))
-            starts.append(np.concatenate([[0], ends[:-1]]).astype(np.int64))
-            lengths.append(np.diff(ends, prepend=0))
-            hashes.append(np.asarray(docs[:, 1]))
-        array_of, starts, lengths, hashes = (np.concatenate(a) for a in (array_of, starts, lengths, hashes))
-        rule = self.manifest["split"]
-        val = np.zeros(len(lengths), bool)
-        if rule["method"] == "tail":
-            val[rule["val_start"] :] = True
-        elif rule.get("threshold") is not None:
-            val = hashes <= np.uint64(rule["threshold"])
-        chosen = {"train": ~val, "val": val, "all": np.ones_like(val)}[split]
-        if not chosen.any():
+        shards, rule = self.manifest["shards"], self.manifest["split"]
+        n = sum(s["documents"] for s in shards)
+        if split == "all":
+            ids = range(n)
+        elif rule["method"] == "tail" or rule.get("threshold") is None:
+            start = rule.get("val_start", n)
+            ids = range(start) if split == "train" else range(start, n)
+        else:  # hash: read each shard's hashes once, keep the chosen ids
+            threshold = np.uint64(rule["threshold"])
+            val = np.concatenate([
+                np.fromfile(self.path / s["files"]["docs"], "<u8").reshape(-1, 2)[:, 1] <= threshold for s in shards
+            ])
+            ids = np.flatnonzero(val if split == "val" else ~val)
+        if not len(ids):
             raise DataError(
                 f"{self.path}: no {split} documents (prepared with val_fraction="
                 f"{rule['val_fraction']}); prepare again with another --val-fraction"
             )
-        idx = np.flatnonzero(chosen)
-        max_id = max((s["max_id"] for s in self.manifest["shards"]), default=-1)
-        return Documents(arrays, array_of[idx], starts[idx], lengths[idx], max_id=max_id,
-                         name=f"{self.path} ({split})")
+        arrays = [ShardFile(self.path / s["files"]["tokens"], self.dtype) for s in shards]
+        ends = [ShardFile(self.path / s["files"]["docs"], np.dtype("<u8"), stride=2) for s in shards]
+        max_id = max((s["max_id"] for s in shards), default=-1)
+        return Documents(arrays, ends, ids, max_id=max_id, name=f"{self.path} ({split})")
 
     def check_matches(self, *, tokenizer_identity: dict, tokenizer_spec: str, vocab_size: int,
                       split: str, val_fraction: float, seed: int) -> None:
