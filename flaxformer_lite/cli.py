@@ -17,7 +17,7 @@ COMMANDS = {
     "convert": ("flaxformer_lite.interop.commands", "convert", "convert HF <-> flaxformer_lite"),
     "viz": ("flaxformer_lite.viz", "viz", "plot attention weights"),
     "bench": ("flaxformer_lite.bench", "bench", "run benchmarks"),
-    "prepare": ("flaxformer_lite.data.commands", "prepare", "tokenize a corpus once into memory-mapped shards"),
+    "prepare": ("flaxformer_lite.data.commands", "prepare", "tokenize a corpus once into shards of token ids"),
     "tokenizer": ("flaxformer_lite.data.commands", "tokenizer", "train a tokenizer.json on a corpus"),
 }
 

@@ -575,7 +575,7 @@ def make_dataset(
 
     data: what `load_corpus(objective, ...)` returns (ignored by copy/reverse); for
       causal_lm, masked_lm and span_corruption also `Documents`, e.g.
-      `Store.open(DATADIR).documents("train")`, read from memory-mapped shards.
+      `Store.open(DATADIR).documents("train")`, read from the store's shards on demand.
     train: endless, reshuffled every epoch, random packing-bin order; else one pass.
     seed: shuffling, masks and noise spans; the same seed gives the same batches.
     target_len: decoder length for the seq2seq family; None: seq_len, except for

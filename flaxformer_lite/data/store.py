@@ -138,7 +138,7 @@ class Documents:
     """Tokenized documents with random access, backed by flat token arrays.
 
     Array a holds its documents back to back; `ends[a][i]` is where its document i ends.
-    The arrays are memory-mapped shards (a Store) or one in-memory array (`from_arrays`).
+    The arrays are shard files (`ShardFile`, a Store) or one in-memory array (`from_arrays`).
     A Documents is a selection of those documents by global id (a `range` when it is
     contiguous, as for the tail split or a process's block), so it costs nothing per
     document until `lengths` is asked for, and reading a window touches only its own bytes.
