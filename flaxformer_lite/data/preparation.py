@@ -148,7 +148,13 @@ class _Chunk:
         self.tokens = self.documents = 0
         self.max_id = -1
         self.sha = {k: hashlib.sha256() for k in self.final}
-        self.files = {k: open(self.tmp[k], "wb") for k in self.final}
+        self.files = {}
+        for key, path in self.tmp.items():
+            try:
+                self.files[key] = open(path, "wb")
+            except OSError as e:
+                self.abort()
+                raise _write_error(self.final[key], e) from e
 
     def _put(self, key: str, data: bytes) -> None:
         try:
