@@ -1,4 +1,4 @@
-"""`flaxformer-lite {train,eval,generate,embed,summary,convert,viz,bench}`.
+"""`flaxformer-lite {train,eval,generate,embed,summary,convert,viz,bench,prepare,tokenizer}`.
 
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args)`;
 only the chosen command's module is imported, so `--help` stays fast.
@@ -19,6 +19,8 @@ COMMANDS = {
     "convert": ("flaxformer_lite.interop.commands", "convert", "convert HF <-> flaxformer_lite"),
     "viz": ("flaxformer_lite.viz", "viz", "plot attention weights or position encodings"),
     "bench": ("flaxformer_lite.bench", "bench", "run benchmarks"),
+    "prepare": ("flaxformer_lite.data.commands", "prepare", "tokenize a corpus once into shards of token ids"),
+    "tokenizer": ("flaxformer_lite.data.commands", "tokenizer", "train a tokenizer.json on a corpus"),
 }
 
 

@@ -102,7 +102,10 @@ class DataConfig:
     objective: Literal[
         "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse"
     ] = "causal_lm"
-    corpus: str = "builtin"  # builtin | path/glob to text, .jsonl, .tsv
+    # builtin | a prepared DATADIR | path/glob to text, .jsonl[.gz|.zst], .parquet, .tsv.
+    # Language-model text that is not a DATADIR is prepared into the cache first
+    # ($FLAXFORMER_LITE_CACHE, default ~/.cache/flaxformer_lite; docs/data.md).
+    corpus: str = "builtin"
     text_field: str = "text"
     label_field: str = "label"
     # Language-model objectives: a document is a paragraph (text cut at blank lines), a
@@ -123,6 +126,9 @@ class DataConfig:
     mean_noise_span_length: float = 3.0
     synthetic_vocab: int = 32  # copy / reverse tasks: symbols drawn from this many ids
     seed: int = 0
+    # Checksum every shard of a prepared corpus at startup (about 1 s per GB of tokens);
+    # sizes are always checked.
+    verify_shards: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Corpora: documents, seq2seq pairs and labelled examples read from local files.
 
     docs = load_texts()                         # built-in: CPython's documentation text
-    docs = load_texts("corpus/")                # a file, a folder (recursive *.txt), a glob
+    docs = load_texts("corpus/")                # a file, a folder (recursive), a glob
     docs = load_texts("web.jsonl", text_field="text")
     pairs = load_pairs("train.tsv")             # source<TAB>target, or .jsonl source/target
     labeled = load_labeled("reviews.tsv")       # text<TAB>label, or .jsonl text/label
@@ -9,10 +9,11 @@
     train_docs, val_docs = split(docs, val_fraction=0.05, seed=0)
 
 A source is "builtin" (or None), a path to a file or folder, a glob pattern, or a list of
-those. Files ending in .jsonl (or .ndjson) are JSON lines; in `load_texts` any other file
-is plain text, in `load_pairs`/`load_labeled` any other file is tab-separated. Folders
-are searched recursively for *.txt (texts) or *.tsv and *.jsonl (pairs, labelled). Files
-are read in sorted order, so every list comes out in the same order on every machine.
+those. `load_texts` reads what `sources.iter_texts` streams (plain text, JSON lines,
+compressed JSON lines, Parquet). In `load_pairs`/`load_labeled` files ending in .jsonl
+(or .ndjson) are JSON lines and any other file is tab-separated; folders are searched
+recursively for *.tsv and *.jsonl. Files are read in sorted order, so every list comes
+out in the same order on every machine.
 
 Bad input raises `DataError` naming the file and line and saying what was expected.
 """
@@ -20,25 +21,31 @@ Bad input raises `DataError` naming the file and line and saying what was expect
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
-import os
 import pathlib
 import re
-from typing import Any, Iterator, Literal, Optional, Sequence, TypeVar, Union
+from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 
 from flaxformer_lite.data.errors import DataError
+from flaxformer_lite.data.sources import (
+    BUILTIN,
+    JSONL_SUFFIXES,
+    Source,
+    Unit,
+    builtin_documents,
+    files,
+    is_builtin,
+    iter_texts,
+    jsonl_records,
+)
 
-BUILTIN = "builtin"
-Source = Union[None, str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
-Unit = Literal["paragraph", "line", "file"]
+__all__ = ["BUILTIN", "LabeledCorpus", "builtin_classification", "builtin_documents", "load_labeled",
+           "load_pairs", "load_texts", "split"]
+
 T = TypeVar("T")
-
-_JSONL_SUFFIXES = (".jsonl", ".ndjson")
-_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")  # one or more blank lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,33 +61,6 @@ class LabeledCorpus:
 
 
 # ------------------------------------------------------------------------------- reading files
-
-
-def _is_builtin(source: Source) -> bool:
-    return source is None or (isinstance(source, str) and source == BUILTIN)
-
-
-def _files(source: Source, folder_patterns: tuple[str, ...]) -> list[pathlib.Path]:
-    """The files `source` names, in sorted order; DataError if it names none."""
-    if isinstance(source, (list, tuple)):
-        if not source:
-            raise DataError("empty list of corpus paths; pass at least one file, folder or glob")
-        return [f for s in source for f in _files(s, folder_patterns)]
-    path = pathlib.Path(source)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(f for pattern in folder_patterns for f in path.rglob(pattern) if f.is_file())
-        if not found:
-            raise DataError(f"{path}: folder holds no {' or '.join(folder_patterns)} files")
-        return found
-    if glob.has_magic(str(source)):
-        found = sorted(pathlib.Path(f) for f in glob.glob(str(source), recursive=True))
-        found = [f for f in found if f.is_file()]
-        if not found:
-            raise DataError(f"{source}: pattern matches no files")
-        return found
-    raise DataError(f"{path}: no such file or folder (corpus paths are files, folders or globs)")
 
 
 def _read(path: pathlib.Path) -> str:
@@ -104,24 +84,6 @@ def _lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
     for number, line in enumerate(_read(path).splitlines(), start=1):
         if line.strip():
             yield number, line
-
-
-def _jsonl(path: pathlib.Path, fields: Sequence[str]) -> Iterator[tuple[int, list[Any]]]:
-    """(line number, [record[f] for f in fields]) for each JSON line of the file."""
-    for number, line in _lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); expected one object a line") from e
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: JSON line is a {type(record).__name__}, expected an object")
-        missing = [f for f in fields if f not in record]
-        if missing:
-            raise DataError(
-                f"{path}:{number}: no field {missing[0]!r} (fields: {', '.join(sorted(record)) or 'none'}); "
-                "name the right one with text_field/label_field/source_field/target_field"
-            )
-        yield number, [record[f] for f in fields]
 
 
 def _string(value: Any, path: pathlib.Path, number: int, field: str) -> str:
@@ -154,48 +116,15 @@ def _nonempty(items: list[T], source: Source, what: str) -> list[T]:
 # ------------------------------------------------------------------------------------ texts
 
 
-def builtin_documents() -> list[str]:
-    """CPython's documentation topics (`pydoc_data.topics`), one a document, sorted by name."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:
-        raise DataError(
-            "the built-in corpus needs the standard library's pydoc_data module, which this Python "
-            "lacks; pass a corpus path instead"
-        ) from e
-    return [topics[name] for name in sorted(topics)]
-
-
-def _units(text: str, unit: Unit) -> list[str]:
-    if unit == "paragraph":
-        pieces = _PARAGRAPH_BREAK.split(text)
-    elif unit == "line":
-        pieces = text.splitlines()
-    else:
-        pieces = [text]
-    return [p.strip("\n") for p in pieces if p.strip()]
-
-
 def load_texts(source: Source = None, *, text_field: str = "text", unit: Unit = "paragraph") -> list[str]:
-    """Documents for language modelling.
+    """Documents for language modelling, all in memory (`sources.iter_texts` streams them).
 
     Plain text is cut into documents at blank lines (`unit="paragraph"`), at every line
     (`"line"`), or kept whole (`"file"`); each built-in topic counts as one file. A
-    .jsonl line is one document, its `text_field`.
+    .jsonl line (or Parquet row) is one document, its `text_field`.
     """
-    if unit not in ("paragraph", "line", "file"):
-        raise DataError(f"unit {unit!r} is not one of 'paragraph', 'line', 'file'")
-    if _is_builtin(source):
-        return _nonempty([u for doc in builtin_documents() for u in _units(doc, unit)], BUILTIN, "text")
-    docs: list[str] = []
-    for path in _files(source, ("*.txt",)):
-        if path.suffix in _JSONL_SUFFIXES:
-            for number, (text,) in _jsonl(path, (text_field,)):
-                if _string(text, path, number, text_field).strip():
-                    docs.append(text)
-        else:
-            docs.extend(_units(_read(path), unit))
-    return _nonempty(docs, source, "text")
+    docs = list(iter_texts(source, text_field=text_field, unit=unit))
+    return _nonempty(docs, BUILTIN if is_builtin(source) else source, "text")
 
 
 # ------------------------------------------------------------------------------------ pairs
@@ -205,15 +134,15 @@ def load_pairs(
     source: Source, *, source_field: str = "source", target_field: str = "target"
 ) -> list[tuple[str, str]]:
     """(source, target) pairs for seq2seq: TSV rows `source<TAB>target`, or JSON lines."""
-    if _is_builtin(source):
+    if is_builtin(source):
         raise DataError(
             "there is no built-in seq2seq corpus; pass a TSV of source<TAB>target rows, or use "
             "the span_corruption objective (built-in text) or the copy/reverse tasks"
         )
     pairs: list[tuple[str, str]] = []
-    for path in _files(source, ("*.tsv", "*.jsonl")):
-        if path.suffix in _JSONL_SUFFIXES:
-            for number, (src, tgt) in _jsonl(path, (source_field, target_field)):
+    for path in files(source, ("*.tsv", "*.jsonl")):
+        if path.suffix in JSONL_SUFFIXES:
+            for number, (src, tgt) in jsonl_records(path, (source_field, target_field)):
                 pairs.append(
                     (_string(src, path, number, source_field), _string(tgt, path, number, target_field))
                 )
@@ -246,12 +175,12 @@ def load_labeled(
     loading its validation set so both use the same indices; an unknown label is then
     an error naming its line. `source="builtin"` gives `builtin_classification()`.
     """
-    if _is_builtin(source):
+    if is_builtin(source):
         return builtin_classification()
     rows: list[tuple[pathlib.Path, int, str, str]] = []
-    for path in _files(source, ("*.tsv", "*.jsonl")):
-        if path.suffix in _JSONL_SUFFIXES:
-            for number, (text, label) in _jsonl(path, (text_field, label_field)):
+    for path in files(source, ("*.tsv", "*.jsonl")):
+        if path.suffix in JSONL_SUFFIXES:
+            for number, (text, label) in jsonl_records(path, (text_field, label_field)):
                 if not isinstance(label, (str, int)) or isinstance(label, bool):
                     raise DataError(
                         f"{path}:{number}: field {label_field!r} is a {type(label).__name__}, "

@@ -53,9 +53,12 @@ import numpy as np
 from flaxformer_lite.data import corpora, pipeline
 from flaxformer_lite.data.errors import DataError
 from flaxformer_lite.data.pipeline import Batch, Example
+from flaxformer_lite.data.store import Documents
 from flaxformer_lite.data.tokenizers import Tokenizer
 
 OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse")
+# Objectives over a token stream: they read Documents, in memory or from a prepared store.
+STREAM_OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption")
 
 # Synthetic copy/reverse sets: examples are drawn lazily from a seeded stream per index, so
 # size costs nothing; evaluation draws from a different stream than training.
@@ -276,31 +279,55 @@ class _Plan(NamedTuple):
     pack: bool
 
 
-def _chunks(ids: list[int], size: int, step: int) -> list[list[int]]:
-    """Windows of `size` tokens every `step` tokens covering ids (step < size: overlap)."""
-    return [ids[s : s + size] for s in _starts(len(ids), size, step)]
+class _Windows(Sequence):
+    """(document, start) of every window of `size` tokens every `step` tokens, computed on
+    access from per-document counts: memory is 8 bytes a document, not a list of windows.
+
+    A document of n tokens has windows at 0, step, ... while start < max(n - (size - step), 1),
+    so windows overlap by size - step tokens and every document has at least one.
+    """
+
+    def __init__(self, lengths: np.ndarray, size: int, step: int, min_last: int = 0):
+        # In place where it can be: this runs over every document of a large corpus.
+        counts = np.maximum(lengths - (size - step), 1)
+        counts += step - 1
+        counts //= step
+        if min_last:  # drop a last window shorter than min_last tokens
+            counts -= (lengths - (counts - 1) * step) < min_last
+        self._ends = np.cumsum(counts, out=counts)
+        self._step = step
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        d = int(np.searchsorted(self._ends, i, side="right"))
+        return d, (i - (int(self._ends[d - 1]) if d else 0)) * self._step
 
 
-def _starts(length: int, size: int, step: int) -> range:
-    """Start of each `_chunks` window over a sequence of `length` tokens."""
-    return range(0, max(length - (size - step), 1), step)
-
-
-def _windows(docs: Sequence[list[int]], size: int, step: int) -> list[tuple[int, int]]:
-    """(document index, start) of each `_chunks` window of every document."""
-    return [(d, s) for d, ids in enumerate(docs) for s in _starts(len(ids), size, step)]
-
-
-def _window(item: tuple[int, int], rng: np.random.Generator, *, docs, size: int, shift: bool) -> np.ndarray:
-    """The window `item` names; with `shift`, moved by a uniform offset of up to half a
-    window either way (kept inside its document), so each epoch cuts long documents at
-    new places and a row is not the same token sequence every pass."""
+def _window(item: tuple[int, int], rng: np.random.Generator, *, docs: Documents, size: int, shift: bool,
+            bos: Optional[int] = None, eos: Optional[int] = None) -> np.ndarray:
+    """The window `item` names, of the document [bos] + ids + [eos]; with `shift`, moved by
+    a uniform offset of up to half a window either way (kept inside its document), so
+    each epoch cuts long documents at new places and a row is not the same token
+    sequence every pass."""
     d, start = item
-    ids = docs[d]
-    if shift and len(ids) > size:
+    n = docs.length(d) + (bos is not None) + (eos is not None)
+    if shift and n > size:
         half = (size - 1) // 2
-        start = int(np.clip(start + rng.integers(-half, half + 1), 0, len(ids) - size))
-    return np.asarray(ids[start : start + size], np.int32)
+        start = int(np.clip(start + rng.integers(-half, half + 1), 0, n - size))
+    return docs.window(d, start, size, bos=bos, eos=eos)
+
+
+def _documents(spec: _Spec, texts: Sequence[str]) -> Documents:
+    """Texts tokenized into in-memory Documents (what a store holds, without the disk)."""
+    docs = spec.tokenizer.encode_batch(texts)
+    for i, (text, ids) in enumerate(zip(texts, docs)):
+        if ids.size and (ids.max() >= spec.vocab_size or ids.min() < 0):
+            pipeline.check_ids(ids, spec.vocab_size, f"document {i} ({text[:40]!r}...)")
+    return Documents.from_arrays(docs)
 
 
 def _tokenize(spec: _Spec, texts: Sequence[str], what: str) -> list[list[int]]:
@@ -327,13 +354,16 @@ def _token_features(item: tuple[int, int], rng: np.random.Generator, **window_kw
     return {"tokens": _window(item, rng, **window_kwargs)}
 
 
-def _causal_lm_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
+def _causal_lm_plan(docs: Documents, spec: _Spec) -> _Plan:
     tok, seq_len = spec.tokenizer, spec.seq_len
     if seq_len < 2:
         raise DataError(f"causal_lm needs seq_len >= 2, got {seq_len}")
-    docs = [[tok.bos_id] + ids + [tok.eos_id] for ids in _tokenize(spec, texts, "document")]
-    features = functools.partial(_token_features, docs=docs, size=seq_len, shift=spec.shift_windows)
-    windows = _windows(docs, seq_len, seq_len - 1)
+    features = functools.partial(
+        _token_features, docs=docs, size=seq_len, shift=spec.shift_windows, bos=tok.bos_id, eos=tok.eos_id
+    )
+    lengths = docs.lengths
+    lengths += 2  # bos and eos
+    windows = _Windows(lengths, seq_len, seq_len - 1)
     return _Plan(windows, features, {"tokens": seq_len}, _finalizer(causal_lm_batch, spec), spec.pack)
 
 
@@ -345,14 +375,16 @@ def _masked_lm_features(
     return {"tokens": inputs, "labels": labels, "weights": weights}
 
 
-def _masked_lm_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
+def _masked_lm_plan(docs: Documents, spec: _Spec) -> _Plan:
     tok, seq_len = spec.tokenizer, spec.seq_len
     if seq_len < 3:
         raise DataError(f"masked_lm needs seq_len >= 3 (bos, a token, eos), got {seq_len}")
     if not 0.0 < spec.mask_probability < 1.0:
         raise DataError(f"mask_probability={spec.mask_probability} must be in (0, 1) (BERT: 0.15)")
     body = seq_len - 2
-    docs = [ids for ids in _tokenize(spec, texts, "document") if ids]
+    doc_lengths = docs.lengths
+    if not doc_lengths.all():
+        docs, doc_lengths = docs.select(np.flatnonzero(doc_lengths)), doc_lengths[doc_lengths > 0]
     features = functools.partial(
         _masked_lm_features,
         window_kwargs=dict(docs=docs, size=body, shift=spec.shift_windows),
@@ -365,15 +397,18 @@ def _masked_lm_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
         random_ids=_regular_ids(spec),
     )
     lengths = {"tokens": seq_len, "labels": seq_len, "weights": seq_len}
-    return _Plan(_windows(docs, body, body), features, lengths, _finalizer(masked_lm_batch, spec), spec.pack)
+    windows = _Windows(doc_lengths, body, body)
+    return _Plan(windows, features, lengths, _finalizer(masked_lm_batch, spec), spec.pack)
 
 
-def _span_corruption_features(chunk: list[int], rng: np.random.Generator, **span_kwargs) -> Example:
-    inputs, targets = span_corruption(np.asarray(chunk, np.int32), rng, **span_kwargs)
+def _span_corruption_features(
+    item: tuple[int, int], rng: np.random.Generator, *, docs: Documents, size: int, **span_kwargs
+) -> Example:
+    inputs, targets = span_corruption(docs.window(*item, size), rng, **span_kwargs)
     return {"inputs": inputs, "targets": targets}
 
 
-def _span_corruption_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
+def _span_corruption_plan(docs: Documents, spec: _Spec) -> _Plan:
     tok, density, mean_span = spec.tokenizer, spec.noise_density, spec.mean_noise_span_length
     raw_len, target_len = span_corruption_lengths(spec.seq_len, density, mean_span, spec.target_len)
     most_spans = max(_noise_counts(n, density, mean_span)[1] for n in range(2, raw_len + 1))
@@ -383,11 +418,11 @@ def _span_corruption_plan(texts: Sequence[str], spec: _Spec) -> _Plan:
             f"the tokenizer has {tok.num_sentinels} sentinels; lower seq_len or add sentinels"
         )
     # A one-token chunk has no clean token to keep beside its noise; it is dropped.
-    chunks = [
-        c for ids in _tokenize(spec, texts, "document") for c in _chunks(ids, raw_len, raw_len) if len(c) >= 2
-    ]
+    chunks = _Windows(docs.lengths, raw_len, raw_len, min_last=2)
     features = functools.partial(
         _span_corruption_features,
+        docs=docs,
+        size=raw_len,
         noise_density=density,
         mean_noise_span_length=mean_span,
         sentinel_ids=np.asarray([tok.sentinel_id(i) for i in range(most_spans)]),
@@ -538,7 +573,9 @@ def make_dataset(
 ) -> grain.IterDataset:
     """A grain dataset of batches for `objective` (see the module docstring for the contract).
 
-    data: what `load_corpus(objective, ...)` returns (ignored by copy/reverse).
+    data: what `load_corpus(objective, ...)` returns (ignored by copy/reverse); for
+      causal_lm, masked_lm and span_corruption also `Documents`, e.g.
+      `Store.open(DATADIR).documents("train")`, read from the store's shards on demand.
     train: endless, reshuffled every epoch, random packing-bin order; else one pass.
     seed: shuffling, masks and noise spans; the same seed gives the same batches.
     target_len: decoder length for the seq2seq family; None: seq_len, except for
@@ -547,6 +584,8 @@ def make_dataset(
       tokenizer's.
     shard_index, shard_count: this process's share of the examples
       (jax.process_index(), jax.process_count()); each process gets its own batches.
+      Documents are shared out in contiguous blocks (each process reads its own part of
+      a store), other examples round robin.
       Evaluation shards may end after different numbers of batches; a multi-process
       evaluation loop must agree when all are done.
     pack: several examples per row (not for classification, always one per row).
@@ -575,7 +614,15 @@ def make_dataset(
         raise DataError(f"{objective} needs data: pass load_corpus({objective!r}, ...) or a split of it")
     elif isinstance(data, corpora.LabeledCorpus):
         data = data.examples
-    mine = pipeline.shard(data, shard_index, shard_count)
+    if objective in STREAM_OBJECTIVES:
+        if isinstance(data, Documents):
+            mine = data.shard(shard_index, shard_count)
+            if mine.max_id >= spec.vocab_size:
+                pipeline.check_ids(np.array([mine.max_id]), spec.vocab_size, mine.name)
+        else:
+            mine = _documents(spec, pipeline.shard_block(data, shard_index, shard_count))
+    else:
+        mine = pipeline.shard(data, shard_index, shard_count)
     plan = _PLANS[objective](mine, spec)
     if not plan.examples:
         raise DataError(f"{objective}: none of this shard's {len(mine)} items makes an example")

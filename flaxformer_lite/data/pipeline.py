@@ -34,6 +34,7 @@ import grain
 import numpy as np
 
 from flaxformer_lite.data.errors import DataError
+from flaxformer_lite.data.store import block
 
 T = TypeVar("T")
 Example = dict[str, Any]
@@ -59,6 +60,18 @@ def shard(items: Sequence[T], shard_index: int, shard_count: int) -> Sequence[T]
         raise DataError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
     mine = items[shard_index::shard_count]
     if not mine:
+        raise DataError(
+            f"shard {shard_index} of {shard_count} is empty: the corpus has only {len(items)} "
+            "examples; use more data or fewer processes"
+        )
+    return mine
+
+
+def shard_block(items: Sequence[T], shard_index: int, shard_count: int) -> Sequence[T]:
+    """This process's contiguous block of items (as `Documents.shard` cuts a store)."""
+    part = block(len(items), shard_index, shard_count)
+    mine = items[part.start : part.stop]
+    if shard_count > 1 and not mine:
         raise DataError(
             f"shard {shard_index} of {shard_count} is empty: the corpus has only {len(items)} "
             "examples; use more data or fewer processes"

@@ -14,9 +14,11 @@ read, so a tokenizer without a mask token still serves causal LM.
 from __future__ import annotations
 
 import functools
+import hashlib
+import itertools
 import os
 import pathlib
-from typing import Iterable, Literal, Protocol, Union
+from typing import Iterable, Literal, Protocol, Sequence, Union
 
 import numpy as np
 import tokenizers as hf
@@ -46,6 +48,9 @@ class Tokenizer(Protocol):
     def special_ids(self) -> frozenset[int]: ...
     def sentinel_id(self, i: int) -> int: ...
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]: ...
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+    @property
+    def identity(self) -> dict: ...
     def decode(self, ids: Iterable[int]) -> str: ...
 
 
@@ -94,6 +99,18 @@ class ByteTokenizer:
         """UTF-8 bytes of `text` as ids; `bos`/`eos` add those tokens at the ends."""
         byte_ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
         return _with_specials((byte_ids + self.BYTE_OFFSET).tolist(), self, bos, eos)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode` of each text as an int32 array, without specials (the fast path)."""
+        encoded = [t.encode("utf-8") for t in texts]
+        flat = np.frombuffer(b"".join(encoded), np.uint8).astype(np.int32) + self.BYTE_OFFSET
+        ends = list(itertools.accumulate(map(len, encoded)))
+        return [flat[start:end] for start, end in zip([0] + ends, ends)]
+
+    @property
+    def identity(self) -> dict:
+        """What makes two tokenizers give the same ids; a prepared corpus records it."""
+        return {"kind": "byte", "num_sentinels": self._num_sentinels}
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the byte ids in `ids`; special and out-of-range ids are skipped."""
@@ -201,6 +218,19 @@ class HFTokenizer:
         """Ids of `text` without the tokenizer's own post-processing specials."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return _with_specials(ids, self, bos, eos)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode` of each text as an int32 array, without specials; runs in parallel in Rust."""
+        return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def to_str(self) -> str:
+        """The tokenizer.json text (what `tokenizers.Tokenizer.from_str` reads)."""
+        return self._tok.to_str()
+
+    @property
+    def identity(self) -> dict:
+        """What makes two tokenizers give the same ids: the content hash of its JSON."""
+        return {"kind": "tokenizer.json", "sha256": hashlib.sha256(self.to_str().encode()).hexdigest()}
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special and out-of-range ids are skipped."""

@@ -19,7 +19,7 @@ import json
 import pathlib
 import time
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import flax.linen as nn
 import grain
@@ -108,24 +108,45 @@ def local_batch_size(cfg: Config) -> int:
 
 
 def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
-    """Read, split, tokenize and check the corpus; materialise the evaluation batches.
+    """Open the corpus, split it and check it; materialise the evaluation batches.
 
-    Raises data.DataError or ConfigError, naming the file, line or key, before any
-    output exists.
+    Language-model objectives read a token store: data.corpus itself when it is a
+    prepared DATADIR, else the cache's store of it, prepared on first use (process 0
+    first, then the others find it). Seq2seq pairs and classification examples are
+    small by nature and are read into memory. Raises data.DataError or ConfigError,
+    naming the file, line or key, before any output exists.
     """
     d = cfg.data
     tokenizer = data.load_tokenizer(d.tokenizer)
-    corpus = data.load_corpus(
-        d.objective, d.corpus, text_field=d.text_field, label_field=d.label_field, document_unit=d.document_unit
-    )
-    if d.objective == "classification":
-        cfg = _with_classifier(cfg, corpus.num_classes)
-        corpus = corpus.examples
-    check_objective(cfg)
-    _warn_special_ids(cfg, tokenizer)
-    train_items = val_items = None
-    if corpus is not None:
-        train_items, val_items = data.split(corpus, d.val_fraction, seed=d.seed, method=d.split)
+    if d.objective in data.STREAM_OBJECTIVES:
+        check_objective(cfg)
+        _warn_special_ids(cfg, tokenizer)
+        options = data.PrepareOptions(
+            tokenizer=d.tokenizer, text_field=d.text_field, document_unit=d.document_unit,
+            val_fraction=d.val_fraction, split=d.split, seed=d.seed, utf8_errors="strict",
+        )
+        open_store = functools.partial(
+            data.corpus_store, d.corpus, options, vocab_size=cfg.model.vocab_size, verify=d.verify_shards,
+            tokenizer=tokenizer, progress=jax.process_index() == 0,
+        )
+        if jax.process_count() > 1 and not data.is_store(d.corpus):
+            if jax.process_index() == 0:
+                open_store()
+            multihost_utils.sync_global_devices("flaxformer_lite data cache")
+        store = open_store()
+        train_items, val_items = store.documents("train"), store.documents("val")
+    else:
+        corpus = data.load_corpus(
+            d.objective, d.corpus, text_field=d.text_field, label_field=d.label_field, document_unit=d.document_unit
+        )
+        if d.objective == "classification":
+            cfg = _with_classifier(cfg, corpus.num_classes)
+            corpus = corpus.examples
+        check_objective(cfg)
+        _warn_special_ids(cfg, tokenizer)
+        train_items = val_items = None
+        if corpus is not None:
+            train_items, val_items = data.split(corpus, d.val_fraction, seed=d.seed, method=d.split)
     options = dict(
         tokenizer=tokenizer, batch_size=local_batch_size(cfg), seq_len=d.seq_len, target_len=d.target_len,
         seed=d.seed, vocab_size=cfg.model.vocab_size, shard_index=jax.process_index(),
@@ -139,19 +160,27 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
     val_iter.close()
     prompts = []
     if d.objective == "causal_lm":
-        prompts = sample_prompts(val_items, cfg.train.num_samples, tokenizer)
+        openings = (tokenizer.decode(val_items.tokens(i)[: 4 * SAMPLE_PROMPT_TOKENS]) for i in range(len(val_items)))
+        prompts = sample_prompts(openings, cfg.train.num_samples, tokenizer)
     return DataSetup(cfg, tokenizer, train_ds, eval_batches, prompts)
 
 
-def sample_prompts(texts: list[str], count: int, tokenizer: data.Tokenizer) -> list[list[int]]:
+def sample_prompts(texts: Iterable[str], count: int, tokenizer: data.Tokenizer) -> list[list[int]]:
     """bos + the first tokens of `count` held-out documents, preferring ones that read as
     prose: those that start with a letter and are at least 4 prompts long come first
-    (a table border or a heading makes a poor prompt), then the rest, in corpus order."""
+    (a table border or a heading makes a poor prompt), then the rest, in corpus order.
+    `texts` may be lazy (a store's openings) and only the first 4 prompts of each matter;
+    it is read until `count` prose documents are found."""
     def prose(text: str) -> bool:
         return text[:1].isalpha() and len(tokenizer.encode(text)) >= 4 * SAMPLE_PROMPT_TOKENS
 
-    chosen = list(itertools.islice(filter(prose, texts), count))
-    chosen += itertools.islice(itertools.filterfalse(prose, texts), count - len(chosen))
+    chosen, others = [], []
+    for text in texts:
+        if len(chosen) == count:
+            break
+        (chosen if prose(text) else others).append(text)
+        del others[count:]
+    chosen += others[: count - len(chosen)]
     return [[tokenizer.bos_id] + tokenizer.encode(text)[: SAMPLE_PROMPT_TOKENS - 1] for text in chosen]
 
 

@@ -1,5 +1,6 @@
 """Corpora: every format, the built-in corpus and task, splitting, and each bad input."""
 
+import builtins
 import json
 import pathlib
 from collections import Counter
@@ -158,7 +159,7 @@ def test_missing_path(tmp_path):
         load_texts(tmp_path / "nope.txt")
     with pytest.raises(DataError, match=r"\*\.zzz: pattern matches no files"):
         load_texts(str(tmp_path / "*.zzz"))
-    with pytest.raises(DataError, match=r"folder holds no \*\.txt files"):
+    with pytest.raises(DataError, match=r"folder holds no \*\.txt, \*\.jsonl, "):
         load_texts(tmp_path)
 
 
@@ -180,12 +181,19 @@ def test_not_utf8_names_file_and_line(tmp_path):
 def test_unreadable_file(tmp_path, monkeypatch):
     f = _write(tmp_path / "secret.txt", "text")
 
-    def denied(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = builtins.open
 
-    monkeypatch.setattr(pathlib.Path, "read_bytes", denied)
+    def denied(path, *args, **kwargs):
+        if str(path) == str(f):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
     with pytest.raises(DataError, match=r"secret\.txt: cannot read \(Permission denied\)"):
         load_texts(f)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: denied(self))
+    with pytest.raises(DataError, match=r"secret\.txt: cannot read \(Permission denied\)"):
+        load_pairs(f)
 
 
 def test_tsv_row_without_tab_names_line(tmp_path):

@@ -1,0 +1,542 @@
+"""`prepare`: tokenize a corpus once into a token store (see store.py for the format).
+
+    prepare("corpus/", "data/web", PrepareOptions(tokenizer="tok.json"), workers=2)
+    # or, scaled out over N machines or a job array, then one merge:
+    prepare("corpus/", "data/web", options, part=(i, n))     # on machine i
+    merge("data/web")                                         # once all parts are done
+    path = cached("corpus.txt", options)    # what `train` does with a plain corpus
+
+Each source file is tokenized on its own by `prepare_source` (the unit a worker
+process, a job-array task, or a Ray/Beam task runs) into chunks of at most
+`shard_tokens` tokens. Memory stays flat: documents stream in, ids stream out.
+
+Safety: every file is written under a temporary name, flushed to disk and renamed; a
+chunk's .json is written last, and the manifest only when every source is complete. An
+interrupted prepare leaves no manifest, so `train` never reads a half-made store; run
+again with the same options, it keeps the finished chunks and continues within the
+interrupted source. The output is a function of the input and options only: the same
+bytes on every run, with any number of workers or parts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import errno
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import time
+import warnings
+from json.encoder import encode_basestring_ascii
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from flaxformer_lite.data import corpora, sources, store
+from flaxformer_lite.data.errors import DataError
+from flaxformer_lite.data.tokenizers import Tokenizer, load_tokenizer
+
+CACHE_ENV = "FLAXFORMER_LITE_CACHE"
+BATCH_DOCUMENTS = 512  # documents tokenized in one call
+Progress = Callable[[int, int, int], None]  # (bytes, documents, tokens) just done
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+    """Everything besides the corpus that decides a store's bytes."""
+
+    tokenizer: str = "byte"  # byte | path to tokenizer.json (or its folder)
+    text_field: str = "text"
+    document_unit: sources.Unit = "paragraph"
+    val_fraction: float = 0.05
+    split: str = "hash"  # hash | tail, as corpora.split
+    seed: int = 0  # the hash split's key
+    shard_tokens: int = 1 << 27  # tokens per chunk at most (256 MB of uint16)
+    # Bytes that are not UTF-8: "replace" (with U+FFFD, counted and reported) or "strict"
+    # (a DataError naming the file and line; what `train` on a plain corpus does).
+    utf8_errors: str = "replace"
+
+    def check(self) -> None:
+        """DataError naming the option that is out of range."""
+        sources.check_unit(self.document_unit)
+        if self.split not in corpora.SPLIT_METHODS:
+            raise DataError(f"split {self.split!r} is not one of {', '.join(corpora.SPLIT_METHODS)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.utf8_errors not in ("replace", "strict"):
+            raise DataError(f"utf8_errors={self.utf8_errors!r} is not one of 'replace', 'strict'")
+        if self.shard_tokens < 1:
+            raise DataError(f"shard_tokens={self.shard_tokens} must be >= 1")
+
+
+def list_sources(corpus: sources.Source) -> list[dict]:
+    """[{name, size}] of each source file, in reading order ("builtin": one entry)."""
+    if sources.is_builtin(corpus):
+        return [{"name": sources.BUILTIN, "size": sources.builtin_size()}]
+    return [{"name": str(p), "size": p.stat().st_size} for p in sources.files(corpus)]
+
+
+def _header(srcs: list[dict], options: PrepareOptions, tok: Tokenizer) -> dict:
+    opts = dataclasses.asdict(options)
+    opts.pop("tokenizer")
+    return {
+        "format": store.FORMAT,
+        "version": store.VERSION,
+        "tokenizer": tok.identity,
+        "vocab_size": tok.vocab_size,
+        "dtype": store.token_dtype(tok.vocab_size).str,
+        "options": opts,
+        "sources": srcs,
+    }
+
+
+def _same_job(a: dict, b: dict) -> bool:
+    """Same options and source sizes; names may differ (a moved corpus)."""
+    strip = lambda h: {**h, "sources": [s["size"] for s in h["sources"]]}  # noqa: E731
+    return strip(a) == strip(b)
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def _write(f, data: bytes) -> None:
+    """Every byte a prepare writes goes through here (tests inject a full disk)."""
+    f.write(data)
+
+
+def _write_file(path: pathlib.Path, data: bytes) -> None:
+    """Write `path` atomically: a temporary file, flushed, then renamed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            _write(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from e
+
+
+def _write_error(path: pathlib.Path, e: OSError) -> DataError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DataError(
+            f"{path}: disk full while preparing; free space (or pass another --out) and run prepare "
+            "again: it keeps the finished shards and continues"
+        )
+    return DataError(f"{path}: cannot write ({e.strerror or e}); check the folder and its permissions")
+
+
+def _json_bytes(value: dict) -> bytes:
+    return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
+
+
+class _Chunk:
+    """One shard being written: ids and document ends to temporary files, then renamed."""
+
+    def __init__(self, shards: pathlib.Path, source: int, chunk: int, dtype: np.dtype):
+        self.stem = f"{source:05d}-{chunk:04d}"
+        self.final = {k: shards / f"{self.stem}.{k}" for k in ("tokens", "docs")}
+        # The pid keeps processes that prepare the same cache entry at once apart.
+        self.tmp = {k: shards / f".{self.stem}.{k}.{os.getpid()}.tmp" for k in ("tokens", "docs")}
+        self.dtype = dtype
+        self.tokens = self.documents = 0
+        self.max_id = -1
+        self.sha = {k: hashlib.sha256() for k in self.final}
+        self.files = {}
+        for key, path in self.tmp.items():
+            try:
+                self.files[key] = open(path, "wb")
+            except OSError as e:
+                self.abort()
+                raise _write_error(self.final[key], e) from e
+
+    def _put(self, key: str, data: bytes) -> None:
+        try:
+            _write(self.files[key], data)
+        except OSError as e:
+            self.abort()
+            raise _write_error(self.final[key], e) from e
+        self.sha[key].update(data)
+
+    def add(self, docs: Sequence[np.ndarray], hashes: Sequence[int]) -> None:
+        """Append documents (arrays of ids) and their split hashes."""
+        lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+        flat = np.concatenate(docs)
+        if flat.size:
+            self.max_id = max(self.max_id, int(flat.max()))
+        self._put("tokens", flat.astype(self.dtype).tobytes())
+        ends = self.tokens + np.cumsum(lengths)
+        self._put("docs", np.stack([ends.astype("<u8"), np.asarray(hashes, "<u8")], axis=1).tobytes())
+        self.tokens = int(ends[-1])
+        self.documents += len(docs)
+
+    def finish(self, meta: dict) -> dict:
+        """Flush, rename both files, then write the .json that marks the chunk done."""
+        try:
+            for f in self.files.values():
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            for key in self.final:
+                os.replace(self.tmp[key], self.final[key])
+        except OSError as e:
+            self.abort()
+            raise _write_error(self.final["tokens"], e) from e
+        meta = {
+            **meta,
+            "files": {k: f"{store.SHARDS}/{p.name}" for k, p in self.final.items()},
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "max_id": self.max_id,
+            "sha256": {k: h.hexdigest() for k, h in self.sha.items()},
+        }
+        _write_file(self.final["tokens"].with_suffix(".json"), _json_bytes(meta))
+        return meta
+
+    def abort(self) -> None:
+        for key, f in self.files.items():
+            f.close()
+            self.tmp[key].unlink(missing_ok=True)
+
+
+def split_hash(text: str, seed: int) -> int:
+    """`corpora.split`'s hash of a document, as an integer (same order as its bytes)."""
+    return _split_hasher(seed)(text)
+
+
+@functools.lru_cache(maxsize=4)
+def _split_hasher(seed: int) -> Callable[[str], int]:
+    keyed = hashlib.blake2b(digest_size=8, key=str(seed).encode())
+
+    def hash_text(text: str) -> int:
+        h = keyed.copy()
+        h.update(encode_basestring_ascii(text).encode())  # what json.dumps(text) returns
+        return int.from_bytes(h.digest(), "big")
+
+    return hash_text
+
+
+def _source_texts(name: str, options: PrepareOptions, stats: sources.ReadStats) -> Iterator[str]:
+    if name == sources.BUILTIN:
+        return sources.builtin_texts(options.document_unit, stats)
+    return sources.file_texts(pathlib.Path(name), text_field=options.text_field, unit=options.document_unit,
+                              errors=options.utf8_errors, stats=stats)
+
+
+def _done_chunks(shards: pathlib.Path, index: int, src: dict) -> list[dict]:
+    """The finished chunks of source `index` (empty if they are of another file)."""
+    done = [store.read_json(p, "shard record") for p in sorted(shards.glob(f"{index:05d}-*.json"))]
+    if any(d["source"]["size"] != src["size"] for d in done) or [d["chunk"] for d in done] != list(range(len(done))):
+        for p in shards.glob(f"{index:05d}-*"):
+            p.unlink()
+        return []
+    return done
+
+
+def prepare_source(out, index: int, tokenizer: Optional[Tokenizer] = None,
+                   progress: Optional[Progress] = None) -> list[dict]:
+    """Tokenize source `index` of the prepare started in `out`; return its chunk records.
+
+    The unit of work of `prepare`: independent of every other source, so any engine may
+    run it (a process pool, a job array, Ray or Beam) once `start` has made `out`.
+    Finished chunks are kept; an interrupted source continues after its last one.
+    """
+    out = pathlib.Path(out)
+    header = store.read_json(out / store.PREPARE_FILE, "prepare record")
+    options = PrepareOptions(tokenizer=_tokenizer_spec(out, header), **header["options"])
+    tok = tokenizer or load_tokenizer(options.tokenizer)
+    src, dtype = header["sources"][index], np.dtype(header["dtype"])
+    shards = out / store.SHARDS
+    for stale in shards.glob(f".{index:05d}-*.tmp"):
+        if not _alive(int(stale.name.split(".")[-2])):
+            stale.unlink(missing_ok=True)
+    done = _done_chunks(shards, index, src)
+    if done and done[-1]["last"]:
+        return done
+    skip = sum(d["documents"] for d in done)
+    stats = sources.ReadStats()
+    texts = _source_texts(src["name"], options, stats)
+    for _ in zip(range(skip), texts):  # already in finished chunks: read, not tokenized
+        pass
+    hashing = options.split == "hash"
+    chunk = _Chunk(shards, index, len(done), dtype)
+    first_document, replaced_before, read_before = skip, stats.replaced, stats.bytes_read
+    try:
+        while batch := [t for _, t in zip(range(BATCH_DOCUMENTS), texts)]:
+            ids = tok.encode_batch(batch)
+            hashes = list(map(_split_hasher(options.seed), batch)) if hashing else [0] * len(batch)
+            ends = np.cumsum([len(i) for i in ids])
+            at = 0
+            while at < len(batch):
+                # The documents that fit, and one alone if even it does not.
+                room = options.shard_tokens - chunk.tokens + (ends[at - 1] if at else 0)
+                k = max(int(np.searchsorted(ends[at:], room, side="right")), 0 if chunk.documents else 1)
+                if k:
+                    chunk.add(ids[at : at + k], hashes[at : at + k])
+                    at += k
+                if at < len(batch):
+                    meta = _chunk_meta(src, index, chunk, first_document, stats.replaced - replaced_before, False)
+                    done.append(chunk.finish(meta))
+                    first_document += chunk.documents
+                    replaced_before = stats.replaced
+                    chunk = _Chunk(shards, index, len(done), dtype)
+            if progress:
+                progress(stats.bytes_read - read_before, len(batch), int(ends[-1]))
+            read_before = stats.bytes_read
+    except BaseException:
+        chunk.abort()
+        raise
+    meta = _chunk_meta(src, index, chunk, first_document, stats.replaced - replaced_before, True)
+    meta["first_replaced"] = stats.first_replaced
+    done.append(chunk.finish(meta))
+    return done
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (its temporary files are in use)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _chunk_meta(src: dict, index: int, chunk: _Chunk, first_document: int, replaced: int, last: bool) -> dict:
+    return {"source": src, "source_index": index, "chunk": int(chunk.stem[-4:]),
+            "first_document": first_document, "replaced": replaced, "last": last}
+
+
+def _tokenizer_spec(out: pathlib.Path, header: dict) -> str:
+    """'byte', or the store's own copy of the tokenizer.json."""
+    return "byte" if header["tokenizer"]["kind"] == "byte" else str(out / store.TOKENIZER_FILE)
+
+
+# ---------------------------------------------------------------------------------- driving
+
+
+def start(corpus: sources.Source, out, options: PrepareOptions, tokenizer: Optional[Tokenizer] = None) -> dict:
+    """Make `out` (or check it holds a prepare of the same job); return its header.
+
+    Writes prepare.json and the tokenizer copy. Every part of a scaled-out prepare calls
+    it; they write the same bytes, so the order does not matter.
+    """
+    options.check()
+    tok = tokenizer or load_tokenizer(options.tokenizer)
+    header = _header(list_sources(corpus), options, tok)
+    out = pathlib.Path(out)
+    record = out / store.PREPARE_FILE
+    if record.is_file():
+        theirs = store.read_json(record, "prepare record")
+        if not _same_job(theirs, header):
+            raise DataError(
+                f"{out} holds a prepare of another corpus or other options ({record}); pass a new --out, "
+                "or delete the folder to start over"
+            )
+        if theirs != header:  # the same files under new names (a moved corpus): read the new ones
+            _write_file(record, _json_bytes(header))
+        return header
+    try:
+        (out / store.SHARDS).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(out, e) from e
+    if header["tokenizer"]["kind"] != "byte":
+        _write_file(out / store.TOKENIZER_FILE, tok.to_str().encode())
+    _write_file(record, _json_bytes(header))
+    return header
+
+
+class _Bar:
+    """tqdm in input bytes, with documents/s and tokens/s beside it."""
+
+    def __init__(self, total: Optional[int], enabled: bool, desc: str = "prepare"):
+        # Shown after a second only: a small corpus prepares without a word.
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=not enabled,
+                        desc=desc, dynamic_ncols=True, mininterval=0.5, delay=1.0)
+        self.started, self.docs, self.tokens = time.perf_counter(), 0, 0
+
+    def __call__(self, nbytes: int, docs: int, tokens: int) -> None:
+        self.docs, self.tokens = self.docs + docs, self.tokens + tokens
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{self.docs / seconds:,.0f} docs/s, {self.tokens / seconds:,.0f} tokens/s",
+                                 refresh=False)
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def prepare(
+    corpus: sources.Source,
+    out,
+    options: PrepareOptions = PrepareOptions(),
+    *,
+    workers: int = 1,
+    part: Optional[tuple[int, int]] = None,
+    progress: bool = True,
+    tokenizer: Optional[Tokenizer] = None,
+) -> pathlib.Path:
+    """Tokenize `corpus` into the store `out`; return `out`.
+
+    workers: source files tokenized at once, in worker processes (a HF tokenizer also
+      uses several threads of its own). part=(i, n): only sources i, i + n, ...; no
+      manifest is written, `merge(out)` does that once all n parts are done.
+    A finished store is left as it is; an unfinished one is continued.
+    """
+    out = pathlib.Path(out)
+    if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
+        raise DataError(f"--part {part[0]}/{part[1]}: need 0 <= I < N")
+    tok = tokenizer or load_tokenizer(options.tokenizer)
+    header = start(corpus, out, options, tok)
+    if (out / store.MANIFEST).is_file():
+        return out
+    mine = [i for i in range(len(header["sources"])) if part is None or i % part[1] == part[0]]
+    plain = all(sources.kind(pathlib.Path(s["name"])) == "text" and not s["name"].endswith((".gz", ".zst"))
+                for s in header["sources"])
+    bar = _Bar(sum(header["sources"][i]["size"] for i in mine) if plain else None, progress, f"prepare {out}")
+    try:
+        if workers > 1 and len(mine) > 1:
+            _in_pool(out, mine, workers, bar)
+        else:
+            for i in mine:
+                prepare_source(out, i, tok, bar)
+    finally:
+        bar.close()
+    if part is None:
+        merge(out)
+    return out
+
+
+def _in_pool(out: pathlib.Path, mine: list[int], workers: int, bar: _Bar) -> None:
+    # spawn, not fork: the caller may hold threads (JAX, grain) that fork would copy broken.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(prepare_source, out, i) for i in mine]
+        for future in concurrent.futures.as_completed(futures):
+            chunks = future.result()
+            src = chunks[0]["source"]
+            bar(src["size"], sum(c["documents"] for c in chunks), sum(c["tokens"] for c in chunks))
+
+
+def merge(out) -> dict:
+    """Write the manifest over every source's chunks (all parts must be done); return it."""
+    out = pathlib.Path(out)
+    header = store.read_json(out / store.PREPARE_FILE, "prepare record")
+    shards, missing, chunks = out / store.SHARDS, [], []
+    for index, src in enumerate(header["sources"]):
+        done = [store.read_json(p, "shard record") for p in sorted(shards.glob(f"{index:05d}-*.json"))]
+        if not done or not done[-1]["last"] or done[0]["source"]["size"] != src["size"]:
+            missing.append(index)
+        chunks.extend(done)
+    if missing:
+        names = ", ".join(header["sources"][i]["name"] for i in missing[:3])
+        raise DataError(
+            f"{out}: {len(missing)} of {len(header['sources'])} sources are not prepared yet ({names}"
+            f"{', ...' if len(missing) > 3 else ''}); run the missing --part(s), or prepare without --part"
+        )
+    options = header["options"]
+    documents = sum(c["documents"] for c in chunks)
+    if documents == 0:
+        names = ", ".join(s["name"] for s in header["sources"][:3])
+        raise DataError(f"{names}: no text found; the corpus is empty")
+    replaced = sum(c["replaced"] for c in chunks)
+    if replaced:
+        first = next((c["first_replaced"] for c in chunks if c.get("first_replaced")), "an unknown place")
+        warnings.warn(f"{replaced} invalid UTF-8 sequences were replaced with U+FFFD (the first at {first})",
+                      stacklevel=2)
+    manifest = {
+        **{k: header[k] for k in ("format", "version", "tokenizer", "vocab_size", "dtype", "sources")},
+        "document_unit": options["document_unit"],
+        "text_field": options["text_field"],
+        "split": _split_rule(shards, chunks, options),
+        "documents": documents,
+        "tokens": sum(c["tokens"] for c in chunks),
+        "max_id": max(c["max_id"] for c in chunks),
+        "replaced_utf8_sequences": replaced,
+        "shards": [{k: c[k] for k in ("files", "tokens", "documents", "max_id", "sha256")} for c in chunks],
+    }
+    _write_file(out / store.MANIFEST, _json_bytes(manifest))
+    return manifest
+
+
+def _split_rule(shards: pathlib.Path, chunks: list[dict], options: dict) -> dict:
+    """The manifest's split: `corpora.split`'s rule over every document's stored hash."""
+    fraction, method = options["val_fraction"], options["split"]
+    rule = {"method": method, "val_fraction": fraction, "seed": options["seed"]}
+    n = sum(c["documents"] for c in chunks)
+    if fraction == 0.0:
+        return {**rule, "val_documents": 0, "val_start": n, "threshold": None}
+    if n < 2:
+        raise DataError(f"cannot split {n} document(s) into train and validation; add data")
+    n_val = min(max(1, round(fraction * n)), n - 1)
+    if method == "tail":
+        return {**rule, "val_documents": n_val, "val_start": n - n_val}
+    hashes = np.concatenate([
+        np.fromfile(shards.parent / c["files"]["docs"], "<u8").reshape(-1, 2)[:, 1] for c in chunks
+    ])
+    threshold = np.partition(hashes, n_val - 1)[n_val - 1]
+    val = int(np.count_nonzero(hashes <= threshold))
+    if val == n:
+        raise DataError(f"all {n} documents are identical; cannot split them")
+    return {**rule, "val_documents": val, "threshold": int(threshold)}
+
+
+# ------------------------------------------------------------------------------------ cache
+
+
+def cache_root() -> pathlib.Path:
+    """$FLAXFORMER_LITE_CACHE, else $XDG_CACHE_HOME/flaxformer_lite, else ~/.cache/flaxformer_lite."""
+    if os.environ.get(CACHE_ENV):
+        return pathlib.Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "flaxformer_lite"
+
+
+def content_key(corpus: sources.Source, options: PrepareOptions, tok: Tokenizer) -> str:
+    """Hex digest of the corpus's bytes, the options and the tokenizer: the cache key."""
+    digest = hashlib.sha256()
+    header = _header([], options, tok)
+    digest.update(_json_bytes(header))
+    if sources.is_builtin(corpus):
+        for doc in sources.builtin_documents():
+            digest.update(hashlib.sha256(doc.encode()).digest())
+    else:
+        for path in sources.files(corpus):
+            digest.update(store.file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def cached(corpus: sources.Source, options: PrepareOptions, *, tokenizer: Optional[Tokenizer] = None,
+           progress: bool = True) -> pathlib.Path:
+    """The store of `corpus` in the cache, prepared first if it is not there yet.
+
+    Keyed by the corpus's content, the options and the tokenizer, so a second run, a
+    resume or another process on the same machine opens it at once, and an edited
+    corpus gets a new entry. Entries are never deleted automatically.
+    """
+    tok = tokenizer or load_tokenizer(options.tokenizer)
+    out = cache_root() / "data" / content_key(corpus, options, tok)[:32]
+    if not (out / store.MANIFEST).is_file():
+        prepare(corpus, out, options, progress=progress, tokenizer=tok)
+    return out
+
+
+
+def corpus_store(corpus: sources.Source, options: PrepareOptions, *, vocab_size: int, verify: bool = True,
+                 tokenizer: Optional[Tokenizer] = None, progress: bool = True) -> store.Store:
+    """The store a run reads: `corpus` itself when it is a DATADIR (checked against the
+    options: tokenizer, split), else the cache's store of it (prepared if needed)."""
+    tok = tokenizer or load_tokenizer(options.tokenizer)
+    if not store.is_store(corpus):
+        corpus = cached(corpus, options, tokenizer=tok, progress=progress)
+    opened = store.Store.open(corpus, verify=verify)
+    opened.check_matches(tokenizer_identity=tok.identity, tokenizer_spec=options.tokenizer, vocab_size=vocab_size,
+                         split=options.split, val_fraction=options.val_fraction, seed=options.seed)
+    return opened
