@@ -34,11 +34,12 @@ def cross_entropy(
         weights_BT = jnp.ones(labels_BT.shape, jnp.float32)
     weights_BT = weights_BT.astype(jnp.float32)
     log_z_BT = jax.nn.logsumexp(logits, axis=-1)
-    log_probs_BTV = logits - log_z_BT[..., None]
-    nll_BT = -jnp.take_along_axis(log_probs_BTV, labels_BT[..., None], axis=-1)[..., 0]
+    # From the logits, not log-probabilities: no second [B,T,V] array to write and read
+    # back, forward or backward (BENCHMARKS.md, Performance).
+    nll_BT = log_z_BT - jnp.take_along_axis(logits, labels_BT[..., None], axis=-1)[..., 0]
     objective_BT = nll_BT
     if label_smoothing:
-        smooth_BT = -jnp.mean(log_probs_BTV, axis=-1)
+        smooth_BT = log_z_BT - jnp.mean(logits, axis=-1)
         objective_BT = (1.0 - label_smoothing) * nll_BT + label_smoothing * smooth_BT
     z_BT = z_loss * jnp.square(log_z_BT)
     objective_BT = objective_BT + z_BT
