@@ -7,10 +7,10 @@
 #
 # BATCHES lists the batch sizes to try, largest first; the first that does not run out of
 # memory is the one reported (train_b<N>.json). DECODE_FLAGS adds flags to bench decode.
-# The transformers side runs only where torch sees CUDA; otherwise --no-torch.
+# The transformers side is skipped (--no-torch) when JAX has a GPU and torch sees no CUDA.
 # A CPU smoke run with a tiny shape:
-#   BATCHES="4 2" DECODE_FLAGS="--layers 1 --d-model 32 --vocab 256 --new-tokens 4 --positions --repeats 1" \
-#     scripts/bench_gpu.sh /tmp/bench_gpu --layers 1 --d-model 32 --vocab 256 --seq-len 32 \
+#   BATCHES="4 2" DECODE_FLAGS="--layers 1 --d-model 32 --heads 2 --vocab 256 --new-tokens 4 --positions --repeats 1" \
+#     scripts/bench_gpu.sh /tmp/bench_gpu --layers 1 --d-model 32 --heads 2 --vocab 256 --seq-len 32 \
 #     --steps 1 --rounds 1 --warmup 1 --peak-size 128
 set -euo pipefail
 out=${1:?usage: $0 OUTDIR [bench train flags ...]}
@@ -19,7 +19,8 @@ mkdir -p "$out"
 # Both frameworks share the device: JAX must not take 75% of its memory up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 torch_flags=()
-python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null || torch_flags=(--no-torch)
+python -c 'import sys, jax, torch; sys.exit(jax.default_backend() == "gpu" and not torch.cuda.is_available())' \
+  2>/dev/null || torch_flags=(--no-torch)
 python -c 'import jax; print("JAX devices:", jax.devices())'
 
 fitted=""
