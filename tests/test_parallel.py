@@ -48,6 +48,25 @@ def test_param_shardings_follow_the_rules():
     assert sh["token_embed"]["embedding"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
+
+def test_init_params_inside_a_mesh():
+    # The dummy batch of 1 used to meet the batch axis split 4 ways (data x fsdp).
+    cfg = ffl.load_config("llama_tiny", overrides=TINY + ["parallel.data=2", "parallel.fsdp=2", "parallel.tensor=2"])
+    mesh = parallel.make_mesh(cfg.parallel)
+    with parallel.use_mesh(mesh, cfg.parallel):
+        eager = init_params(cfg.model, jax.random.key(1))
+        jitted = jax.jit(lambda k: init_params(cfg.model, k), out_shardings=parallel.param_shardings(mesh, cfg))(
+            jax.random.key(1)
+        )
+    embed = jitted["params"]["token_embed"]["embedding"]
+    assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    ref = init_params(cfg.model, jax.random.key(1))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(eager), jax.device_get(ref))
+    # Sharded, the initialisers' float32 arithmetic may round differently in the last bit.
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # noqa: E731
+    jax.tree.map(close, jax.device_get(jitted), jax.device_get(ref))
+
+
 @pytest.mark.parametrize(
     "sizes, message",
     [

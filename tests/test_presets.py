@@ -1,13 +1,16 @@
-"""Every preset parses and builds at full size (eval_shape), with published counts."""
+"""Every preset parses and builds at full size (eval_shape), with published counts; the
+full-size presets scan, and scanned presets round-trip through HF folders."""
 
+import dataclasses
 import pathlib
 
 import flax.linen as nn
 import jax
+import numpy as np
 import pytest
 
 import flaxformer_lite as ffl
-from flaxformer_lite.models import build_model, dummy_inputs
+from flaxformer_lite.models import build_model, dummy_inputs, unstack_layers
 
 PRESETS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -42,3 +45,33 @@ def test_parameter_counts_match_published(name, expected, excluded):
     params = abstract_params(ffl.load_config(f"configs/{name}.yaml"))
     kept = {k: v for k, v in params.items() if k not in excluded}
     assert ffl.count_params(kept) == expected
+
+
+# Full-size presets scan by default; narrowed here (2 layers, d_model 32) so each case
+# builds in seconds, with the published vocabularies kept.
+SCANNED = ["bert_base", "gpt2_small", "llama_small", "t5_small", "transformer_base"]
+NARROW = ["model.num_layers=2", "model.d_model=32", "model.d_ff=64", "model.num_heads=4", "model.max_len=16",
+          "data.seq_len=16"]
+
+
+@pytest.mark.parametrize("name", SCANNED)
+def test_full_size_presets_scan_and_round_trip_through_hf(name, tmp_path):
+    overrides = NARROW + (["model.num_kv_heads=2"] if name == "llama_small" else [])
+    overrides += ["model.head_dim=8", "model.num_decoder_layers=2", "data.target_len=16"] if name == "t5_small" else []
+    cfg = ffl.load_config(f"configs/{name}.yaml", overrides=overrides).model
+    assert cfg.scan_layers
+    params = ffl.init_params(cfg, jax.random.key(0))
+    stack = params["params"]["encoder" if cfg.family == "encoder" else "decoder"]
+    assert "layers" in stack and "layers_0" not in stack
+    if name != "transformer_base":  # the 2017 model has no HF class
+        back_cfg, back = ffl.hf.load(ffl.hf.save(cfg, params, tmp_path / "hf"), scan_layers=True)
+        assert back_cfg.scan_layers
+        jax.tree.map(np.testing.assert_array_equal, back, params)  # same tree, same values
+
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 8)).astype(np.int32)
+    args = (ids, ids) if cfg.family == "encoder_decoder" else (ids,)
+    scanned = build_model(cfg).apply(params, *args).hidden_states
+    unrolled = build_model(dataclasses.replace(cfg, scan_layers=False)).apply(
+        {"params": unstack_layers(params["params"])}, *args
+    ).hidden_states
+    np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), rtol=1e-5, atol=1e-5)

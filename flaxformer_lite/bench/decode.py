@@ -23,8 +23,34 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-tokens", type=int, default=32, help="steps timed at each of --positions")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--copy-mib", type=int, default=256,
+                        help="array size of the copy that measures memory bandwidth (bigger than the caches)")
     parser.add_argument("--single-thread", action="store_true",
                         help="one CPU thread for torch and for XLA: steadier figures on a shared, busy machine")
+
+
+def copy_bandwidth(mib: int, repeats: int = 5) -> float:
+    """Bytes/s of a jitted elementwise pass over a float32 array of `mib` MiB (read + write), median."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mib * 2**18,), jnp.float32)
+    touch = jax.jit(lambda a: a + 1.0)
+    jax.block_until_ready(touch(x))
+    return 2 * x.nbytes / median_seconds(lambda: jax.block_until_ready(touch(x)), repeats)
+
+
+def weight_bytes_per_token(params) -> int:
+    """Parameter bytes one batch-1 decode step reads: every weight once, but only one
+    row of the position table (the tied token table is read whole by the LM head)."""
+    import jax
+
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    total = sum(x.nbytes for _, x in flat)
+    for path, x in flat:
+        if "position_embedding" in jax.tree_util.keystr(path):
+            total -= x.nbytes - x.nbytes // x.shape[0]
+    return int(total)
 
 
 def run_decode(args: argparse.Namespace) -> dict:
@@ -117,6 +143,11 @@ def run_decode(args: argparse.Namespace) -> dict:
             row[name] = 1e3 * (many - one) / args.step_tokens
         per_token[p] = row
 
+    # Batch 1 reads every weight per token: copy bandwidth / weight bytes bounds tokens/s.
+    bandwidth = copy_bandwidth(args.copy_mib)
+    weights = weight_bytes_per_token(params)
+    bound = bandwidth / weights
+
     results = {
         "benchmark": "decode",
         "model": {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
@@ -132,6 +163,9 @@ def run_decode(args: argparse.Namespace) -> dict:
         "same_tokens": bool((our_tokens == their_tokens).all()),
         "per_token_ms": per_token,
         "lm_head_ms": lm_head_ms,
+        "bandwidth_bound": {"copy_bytes_per_s": bandwidth, "weight_bytes_per_token": weights,
+                            "tokens_per_s": bound, "ours_fraction": args.new_tokens / our_s / bound,
+                            "transformers_fraction": args.new_tokens / their_s / bound},
         "jax": {"version": jax.__version__, "backend": jax.default_backend()},
     }
     print(_decode_report(results))
@@ -154,6 +188,10 @@ def _decode_report(r: dict) -> str:
         f"speedup {r['speedup']:.2f}x; same tokens: {'yes' if r['same_tokens'] else 'NO'}; "
         f"first call {r['ours']['first_call_s']:.2f} s (compile about {r['ours']['compile_s_approx']:.2f} s)",
     ]
+    bb = r["bandwidth_bound"]
+    lines += [f"memory-bandwidth bound: {bb['weight_bytes_per_token'] / 2**20:.1f} MiB of weights per token at "
+              f"{bb['copy_bytes_per_s'] / 1e9:.1f} GB/s (measured copy) = {bb['tokens_per_s']:.0f} tokens/s; "
+              f"ours reaches {100 * bb['ours_fraction']:.0f}% of it, transformers {100 * bb['transformers_fraction']:.0f}%"]
     head = r["lm_head_ms"]
     if r["per_token_ms"]:
         lines += ["", "| position | ours ms/token | transformers ms/token |", "|---|---|---|"]

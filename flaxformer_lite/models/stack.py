@@ -12,6 +12,7 @@ from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
 from flaxformer_lite.layers import DecoderBlock, EncoderBlock, Norm, PositionEmbedding
 from flaxformer_lite.layers.common import constrain, param
+from flaxformer_lite.models.remat import remat_unrolled
 
 ACT_AXES = ("batch", "length", "embed")
 
@@ -20,6 +21,8 @@ def _block_class(cfg: ModelConfig, has_cross: bool):
     block = DecoderBlock if has_cross else EncoderBlock
     if cfg.remat_policy == "none":
         return block
+    if cfg.remat_policy == "full" and not cfg.scan_layers:
+        return remat_unrolled(block)  # nn.remat saves nothing unrolled on XLA:CPU (models/remat.py)
     policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
     # Under scan, CSE across iterations is already impossible; prevent_cse only costs there.
     return nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)

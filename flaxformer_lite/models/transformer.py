@@ -288,17 +288,30 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1, length: int = 2) -> tuple:
     return (ids, ids) if cfg.family == "encoder_decoder" else (ids,)
 
 
+def _boxed_params(model: nn.Module, cfg: ModelConfig, rng: Array) -> dict:
+    """model.init's boxed parameters, with activation sharding constraints switched off.
+
+    The dummy batch of 1 cannot be split over a mesh's batch axes, and init needs no
+    activation placement; parameter constraints apply when the boxes are unboxed.
+    """
+    with nn.logical_axis_rules(()):
+        return model.init(rng, *dummy_inputs(cfg))["params"]
+
+
 def init_params(cfg: ModelConfig, rng: Array) -> dict:
-    """{'params': ...}: unboxed parameters of a fresh model (logical names dropped)."""
-    model = build_model(cfg)
-    return {"params": nn.unbox(model.init(rng, *dummy_inputs(cfg))["params"])}
+    """{'params': ...}: unboxed parameters of a fresh model (logical names dropped).
+
+    Works inside any mesh and logical-axis rules (parallel.use_mesh); there the parameters
+    carry their rules' sharding constraints.
+    """
+    return {"params": nn.unbox(_boxed_params(build_model(cfg), cfg, rng))}
 
 
 def param_logical_axes(cfg: ModelConfig) -> dict:
     """{'params': tree of PartitionSpec of logical axis names}, without allocating."""
     model = build_model(cfg)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(cfg)))
-    return {"params": nn.get_partition_spec(boxed["params"])}
+    boxed = jax.eval_shape(lambda: _boxed_params(model, cfg, jax.random.key(0)))
+    return {"params": nn.get_partition_spec(boxed)}
 
 
 def count_params(params) -> int:

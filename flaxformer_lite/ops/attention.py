@@ -135,11 +135,6 @@ def dot_product_attention(
         )
         logits_BKGTS = jnp.where(mask_BKGTS, logits_BKGTS, jnp.finfo(jnp.float32).min)
     weights_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-    if alive_BMT1 is not None:
-        alive_BKGT1 = (
-            alive_BMT1[:, :, None] if mask.shape[1] == 1 else alive_BMT1.reshape(B, K, G, T, 1)
-        )
-        weights_BKGTS = weights_BKGTS * alive_BKGT1.astype(jnp.float32)
     probs_BKGTS = weights_BKGTS
     if dropping:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BKGTS.shape)
@@ -147,4 +142,11 @@ def dot_product_attention(
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
     out_BTNH = out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
     weights_BNTS = weights_BKGTS.reshape(B, N, T, S) if return_weights else None
+    if alive_BMT1 is not None:
+        # Dead rows are zeroed on the [B,T,N,H] output, not on the S times larger weights.
+        alive_BMT = alive_BMT1[..., 0]
+        alive_BTN1 = jnp.broadcast_to(alive_BMT, (B, N, T)).transpose(0, 2, 1)[..., None]
+        out_BTNH = out_BTNH * alive_BTN1.astype(out_BTNH.dtype)
+        if weights_BNTS is not None:
+            weights_BNTS = weights_BNTS * alive_BMT[..., None].astype(jnp.float32)
     return out_BTNH, weights_BNTS

@@ -31,7 +31,8 @@ GOLDEN = {
     "encoder_decoder_t5": ("t5_tiny", []),  # relative position tables, cross-attention
     # LayerNorm with biases in both stacks, separate decoder embedding, untied lm_head:
     "encoder_decoder_2017": ("transformer_base", ["model.num_layers=1", "model.num_decoder_layers=1",
-                                                  "model.share_embeddings=false", "model.tie_embeddings=false"]),
+                                                  "model.share_embeddings=false", "model.tie_embeddings=false",
+                                                  "model.scan_layers=false"]),
 }
 
 

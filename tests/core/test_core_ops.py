@@ -432,6 +432,44 @@ def test_cross_entropy_matches_reference(label_smoothing, z_loss):
         np.testing.assert_allclose(float(parts[name]), value, err_msg=name, **F32)
 
 
+
+@pytest.mark.parametrize("label_smoothing, z_loss", [(0.0, 0.0), (0.1, 1e-2)])
+def test_chunked_cross_entropy_equals_plain_values_and_grads(label_smoothing, z_loss):
+    g = np.random.default_rng(2)
+    h, table = jnp.asarray(normal(3, 3, 7, 8)), jnp.asarray(normal(4, 13, 8))
+    labels = jnp.asarray(g.integers(0, 13, (3, 7)))
+    weights = jnp.asarray(g.integers(0, 2, (3, 7)).astype(np.float32))
+    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+
+    def plain(h, table):
+        return ops.cross_entropy(jnp.einsum("BTD,VD->BTV", h, table), labels, weights, **kw)
+
+    def chunked(h, table):  # 21 tokens in chunks of 5: the last chunk is padding-filled
+        return ops.chunked_cross_entropy(h, table, labels, weights, chunk_size=5, **kw)
+
+    (loss, parts), grads = jax.value_and_grad(plain, argnums=(0, 1), has_aux=True)(h, table)
+    (c_loss, c_parts), c_grads = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(h, table)
+    np.testing.assert_allclose(float(c_loss), float(loss), rtol=1e-6)
+    for name in parts:
+        np.testing.assert_allclose(float(c_parts[name]), float(parts[name]), rtol=1e-6, err_msg=name)
+    for a, b in zip(c_grads, grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_cross_entropy_never_holds_the_whole_logits():
+    h = jax.ShapeDtypeStruct((4, 256, 64), jnp.float32)
+    table = jax.ShapeDtypeStruct((4096, 64), jnp.float32)
+    labels = jnp.zeros((4, 256), jnp.int32)
+
+    def temp_bytes(loss):
+        grad = jax.jit(jax.grad(lambda h, t: loss(h, t)[0], argnums=(0, 1)))
+        return grad.lower(h, table).compile().memory_analysis().temp_size_in_bytes
+
+    whole = temp_bytes(lambda h, t: ops.cross_entropy(jnp.einsum("BTD,VD->BTV", h, t), labels))
+    chunked = temp_bytes(lambda h, t: ops.chunked_cross_entropy(h, t, labels, chunk_size=128))
+    logits_bytes = 4 * 256 * 4096 * 4
+    assert whole >= logits_bytes and whole > 4 * chunked
+
 def test_cross_entropy_default_weights_and_bf16_logits():
     logits = normal(0, 2, 5, 7)
     labels = np.random.default_rng(1).integers(0, 7, (2, 5))

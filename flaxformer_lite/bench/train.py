@@ -1,0 +1,316 @@
+"""`bench train`: our jitted training step against transformers' GPT-2 + torch AdamW, same weights.
+
+One process, one run: both steps train the same randomly initialised GPT-2 (built in
+transformers, loaded here through interop.hf) on the same batch with the same AdamW
+settings, on the same device; a square matmul measures the peak the MFU is taken
+against. It also times compilation against depth (scan on and off) and reads XLA's
+compiled temp memory for each remat policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+
+# The default shape: GPT-2 at a size two CPU cores train in milliseconds a step.
+SHAPE_DEFAULTS = {"layers": 4, "d_model": 256, "heads": 4, "vocab": 8192, "seq_len": 256, "batch": 8}
+REMAT_POLICIES = ("none", "full", "dots_with_no_batch_dims_saveable")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model shape, workload and which parts of the benchmark to run."""
+    parser.add_argument("--preset", help="take the shape from this GPT-2-style preset (e.g. gpt2_small); "
+                                         "the shape flags below override it")
+    for name, default in SHAPE_DEFAULTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {default} (or the preset's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype; parameters and optimizer state stay float32 on both sides")
+    parser.add_argument("--attention-impl", choices=("xla", "auto"), default="xla",
+                        help="ours: 'auto' is jax.nn.dot_product_attention (cuDNN flash on GPU)")
+    parser.add_argument("--scan-layers", action="store_true", help="ours: run the layers under nn.scan")
+    parser.add_argument("--remat-policy", default="none", help="ours: model.remat_policy of the timed step")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timed rounds per framework, interleaved ours/theirs so load drift hits both")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per framework first")
+    parser.add_argument("--no-torch", action="store_true", help="skip the transformers step (e.g. no CUDA torch)")
+    parser.add_argument("--peak-size", type=int, default=2048, help="matrix size of the matmul peak")
+    parser.add_argument("--compile-depths", type=int, nargs="*", default=[2, 24],
+                        help="layer counts to time compilation at, scan on and off (none: skip)")
+    parser.add_argument("--compile-unrolled-max", type=int, default=24,
+                        help="skip unrolled compiles deeper than this (they take about a minute at 24 on a CPU)")
+    parser.add_argument("--memory-layers", type=int, default=12, help="depth of the remat memory table (0: skip)")
+    parser.add_argument("--memory-d-model", type=int, default=128, help="width of the remat memory table")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _shape(args: argparse.Namespace) -> dict:
+    shape = dict(SHAPE_DEFAULTS)
+    if args.preset:
+        from flaxformer_lite.config import load_config
+
+        m = load_config(args.preset).model
+        if m.family != "decoder" or m.position != "learned" or m.activation != "gelu_tanh":
+            raise SystemExit(f"bench train --preset {args.preset}: not a GPT-2-style decoder "
+                             "(family decoder, learned positions, gelu_tanh); pick e.g. gpt2_small")
+        shape.update(layers=m.num_layers, d_model=m.d_model, heads=m.num_heads, vocab=m.vocab_size,
+                     seq_len=m.max_len)
+    for name in SHAPE_DEFAULTS:
+        if getattr(args, name) is not None:
+            shape[name] = getattr(args, name)
+    return shape
+
+
+def _run_config(model_cfg, shape: dict):
+    """A causal-LM run config: constant learning rate, AdamW as TrainConfig defines it."""
+    from flaxformer_lite.config import Config, DataConfig, TrainConfig
+
+    train = TrainConfig(learning_rate=1e-4, schedule="constant", warmup_steps=0)
+    data = DataConfig(objective="causal_lm", seq_len=shape["seq_len"], batch_size=shape["batch"])
+    return Config(name="bench_train", model=model_cfg, data=data, train=train)
+
+
+def _batch(shape: dict, seed: int) -> dict:
+    import numpy as np
+
+    B, T, V = shape["batch"], shape["seq_len"], shape["vocab"]
+    ids = np.random.default_rng(seed).integers(0, V, (B, T + 1)).astype(np.int32)
+    ones = np.ones((B, T), np.int32)
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "weights": ones.astype(np.float32),
+            "segment_ids": ones, "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
+
+
+def _torch_step(model, cfg, batch: dict, device, dtype: str):
+    """A closure running one transformers training step: loss, backward, clip, AdamW."""
+    import torch
+
+    tc = cfg.train
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices and tables, as train.optim
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=tc.learning_rate, betas=(tc.b1, tc.b2), eps=tc.eps, foreach=True,
+    )
+    ids = torch.from_numpy(batch["input_ids"]).long().to(device)
+    labels = torch.from_numpy(batch["labels"]).long().to(device).reshape(-1)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def step():
+        with autocast:
+            logits = model(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step, sync
+
+
+def _step_seconds(run_steps, steps: int) -> float:
+    start = time.perf_counter()
+    run_steps(steps)
+    return (time.perf_counter() - start) / steps
+
+
+def _train_parts(model_cfg, shape: dict):
+    """(run config, jitted train step with the state donated, optimizer) for our model."""
+    import jax
+
+    from flaxformer_lite.models import build_model
+    from flaxformer_lite.train.optim import make_optimizer
+    from flaxformer_lite.train.step import make_train_step
+
+    cfg = _run_config(model_cfg, shape)
+    optimizer = make_optimizer(cfg.train)
+    step = jax.jit(make_train_step(build_model(model_cfg), cfg, optimizer), donate_argnums=0)
+    return cfg, step, optimizer
+
+
+def _compile_seconds(model_cfg, shape: dict, layers: int, scan: bool) -> float:
+    """Seconds to trace, lower and compile our train step at `layers` layers (nothing allocated)."""
+    import jax
+
+    from flaxformer_lite.models import init_params
+    from flaxformer_lite.train.step import init_train_state
+
+    cfg_l = dataclasses.replace(model_cfg, num_layers=layers, scan_layers=scan)
+    _, step, optimizer = _train_parts(cfg_l, shape)
+    state = jax.eval_shape(lambda: init_train_state(init_params(cfg_l, jax.random.key(0)), optimizer, 0))
+    batch = _batch(shape, 0)
+    start = time.perf_counter()
+    step.lower(state, batch).compile()
+    return time.perf_counter() - start
+
+
+def _temp_memory(model_cfg, shape: dict, policy: str, scan: bool) -> int:
+    """Compiled temp bytes of forward + backward (value_and_grad of the training loss)."""
+    import jax
+
+    from flaxformer_lite.models import build_model, init_params
+    from flaxformer_lite.train.step import loss_and_sums
+
+    cfg_p = dataclasses.replace(model_cfg, remat_policy=policy, scan_layers=scan)
+    cfg = _run_config(cfg_p, shape)
+    model = build_model(cfg_p)
+    params = jax.eval_shape(lambda: init_params(cfg_p, jax.random.key(0)))
+
+    def loss(p, batch):
+        return loss_and_sums(model, cfg, p, batch, deterministic=True, rng=None)[0]
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, _batch(shape, 0)).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    """Time both training steps side by side; compile time vs depth; temp memory per remat policy."""
+    import jax
+
+    from flaxformer_lite import flops
+    from flaxformer_lite.interop import hf
+    from flaxformer_lite.models import count_params
+    from flaxformer_lite.train.step import init_train_state
+
+    shape = _shape(args)
+    B, T = shape["batch"], shape["seq_len"]
+    backend = jax.default_backend()
+    # Our model comes from transformers' random GPT-2 (same weights on both sides).
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise SystemExit(f"bench train builds its GPT-2 in transformers (PyTorch): pip install -e '.[test]' ({e})")
+    config = transformers.GPT2Config(
+        vocab_size=shape["vocab"], n_positions=T, n_embd=shape["d_model"], n_layer=shape["layers"],
+        n_head=shape["heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=shape["vocab"] - 1, eos_token_id=shape["vocab"] - 1,
+    )
+    torch.manual_seed(args.seed)
+    theirs = transformers.GPT2LMHeadModel(config)
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        model_cfg, params = hf.load(
+            folder, dtype=args.dtype, attention_impl=args.attention_impl, scan_layers=args.scan_layers,
+            remat_policy=args.remat_policy,
+        )
+    flops_per_token = flops.training_flops_per_token(model_cfg, T)
+    peak = flops.matmul_peak_flops(args.dtype, args.peak_size)
+
+    cfg, step, optimizer = _train_parts(model_cfg, shape)
+    batch = jax.device_put(_batch(shape, args.seed))
+    holder = {"state": init_train_state(params, optimizer, args.seed)}
+    start = time.perf_counter()
+    step_c = step.lower(holder["state"], batch).compile()
+    compile_s = time.perf_counter() - start
+
+    def ours(n):
+        state = holder["state"]
+        for _ in range(n):
+            state, metrics = step_c(state, batch)
+        jax.block_until_ready(metrics["loss_sum"])
+        holder["state"] = state
+
+    rounds = {"ours": []}
+    ours(args.warmup)
+    theirs_step = theirs_sync = None
+    if not args.no_torch:
+        device = torch.device("cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu")
+        theirs = theirs.to(device).train()
+        theirs_step, theirs_sync = _torch_step(theirs, cfg, _batch(shape, args.seed), device, args.dtype)
+        rounds["transformers"] = []
+
+        def run_theirs(n):
+            for _ in range(n):
+                theirs_step()
+            theirs_sync()
+
+        run_theirs(args.warmup)
+    for _ in range(args.rounds):
+        rounds["ours"].append(_step_seconds(ours, args.steps))
+        if theirs_step is not None:
+            rounds["transformers"].append(_step_seconds(run_theirs, args.steps))
+
+    def figures(times):
+        s = statistics.median(times)
+        tps = B * T / s
+        return {"ms_per_step": 1e3 * s, "tokens_per_s": tps, "mfu": flops.mfu(tps, flops_per_token, peak),
+                "ms_per_step_rounds": [1e3 * t for t in times]}
+
+    steps = {name: figures(times) for name, times in rounds.items()}
+    steps["ours"]["compile_s"] = compile_s
+    if "transformers" in steps:
+        steps["transformers"].update(version=transformers.__version__, torch=torch.__version__,
+                                     torch_threads=torch.get_num_threads(), device=str(device))
+
+    compile_rows = []
+    for layers in args.compile_depths:
+        for scan in (True, False):
+            if not scan and layers > args.compile_unrolled_max:
+                continue
+            compile_rows.append({"layers": layers, "scan": scan, "seconds": _compile_seconds(model_cfg, shape, layers, scan)})
+
+    memory_rows = []
+    if args.memory_layers:
+        mem_cfg = dataclasses.replace(model_cfg, num_layers=args.memory_layers, d_model=args.memory_d_model,
+                                      d_ff=4 * args.memory_d_model)
+        for scan in (False, True):
+            for policy in REMAT_POLICIES:
+                memory_rows.append({"layers": args.memory_layers, "d_model": args.memory_d_model, "scan": scan,
+                                    "policy": policy, "temp_bytes": _temp_memory(mem_cfg, shape, policy, scan)})
+
+    results = {
+        "benchmark": "train",
+        "model": {**shape, "parameters": count_params(params), "flops_per_token": flops_per_token},
+        "run": {"dtype": args.dtype, "attention_impl": args.attention_impl, "scan_layers": args.scan_layers,
+                "remat_policy": args.remat_policy, "steps_per_round": args.steps, "rounds": args.rounds,
+                "optimizer": dataclasses.asdict(cfg.train) | {"schedule": "constant"}},
+        "matmul_peak": {"flops_per_s": peak, "dtype": args.dtype, "size": args.peak_size},
+        "steps": steps,
+        "compile": compile_rows,
+        "memory": memory_rows,
+        "jax": {"version": jax.__version__, "backend": backend, "device": str(jax.devices()[0]),
+                "xla_flags": os.environ.get("XLA_FLAGS", "")},
+    }
+    if "transformers" in steps:
+        results["speedup"] = steps["ours"]["tokens_per_s"] / steps["transformers"]["tokens_per_s"]
+    print(_train_report(results))
+    return results
+
+
+def _train_report(r: dict) -> str:
+    m, run, s = r["model"], r["run"], r["steps"]
+    lines = [
+        f"GPT-2 {m['layers']} layers, d_model {m['d_model']}, {m['heads']} heads, vocab {m['vocab']}, "
+        f"T {m['seq_len']}, batch {m['batch']} ({m['parameters']:,} parameters, "
+        f"{m['flops_per_token'] / 1e6:.1f} MFLOP/token); {run['dtype']}, AdamW; {r['jax']['device']}",
+        f"matmul peak ({r['matmul_peak']['size']}^3 {run['dtype']}): {r['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s",
+        "",
+        "| step | tokens/s | ms/step | MFU |",
+        "|---|---|---|---|",
+    ]
+    for name, v in s.items():
+        label = ("flaxformer_lite (jit, optax)" if name == "ours" else
+                 f"transformers {v['version']} (torch {v['torch']}, {v['torch_threads']} threads)")
+        lines.append(f"| {label} | {v['tokens_per_s']:,.0f} | {v['ms_per_step']:.1f} | {100 * v['mfu']:.1f}% |")
+    if "speedup" in r:
+        lines += ["", f"ours / transformers: {r['speedup']:.2f}x tokens/s"]
+    lines += [f"our step compiles in {s['ours']['compile_s']:.1f} s"]
+    if r["compile"]:
+        lines += ["", "| layers | scan | compile s |", "|---|---|---|"]
+        lines += [f"| {c['layers']} | {'yes' if c['scan'] else 'no'} | {c['seconds']:.1f} |" for c in r["compile"]]
+    if r["memory"]:
+        first = r["memory"][0]
+        lines += ["", f"compiled temp memory, forward + backward, {first['layers']} layers, d_model {first['d_model']}:",
+                  "", "| scan | remat policy | temp MiB |", "|---|---|---|"]
+        lines += [f"| {'yes' if x['scan'] else 'no'} | {x['policy']} | {x['temp_bytes'] / 2**20:.0f} |"
+                  for x in r["memory"]]
+    return "\n".join(lines)
