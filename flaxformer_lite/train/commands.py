@@ -110,8 +110,8 @@ def run_eval(args: argparse.Namespace) -> int:
         **metrics_lib.baselines(setup.eval_batches, cfg.data.objective),
     }
     if jax.process_index() == 0:
-        (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+        (workdir / "eval.json").write_text(metrics_lib.dumps(result, indent=2) + "\n")
+    print(metrics_lib.dumps(result, indent=2))
     return 0
 
 

@@ -362,7 +362,8 @@ def train(
     cfg = setup.cfg
     main = jax.process_index() == 0
     log = tqdm.write if main else (lambda _msg: None)
-    with safety.WorkdirLock(workdir, enabled=main):
+    # Signals are caught from here to the summary, so one that comes late cuts nothing short.
+    with safety.StopSignals() as signals, safety.WorkdirLock(workdir, enabled=main):
         _check_workdir(workdir, resume, cfg)
         mesh = parallel.make_mesh(cfg.parallel)
         _check_batch_split(cfg, mesh)
@@ -373,7 +374,7 @@ def train(
             merge_params(shapes, loaded, f"--init-from {init_from}")  # shape errors before any output
         peak = cfg.train.peak_flops or flops.matmul_peak_flops(cfg.model.dtype)
 
-        with parallel.use_mesh(mesh, cfg.parallel), safety.StopSignals() as signals:
+        with parallel.use_mesh(mesh, cfg.parallel):
             run = _start(cfg, setup, workdir, mesh, resume, loaded, init_from, peak, log)
             last_step = cfg.train.num_steps if stop_at is None else min(stop_at, cfg.train.num_steps)
             stopped = _run_steps(run, signals, last_step, started)

@@ -84,13 +84,23 @@ def test_signal_checkpoints_exits_75_and_resume_is_bit_exact(sig, gpt_run, gpt_c
     workdir, log_path = tmp_path / "run", tmp_path / "child.log"
     child = _start_child(workdir, gpt_overrides, log_path)
     _wait_for_step(child, workdir, 3, log_path)
+    signalled_at = max(r["step"] for r in metrics.read_metrics(workdir))
     child.send_signal(sig)
-    time.sleep(0.05)
-    child.send_signal(sig)  # a second signal, while it finishes the step or saves
-    assert child.wait(timeout=300) == safety.EXIT_PREEMPTED
+    # More signals while it finishes the step and saves, until that checkpoint is
+    # complete (it has its checksums); the child then still writes its summary.
+    deadline = time.monotonic() + 300
+    while child.poll() is None and not [
+        p for p in (workdir / "checkpoints").glob(f"*/{checkpoint.CHECKSUM_FILE}")
+        if int(p.parent.name) >= signalled_at
+    ]:
+        assert time.monotonic() < deadline, "the child did not stop"
+        time.sleep(0.1)
+        child.send_signal(sig)
+    assert child.wait(timeout=300) == safety.EXIT_PREEMPTED, log_path.read_text()[-3000:]
     child.log.close()
     out = log_path.read_text()
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert f"received {sig.name} again: already stopping" in out
     stopped = [line for line in out.splitlines() if line.startswith("stopped: ")]
     assert len(stopped) == 1 and f"stopped by {sig.name} at step" in stopped[0], out[-2000:]
     step = int(stopped[0].split(" at step ")[1].split(";")[0])
