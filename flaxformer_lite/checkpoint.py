@@ -7,14 +7,23 @@ Layout of WORKDIR:
   metrics.jsonl, ...   written by the trainer
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
-process killed mid-save leaves nothing that `latest_step` will pick up.
+process killed mid-save leaves nothing that `latest_step` will pick up. Once a step is
+complete, `write_checksums` adds checkpoints/<step>/checksums.json (size and SHA-256 of
+every file); `restore_good` checks them, and the values' finiteness, before it trusts a
+step, and falls back to the previous one otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
+import shutil
+import warnings
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -22,6 +31,8 @@ from flaxformer_lite.config import Config, ConfigError, dump_config, load_config
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
+CHECKSUM_FILE = "checksums.json"
+QUARANTINE_DIR = "corrupt_checkpoints"  # bad steps are moved here, never deleted
 
 
 def write_config(workdir: str | pathlib.Path, cfg: Config) -> pathlib.Path:
@@ -123,12 +134,138 @@ def _present(mngr: ocp.CheckpointManager, step: int, item: str) -> bool:
     return (pathlib.Path(str(mngr.directory)) / str(step) / item).exists()
 
 
+def step_dir(mngr: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    """The directory of a complete step."""
+    return pathlib.Path(str(mngr.directory)) / str(step)
+
+
+def _file_digests(directory: pathlib.Path) -> dict[str, list]:
+    digests = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.name.startswith(CHECKSUM_FILE):
+            with path.open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            digests[str(path.relative_to(directory))] = [path.stat().st_size, digest]
+    return digests
+
+
+def write_checksums(directory: str | pathlib.Path) -> None:
+    """Write DIRECTORY/checksums.json: [size, sha256] of every file below it (atomically)."""
+    directory = pathlib.Path(directory)
+    tmp = directory / (CHECKSUM_FILE + ".tmp")
+    tmp.write_text(json.dumps(_file_digests(directory), indent=0) + "\n")
+    tmp.replace(directory / CHECKSUM_FILE)
+
+
+def verify_checksums(directory: str | pathlib.Path) -> tuple[Optional[bool], str]:
+    """(True, "") if every file matches checksums.json; (False, what differs) if not;
+    (None, why) if there is no readable checksums.json to check against."""
+    directory = pathlib.Path(directory)
+    try:
+        expected = json.loads((directory / CHECKSUM_FILE).read_text())
+    except (OSError, ValueError) as e:
+        return None, f"no readable {CHECKSUM_FILE} ({type(e).__name__})"
+    actual = _file_digests(directory)
+    for name, (size, digest) in expected.items():
+        if name not in actual:
+            return False, f"{name} is missing"
+        if actual[name][0] != size:
+            return False, f"{name} has {actual[name][0]} bytes, {size} when saved (truncated?)"
+        if actual[name][1] != digest:
+            return False, f"{name} does not match its checksum"
+    return True, ""
+
+
+@jax.jit
+def _finite_flags(tree: Any) -> list:
+    return [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def all_finite(tree: Any) -> bool:
+    """True if every floating-point value in `tree` is finite (waits for the values)."""
+    return all(bool(f) for f in jax.device_get(_finite_flags(tree)))
+
+
+def quarantine(mngr: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    """Move a bad step to WORKDIR/corrupt_checkpoints/<step>[.n] (kept for inspection)."""
+    source = step_dir(mngr, step)
+    target_dir = source.parent.parent / QUARANTINE_DIR
+    target_dir.mkdir(exist_ok=True)
+    target, n = target_dir / str(step), 1
+    while target.exists():
+        target, n = target_dir / f"{step}.{n}", n + 1
+    shutil.move(str(source), str(target))
+    mngr.reload()
+    return target
+
+
+def restore_good(
+    mngr: ocp.CheckpointManager,
+    *,
+    params_target: Any = None,
+    extra_target: Any = None,
+    move_bad: bool = True,
+) -> tuple[Optional[int], Any, Any, Optional[dict]]:
+    """(step, params, extra, meta) of the newest step that passes its checks; step None
+    when there is none.
+
+    A step fails when a file differs from its checksums, or when it has no checksums (a
+    process killed right after the save) and does not load, or when a value is not
+    finite. Each failed step is reported with a warning that names it and, with
+    `move_bad`, moved to WORKDIR/corrupt_checkpoints/; the previous step is tried next.
+    A step whose checksums match but which does not load raises: that is a mismatch
+    with the targets (the config), not a damaged file.
+    """
+    for step in sorted(mngr.all_steps(), reverse=True):
+        verified, problem = _shared_verdict(mngr, step)
+        loaded = None
+        if verified is not False:
+            try:
+                loaded = restore(mngr, step, params_target=params_target, extra_target=extra_target)
+            except Exception as e:  # noqa: BLE001 - any read failure of an unverified step
+                if verified:
+                    raise
+                problem = f"{problem}, and it does not load: {str(e).splitlines()[0][:200]}"
+            if loaded is not None and not all_finite(loaded[:2]):
+                problem, loaded = "it holds non-finite values", None
+        if loaded is not None:
+            return (step, *loaded)
+        message = f"checkpoint {step_dir(mngr, step)} is unusable: {problem}"
+        if move_bad:
+            moved = quarantine(mngr, step) if jax.process_index() == 0 else None
+            _sync(f"ffl_quarantine_{step}")
+            mngr.reload()
+            message += f"; moved to {moved}" if moved else ""
+        warnings.warn(f"{message}; trying the previous one", stacklevel=2)
+    return None, None, None, None
+
+
+def _shared_verdict(mngr: ocp.CheckpointManager, step: int) -> tuple[Optional[bool], str]:
+    """verify_checksums on process 0, the same answer on every process."""
+    verified, problem = verify_checksums(step_dir(mngr, step))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        code = multihost_utils.broadcast_one_to_all(jnp.int32({None: 0, True: 1, False: 2}[verified]))
+        verified = {0: None, 1: True, 2: False}[int(code)]
+    return verified, problem
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def save_params(workdir: str | pathlib.Path, cfg: Config, params: Any, step: int = 0) -> None:
     """Write the config and a params-only checkpoint (e.g. converted weights)."""
     write_config(workdir, cfg)
     with manager(workdir, keep=1, best_metric=None, async_save=False) as mngr:
         save(mngr, step, params=params)
         mngr.wait_until_finished()
+        if jax.process_index() == 0:
+            write_checksums(step_dir(mngr, step))
 
 
 def load_params(workdir: str | pathlib.Path, step: Optional[int] = None) -> tuple[Config, Any]:
@@ -140,5 +277,12 @@ def load_params(workdir: str | pathlib.Path, step: Optional[int] = None) -> tupl
     with manager(workdir, read_only=True, best_metric=None) as mngr:
         if step is not None and step not in mngr.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {directory}: have {mngr.all_steps()}")
-        params, _, _ = restore(mngr, step)
+        if step is not None:
+            verified, problem = verify_checksums(step_dir(mngr, step))
+            if verified is False:
+                raise FileNotFoundError(f"{step_dir(mngr, step)} is corrupt: {problem}")
+            return cfg, restore(mngr, step)[0]
+        found, params, _, _ = restore_good(mngr, move_bad=False)
+        if found is None:
+            raise FileNotFoundError(f"no usable checkpoint in {directory}")
     return cfg, params

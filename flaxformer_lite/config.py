@@ -152,7 +152,12 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 20
     checkpoint_every: int = 200
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest N (>= 1, so the last good one stays) plus the best
+    # A step with a non-finite loss or gradient never updates the state. skip: warn and go
+    # on, but stop after max_nonfinite_streak such steps in a row; stop: stop at once.
+    nan_policy: Literal["skip", "stop"] = "skip"
+    max_nonfinite_streak: int = 10
+    peak_flops: Optional[float] = None  # FLOP/s that MFU divides by; None: measure a matmul
     num_samples: int = 2  # LM samples printed at the end
     sample_len: int = 64
     seed: int = 0
@@ -265,8 +270,19 @@ def validate(cfg: Config) -> Config:
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={cfg.model.max_len} "
             "with absolute positions: lower data.seq_len or raise model.max_len"
         )
-    if cfg.train.grad_accum_steps < 1:
-        raise ConfigError("train.grad_accum_steps must be >= 1")
+    positive = {
+        "data.batch_size": cfg.data.batch_size, "data.seq_len": cfg.data.seq_len,
+        "train.num_steps": cfg.train.num_steps, "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "train.max_nonfinite_streak": cfg.train.max_nonfinite_streak,
+    }
+    if cfg.data.target_len is not None:
+        positive["data.target_len"] = cfg.data.target_len
+    if cfg.train.peak_flops is not None:
+        positive["train.peak_flops"] = cfg.train.peak_flops
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
     if cfg.data.batch_size % cfg.train.grad_accum_steps:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by "

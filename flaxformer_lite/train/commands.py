@@ -1,7 +1,13 @@
 """`flaxformer-lite train` and `flaxformer-lite eval`.
 
 Bad input (config, corpus, tokenizer, workdir) prints one `error: ...` line naming the
-file, line or key, and exits with status 2 before anything is written.
+file, line or key, and exits with status 2 before anything is written; so does a workdir
+that another live run holds. A run that stops early prints one `stopped: ...` line
+saying where its checkpoint is and how to resume, and exits with (train/safety.py):
+
+    3   train.nan_policy stopped it (non-finite loss or gradient)
+    74  a checkpoint could not be written (a full disk...)
+    75  SIGTERM or SIGINT (preemption): resume with --resume
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def run_train(args: argparse.Namespace) -> int:
     from flaxformer_lite import parallel
     from flaxformer_lite.config import load_config
     from flaxformer_lite.train.loop import train
+    from flaxformer_lite.train.safety import RunStopped
 
     try:
         parallel.initialize_distributed()
@@ -55,6 +62,9 @@ def run_train(args: argparse.Namespace) -> int:
     except _bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     shown = {k: v for k, v in summary.items() if k != "samples"}
     print(json.dumps(shown, indent=2))
     return 0
@@ -100,8 +110,8 @@ def run_eval(args: argparse.Namespace) -> int:
         **metrics_lib.baselines(setup.eval_batches, cfg.data.objective),
     }
     if jax.process_index() == 0:
-        (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+        (workdir / "eval.json").write_text(metrics_lib.dumps(result, indent=2) + "\n")
+    print(metrics_lib.dumps(result, indent=2))
     return 0
 
 

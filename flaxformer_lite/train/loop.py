@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
+import math
 import pathlib
 import time
 import warnings
@@ -28,10 +28,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from flaxformer_lite import checkpoint, data, parallel
+from flaxformer_lite import checkpoint, data, flops, parallel
 from flaxformer_lite.config import Config, ConfigError
 from flaxformer_lite.models import build_model, count_params, dummy_inputs, init_params
 from flaxformer_lite.train import metrics as metrics_lib
+from flaxformer_lite.train import safety
 from flaxformer_lite.train.optim import make_optimizer
 from flaxformer_lite.train.step import (
     TrainState,
@@ -336,6 +337,31 @@ def _host_copy(tree: Any) -> Any:
 # ------------------------------------------------------------------------------- train
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the step loop reads and changes."""
+
+    cfg: Config
+    setup: DataSetup
+    workdir: pathlib.Path
+    mesh: Any
+    prog: Programs
+    mngr: Any
+    saves: safety.Saves
+    state: TrainState
+    it: Any  # the training dataset's iterator (get_state/set_state)
+    step: int
+    start_step: int
+    window: metrics_lib.LogWindow
+    nonfinite: safety.NonFiniteSteps
+    writer: Optional[metrics_lib.MetricsWriter]
+    bar: tqdm
+    log: Callable[[str], None]
+    eval_record: dict = dataclasses.field(default_factory=dict)
+    evaluated_at: int = -1  # the step of eval_record
+    over_budget: bool = False
+
+
 def train(
     cfg: Config,
     workdir: str | pathlib.Path,
@@ -346,12 +372,16 @@ def train(
 ) -> dict:
     """Train `cfg` into `workdir`; return the summary (also written to summary.json).
 
-    resume: continue from the latest complete checkpoint in workdir (params, optimizer
+    resume: continue from the latest good checkpoint in workdir (params, optimizer
       state, step, RNG and data position), or start fresh if it has none yet.
     init_from: a run directory whose latest params initialise the model (fine-tuning,
       converted HF weights); parameters it lacks, e.g. a new classifier, start fresh.
-    stop_at: stop after this step, checkpointing first, as a pre-empted job would; a
-      later resume continues exactly where it left off.
+    stop_at: stop after this step, checkpointing first; a later resume continues
+      exactly where it left off.
+
+    Raises safety.WorkdirBusy if another run holds workdir, and a safety.RunStopped
+    (Preempted, NonFiniteStop, SaveFailed) when the run stops early; that is raised
+    after the last checkpoint, metrics and summary are written.
     """
     started = time.perf_counter()
     workdir = pathlib.Path(workdir)
@@ -359,145 +389,232 @@ def train(
         raise ConfigError("--resume and --init-from exclude each other: a resumed run already has params")
     setup = prepare_data(cfg)
     cfg = setup.cfg
-    _check_workdir(workdir, resume, cfg)
     main = jax.process_index() == 0
     log = tqdm.write if main else (lambda _msg: None)
+    # Signals are caught from here to the summary, so one that comes late cuts nothing short.
+    with safety.StopSignals() as signals, safety.WorkdirLock(workdir, enabled=main):
+        _check_workdir(workdir, resume, cfg)
+        mesh = parallel.make_mesh(cfg.parallel)
+        _check_batch_split(cfg, mesh)
+        loaded = None
+        if init_from is not None:
+            loaded = checkpoint.load_params(init_from)[1]
+            shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
+            merge_params(shapes, loaded, f"--init-from {init_from}")  # shape errors before any output
+        peak = cfg.train.peak_flops or flops.matmul_peak_flops(cfg.model.dtype)
 
-    mesh = parallel.make_mesh(cfg.parallel)
+        with parallel.use_mesh(mesh, cfg.parallel):
+            run = _start(cfg, setup, workdir, mesh, resume, loaded, init_from, peak, log)
+            last_step = cfg.train.num_steps if stop_at is None else min(stop_at, cfg.train.num_steps)
+            stopped = _run_steps(run, signals, last_step, started)
+            stopped = _wait_for_saves(run, stopped)
+            run.bar.close()
+            run.it.close()
+            run.mngr.close()
+        summary = _finish(run, stopped, peak, cfg.train.peak_flops is None, started)
+    if stopped is not None:
+        config = workdir / checkpoint.CONFIG_FILE
+        resume_hint = f"resume with: flaxformer-lite train --config {config} --workdir {workdir} --resume"
+        raise type(stopped)(f"{stopped}; {resume_hint}", stopped.step)
+    return summary
+
+
+def _check_batch_split(cfg: Config, mesh) -> None:
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.data.batch_size % (data_shards * cfg.train.grad_accum_steps):
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} must be a multiple of the {data_shards} data-parallel "
             f"devices times train.grad_accum_steps={cfg.train.grad_accum_steps}"
         )
-    loaded = None
-    if init_from is not None:
-        loaded = checkpoint.load_params(init_from)[1]
-        shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
-        merge_params(shapes, loaded, f"--init-from {init_from}")  # shape errors before any output
 
-    with parallel.use_mesh(mesh, cfg.parallel):
-        prog = programs(cfg, mesh)
-        if main:
-            checkpoint.write_config(workdir, cfg)
-        mngr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints, best_metric="eval_loss")
-        it = iter(setup.train)
-        start_step, tokens_seen = 0, 0.0
-        if resume and mngr.latest_step() is not None:
-            abstract = prog.abstract
-            extra_target = {"opt_state": abstract.opt_state, "step": abstract.step, "rng": abstract.rng}
-            params, extra, meta = checkpoint.restore(mngr, params_target=abstract.params, extra_target=extra_target)
-            state = TrainState(step=extra["step"], params=params, opt_state=extra["opt_state"], rng=extra["rng"])
-            it.set_state(meta["data_iterator"])
-            start_step, tokens_seen = int(state.step), float(meta["tokens"])
-            log(f"resumed {workdir} at step {start_step}")
-        elif loaded is not None:
-            fresh = _host_copy(prog.init(jax.random.key(cfg.train.seed)).params)
-            params, kept_fresh, unused = merge_params(fresh, loaded, f"--init-from {init_from}")
-            state = prog.init_with(jax.device_put(params, prog.shardings.params))
-            log(f"initialised from {init_from}: {len(kept_fresh)} new parameter arrays {kept_fresh}, "
-                f"{len(unused)} unused {unused}")
-        else:
-            state = prog.init(jax.random.key(cfg.train.seed))
-        n_params = count_params(prog.abstract.params)
-        log(f"{cfg.name}: {cfg.model.family}, {n_params:,} parameters, objective {cfg.data.objective}, "
-            f"mesh {dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} device(s)")
-        train_step, eval_step = prog.train_step, prog.eval_step
-        bytes_are_tokens = setup.bytes_are_tokens
-        writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step if resume else None) if main else None
-        baselines = metrics_lib.baselines(setup.eval_batches, cfg.data.objective)
 
-        tc = cfg.train
-        last_step = tc.num_steps if stop_at is None else min(stop_at, tc.num_steps)
-        bar = tqdm(total=tc.num_steps, initial=start_step, disable=not main, unit="step", dynamic_ncols=True)
-        window: list = []  # step sums since the last log record, still on the device
-        window_start, untimed_tokens = time.perf_counter(), 0.0
-        eval_record: dict[str, float] = {}
-        step = start_step
-        train_seconds = train_tokens = 0.0
-        over_budget = False
-        while step < last_step:
-            state, step_sums = train_step(state, parallel.shard_batch(mesh, next(it)))
-            step += 1
-            bar.update(1)
-            window.append(step_sums)
-            if step == start_step + 1:
-                # The first step compiles: time the window from its end, without its tokens.
-                untimed_tokens = float(jax.device_get(step_sums["token_count"]))
-                window_start = time.perf_counter()
-            # Several processes must stop at the same step; they agree at log steps only,
-            # since agreeing is a collective that waits for the step to finish.
-            if jax.process_count() == 1 or _every(step, tc.log_every):
-                over_budget = _out_of_time(started, tc.time_budget_s)
-            final = step == last_step or over_budget
-            saving = _every(step, tc.checkpoint_every) or final
-            # A checkpoint step also closes the log window, so the token count it saves is exact.
-            if _every(step, tc.log_every) or saving:
-                fetched = jax.device_get(window)
-                sums: dict[str, float] = {}
-                for s in fetched:
-                    sums = metrics_lib.add_sums(sums, s)
-                record = metrics_lib.summarize(sums, bytes_are_tokens=bytes_are_tokens)
-                record.pop("perplexity")  # of a moving model: eval_perplexity is the one to read
-                record["grad_norm"] = sums["grad_norm"] / len(fetched)
-                record["learning_rate"] = float(fetched[-1]["learning_rate"])
-                tokens_seen += sums["token_count"]
-                record["tokens"] = tokens_seen
-                timed_tokens = sums["token_count"] - untimed_tokens
-                if timed_tokens:
-                    seconds = time.perf_counter() - window_start
-                    record["tokens_per_s"] = timed_tokens / seconds
-                    train_seconds += seconds
-                    train_tokens += timed_tokens
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-                if writer:
-                    writer.write(step, record)
-                window, window_start, untimed_tokens = [], time.perf_counter(), 0.0
-            if _every(step, tc.eval_every) or final:
-                pause = time.perf_counter()
-                sums = evaluate(eval_step, state.params, setup.eval_batches, mesh)
-                eval_record = metrics_lib.summarize(sums, bytes_are_tokens=bytes_are_tokens, prefix="eval_")
-                if writer:
-                    writer.write(step, eval_record)
-                log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_record.items()))
-                window_start += time.perf_counter() - pause
-            if saving:
-                pause = time.perf_counter()
-                evaluated = _every(step, tc.eval_every) or final
-                checkpoint.save(
-                    mngr, step, params=state.params,
-                    extra={"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
-                    meta={"data_iterator": it.get_state(), "step": step, "tokens": tokens_seen},
-                    metrics={"eval_loss": eval_record["eval_loss"]} if evaluated else None,
-                )
-                window_start += time.perf_counter() - pause
-            if over_budget:
-                log(f"time budget of {tc.time_budget_s:.0f} s reached at step {step}")
-                break
-        bar.close()
-        it.close()
-        mngr.wait_until_finished()
-        mngr.close()
+def _start(cfg, setup, workdir, mesh, resume, loaded, init_from, peak, log) -> _Run:
+    """Write config.yaml; the train state (resumed, initialised from `loaded`, or fresh)."""
+    prog = programs(cfg, mesh)
+    main = jax.process_index() == 0
+    if main:
+        checkpoint.write_config(workdir, cfg)
+    mngr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints, best_metric="eval_loss")
+    it = iter(setup.train)
+    start_step, tokens_seen, streak = 0, 0.0, 0
+    restored = None
+    if resume and mngr.latest_step() is not None:
+        abstract = prog.abstract
+        extra_target = {"opt_state": abstract.opt_state, "step": abstract.step, "rng": abstract.rng}
+        found, params, extra, meta = checkpoint.restore_good(
+            mngr, params_target=abstract.params, extra_target=extra_target
+        )
+        restored = None if found is None else (params, extra, meta)
+        if found is None:
+            log(f"no usable checkpoint in {workdir}: starting at step 0")
+    if restored is not None:
+        params, extra, meta = restored
+        state = TrainState(step=extra["step"], params=params, opt_state=extra["opt_state"], rng=extra["rng"])
+        it.set_state(meta["data_iterator"])
+        start_step, tokens_seen = int(state.step), float(meta["tokens"])
+        streak = int(meta.get("nonfinite_streak", 0))
+        log(f"resumed {workdir} at step {start_step}")
+    elif loaded is not None:
+        fresh = _host_copy(prog.init(jax.random.key(cfg.train.seed)).params)
+        params, kept_fresh, unused = merge_params(fresh, loaded, f"--init-from {init_from}")
+        state = prog.init_with(jax.device_put(params, prog.shardings.params))
+        log(f"initialised from {init_from}: {len(kept_fresh)} new parameter arrays {kept_fresh}, "
+            f"{len(unused)} unused {unused}")
+    else:
+        state = prog.init(jax.random.key(cfg.train.seed))
+    d = cfg.data
+    flops_per_token = flops.training_flops_per_token(cfg.model, d.seq_len, d.target_len)
+    log(f"{cfg.name}: {cfg.model.family}, {count_params(prog.abstract.params):,} parameters, objective "
+        f"{d.objective}, mesh {dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{flops_per_token / 1e6:.3g} MFLOPs/token, peak {peak / 1e12:.3g} TFLOP/s")
+    tc = cfg.train
+    return _Run(
+        cfg=cfg, setup=setup, workdir=workdir, mesh=mesh, prog=prog, mngr=mngr, saves=safety.Saves(mngr),
+        state=state, it=it, step=start_step, start_step=start_step,
+        window=metrics_lib.LogWindow(
+            bytes_are_tokens=setup.bytes_are_tokens, flops_per_token=flops_per_token, peak_flops=peak,
+            tokens_seen=tokens_seen,
+        ),
+        nonfinite=safety.NonFiniteSteps(tc.nan_policy, tc.max_nonfinite_streak, streak),
+        writer=metrics_lib.MetricsWriter(workdir, resume_step=start_step if resume else None) if main else None,
+        bar=tqdm(total=tc.num_steps, initial=start_step, disable=not main, unit="step", dynamic_ncols=True),
+        log=log,
+    )
 
+
+def _run_steps(run: _Run, signals: safety.StopSignals, last_step: int, started: float) -> Optional[safety.RunStopped]:
+    """Train until last_step, the time budget or a reason to stop early (returned).
+
+    Between checkpoints the loop waits for the device only at log steps, where it
+    fetches the window's metrics; signals, the preemption sync point and failed saves
+    are checked every step on the host.
+    """
+    tc = run.cfg.train
+    while run.step < last_step:
+        batch = parallel.shard_batch(run.mesh, next(run.it))
+        run.state, step_sums = run.prog.train_step(run.state, batch)
+        run.step += 1
+        step = run.step
+        run.window.add(step_sums, compiled=step == run.start_step + 1)
+        stop = signals.stop_requested(step, run.mngr)
+        if jax.process_count() == 1:  # several processes learn of a failed save at the next save
+            stop = stop or run.saves.poll()
+        # Several processes must agree to stop for time at the same step: they do so at
+        # log steps only, since agreeing is a collective that waits for the step.
+        if jax.process_count() == 1 or _every(step, tc.log_every):
+            run.over_budget = _out_of_time(started, tc.time_budget_s)
+        if _every(step, tc.log_every) or _every(step, tc.checkpoint_every) or stop or _final(run, last_step):
+            # A checkpoint step closes the window too, so the token count it saves is exact.
+            nonfinite_stop = _log(run)
+            stop = stop or nonfinite_stop
+        final = stop is not None or _final(run, last_step)
+        if _every(step, tc.eval_every) or (final and not isinstance(stop, (safety.Preempted, safety.SaveFailed))):
+            _evaluate(run)
+        if _every(step, tc.checkpoint_every) or final:
+            stop = _save(run) or stop
+        if stop is not None:
+            return stop
+        if run.over_budget:
+            run.log(f"time budget of {tc.time_budget_s:.0f} s reached at step {step}")
+            return None
+    return None
+
+
+def _final(run: _Run, last_step: int) -> bool:
+    return run.step == last_step or run.over_budget
+
+
+def _log(run: _Run) -> Optional[safety.RunStopped]:
+    """Close the log window: a metrics record, the progress bar, the non-finite check."""
+    first = run.step - len(run.window) + 1
+    record, flags = run.window.close()
+    # The window's metrics are fetched, so its steps are complete: the bar counts them.
+    run.bar.update(run.step - run.bar.n)
+    if "tokens_per_s" in record:
+        shown = {"tok_s": f"{record['tokens_per_s']:,.0f}", "mfu": f"{record['mfu']:.1%}"}
+        run.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", **shown)
+    if run.writer:
+        run.writer.write(run.step, record)
+    return run.nonfinite.check(first, flags)
+
+
+def _evaluate(run: _Run) -> None:
+    pause = time.perf_counter()
+    sums = evaluate(run.prog.eval_step, run.state.params, run.setup.eval_batches, run.mesh)
+    run.eval_record = metrics_lib.summarize(sums, bytes_are_tokens=run.setup.bytes_are_tokens, prefix="eval_")
+    run.evaluated_at = run.step
+    if run.writer:
+        run.writer.write(run.step, run.eval_record)
+    run.log(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in run.eval_record.items()))
+    run.window.pause(time.perf_counter() - pause)
+
+
+def _save(run: _Run) -> Optional[safety.RunStopped]:
+    """Start the checkpoint of this step (with eval_loss, for best-checkpoint tracking,
+    when this step was evaluated to a finite value)."""
+    pause = time.perf_counter()
+    eval_loss = run.eval_record.get("eval_loss")
+    evaluated = run.evaluated_at == run.step and eval_loss is not None and math.isfinite(eval_loss)
+    try:
+        run.saves.save(
+            run.step, run.state,
+            meta={"data_iterator": run.it.get_state(), "step": run.step, "tokens": run.window.tokens_seen,
+                  "nonfinite_streak": run.nonfinite.streak},
+            metrics={"eval_loss": eval_loss} if evaluated else None,
+        )
+    except safety.RunStopped as e:
+        return e
+    finally:
+        run.window.pause(time.perf_counter() - pause)
+    return None
+
+
+def _wait_for_saves(run: _Run, stopped: Optional[safety.RunStopped]) -> Optional[safety.RunStopped]:
+    """Wait for the last checkpoint. After a failed background save this last one was
+    the attempt to save what can be saved; the message says whether it worked."""
+    try:
+        run.saves.close()
+    except safety.SaveFailed as e:
+        if isinstance(stopped, safety.SaveFailed):
+            return safety.SaveFailed(f"{stopped}; the last attempt, at step {run.step}, failed too", stopped.step)
+        return e
+    if stopped is not None and run.saves.last_good == run.step:
+        what = "checkpoint saved"
+        if isinstance(stopped, safety.SaveFailed):
+            what = f"a last checkpoint of step {run.step} was saved"
+        return type(stopped)(f"{stopped}; {what} in {checkpoint.step_dir(run.mngr, run.step)}", stopped.step)
+    return stopped
+
+
+def _finish(run: _Run, stopped: Optional[safety.RunStopped], peak: float, measured: bool, started: float) -> dict:
+    """summary.json (strict JSON), the loss curve and, at the end of a run, samples."""
+    cfg, workdir = run.cfg, run.workdir
     summary = {
         "name": cfg.name,
-        "step": step,
-        "num_params": n_params,
+        "step": run.step,
+        "num_params": count_params(run.prog.abstract.params),
         "seconds": time.perf_counter() - started,
-        **eval_record,
-        **baselines,
+        **run.eval_record,
+        **metrics_lib.baselines(run.setup.eval_batches, cfg.data.objective),
+        **run.window.mean_throughput(),
+        "flops_per_token": run.window.flops_per_token,
+        "peak_flops": peak,
+        "peak_flops_source": "measured matmul" if measured else "train.peak_flops",
     }
-    if train_seconds:
-        summary["train_tokens_per_s"] = train_tokens / train_seconds
-    sampling = setup.sample_prompts and (step == tc.num_steps or over_budget)
-    host_params = _host_copy(state.params) if sampling else None
-    if main:
-        writer.close()
-        metrics_lib.plot_loss_curve(workdir)
-        if sampling:
-            summary["samples"] = write_samples(build_model(cfg.model), host_params, setup, workdir, log)
-        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    if stopped is not None:
+        summary["stopped"] = f"{type(stopped).__name__}: {stopped}"
+    sampling = run.setup.sample_prompts and stopped is None and (run.step == cfg.train.num_steps or run.over_budget)
+    host_params = _host_copy(run.state.params) if sampling else None
+    if jax.process_index() == 0:
+        run.writer.close()
+        try:
+            metrics_lib.plot_loss_curve(workdir)
+            if sampling:
+                summary["samples"] = write_samples(build_model(cfg.model), host_params, run.setup, workdir, run.log)
+            (workdir / SUMMARY_FILE).write_text(metrics_lib.dumps(summary, indent=2) + "\n")
+        except OSError as e:  # a full disk: the checkpoint matters, these files do not
+            warnings.warn(f"could not write {workdir}'s summary files: {e}", stacklevel=2)
+    return metrics_lib.strict(summary)
 
 
 def write_samples(model, params, setup: DataSetup, workdir: pathlib.Path, log) -> list[str]:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Mapping, Optional
+import time
+import warnings
+from typing import Any, Mapping, Optional
 
+import jax
 import numpy as np
+
+from flaxformer_lite import flops
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -39,6 +44,78 @@ def summarize(sums: Mapping[str, float], *, bytes_are_tokens: bool, prefix: str 
     return {prefix + k: v for k, v in out.items()}
 
 
+class LogWindow:
+    """The training steps since the last log record: their sums stay on the device until
+    `close` fetches them all at once, which is the loop's only wait for the device
+    between checkpoints. Tracks tokens seen and throughput; MFU uses flops.py's formula.
+
+    The window of the run's first step (which compiles) is timed from that step's end,
+    without its tokens, so throughput and MFU measure steady-state steps only.
+    """
+
+    def __init__(self, *, bytes_are_tokens: bool, flops_per_token: float, peak_flops: float, tokens_seen: float):
+        self.bytes_are_tokens = bytes_are_tokens
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.tokens_seen = tokens_seen
+        self.train_seconds = self.train_tokens = 0.0
+        self._sums: list = []
+        self._start, self._untimed_tokens = time.perf_counter(), 0.0
+
+    def __len__(self) -> int:
+        return len(self._sums)
+
+    def add(self, step_sums: Mapping[str, jax.Array], *, compiled: bool = False) -> None:
+        """One step's sums (device arrays). compiled: this step compiled; do not time it."""
+        self._sums.append(step_sums)
+        if compiled:
+            self._untimed_tokens = float(jax.device_get(step_sums["token_count"]))
+            self._start = time.perf_counter()
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` spent outside training steps (eval, saves) out of the timing."""
+        self._start += seconds
+
+    def close(self) -> tuple[dict[str, float], list[float]]:
+        """(log record, 0/1 non-finite flag of each step in the window); starts a new window.
+
+        The record's loss, accuracy and grad_norm are over the window's finite steps only
+        (absent if it has none); nonfinite_steps counts the others.
+        """
+        fetched = jax.device_get(self._sums)
+        flags = [float(s["nonfinite"]) for s in fetched]
+        finite = [s for s, f in zip(fetched, flags) if not f]
+        record: dict[str, float] = {}
+        if finite:
+            sums: dict[str, float] = {}
+            for s in finite:
+                sums = add_sums(sums, s)
+            record = summarize(sums, bytes_are_tokens=self.bytes_are_tokens)
+            record.pop("perplexity")  # of a moving model: eval_perplexity is the one to read
+            record["grad_norm"] = sums["grad_norm"] / len(finite)
+        record["nonfinite_steps"] = sum(flags)
+        record["learning_rate"] = float(fetched[-1]["learning_rate"])
+        tokens = sum(float(s["token_count"]) for s in fetched)
+        self.tokens_seen += tokens
+        record["tokens"] = self.tokens_seen
+        record["flops_per_token"] = self.flops_per_token
+        timed_tokens = tokens - self._untimed_tokens
+        if timed_tokens:
+            seconds = time.perf_counter() - self._start
+            record["tokens_per_s"] = timed_tokens / seconds
+            record["mfu"] = flops.mfu(record["tokens_per_s"], self.flops_per_token, self.peak_flops)
+            self.train_seconds += seconds
+            self.train_tokens += timed_tokens
+        self._sums, self._start, self._untimed_tokens = [], time.perf_counter(), 0.0
+        return record, flags
+
+    def mean_throughput(self) -> dict[str, float]:
+        """train_tokens_per_s and train_mfu over every timed window (empty if none)."""
+        if not self.train_seconds:
+            return {}
+        rate = self.train_tokens / self.train_seconds
+        return {"train_tokens_per_s": rate, "train_mfu": flops.mfu(rate, self.flops_per_token, self.peak_flops)}
+
+
 def baselines(batches: list[dict[str, np.ndarray]], objective: str) -> dict[str, float]:
     """What a model that ignores its input scores on these (evaluation) batches.
 
@@ -60,12 +137,46 @@ def baselines(batches: list[dict[str, np.ndarray]], objective: str) -> dict[str,
     }
 
 
+def strict(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None, so that json.dumps
+    writes strict JSON (null) that every parser reads."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs) -> str:
+    """json.dumps of strict(value); refuses to write NaN or Infinity."""
+    return json.dumps(strict(value), allow_nan=False, **kwargs)
+
+
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-    """The records of WORKDIR/metrics.jsonl (empty if there is none)."""
+    """The records of WORKDIR/metrics.jsonl (empty if there is none).
+
+    A half-written last line, as a process killed mid-write leaves, is skipped with a
+    warning; a damaged line elsewhere is an error naming the file and line.
+    """
     path = pathlib.Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise ValueError(
+                    f"{path}:{number}: not a JSON record; delete or repair that line"
+                ) from None
+            warnings.warn(f"{path}:{number}: skipping a half-written last line {line[:40]!r}", stacklevel=2)
+    return records
 
 
 class MetricsWriter:
@@ -83,7 +194,7 @@ class MetricsWriter:
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.write_text("".join(dumps(r) + "\n" for r in kept))
             tmp.replace(self.path)
         self._file = self.path.open("a")
         purge = None if resume_step is None else resume_step + 1
@@ -91,11 +202,12 @@ class MetricsWriter:
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         """One record: a line of JSON (flushed at once) and a TensorBoard scalar per value."""
-        record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        record = strict({"step": int(step), **{k: float(v) for k, v in values.items()}})
+        self._file.write(dumps(record) + "\n")
         self._file.flush()
-        for name, value in values.items():
-            self._tb.add_scalar(name, float(value), int(step))
+        for name, value in record.items():
+            if name != "step" and value is not None:
+                self._tb.add_scalar(name, value, int(step))
 
     def close(self) -> None:
         self._file.close()

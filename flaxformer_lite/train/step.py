@@ -145,7 +145,10 @@ def make_train_step(
     """The pure step for `jax.jit(..., donate_argnums=0)`.
 
     Gradients of grad_accum_steps microbatches are summed and divided by the batch's
-    total weight, so accumulation computes the same update as one large batch. With
+    total weight, so accumulation computes the same update as one large batch. A step
+    whose loss or gradient is not finite changes nothing but the step count and reports
+    `nonfinite` = 1 (hand-written rather than optax.apply_if_finite, which checks only
+    the gradient and lets updates through after a number of failures). With
     `axis_name` (under pmap or shard_map) gradients and sums are also summed over it.
     """
     accum = cfg.train.grad_accum_steps
@@ -180,10 +183,19 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient leaves params and optimizer state as they were
+        # (the step count still advances: the batch is consumed). The flag goes out with
+        # the metrics, so the host learns of it at its next log step, without a sync.
+        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+        )
         metrics = {
             **sums,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

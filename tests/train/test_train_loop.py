@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxformer_lite import checkpoint, cli, data
+from flaxformer_lite import checkpoint, cli, data, flops
 from flaxformer_lite.config import ConfigError
 from flaxformer_lite.train import loop, metrics
 
@@ -17,7 +17,7 @@ def _records(workdir, key):
 
 
 def _without_timing(workdir):
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics.read_metrics(workdir)]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in metrics.read_metrics(workdir)]
 
 
 def _same_params(a, b):
@@ -103,3 +103,42 @@ def test_sample_prompts_prefer_prose_openings():
     assert [p[1:] for p in loop.sample_prompts(texts[:3], 3, tok)] == [
         tok.encode(t)[: loop.SAMPLE_PROMPT_TOKENS - 1] for t in (prose, texts[0], texts[1])
     ]
+
+
+def test_progress_bar_counts_completed_steps_and_records_carry_mfu(tiny, monkeypatch, tmp_path):
+    shown = []  # (bar count, postfix) each time the bar changes
+
+    class Recorder(loop.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            shown.append((self.n, None))
+
+        def set_postfix(self, **postfix):
+            super().set_postfix(**postfix)
+            shown.append((self.n, postfix))
+
+    monkeypatch.setattr(loop, "tqdm", Recorder)
+    cfg = tiny("gpt_tiny", "train.num_steps=12", "train.log_every=4", "train.eval_every=100",
+               "train.checkpoint_every=100", "train.peak_flops=1e11")
+    summary = loop.train(cfg, tmp_path / "run")
+    # The bar moves only when a log step has fetched its window's metrics, which means
+    # those steps are complete; then it counts exactly them, never dispatched ones.
+    assert [n for n, postfix in shown if postfix is None] == [4, 8, 12]
+    assert [n for n, postfix in shown if postfix is not None] == [4, 8, 12]
+    assert all({"tok_s", "mfu", "loss"} <= set(postfix) for _, postfix in shown if postfix is not None)
+
+    fpt = flops.training_flops_per_token(cfg.model, cfg.data.seq_len)
+    records = _records(tmp_path / "run", "tokens")
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for r in records:
+        assert r["flops_per_token"] == fpt
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e11)
+    assert summary["peak_flops"] == 1e11 and summary["peak_flops_source"] == "train.peak_flops"
+    assert summary["train_mfu"] == pytest.approx(summary["train_tokens_per_s"] * fpt / 1e11)
+
+
+def test_measured_peak_is_recorded(gpt_run, gpt_cfg):
+    _, summary = gpt_run
+    assert summary["peak_flops_source"] == "measured matmul"
+    assert summary["peak_flops"] == flops.matmul_peak_flops(gpt_cfg.model.dtype)  # cached: the same figure
+    assert 0 < summary["train_mfu"] < 1
