@@ -124,7 +124,7 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
         _warn_special_ids(cfg, tokenizer)
         options = data.PrepareOptions(
             tokenizer=d.tokenizer, text_field=d.text_field, document_unit=d.document_unit,
-            val_fraction=d.val_fraction, split=d.split, seed=d.seed, utf8_errors="strict",
+            val_fraction=d.val_fraction, split=d.split, seed=d.seed,
         )
         open_store = functools.partial(
             data.corpus_store, d.corpus, options, vocab_size=cfg.model.vocab_size, verify=d.verify_shards,

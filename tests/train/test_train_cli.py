@@ -7,11 +7,11 @@ import sys
 import pytest
 
 from flaxformer_lite import cli
+from flaxformer_lite.train import loop
 
 
 def _bad_files(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "latin1.txt").write_bytes("first line\nsecond line\ncaf\xe9\n".encode("latin-1"))
     (tmp_path / "rows.tsv").write_text("a fine row\tyes\nno tab in this row\n")
     return tmp_path
 
@@ -19,7 +19,6 @@ def _bad_files(tmp_path):
 CASES = {
     "missing corpus": (["data.corpus={d}/nope.txt"], r"{d}/nope.txt: no such file or folder"),
     "empty corpus": (["data.corpus={d}/empty.txt"], r"{d}/empty.txt: no text found; the corpus is empty"),
-    "not UTF-8": (["data.corpus={d}/latin1.txt"], r"{d}/latin1.txt:3: not valid UTF-8"),
     "TSV row without a tab": (
         ["data.objective=classification", "data.corpus={d}/rows.tsv", "model.family=encoder", "model.mlm_head=true"],
         r"{d}/rows.tsv:2: row has no tab; expected text<TAB>label",
@@ -42,6 +41,16 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, capsys)
     assert err.startswith("error: ")
     assert re.search(message.format(d=data_dir), err), err
     assert not workdir.exists()
+
+
+def test_bytes_that_are_not_utf8_are_replaced_counted_and_reported(tiny, tmp_path):
+    # As `prepare` does: a stray byte in a large corpus should not stop a run.
+    lines = [f"paragraph {i} about caf\xe9 and na\xefve things, long enough to be a document" for i in range(40)]
+    (tmp_path / "latin1.txt").write_bytes("\n\n".join(lines).encode("latin-1"))
+    cfg = tiny("gpt_tiny", f"data.corpus={tmp_path}/latin1.txt")
+    with pytest.warns(UserWarning, match=r"80 invalid UTF-8 sequences were replaced .*latin1\.txt:1"):
+        setup = loop.prepare_data(cfg)
+    assert setup.eval_batches
 
 
 def test_resume_with_another_model_is_refused_and_changes_nothing(gpt_run, gpt_overrides, capsys):
