@@ -148,6 +148,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    # causal_lm only: project onto the vocabulary this many tokens at a time, so the
+    # [B,T,V] float32 logits are never whole (ops.chunked_cross_entropy); None: at once.
+    loss_chunk_size: Optional[int] = None
     log_every: int = 50
     eval_every: int = 200
     eval_batches: int = 20
@@ -280,6 +283,13 @@ def validate(cfg: Config) -> Config:
         positive["data.target_len"] = cfg.data.target_len
     if cfg.train.peak_flops is not None:
         positive["train.peak_flops"] = cfg.train.peak_flops
+    if cfg.train.loss_chunk_size is not None:
+        positive["train.loss_chunk_size"] = cfg.train.loss_chunk_size
+        if cfg.data.objective != "causal_lm":
+            raise ConfigError(
+                f"train.loss_chunk_size={cfg.train.loss_chunk_size} applies to data.objective=causal_lm only "
+                f"(got {cfg.data.objective}): set train.loss_chunk_size=null"
+            )
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")

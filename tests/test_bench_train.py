@@ -11,7 +11,8 @@ def test_bench_train_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "train.json"
     assert main(["bench", "train", "--json", str(out), "--layers", "1", "--d-model", "32", "--heads", "2",
                  "--vocab", "64", "--seq-len", "16", "--batch", "2", "--steps", "1", "--rounds", "1",
-                 "--warmup", "1", "--peak-size", "64", "--compile-depths", "1", "--memory-layers", "0"]) == 0
+                 "--warmup", "1", "--peak-size", "64", "--compile-depths", "1", "--memory-layers", "0",
+                 "--loss-vocab", "512", "--loss-chunk", "8"]) == 0
     r = json.loads(out.read_text())
     ours, theirs = r["steps"]["ours"], r["steps"]["transformers"]
     for side in (ours, theirs):
@@ -20,5 +21,8 @@ def test_bench_train_runs_and_reports(tmp_path, capsys):
     assert r["speedup"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
     assert {(c["layers"], c["scan"]) for c in r["compile"]} == {(1, True), (1, False)}
     assert r["memory"] == []  # --memory-layers 0; tests/core measure remat memory
+    whole, chunked = r["loss_memory"]
+    assert (whole["loss_chunk_size"], chunked["loss_chunk_size"]) == (None, 8)
+    assert chunked["temp_bytes"] < whole["temp_bytes"]  # 32 x 512 float32 logits and their gradient are never whole
     assert "load_average_1m" in r["machine"]
     assert "| flaxformer_lite (jit, optax) |" in capsys.readouterr().out

@@ -45,6 +45,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip unrolled compiles deeper than this (they take about a minute at 24 on a CPU)")
     parser.add_argument("--memory-layers", type=int, default=12, help="depth of the remat memory table (0: skip)")
     parser.add_argument("--memory-d-model", type=int, default=128, help="width of the remat memory table")
+    parser.add_argument("--loss-vocab", type=int, default=50257,
+                        help="vocabulary of the loss memory table, whole logits against train.loss_chunk_size (0: skip)")
+    parser.add_argument("--loss-chunk", type=int, default=512, help="tokens per chunk in the loss memory table")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -65,11 +68,11 @@ def _shape(args: argparse.Namespace) -> dict:
     return shape
 
 
-def _run_config(model_cfg, shape: dict):
+def _run_config(model_cfg, shape: dict, loss_chunk_size=None):
     """A causal-LM run config: constant learning rate, AdamW as TrainConfig defines it."""
     from flaxformer_lite.config import Config, DataConfig, TrainConfig
 
-    train = TrainConfig(learning_rate=1e-4, schedule="constant", warmup_steps=0)
+    train = TrainConfig(learning_rate=1e-4, schedule="constant", warmup_steps=0, loss_chunk_size=loss_chunk_size)
     data = DataConfig(objective="causal_lm", seq_len=shape["seq_len"], batch_size=shape["batch"])
     return Config(name="bench_train", model=model_cfg, data=data, train=train)
 
@@ -152,7 +155,7 @@ def _compile_seconds(model_cfg, shape: dict, layers: int, scan: bool) -> float:
     return time.perf_counter() - start
 
 
-def _temp_memory(model_cfg, shape: dict, policy: str, scan: bool) -> int:
+def _temp_memory(model_cfg, shape: dict, policy: str, scan: bool, loss_chunk_size=None) -> int:
     """Compiled temp bytes of forward + backward (value_and_grad of the training loss)."""
     import jax
 
@@ -160,7 +163,7 @@ def _temp_memory(model_cfg, shape: dict, policy: str, scan: bool) -> int:
     from flaxformer_lite.train.step import loss_and_sums
 
     cfg_p = dataclasses.replace(model_cfg, remat_policy=policy, scan_layers=scan)
-    cfg = _run_config(cfg_p, shape)
+    cfg = _run_config(cfg_p, shape, loss_chunk_size)
     model = build_model(cfg_p)
     params = jax.eval_shape(lambda: init_params(cfg_p, jax.random.key(0)))
 
@@ -267,6 +270,14 @@ def run_train(args: argparse.Namespace) -> dict:
                 memory_rows.append({"layers": args.memory_layers, "d_model": args.memory_d_model, "scan": scan,
                                     "policy": policy, "temp_bytes": _temp_memory(mem_cfg, shape, policy, scan)})
 
+    loss_rows = []
+    if args.loss_vocab:
+        loss_cfg = dataclasses.replace(model_cfg, vocab_size=args.loss_vocab)
+        loss_shape = dict(shape, vocab=args.loss_vocab)
+        for chunk in (None, args.loss_chunk):
+            loss_rows.append({"vocab": args.loss_vocab, "loss_chunk_size": chunk,
+                              "temp_bytes": _temp_memory(loss_cfg, loss_shape, "none", args.scan_layers, chunk)})
+
     results = {
         "benchmark": "train",
         "model": {**shape, "parameters": count_params(params), "flops_per_token": flops_per_token},
@@ -277,6 +288,7 @@ def run_train(args: argparse.Namespace) -> dict:
         "steps": steps,
         "compile": compile_rows,
         "memory": memory_rows,
+        "loss_memory": loss_rows,
         "jax": {"version": jax.__version__, "backend": backend, "device": str(jax.devices()[0]),
                 "xla_flags": os.environ.get("XLA_FLAGS", "")},
     }
@@ -313,4 +325,10 @@ def _train_report(r: dict) -> str:
                   "", "| scan | remat policy | temp MiB |", "|---|---|---|"]
         lines += [f"| {'yes' if x['scan'] else 'no'} | {x['policy']} | {x['temp_bytes'] / 2**20:.0f} |"
                   for x in r["memory"]]
+    if r["loss_memory"]:
+        lines += ["", f"compiled temp memory, forward + backward, vocab {r['loss_memory'][0]['vocab']:,} "
+                      f"(B {m['batch']}, T {m['seq_len']}):",
+                  "", "| train.loss_chunk_size | temp MiB |", "|---|---|"]
+        lines += [f"| {x['loss_chunk_size'] or 'none (whole logits)'} | {x['temp_bytes'] / 2**20:.0f} |"
+                  for x in r["loss_memory"]]
     return "\n".join(lines)

@@ -12,5 +12,6 @@ from flaxformer_lite.models.transformer import (
     count_params,
     dummy_inputs,
     init_params,
+    lm_head_inputs,
     param_logical_axes,
 )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig, validate_model
 from flaxformer_lite.layers import Dense, Embed, Norm
+from flaxformer_lite.layers.common import dtype
 from flaxformer_lite.models.stack import Stack
 
 Array = jax.Array
@@ -296,6 +297,24 @@ def _boxed_params(model: nn.Module, cfg: ModelConfig, rng: Array) -> dict:
     """
     with nn.logical_axis_rules(()):
         return model.init(rng, *dummy_inputs(cfg))["params"]
+
+
+def lm_head_inputs(cfg: ModelConfig, params: dict, h_BTD: Array) -> tuple[Array, Array]:
+    """(h_BTD, table_VD) whose product h @ table.T is a Decoder's LM logits.
+
+    For a loss that projects onto the vocabulary a chunk of tokens at a time
+    (ops.chunked_cross_entropy). `h_BTD` is the Decoder's ModelOutput.hidden_states;
+    `params` is {'params': ...}.
+    """
+    if cfg.family != "decoder":
+        raise ValueError(f"lm_head_inputs: family {cfg.family!r}; only a decoder-only model's logits are h @ table.T")
+    if cfg.tied_logits_scale:
+        h_BTD = h_BTD * jnp.asarray(cfg.d_model**-0.5, h_BTD.dtype)
+    tree = params["params"]
+    if cfg.tie_embeddings:  # as Embed.attend: the table in the compute dtype
+        return h_BTD, jnp.asarray(tree["token_embed"]["embedding"], dtype(cfg))
+    kernel_DV = tree["lm_head"]["kernel"]  # as Dense: computed in the kernel's dtype
+    return h_BTD.astype(kernel_DV.dtype), kernel_DV.T
 
 
 def init_params(cfg: ModelConfig, rng: Array) -> dict:

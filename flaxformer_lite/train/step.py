@@ -19,6 +19,7 @@ import optax
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import Config, ConfigError
+from flaxformer_lite.models import lm_head_inputs
 from flaxformer_lite.train.optim import learning_rate_schedule
 
 Batch = dict[str, jax.Array]
@@ -110,13 +111,20 @@ def loss_and_sums(
     model: nn.Module, cfg: Config, params: Any, batch: Batch, *, deterministic: bool, rng: Optional[jax.Array]
 ) -> tuple[jax.Array, Sums]:
     """(training objective summed over weighted tokens, float32 sums for metrics)."""
-    logits_BTV, labels_BT, weights_BT = forward(
-        model, cfg, params, batch, deterministic=deterministic, rng=rng
-    )
-    loss, sums = ops.cross_entropy(
-        logits_BTV, labels_BT, weights_BT,
-        label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss,
-    )
+    smoothing = dict(label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss)
+    if cfg.train.loss_chunk_size:  # causal_lm (config.validate): logits never whole
+        rngs = None if rng is None else {"dropout": rng}
+        out = model.apply(params, batch["input_ids"], segment_ids=batch["segment_ids"],
+                          positions=batch["positions"], deterministic=deterministic, rngs=rngs)
+        h_BTD, table_VD = lm_head_inputs(cfg.model, params, out.hidden_states)
+        loss, sums = ops.chunked_cross_entropy(
+            h_BTD, table_VD, batch["labels"], batch["weights"], chunk_size=cfg.train.loss_chunk_size, **smoothing
+        )
+    else:
+        logits_BTV, labels_BT, weights_BT = forward(
+            model, cfg, params, batch, deterministic=deterministic, rng=rng
+        )
+        loss, sums = ops.cross_entropy(logits_BTV, labels_BT, weights_BT, **smoothing)
     if cfg.data.objective in SEQ2SEQ_OBJECTIVES:
         sums = {**sums, **sequence_sums(logits_BTV, labels_BT, weights_BT, batch["decoder_segment_ids"])}
     # Throughput counts real tokens only: encoder (or decoder-only) input plus decoder input.

@@ -71,6 +71,32 @@ def test_gradient_accumulation_makes_the_same_update(lm, sgd_step):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), four.params, one.params)
 
 
+@pytest.mark.parametrize("overrides", [
+    ("train.label_smoothing=0.1", "train.z_loss=1e-3"),  # tied head
+    ("model.tie_embeddings=false", "model.tied_logits_scale=true"),
+])
+def test_chunked_loss_makes_the_same_update(lm, tiny, overrides):
+    """train.loss_chunk_size: the same sums and SGD update (so gradients) as whole logits."""
+    batch = lm[3]
+    cfg = tiny("gpt_tiny", "model.dropout_rate=0.0", *overrides)
+    chunked_cfg = tiny("gpt_tiny", "model.dropout_rate=0.0", *overrides, "train.loss_chunk_size=24")  # 64 tokens: 3 chunks
+    model, sgd = ffl.build_model(cfg.model), optax.sgd(1.0)
+    state = init_train_state(ffl.init_params(cfg.model, jax.random.key(2)), sgd, 0)
+    whole, whole_sums = jax.jit(make_train_step(model, cfg, sgd))(state, batch)
+    chunked, chunked_sums = jax.jit(make_train_step(model, chunked_cfg, sgd))(state, batch)
+    for key in ("loss_sum", "z_loss_sum", "weight_sum", "correct_sum", "token_count", "grad_norm"):
+        np.testing.assert_allclose(chunked_sums[key], whole_sums[key], rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), chunked.params, whole.params)
+    eval_whole = jax.jit(make_eval_step(model, cfg))(state.params, batch)
+    eval_chunked = jax.jit(make_eval_step(model, chunked_cfg))(state.params, batch)
+    np.testing.assert_allclose(eval_chunked["loss_sum"], eval_whole["loss_sum"], rtol=1e-5)
+
+
+def test_loss_chunk_size_needs_causal_lm(tiny):
+    with pytest.raises(ConfigError, match="train.loss_chunk_size=64 applies to data.objective=causal_lm"):
+        tiny("t5_tiny", "train.loss_chunk_size=64")
+
+
 def test_dropout_key_is_a_function_of_seed_and_step(lm):
     cfg, model, params, batch = lm
     opt = make_optimizer(cfg.train)
