@@ -48,6 +48,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss-vocab", type=int, default=50257,
                         help="vocabulary of the loss memory table, whole logits against train.loss_chunk_size (0: skip)")
     parser.add_argument("--loss-chunk", type=int, default=512, help="tokens per chunk in the loss memory table")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also trace --steps of our step into DIR (TensorBoard/Perfetto) and print where the time goes")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -254,6 +256,12 @@ def run_train(args: argparse.Namespace) -> dict:
         steps["transformers"].update(version=transformers.__version__, torch=torch.__version__,
                                      torch_threads=torch.get_num_threads(), device=str(device))
 
+    profile = None
+    if args.profile:
+        from flaxformer_lite.bench.profile import profile_step
+
+        profile = profile_step(step_c, ours, args.steps, args.profile)
+
     compile_rows = []
     for layers in args.compile_depths:
         for scan in (True, False):
@@ -289,6 +297,7 @@ def run_train(args: argparse.Namespace) -> dict:
         "compile": compile_rows,
         "memory": memory_rows,
         "loss_memory": loss_rows,
+        "profile": profile,
         "jax": {"version": jax.__version__, "backend": backend, "device": str(jax.devices()[0]),
                 "xla_flags": os.environ.get("XLA_FLAGS", "")},
     }
@@ -325,6 +334,10 @@ def _train_report(r: dict) -> str:
                   "", "| scan | remat policy | temp MiB |", "|---|---|---|"]
         lines += [f"| {'yes' if x['scan'] else 'no'} | {x['policy']} | {x['temp_bytes'] / 2**20:.0f} |"
                   for x in r["memory"]]
+    if r["profile"]:
+        from flaxformer_lite.bench.profile import format_profile
+
+        lines += format_profile(r["profile"])
     if r["loss_memory"]:
         lines += ["", f"compiled temp memory, forward + backward, vocab {r['loss_memory'][0]['vocab']:,} "
                       f"(B {m['batch']}, T {m['seq_len']}):",

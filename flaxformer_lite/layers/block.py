@@ -7,6 +7,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 
+from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
 from flaxformer_lite.layers.attention import MultiHeadAttention
 from flaxformer_lite.layers.basic import FeedForward, Norm
@@ -35,6 +36,7 @@ class EncoderBlock(nn.Module):
     def _sublayer(self, x_BTD, fn, name):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        x_BTD = ops.materialize_cotangent(x_BTD)  # the residual gradient, computed once (XLA:CPU)
         if cfg.norm_position == "pre":
             y, aux = fn(Norm(cfg, name=f"{name}_norm")(x_BTD))
             return x_BTD + drop(y), aux

@@ -10,6 +10,7 @@ from flaxformer_lite.ops.attention import (
     sliding_window_mask,
 )
 from flaxformer_lite.ops.ffn import ACTIVATIONS, GATED, activate, feed_forward, is_gated
+from flaxformer_lite.ops.gradients import materialize_cotangent
 from flaxformer_lite.ops.losses import chunked_cross_entropy, cross_entropy
 from flaxformer_lite.ops.norms import layer_norm, rms_norm
 from flaxformer_lite.ops.positions import (
