@@ -36,7 +36,8 @@ def cross_entropy(
     log_z_BT = jax.nn.logsumexp(logits, axis=-1)
     # From the logits, not log-probabilities: no second [B,T,V] array to write and read
     # back, forward or backward (BENCHMARKS.md, Performance).
-    nll_BT = log_z_BT - jnp.take_along_axis(logits, labels_BT[..., None], axis=-1)[..., 0]
+    label_logit_BT = jnp.take_along_axis(logits, labels_BT[..., None], axis=-1)[..., 0]
+    nll_BT = log_z_BT - label_logit_BT
     objective_BT = nll_BT
     if label_smoothing:
         smooth_BT = log_z_BT - jnp.mean(logits, axis=-1)
@@ -48,7 +49,9 @@ def cross_entropy(
         "loss_sum": jnp.sum(nll_BT * weights_BT),
         "z_loss_sum": jnp.sum(z_BT * weights_BT),
         "weight_sum": weight_sum,
-        "correct_sum": jnp.sum((jnp.argmax(logits, -1) == labels_BT) * weights_BT),
+        # The label holds the top logit (a tie counts as correct): one max over V, which
+        # XLA shares with logsumexp's, rather than an argmax's second pass.
+        "correct_sum": jnp.sum((label_logit_BT >= jnp.max(logits, axis=-1)) * weights_BT),
     }
     loss = jnp.sum(objective_BT * weights_BT) / jnp.maximum(weight_sum, 1.0)
     return loss, parts
