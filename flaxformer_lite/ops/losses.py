@@ -27,7 +27,8 @@ def cross_entropy(
     Returns:
       (loss, parts): loss is sum(weights * (nll + z)) / sum(weights); parts holds the
       float32 sums `loss_sum` (nll only, no smoothing), `z_loss_sum`, `weight_sum`,
-      `correct_sum`, so callers can aggregate exactly over microbatches and hosts.
+      `correct_sum` (tokens whose label holds the top logit, ties included), so callers
+      can aggregate exactly over microbatches and hosts.
     """
     logits = logits_BTV.astype(jnp.float32)
     if weights_BT is None:
