@@ -1,6 +1,8 @@
 """Shared test setup: CPU only, 8 simulated devices for sharding tests."""
 
 import os
+import shutil
+import tempfile
 
 # Before JAX initialises its backend: tests must not grab a GPU by chance, and the
 # sharding tests need several devices on one CPU.
@@ -9,6 +11,22 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole run: the xdist workers and the
+    `flaxformer-lite` subprocesses inherit the variable, so a program the tests compile
+    again and again (the tiny GPT's train step, in a dozen runs) compiles once. It is
+    the cache the CLI uses for users (cli.use_compilation_cache); removed at the end."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    config.xla_cache_dir = tempfile.mkdtemp(prefix="flaxformer_lite_xla_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config.xla_cache_dir
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "xla_cache_dir", None):
+        shutil.rmtree(config.xla_cache_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

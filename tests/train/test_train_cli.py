@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from flaxformer_lite import cli
@@ -84,3 +85,24 @@ def test_init_from_a_differently_shaped_model_names_the_parameter(gpt_run, gpt_o
     assert re.search(r"--init-from .*: parameter \['params'\]\['decoder'\]\['layers_0'\]\['mlp'\]\['bi'\] "
                      r"has shape \(64,\) there but \(128,\) in this model", capsys.readouterr().err)
     assert not workdir.exists()
+
+
+def test_cli_keeps_compiled_programs_in_a_persistent_cache(tmp_path, monkeypatch):
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+        assert cli.use_compilation_cache() == str(tmp_path / "mine")  # the user's own is kept
+
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_compilation_cache_max_size", -1)
+        monkeypatch.setenv("FLAXFORMER_LITE_CACHE", str(tmp_path / "cache"))
+        assert cli.use_compilation_cache() == str(tmp_path / "cache" / "xla")
+        assert jax.config.jax_compilation_cache_max_size == cli.COMPILATION_CACHE_MAX_BYTES
+
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv(cli.COMPILATION_CACHE_ENV, "0")
+        assert cli.use_compilation_cache() is None
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_compilation_cache_max_size", saved[1])
