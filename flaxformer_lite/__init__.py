@@ -1,25 +1,42 @@
-"""flaxformer_lite: encoder-only, decoder-only and encoder-decoder Transformers in JAX/Flax."""
+"""flaxformer_lite: encoder-only, decoder-only and encoder-decoder Transformers in JAX/Flax.
 
-from flaxformer_lite.config import (
-    Config,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    ParallelConfig,
-    TrainConfig,
-    dump_config,
-    load_config,
-)
-from flaxformer_lite.models import (
-    ModelOutput,
-    build_model,
-    count_params,
-    init_params,
-)
-from flaxformer_lite.interop import hf
-from flaxformer_lite.decode import generate
-from flaxformer_lite import viz
-from flaxformer_lite.embeddings import embed
-from flaxformer_lite.model_summary import summary
+The public names below are imported on first use (PEP 562), so `import flaxformer_lite`
+and `flaxformer-lite --help` do not start JAX; `ffl.init_params` and the rest behave as
+ordinary attributes.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute in it; None: the module itself)
+_PUBLIC = {
+    **{name: ("flaxformer_lite.config", name) for name in (
+        "Config", "ConfigError", "DataConfig", "ModelConfig", "ParallelConfig", "TrainConfig",
+        "dump_config", "load_config",
+    )},
+    **{name: ("flaxformer_lite.models", name) for name in (
+        "ModelOutput", "build_model", "count_params", "init_params",
+    )},
+    "hf": ("flaxformer_lite.interop.hf", None),
+    "generate": ("flaxformer_lite.decode", "generate"),
+    "viz": ("flaxformer_lite.viz", None),
+    "embed": ("flaxformer_lite.embeddings", "embed"),
+    "summary": ("flaxformer_lite.model_summary", "summary"),
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'flaxformer_lite' has no attribute {name!r}")
+    module_name, attribute = _PUBLIC[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
