@@ -25,6 +25,9 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--copy-mib", type=int, default=256,
                         help="array size of the copy that measures memory bandwidth (bigger than the caches)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also trace one generate call into DIR (TensorBoard/Perfetto) and print where "
+                             "each token's time goes")
     parser.add_argument("--single-thread", action="store_true",
                         help="one CPU thread for torch and for XLA: steadier figures on a shared, busy machine")
 
@@ -127,6 +130,16 @@ def run_decode(args: argparse.Namespace) -> dict:
     our_tokens = run_ours(prompt, args.new_tokens)
     first_call_s = time.perf_counter() - start
     our_s = median_seconds(lambda: run_ours(prompt, args.new_tokens), args.repeats)
+    profile = None
+    if args.profile:
+        from flaxformer_lite.bench.profile import decode_phase, profile_step
+
+        # generate's jitted program, inlined into one whose HLO (and its JAX names) we hold.
+        whole = jax.jit(lambda p: generate(ours, p, [prompt], max_new_tokens=args.new_tokens, ignore_eos=True).tokens)
+        compiled = whole.lower(params).compile()
+        run_whole = lambda _: jax.block_until_ready(compiled(params))  # noqa: E731
+        run_whole(0)
+        profile = profile_step(compiled, run_whole, args.new_tokens, args.profile, phase=decode_phase, unit="token")
     their_tokens = run_theirs(prompt, args.new_tokens)  # warm-up
     their_s = median_seconds(lambda: run_theirs(prompt, args.new_tokens), args.repeats)
 
@@ -179,6 +192,7 @@ def run_decode(args: argparse.Namespace) -> dict:
                             "tokens_per_s": bound, "ours_fraction": args.new_tokens / our_s / bound,
                             "transformers_fraction": args.new_tokens / their_s / bound},
         "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+        "profile": profile,
     }
     print(_decode_report(results))
     return results
@@ -214,4 +228,8 @@ def _decode_report(r: dict) -> str:
                       f"{v['transformers'] / head['ours']:.2f}x"]
     else:
         lines += ["", f"LM head alone: ours {head['ours']:.2f} ms, transformers {head['transformers']:.2f} ms"]
+    if r["profile"]:
+        from flaxformer_lite.bench.profile import format_profile
+
+        lines += format_profile(r["profile"])
     return "\n".join(lines)

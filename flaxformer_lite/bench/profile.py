@@ -1,10 +1,12 @@
 """Where a compiled step's time goes: a jax.profiler trace reduced to a table of XLA ops.
 
 Each op's time is summed over the threads (CPU) or streams (GPU) it ran on and divided
-by the number of steps traced. Ops are sorted into a phase by the JAX name XLA keeps in
-their metadata (forward `jvp(...)`, backward `transpose(jvp(...))`, anything else: the
-optimizer and bookkeeping) and into a kind by their name (matrix multiplications, layout
-copies and transposes, other fusions). The trace folder opens in TensorBoard or Perfetto.
+by the number of steps (or tokens) traced. Ops are sorted into a phase by the JAX name
+XLA keeps in their metadata and into a kind by their name (matrix multiplications,
+layout copies and transposes, other fusions). Training phases: forward `jvp(...)`,
+backward `transpose(jvp(...))`, anything else (the optimizer and bookkeeping). Decoding
+phases: the token loop (`while/body`) and the rest (the prefill). The trace folder opens
+in TensorBoard or Perfetto.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import re
 # fusions and plain dots; cuBLAS/cuDNN/Triton GEMMs on GPU.
 MATMUL = ("ynn_fusion", "xnn_fusion", "onednn", "dot", "gemm", "cublas", "cudnn", "triton_gemm", "custom-call")
 SKIP = ("ThunkExecutor", "Await", "Threadpool")  # scheduling events around the ops
+# Control-flow ops whose events span the ops of their bodies: counting them would count
+# those twice.
+CONTAINERS = ("while", "conditional", "call")
 
 
 def _kind(name: str) -> str:
@@ -25,10 +30,48 @@ def _kind(name: str) -> str:
     return "copy/transpose" if "copy" in name or "transpose" in name else "other"
 
 
-def _phase(op_name: str) -> str:
+def train_phase(op_name: str, in_loop: bool) -> str:
+    """Phase of a training-step op from its JAX name."""
     if "transpose(jvp" in op_name:
         return "backward"
     return "forward" if "jvp(" in op_name else "optimizer/other"
+
+
+def decode_phase(op_name: str, in_loop: bool) -> str:
+    """Phase of a `generate` op: inside the token loop (a while loop's body) or not."""
+    return "token loop" if in_loop else "prefill/other"
+
+
+def _loop_ops(hlo: str) -> set[str]:
+    """Names of the instructions in any while loop's body or condition, nested calls included.
+
+    Dots XLA emits inside a loop often carry no metadata, so the loop is found from the
+    HLO's computations rather than from JAX names.
+    """
+    members, callees, roots = collections.defaultdict(list), collections.defaultdict(set), set()
+    computation = None
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header and not line[0].isspace():
+            computation = header.group(1)
+            continue
+        instruction = re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = ", line)
+        if computation is None or not instruction:
+            continue
+        members[computation].append(instruction.group(1))
+        called = re.findall(r"(?:calls|to_apply|body|condition|branch_computations|true_computation|"
+                            r"false_computation)=\{?([%\w.\-, ]+)\}?", line)
+        for group in called:
+            callees[computation].update(c.strip().lstrip("%") for c in group.split(","))
+        if " while(" in line:
+            roots.update(re.findall(r"(?:body|condition)=%?([\w.\-]+)", line))
+    inside, todo = set(), list(roots)
+    while todo:
+        c = todo.pop()
+        if c not in inside:
+            inside.add(c)
+            todo.extend(callees[c])
+    return {name for c in inside for name in members[c]}
 
 
 def _op_events(trace_dir: pathlib.Path):
@@ -47,8 +90,14 @@ def _op_events(trace_dir: pathlib.Path):
                         yield event.name, event.duration_ns
 
 
-def profile_step(compiled, run_steps, steps: int, trace_dir: str | pathlib.Path, top: int = 15) -> dict:
-    """Trace `run_steps(steps)` (which runs `compiled` and blocks) and tabulate its ops."""
+def profile_step(compiled, run_steps, steps: int, trace_dir: str | pathlib.Path, top: int = 15,
+                 phase=train_phase, unit: str = "step") -> dict:
+    """Trace `run_steps(steps)` (which runs `compiled` and blocks) and tabulate its ops.
+
+    Times are per `unit` (`steps` of them ran); `phase(jax_name, in_loop)` names an op's
+    row. Control-flow ops (`while`, `conditional`) are left out: their bodies' ops are
+    counted instead.
+    """
     import jax
 
     trace_dir = pathlib.Path(trace_dir)
@@ -56,29 +105,33 @@ def profile_step(compiled, run_steps, steps: int, trace_dir: str | pathlib.Path,
         run_steps(steps)
     hlo = compiled.as_text()
     names = dict(re.findall(r"\n\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]*)\"", hlo))
+    in_loop = _loop_ops(hlo)
     per_op = collections.Counter()
     for name, ns in _op_events(trace_dir):
-        per_op[name] += ns / steps / 1e6
+        if not name.split(".")[0] in CONTAINERS:
+            per_op[name] += ns / steps / 1e6
     total = sum(per_op.values())
     split = collections.Counter()
     for name, ms in per_op.items():
-        split[(_phase(names.get(name, "")), _kind(name))] += ms
+        split[(phase(names.get(name, ""), name in in_loop), _kind(name))] += ms
     return {
         "trace_dir": str(trace_dir),
+        "unit": unit,
         "op_ms_per_step": total,
         "split": [{"phase": p, "kind": k, "ms_per_step": ms} for (p, k), ms in sorted(split.items())],
-        "top_ops": [{"op": name, "ms_per_step": ms, "kind": _kind(name), "jax_name": names.get(name, "")}
+        "top_ops": [{"op": name, "ms_per_step": ms, "kind": _kind(name), "jax_name": names.get(name, ""),
+                     "in_loop": name in in_loop}
                     for name, ms in per_op.most_common(top)],
     }
 
 
 def format_profile(p: dict) -> list[str]:
     """Markdown tables of a profile_step result."""
-    total = p["op_ms_per_step"]
-    lines = ["", f"profile ({p['trace_dir']}): {total:.0f} ms of XLA ops a step, summed over threads", "",
-             "| phase | kind | ms/step | share |", "|---|---|---|---|"]
-    lines += [f"| {s['phase']} | {s['kind']} | {s['ms_per_step']:.1f} | {100 * s['ms_per_step'] / total:.0f}% |"
+    total, unit = p["op_ms_per_step"], p.get("unit", "step")
+    lines = ["", f"profile ({p['trace_dir']}): {total:.2f} ms of XLA ops a {unit}, summed over threads", "",
+             f"| phase | kind | ms/{unit} | share |", "|---|---|---|---|"]
+    lines += [f"| {s['phase']} | {s['kind']} | {s['ms_per_step']:.2f} | {100 * s['ms_per_step'] / total:.0f}% |"
               for s in p["split"]]
-    lines += ["", "| op | kind | ms/step | JAX name |", "|---|---|---|---|"]
-    lines += [f"| {o['op']} | {o['kind']} | {o['ms_per_step']:.1f} | {o['jax_name'][-70:]} |" for o in p["top_ops"]]
+    lines += ["", f"| op | kind | ms/{unit} | JAX name |", "|---|---|---|---|"]
+    lines += [f"| {o['op']} | {o['kind']} | {o['ms_per_step']:.2f} | {o['jax_name'][-70:]} |" for o in p["top_ops"]]
     return lines

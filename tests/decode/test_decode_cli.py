@@ -81,10 +81,19 @@ def test_bench_decode_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "decode.json"
     assert main(["bench", "decode", "--json", str(out), "--layers", "1", "--d-model", "32", "--heads", "2",
                  "--vocab", "320", "--max-len", "64", "--prompt-len", "4", "--new-tokens", "6",
-                 "--positions", "--repeats", "1"]) == 0
+                 "--positions", "--repeats", "1", "--profile", str(tmp_path / "trace")]) == 0
     results = json.loads(out.read_text())
     assert results["same_tokens"] is True
     assert results["ours"]["tokens_per_s"] > 0 and results["transformers"]["tokens_per_s"] > 0
     assert results["lm_head_ms"]["ours"] > 0 and results["lm_head_ms"]["transformers"] > 0
     report = capsys.readouterr().out
     assert "speedup" in report and "LM head alone" in report
+    # --profile: one generate call traced, its op time split into the token loop and the prefill.
+    profile = results["profile"]
+    assert profile["unit"] == "token" and list((tmp_path / "trace").glob("**/*.xplane.pb"))
+    loop_ms = sum(s["ms_per_step"] for s in profile["split"] if s["phase"] == "token loop")
+    assert 0 < loop_ms <= profile["op_ms_per_step"]
+    assert sum(s["ms_per_step"] for s in profile["split"]) == pytest.approx(profile["op_ms_per_step"])
+    assert any(o["kind"] == "matmul" and o["in_loop"] for o in profile["top_ops"])
+    assert not any(o["op"].startswith("while") for o in profile["top_ops"])  # the loop op spans its body
+    assert "ms of XLA ops a token" in report
