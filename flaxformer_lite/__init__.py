@@ -28,15 +28,23 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'flaxformer_lite' has no attribute {name!r}")
-    module_name, attribute = _PUBLIC[name]
-    module = importlib.import_module(module_name)
-    value = module if attribute is None else getattr(module, attribute)
-    globals()[name] = value
-    return value
+def lazy_exports(package: str, namespace: dict, public: dict):
+    """(__getattr__, __dir__) for a package whose `public` names, {name: (module,
+    attribute or None for the module itself)}, are imported on first use (PEP 562)."""
+
+    def __getattr__(name):
+        if name not in public:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module_name, attribute = public[name]
+        module = importlib.import_module(module_name)
+        value = module if attribute is None else getattr(module, attribute)
+        namespace[name] = value
+        return value
+
+    def __dir__():
+        return sorted(set(namespace) | set(public))
+
+    return __getattr__, __dir__
 
 
-def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _PUBLIC)

@@ -6,13 +6,17 @@
     state, metrics = jax.jit(step_fn, donate_argnums=0)(state, batch)
 """
 
-from flaxformer_lite.train.loop import evaluate, merge_params, prepare_data, train
-from flaxformer_lite.train.optim import decay_mask, learning_rate_schedule, make_optimizer
-from flaxformer_lite.train.step import (
-    TrainState,
-    check_objective,
-    init_train_state,
-    loss_and_sums,
-    make_eval_step,
-    make_train_step,
-)
+from flaxformer_lite import lazy_exports
+
+# Imported on first use, so `flaxformer-lite train --help` does not start JAX.
+_PUBLIC = {
+    **{name: ("flaxformer_lite.train.loop", name) for name in ("evaluate", "merge_params", "prepare_data", "train")},
+    **{name: ("flaxformer_lite.train.optim", name) for name in (
+        "decay_mask", "learning_rate_schedule", "make_optimizer",
+    )},
+    **{name: ("flaxformer_lite.train.step", name) for name in (
+        "TrainState", "check_objective", "init_train_state", "loss_and_sums", "make_eval_step", "make_train_step",
+    )},
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _PUBLIC)
