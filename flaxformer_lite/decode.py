@@ -121,9 +121,21 @@ def _empty_cache(model: nn.Module, batch: int, slots: int, encoder_len: int):
     return cache, batch_axes
 
 
-def _take_rows(cache, batch_axes, rows_B: Array):
-    """Gather cache rows (beam reordering and expansion) on each leaf's batch axis."""
-    return jax.tree.map(lambda x, a: x if a < 0 else jnp.take(x, rows_B, axis=a), cache, batch_axes)
+def _take_rows(cache, batch_axes, rows_B: Array, batch: int):
+    """Gather cache rows (beam reordering and expansion) on each leaf's batch axis.
+
+    `batch` is the number of rows the cache holds now. K/V leaves hold K rows per batch
+    row (ops.cache_rows), which move together.
+    """
+
+    def take(x, axis):
+        if axis < 0:
+            return x
+        per_row = x.shape[axis] // batch
+        rows = (rows_B[:, None] * per_row + jnp.arange(per_row)).reshape(-1)
+        return jnp.take(x, rows, axis=axis)
+
+    return jax.tree.map(take, cache, batch_axes)
 
 
 def _forward(model, params, cache, ids_BT, valid_BT, positions_BT, encoder):
@@ -177,7 +189,7 @@ def _generate(model, static: _Static, params, prompt_BP, valid_BP, rng, dyn):
     if static.method == "beam":
         # Beams share their row's prefill: expand the cache, the logits and the rest B -> B*W.
         rows = jnp.repeat(jnp.arange(B), W)
-        cache = _take_rows(cache, batch_axes, rows)
+        cache = _take_rows(cache, batch_axes, rows, B)
         logits_BV, next_position_B = logits_BV[rows], next_position_B[rows]
         if step_encoder is not None:
             step_encoder = (None, valid_BP[rows])
@@ -195,7 +207,7 @@ def _generate(model, static: _Static, params, prompt_BP, valid_BP, rng, dyn):
         state, cache, logits_BV, next_position_B, i = carry
         state, parent_rows, token_B = choose(state, logits_BV, i)
         if parent_rows is not None:
-            cache = _take_rows(cache, batch_axes, parent_rows)
+            cache = _take_rows(cache, batch_axes, parent_rows, parent_rows.shape[0])
         logits_BV, cache = _forward(
             model, params, cache, token_B[:, None], jnp.ones((token_B.shape[0], 1), bool),
             next_position_B[:, None], step_encoder,

@@ -12,7 +12,10 @@ from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
 from flaxformer_lite.layers.common import constrain, kernel_init, param
 
-CACHE_AXES = ("batch", "kv_length", "kv_heads", "head_dim")
+KV_AXES = ("batch", "kv_length", "kv_heads", "head_dim")
+# The cache's rows are (batch, kv head) pairs, batch-major: sharding them like the batch
+# keeps each row's heads together.
+CACHE_AXES = ("batch", "kv_length", "head_dim")
 
 
 class MultiHeadAttention(nn.Module):
@@ -24,7 +27,8 @@ class MultiHeadAttention(nn.Module):
         S = max slots (the caller's mask hides unwritten and future slots);
       - cross-attention computes K/V from `kv_BSD` when given (the prefill call) and
         reads them back from the cache when `kv_BSD` is None (each later step).
-    The cache holds K (not N) heads, so GQA saves cache memory as well.
+    The cache holds K (not N) heads, so GQA saves cache memory as well, as B*K rows of
+    [S, H] (ops.cache_rows: each decoding step reads them in place).
     """
 
     cfg: ModelConfig
@@ -69,43 +73,55 @@ class MultiHeadAttention(nn.Module):
             if cfg.position == "rope" and not self.is_cross:
                 k_BSKH = ops.rope(k_BSKH, q_positions_BT, cfg.rope_theta)
 
+        scale = None if cfg.scale_attention else 1.0
         if self.decode:
-            k_BSKH, v_BSKH = self._update_cache(k_BSKH, v_BSKH, cache_index)
-
-        k_BSKH = constrain(k_BSKH, CACHE_AXES)
-        v_BSKH = constrain(v_BSKH, CACHE_AXES)
-        dropout_rng = None
-        if not self.deterministic and cfg.attention_dropout_rate > 0:
-            dropout_rng = self.make_rng("dropout")
-        out_BTNH, weights_BNTS = ops.dot_product_attention(
-            q_BTNH, k_BSKH, v_BSKH, bias, mask,
-            scale=None if cfg.scale_attention else 1.0,
-            implementation=cfg.attention_impl,
-            return_weights=return_weights,
-            dropout_rate=cfg.attention_dropout_rate,
-            dropout_rng=dropout_rng,
-        )
-        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, wo)
+            k_RSH, v_RSH = self._update_cache(k_BSKH, v_BSKH, cache_index)
+            out_BTNH, weights_BNTS = ops.cached_dot_product_attention(
+                q_BTNH, constrain(k_RSH, CACHE_AXES), constrain(v_RSH, CACHE_AXES), bias, mask,
+                scale=scale, return_weights=return_weights,
+            )
+        else:
+            dropout_rng = None
+            if not self.deterministic and cfg.attention_dropout_rate > 0:
+                dropout_rng = self.make_rng("dropout")
+            out_BTNH, weights_BNTS = ops.dot_product_attention(
+                q_BTNH, constrain(k_BSKH, KV_AXES), constrain(v_BSKH, KV_AXES), bias, mask,
+                scale=scale,
+                implementation=cfg.attention_impl,
+                return_weights=return_weights,
+                dropout_rate=cfg.attention_dropout_rate,
+                dropout_rng=dropout_rng,
+            )
+        # 'BTNH,NHD->BTD' as a dot_general that contracts (N, H) in that order: jnp.einsum
+        # lists them as (H, N), and XLA:CPU then transposes the weight (and the activation)
+        # into that order on every call, once per token when decoding.
+        out_BTD = jax.lax.dot_general(out_BTNH, wo, (((2, 3), (0, 1)), ((), ())))
         if cfg.use_bias:
             out_BTD = out_BTD + param(self, "out_bias", zeros, (D,), ("embed",), cfg)
         return out_BTD, weights_BNTS
 
     def _update_cache(self, k_BSKH, v_BSKH, cache_index):
-        """Write new K/V into the cache (or read cross K/V back); return what to attend to."""
+        """Write new K/V into the cache (or read cross K/V back); return what to attend to.
+
+        The cache holds `ops.cache_rows` [B*K, S, H] keys and values.
+        """
         filled = self.has_variable("cache", "key")
         if k_BSKH is None and not filled:
             raise ValueError("cross-attention cache is empty: pass the encoder output on the first call")
+        k_RSH = v_RSH = None
+        if k_BSKH is not None:
+            k_RSH, v_RSH = ops.cache_rows(k_BSKH), ops.cache_rows(v_BSKH)
         zeros = nn.with_logical_partitioning(jnp.zeros, CACHE_AXES)
-        shape, dt = (k_BSKH.shape, k_BSKH.dtype) if k_BSKH is not None else (None, None)
+        shape, dt = (k_RSH.shape, k_RSH.dtype) if k_RSH is not None else (None, None)
         cached_k = self.variable("cache", "key", zeros, shape, dt)
         cached_v = self.variable("cache", "value", zeros, shape, dt)
         if self.is_cross:
-            if k_BSKH is not None:  # prefill: store the encoder's K/V once
-                cached_k.value, cached_v.value = k_BSKH, v_BSKH
+            if k_RSH is not None:  # prefill: store the encoder's K/V once
+                cached_k.value, cached_v.value = k_RSH, v_RSH
             return cached_k.value, cached_v.value
         if not filled:  # init call: the cache was just created with max_len slots
-            return k_BSKH, v_BSKH
-        start = (0, cache_index, 0, 0)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BSKH.astype(cached_k.value.dtype), start)
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BSKH.astype(cached_v.value.dtype), start)
+            return k_RSH, v_RSH
+        start = (0, cache_index, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_RSH.astype(cached_k.value.dtype), start)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_RSH.astype(cached_v.value.dtype), start)
         return cached_k.value, cached_v.value

@@ -1,6 +1,8 @@
 """Pure JAX functions: no Flax, no parameters, no config objects."""
 
 from flaxformer_lite.ops.attention import (
+    cache_rows,
+    cached_dot_product_attention,
     causal_mask,
     combine_masks,
     dot_product_attention,

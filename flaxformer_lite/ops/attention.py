@@ -1,8 +1,9 @@
 """Scaled dot-product attention and the boolean masks that feed it.
 
 Axis letters: B batch, T query length, S key length, N query heads, K key/value heads,
-H head dim. Masks are boolean, True = may attend, shaped [B, 1, T, S] (broadcast over
-heads). Biases are additive, shaped [B or 1, N, T, S].
+H head dim, R = B*K rows of a KV cache (`cache_rows`). Masks are boolean, True = may
+attend, shaped [B, 1, T, S] (broadcast over heads). Biases are additive, shaped
+[B or 1, N, T, S].
 """
 
 from __future__ import annotations
@@ -125,22 +126,33 @@ def dot_product_attention(
     logits_BKGTS = jnp.einsum(
         "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
     ) * jnp.float32(scale)
-    if bias is not None:
-        bias_BNTS = jnp.broadcast_to(bias.astype(jnp.float32), (bias.shape[0], N, T, S))
-        logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(bias_BNTS.shape[0], K, G, T, S)
-    if mask is not None:
-        mask_BKGTS = jnp.broadcast_to(mask, (B, mask.shape[1], T, S))
-        mask_BKGTS = (
-            mask_BKGTS[:, :, None] if mask.shape[1] == 1 else mask_BKGTS.reshape(B, K, G, T, S)
-        )
-        logits_BKGTS = jnp.where(mask_BKGTS, logits_BKGTS, jnp.finfo(jnp.float32).min)
-    weights_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
+    weights_BKGTS = _masked_softmax(logits_BKGTS, bias, mask)
     probs_BKGTS = weights_BKGTS
     if dropping:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BKGTS.shape)
         probs_BKGTS = jnp.where(keep, probs_BKGTS / (1.0 - dropout_rate), 0.0)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
     out_BTNH = out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+    return _zero_dead_rows(out_BTNH, weights_BKGTS, alive_BMT1, return_weights)
+
+
+def _masked_softmax(logits_BKGTS: Array, bias: Optional[Array], mask: Optional[Array]) -> Array:
+    """Float32 softmax over S of logits + bias, masked keys at -inf (finite min)."""
+    B, K, G, T, S = logits_BKGTS.shape
+    if bias is not None:
+        bias_BNTS = jnp.broadcast_to(bias.astype(jnp.float32), (bias.shape[0], K * G, T, S))
+        logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(bias_BNTS.shape[0], K, G, T, S)
+    if mask is not None:
+        mask_BMTS = jnp.broadcast_to(mask, (B, mask.shape[1], T, S))
+        mask_BKGTS = mask_BMTS[:, :, None] if mask.shape[1] == 1 else mask_BMTS.reshape(B, K, G, T, S)
+        logits_BKGTS = jnp.where(mask_BKGTS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits_BKGTS, axis=-1)
+
+
+def _zero_dead_rows(out_BTNH, weights_BKGTS, alive_BMT1, return_weights: bool):
+    """(out_BTNH, weights_BNTS or None), with query rows that see no key set to zero."""
+    B, T, N, _ = out_BTNH.shape
+    S = weights_BKGTS.shape[-1]
     weights_BNTS = weights_BKGTS.reshape(B, N, T, S) if return_weights else None
     if alive_BMT1 is not None:
         # Dead rows are zeroed on the [B,T,N,H] output, not on the S times larger weights.
@@ -150,3 +162,52 @@ def dot_product_attention(
         if weights_BNTS is not None:
             weights_BNTS = weights_BNTS * alive_BMT[..., None].astype(jnp.float32)
     return out_BTNH, weights_BNTS
+
+
+def cache_rows(x_BSKH: Array) -> Array:
+    """[B,S,K,H] keys or values as a KV cache stores them: [R,S,H], R = B*K, batch-major."""
+    B, S, K, H = x_BSKH.shape
+    return x_BSKH.transpose(0, 2, 1, 3).reshape(B * K, S, H)
+
+
+def cached_dot_product_attention(
+    q_BTNH: Array,
+    k_RSH: Array,
+    v_RSH: Array,
+    bias: Optional[Array] = None,
+    mask: Optional[Array] = None,
+    *,
+    scale: Optional[float] = None,
+    return_weights: bool = False,
+) -> tuple[Array, Optional[Array]]:
+    """dot_product_attention over a KV cache in `cache_rows` layout; same result.
+
+    A decoding step attends one new query (T=1) to the cache. Each of the R = B*K
+    (batch, key/value head) rows is then one matrix-vector product that reads its row
+    of the cache in place: no batch axis of size 1 sits between the cache update and
+    the products, which on XLA:CPU otherwise costs a copy of the whole cache per layer
+    per token (BENCHMARKS.md, decoding). Args and returns as dot_product_attention
+    (no dropout: a cache is for inference).
+    """
+    shapes = f"{q_BTNH.shape}, {k_RSH.shape}, {v_RSH.shape}"
+    if q_BTNH.ndim != 4 or k_RSH.ndim != 3 or k_RSH.shape != v_RSH.shape:
+        raise ValueError(f"q, k, v must be [B,T,N,H], [B*K,S,H], [B*K,S,H] (ops.cache_rows); got {shapes}")
+    B, T, N, H = q_BTNH.shape
+    R, S, _ = k_RSH.shape
+    if R % B or N % (R // B) or k_RSH.shape[2] != H:
+        raise ValueError(f"k, v rows (B*K) or head dim do not match q [B,T,N,H]: {shapes}")
+    K = R // B
+    G = N // K
+    scale = H**-0.5 if scale is None else scale
+    alive_BMT1 = None
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (B, mask.shape[1], T, S))
+        alive_BMT1 = jnp.any(mask, axis=3, keepdims=True)
+    q_RQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(R, G * T, H)
+    logits_RQS = jnp.einsum("RQH,RSH->RQS", q_RQH, k_RSH, preferred_element_type=jnp.float32)
+    logits_BKGTS = logits_RQS.reshape(B, K, G, T, S) * jnp.float32(scale)
+    weights_BKGTS = _masked_softmax(logits_BKGTS, bias, mask)
+    probs_RQS = weights_BKGTS.reshape(R, G * T, S).astype(v_RSH.dtype)
+    out_RQH = jnp.einsum("RQS,RSH->RQH", probs_RQS, v_RSH)
+    out_BTNH = out_RQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
+    return _zero_dead_rows(out_BTNH, weights_BKGTS, alive_BMT1, return_weights)

@@ -184,6 +184,46 @@ def test_attention_rejects_bad_shapes():
                                   implementation="flash")
 
 
+def test_cache_rows_are_batch_major_head_rows():
+    k = normal(1, B, S, 3, H)
+    rows = np.asarray(ops.cache_rows(k))
+    assert rows.shape == (B * 3, S, H)
+    for b in range(B):
+        for h in range(3):
+            np.testing.assert_array_equal(rows[b * 3 + h], np.asarray(k)[b, :, h])
+
+
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("queries", [1, T], ids=["one_query", "all_queries"])
+def test_cached_attention_equals_attention(kind, num_heads, num_kv_heads, queries, mask_inputs):
+    """The cache's row layout changes how the products read K/V, not the result."""
+    q = normal(1, B, T, num_heads, H)[:, -queries:]
+    k, v = normal(2, B, S, num_kv_heads, H), normal(3, B, S, num_kv_heads, H)
+    bias = normal(4, B, num_heads, T, S)[:, :, -queries:]
+    mask, _ = build_mask(kind, mask_inputs)
+    mask = None if mask is None else mask[:, :, -queries:]
+    want, want_weights = ops.dot_product_attention(q, k, v, bias, mask, return_weights=True)
+    got, weights = ops.cached_dot_product_attention(
+        q, ops.cache_rows(k), ops.cache_rows(v), bias, mask, return_weights=True
+    )
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **F32)
+    np.testing.assert_allclose(np.asarray(weights), np.asarray(want_weights), **F32)
+    jitted = jax.jit(lambda *a: ops.cached_dot_product_attention(*a, scale=0.5)[0])
+    np.testing.assert_allclose(
+        np.asarray(jitted(q, ops.cache_rows(k), ops.cache_rows(v), bias, mask)),
+        np.asarray(ops.dot_product_attention(q, k, v, bias, mask, scale=0.5)[0]), **F32,
+    )
+
+
+def test_cached_attention_rejects_bad_shapes():
+    q = normal(1, 2, 1, 4, 8)
+    with pytest.raises(ValueError, match=r"\[B\*K,S,H\] \(ops.cache_rows\)"):
+        ops.cached_dot_product_attention(q, normal(2, 2, 5, 4, 8), normal(3, 2, 5, 4, 8))
+    with pytest.raises(ValueError, match="rows"):
+        ops.cached_dot_product_attention(q, normal(2, 3, 5, 8), normal(3, 3, 5, 8))
+
+
 # ------------------------------------------------------------------------------ positions
 
 
