@@ -52,26 +52,41 @@ class MultiHeadAttention(nn.Module):
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         init = kernel_init(cfg)
         zeros = nn.initializers.zeros
-        wq = param(self, "query", init, (D, N, H), ("embed", "heads", "head_dim"), self.cfg)
-        wo = param(self, "out", init, (N, H, D), ("heads", "head_dim", "embed"), self.cfg)
-        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, wq)
+        wq = param(self, "query", init, (D, N, H), ("embed", "heads", "head_dim"), cfg)
+        wo = param(self, "out", init, (N, H, D), ("heads", "head_dim", "embed"), cfg)
         if cfg.use_bias:
-            q_BTNH = q_BTNH + param(self, "query_bias", zeros, (N, H), ("heads", "head_dim"), cfg)
-        if cfg.position == "rope" and not self.is_cross:
-            q_BTNH = ops.rope(q_BTNH, q_positions_BT, cfg.rope_theta)
-
+            bq = param(self, "query_bias", zeros, (N, H), ("heads", "head_dim"), cfg)
         source_BSD = x_BTD if not self.is_cross else kv_BSD
         k_BSKH = v_BSKH = None
         if source_BSD is not None:
             wk = param(self, "key", init, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
             wv = param(self, "value", init, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
-            k_BSKH = jnp.einsum("BSD,DKH->BSKH", source_BSD, wk)
-            v_BSKH = jnp.einsum("BSD,DKH->BSKH", source_BSD, wv)
             if cfg.use_bias:
-                k_BSKH = k_BSKH + param(self, "key_bias", zeros, (K, H), ("kv_heads", "head_dim"), cfg)
-                v_BSKH = v_BSKH + param(self, "value_bias", zeros, (K, H), ("kv_heads", "head_dim"), cfg)
-            if cfg.position == "rope" and not self.is_cross:
-                k_BSKH = ops.rope(k_BSKH, q_positions_BT, cfg.rope_theta)
+                bk = param(self, "key_bias", zeros, (K, H), ("kv_heads", "head_dim"), cfg)
+                bv = param(self, "value_bias", zeros, (K, H), ("kv_heads", "head_dim"), cfg)
+
+        if self.decode and not self.is_cross:
+            # One [D, (N+2K)H] product instead of three: a decoding step is matrix-vector
+            # products, each a pass over its weight plus a fixed cost. XLA hoists the
+            # concatenation out of the token loop (BENCHMARKS.md, decoding).
+            w_DE = jnp.concatenate([wq.reshape(D, N * H), wk.reshape(D, K * H), wv.reshape(D, K * H)], axis=1)
+            qkv_BTE = jnp.einsum("BTD,DE->BTE", x_BTD, w_DE)
+            B, T = x_BTD.shape[:2]
+            q_BTNH, k_BSKH, v_BSKH = (
+                part.reshape(B, T, -1, H) for part in jnp.split(qkv_BTE, [N * H, (N + K) * H], axis=-1)
+            )
+        else:
+            q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, wq)
+            if source_BSD is not None:
+                k_BSKH = jnp.einsum("BSD,DKH->BSKH", source_BSD, wk)
+                v_BSKH = jnp.einsum("BSD,DKH->BSKH", source_BSD, wv)
+        if cfg.use_bias:
+            q_BTNH = q_BTNH + bq
+            if k_BSKH is not None:
+                k_BSKH, v_BSKH = k_BSKH + bk, v_BSKH + bv
+        if cfg.position == "rope" and not self.is_cross:
+            q_BTNH = ops.rope(q_BTNH, q_positions_BT, cfg.rope_theta)
+            k_BSKH = ops.rope(k_BSKH, q_positions_BT, cfg.rope_theta)
 
         scale = None if cfg.scale_attention else 1.0
         if self.decode:
