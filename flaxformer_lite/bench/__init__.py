@@ -69,3 +69,19 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_seconds(fns: dict, repeats: int) -> dict:
+    """name -> wall times of `repeats` rounds, each round calling every fn once in turn.
+
+    Load on a shared machine drifts over seconds; taking the frameworks' timings in
+    alternation, not one block after the other, makes that drift hit each side alike.
+    """
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import statistics
 import tempfile
 import time
 
-from flaxformer_lite.bench import median_seconds
+from flaxformer_lite.bench import interleaved_seconds, median_seconds
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     """Model shape and workload of the decode benchmark."""
@@ -21,7 +23,7 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positions", type=int, nargs="*", default=[100, 1000],
                         help="prompt lengths at which to time single decode steps (none: skip)")
     parser.add_argument("--step-tokens", type=int, default=32, help="steps timed at each of --positions")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--copy-mib", type=int, default=256,
                         help="array size of the copy that measures memory bandwidth (bigger than the caches)")
@@ -129,7 +131,12 @@ def run_decode(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     our_tokens = run_ours(prompt, args.new_tokens)
     first_call_s = time.perf_counter() - start
-    our_s = median_seconds(lambda: run_ours(prompt, args.new_tokens), args.repeats)
+    their_tokens = run_theirs(prompt, args.new_tokens)  # warm-up
+    rounds = interleaved_seconds(
+        {"ours": lambda: run_ours(prompt, args.new_tokens), "transformers": lambda: run_theirs(prompt, args.new_tokens)},
+        args.repeats,
+    )
+    our_s, their_s = statistics.median(rounds["ours"]), statistics.median(rounds["transformers"])
     profile = None
     if args.profile:
         from flaxformer_lite.bench.profile import decode_phase, profile_step
@@ -140,8 +147,6 @@ def run_decode(args: argparse.Namespace) -> dict:
         run_whole = lambda _: jax.block_until_ready(compiled(params))  # noqa: E731
         run_whole(0)
         profile = profile_step(compiled, run_whole, args.new_tokens, args.profile, phase=decode_phase, unit="token")
-    their_tokens = run_theirs(prompt, args.new_tokens)  # warm-up
-    their_s = median_seconds(lambda: run_theirs(prompt, args.new_tokens), args.repeats)
 
     # The LM head (one d_model row times the vocab x d_model table) is most of a step's
     # weight traffic at batch 1, and both frameworks run it as one matrix-vector product.
@@ -160,13 +165,16 @@ def run_decode(args: argparse.Namespace) -> dict:
     per_token = {}
     for p in args.positions:
         long_prompt = rng.integers(0, args.vocab - 1, p).tolist()
-        row = {}
+        calls = {}
         for name, fn in (("ours", run_ours), ("transformers", run_theirs)):
             fn(long_prompt, 1), fn(long_prompt, 1 + args.step_tokens)  # compile / warm up
-            one = median_seconds(lambda: fn(long_prompt, 1), args.repeats)
-            many = median_seconds(lambda: fn(long_prompt, 1 + args.step_tokens), args.repeats)
-            row[name] = 1e3 * (many - one) / args.step_tokens
-        per_token[p] = row
+            calls[(name, 1)] = functools.partial(fn, long_prompt, 1)
+            calls[(name, 1 + args.step_tokens)] = functools.partial(fn, long_prompt, 1 + args.step_tokens)
+        med = {key: statistics.median(ts) for key, ts in interleaved_seconds(calls, args.repeats).items()}
+        per_token[p] = {
+            name: 1e3 * (med[(name, 1 + args.step_tokens)] - med[(name, 1)]) / args.step_tokens
+            for name in ("ours", "transformers")
+        }
 
     # Batch 1 reads every weight per token: copy bandwidth / weight bytes bounds tokens/s.
     bandwidth = copy_bandwidth(args.copy_mib)
@@ -185,6 +193,8 @@ def run_decode(args: argparse.Namespace) -> dict:
                          "version": transformers.__version__, "torch": torch.__version__,
                          "torch_threads": torch.get_num_threads()},
         "speedup": their_s / our_s,
+        # Each round's pair of runs, side by side: the spread of the ratio under this load.
+        "speedup_rounds": [t / o for o, t in zip(rounds["ours"], rounds["transformers"])],
         "same_tokens": bool((our_tokens == their_tokens).all()),
         "per_token_ms": per_token,
         "lm_head_ms": lm_head_ms,
@@ -203,7 +213,7 @@ def _decode_report(r: dict) -> str:
     lines = [
         f"GPT-2 {m['layers']} layers, d_model {m['d_model']}, {m['heads']} heads, vocab {m['vocab']} "
         f"({m['parameters']:,} parameters); batch 1, prompt {w['prompt_len']}, {w['new_tokens']} new tokens, "
-        f"median of {w['repeats']}; {r['jax']['backend']}{', one thread each' if w['single_thread'] else ''}",
+        f"median of {w['repeats']} interleaved rounds; {r['jax']['backend']}{', one thread each' if w['single_thread'] else ''}",
         "",
         "| | tokens/s | seconds |",
         "|---|---|---|",
@@ -211,7 +221,8 @@ def _decode_report(r: dict) -> str:
         f"| transformers {r['transformers']['version']} generate (torch {r['transformers']['torch']}, "
         f"{r['transformers']['torch_threads']} threads) | {r['transformers']['tokens_per_s']:.0f} | {r['transformers']['seconds']:.3f} |",
         "",
-        f"speedup {r['speedup']:.2f}x; same tokens: {'yes' if r['same_tokens'] else 'NO'}; "
+        f"speedup {r['speedup']:.2f}x (rounds {min(r['speedup_rounds']):.2f}x to {max(r['speedup_rounds']):.2f}x); "
+        f"same tokens: {'yes' if r['same_tokens'] else 'NO'}; "
         f"first call {r['ours']['first_call_s']:.2f} s (compile about {r['ours']['compile_s_approx']:.2f} s)",
     ]
     bb = r["bandwidth_bound"]
