@@ -1,4 +1,4 @@
-"""`bench decode`: batch-1 greedy decoding against transformers' generate, same weights."""
+"""`bench decode`: greedy decoding (batch 1 by default) against transformers' generate, same weights."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--max-len", type=int, default=1280, help="n_positions; must fit the longest --positions prompt")
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (random, all --prompt-len long)")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--positions", type=int, nargs="*", default=[100, 1000],
                         help="prompt lengths at which to time single decode steps (none: skip)")
@@ -71,7 +72,7 @@ def weight_bytes_per_token(params) -> int:
 
 
 def run_decode(args: argparse.Namespace) -> dict:
-    """Greedy decoding of one prompt (batch 1), here and in transformers, same weights, same process.
+    """Greedy decoding of --batch prompts (1 by default), here and in transformers, same weights, same process.
 
     The GPT-2 is random, built in transformers and loaded here through interop.hf. Both
     sides generate exactly the requested number of tokens (EOS ignored) with a KV cache.
@@ -114,20 +115,20 @@ def run_decode(args: argparse.Namespace) -> dict:
     ours = build_model(cfg)
     rng = np.random.default_rng(args.seed)
 
-    def run_ours(prompt, n):
-        out = generate(ours, params, [prompt], max_new_tokens=n, ignore_eos=True)
-        return np.asarray(jax.block_until_ready(out.tokens))[0]
+    def run_ours(prompts, n):
+        out = generate(ours, params, prompts, max_new_tokens=n, ignore_eos=True)
+        return np.asarray(jax.block_until_ready(out.tokens))
 
-    def run_theirs(prompt, n):
-        ids = torch.tensor([prompt])
+    def run_theirs(prompts, n):
+        ids = torch.tensor(prompts)
         greedy = transformers.GenerationConfig(
             max_new_tokens=n, do_sample=False, num_beams=1, use_cache=True, eos_token_id=None, pad_token_id=last
         )
         with torch.inference_mode():
             out = theirs.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
-        return out[0, len(prompt):].numpy()
+        return out[:, ids.shape[1]:].numpy()
 
-    prompt = rng.integers(0, args.vocab - 1, args.prompt_len).tolist()
+    prompt = rng.integers(0, args.vocab - 1, (args.batch, args.prompt_len)).tolist()
     start = time.perf_counter()
     our_tokens = run_ours(prompt, args.new_tokens)
     first_call_s = time.perf_counter() - start
@@ -142,7 +143,7 @@ def run_decode(args: argparse.Namespace) -> dict:
         from flaxformer_lite.bench.profile import decode_phase, profile_step
 
         # generate's jitted program, inlined into one whose HLO (and its JAX names) we hold.
-        whole = jax.jit(lambda p: generate(ours, p, [prompt], max_new_tokens=args.new_tokens, ignore_eos=True).tokens)
+        whole = jax.jit(lambda p: generate(ours, p, prompt, max_new_tokens=args.new_tokens, ignore_eos=True).tokens)
         compiled = whole.lower(params).compile()
         run_whole = lambda _: jax.block_until_ready(compiled(params))  # noqa: E731
         run_whole(0)
@@ -164,7 +165,7 @@ def run_decode(args: argparse.Namespace) -> dict:
 
     per_token = {}
     for p in args.positions:
-        long_prompt = rng.integers(0, args.vocab - 1, p).tolist()
+        long_prompt = rng.integers(0, args.vocab - 1, (args.batch, p)).tolist()
         calls = {}
         for name, fn in (("ours", run_ours), ("transformers", run_theirs)):
             fn(long_prompt, 1), fn(long_prompt, 1 + args.step_tokens)  # compile / warm up
@@ -176,20 +177,22 @@ def run_decode(args: argparse.Namespace) -> dict:
             for name in ("ours", "transformers")
         }
 
-    # Batch 1 reads every weight per token: copy bandwidth / weight bytes bounds tokens/s.
+    # A step reads every weight once for its --batch tokens: batch * copy bandwidth /
+    # weight bytes bounds tokens/s (for small batches, while weights dominate the traffic).
     bandwidth = copy_bandwidth(args.copy_mib)
     weights = weight_bytes_per_token(params)
-    bound = bandwidth / weights
+    bound = args.batch * bandwidth / weights
+    tokens = args.batch * args.new_tokens
 
     results = {
         "benchmark": "decode",
         "model": {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
                   "max_len": args.max_len, "parameters": int(sum(x.size for x in jax.tree.leaves(params)))},
-        "workload": {"batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "workload": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                      "single_thread": args.single_thread},
-        "ours": {"tokens_per_s": args.new_tokens / our_s, "seconds": our_s,
+        "ours": {"tokens_per_s": tokens / our_s, "seconds": our_s,
                  "first_call_s": first_call_s, "compile_s_approx": first_call_s - our_s},
-        "transformers": {"tokens_per_s": args.new_tokens / their_s, "seconds": their_s,
+        "transformers": {"tokens_per_s": tokens / their_s, "seconds": their_s,
                          "version": transformers.__version__, "torch": torch.__version__,
                          "torch_threads": torch.get_num_threads()},
         "speedup": their_s / our_s,
@@ -199,8 +202,8 @@ def run_decode(args: argparse.Namespace) -> dict:
         "per_token_ms": per_token,
         "lm_head_ms": lm_head_ms,
         "bandwidth_bound": {"copy_bytes_per_s": bandwidth, "weight_bytes_per_token": weights,
-                            "tokens_per_s": bound, "ours_fraction": args.new_tokens / our_s / bound,
-                            "transformers_fraction": args.new_tokens / their_s / bound},
+                            "tokens_per_s": bound, "ours_fraction": tokens / our_s / bound,
+                            "transformers_fraction": tokens / their_s / bound},
         "jax": {"version": jax.__version__, "backend": jax.default_backend()},
         "profile": profile,
     }
@@ -212,7 +215,7 @@ def _decode_report(r: dict) -> str:
     m, w = r["model"], r["workload"]
     lines = [
         f"GPT-2 {m['layers']} layers, d_model {m['d_model']}, {m['heads']} heads, vocab {m['vocab']} "
-        f"({m['parameters']:,} parameters); batch 1, prompt {w['prompt_len']}, {w['new_tokens']} new tokens, "
+        f"({m['parameters']:,} parameters); batch {w['batch']}, prompt {w['prompt_len']}, {w['new_tokens']} new tokens, "
         f"median of {w['repeats']} interleaved rounds; {r['jax']['backend']}{', one thread each' if w['single_thread'] else ''}",
         "",
         "| | tokens/s | seconds |",
@@ -226,12 +229,13 @@ def _decode_report(r: dict) -> str:
         f"first call {r['ours']['first_call_s']:.2f} s (compile about {r['ours']['compile_s_approx']:.2f} s)",
     ]
     bb = r["bandwidth_bound"]
-    lines += [f"memory-bandwidth bound: {bb['weight_bytes_per_token'] / 2**20:.1f} MiB of weights per token at "
+    step = "token" if w["batch"] == 1 else f"step ({w['batch']} tokens)"
+    lines += [f"memory-bandwidth bound: {bb['weight_bytes_per_token'] / 2**20:.1f} MiB of weights per {step} at "
               f"{bb['copy_bytes_per_s'] / 1e9:.1f} GB/s (measured copy) = {bb['tokens_per_s']:.0f} tokens/s; "
               f"ours reaches {100 * bb['ours_fraction']:.0f}% of it, transformers {100 * bb['transformers_fraction']:.0f}%"]
     head = r["lm_head_ms"]
     if r["per_token_ms"]:
-        lines += ["", "| position | ours ms/token | transformers ms/token |", "|---|---|---|"]
+        lines += ["", f"| position | ours ms/{step} | transformers ms/{step} |", "|---|---|---|"]
         lines += [f"| {p} | {v['ours']:.2f} | {v['transformers']:.2f} |" for p, v in r["per_token_ms"].items()]
         lines += [f"| LM head alone | {head['ours']:.2f} | {head['transformers']:.2f} |"]
         p, v = next(iter(r["per_token_ms"].items()))

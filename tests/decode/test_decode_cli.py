@@ -81,13 +81,16 @@ def test_bench_decode_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "decode.json"
     assert main(["bench", "decode", "--json", str(out), "--layers", "1", "--d-model", "32", "--heads", "2",
                  "--vocab", "320", "--max-len", "64", "--prompt-len", "4", "--new-tokens", "6",
-                 "--positions", "8", "--step-tokens", "2", "--repeats", "2",
+                 "--positions", "8", "--step-tokens", "2", "--repeats", "2", "--batch", "2",
                  "--profile", str(tmp_path / "trace")]) == 0
     results = json.loads(out.read_text())
     assert results["same_tokens"] is True
     # Both sides timed in alternating rounds: one ratio per round, per-token times per position.
     assert len(results["speedup_rounds"]) == 2 and all(r > 0 for r in results["speedup_rounds"])
     assert set(results["per_token_ms"]["8"]) == {"ours", "transformers"}
+    # --batch 2: two prompts, every row's tokens equal; tokens/s counts both rows.
+    assert results["workload"]["batch"] == 2
+    assert results["ours"]["tokens_per_s"] == pytest.approx(2 * 6 / results["ours"]["seconds"])
     assert results["ours"]["tokens_per_s"] > 0 and results["transformers"]["tokens_per_s"] > 0
     assert results["lm_head_ms"]["ours"] > 0 and results["lm_head_ms"]["transformers"] > 0
     report = capsys.readouterr().out
