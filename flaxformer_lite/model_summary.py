@@ -43,9 +43,7 @@ logits and of the attention probabilities, fusion temporaries): XLA's compiled
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from typing import Optional, Union
 
 import flax.linen as nn
@@ -57,7 +55,6 @@ from flaxformer_lite.config import Config, ModelConfig
 from flaxformer_lite.models import build_model, dummy_inputs
 from flaxformer_lite.ops.ffn import is_gated
 
-EXIT_BAD_INPUT = 2
 # Leading logical axis of a lookup table: these parameters are "embeddings".
 EMBEDDING_AXES = ("vocab", "type_vocab", "positions", "relpos_buckets")
 MLM_HEAD = ("mlm_transform", "mlm_norm", "mlm_bias")
@@ -210,23 +207,3 @@ def summary(
     everything = sum(e for _, e in items)
     lines.append("  total".ljust(label_width) + "".join(f"{_size(everything * b):>12}" for b in BYTES.values()))
     return "\n".join(lines)
-
-
-def add_summary_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `flaxformer-lite summary`."""
-    parser.add_argument("--config", required=True, help="YAML run config, or a preset name (gpt2_small)")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set data.batch_size=8 model.num_layers=24")
-
-
-def run_summary(args: argparse.Namespace) -> int:
-    """`flaxformer-lite summary`: print the report; a bad config prints one error line."""
-    from flaxformer_lite.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, overrides=args.set)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(summary(cfg))
-    return 0

@@ -14,81 +14,38 @@ See objectives.py for the batch contract, pipeline.py for resuming iterators, st
 for the on-disk format and prepare.py for making one.
 """
 
-from flaxformer_lite.data.corpora import (
-    BUILTIN,
-    LabeledCorpus,
-    builtin_classification,
-    builtin_documents,
-    load_labeled,
-    load_pairs,
-    load_texts,
-    split,
-)
-from flaxformer_lite.data.errors import DataError
-from flaxformer_lite.data.objectives import (
-    OBJECTIVES,
-    STREAM_OBJECTIVES,
-    causal_lm_batch,
-    classification_batch,
-    load_corpus,
-    make_dataset,
-    mask_tokens,
-    masked_lm_batch,
-    random_spans_noise_mask,
-    seq2seq_batch,
-    span_corruption,
-    span_corruption_lengths,
-)
-from flaxformer_lite.data.pipeline import build, check_ids, shard
-from flaxformer_lite.data.preparation import PrepareOptions, cached, corpus_store, merge, prepare, prepare_source
-from flaxformer_lite.data.sources import iter_texts
-from flaxformer_lite.data.store import Documents, Store, is_store
-from flaxformer_lite.data.tokenizers import (
-    ByteTokenizer,
-    HFTokenizer,
-    Tokenizer,
-    load_tokenizer,
-    train_tokenizer,
-)
+from flaxformer_lite import lazy_exports
 
-__all__ = [
-    "BUILTIN",
-    "ByteTokenizer",
-    "DataError",
-    "Documents",
-    "HFTokenizer",
-    "LabeledCorpus",
-    "OBJECTIVES",
-    "PrepareOptions",
-    "STREAM_OBJECTIVES",
-    "Store",
-    "Tokenizer",
-    "build",
-    "builtin_classification",
-    "builtin_documents",
-    "causal_lm_batch",
-    "cached",
-    "check_ids",
-    "classification_batch",
-    "corpus_store",
-    "is_store",
-    "iter_texts",
-    "load_corpus",
-    "load_labeled",
-    "load_pairs",
-    "load_texts",
-    "load_tokenizer",
-    "make_dataset",
-    "mask_tokens",
-    "masked_lm_batch",
-    "merge",
-    "prepare",
-    "prepare_source",
-    "random_spans_noise_mask",
-    "seq2seq_batch",
-    "shard",
-    "span_corruption",
-    "span_corruption_lengths",
-    "split",
-    "train_tokenizer",
-]
+# Imported on first use, so `flaxformer-lite prepare --help` does not start JAX (objectives
+# and pipelines import grain, which imports JAX).
+_PUBLIC = {
+    **{name: ("flaxformer_lite.data.corpora", name) for name in (
+        "BUILTIN", "LabeledCorpus", "builtin_classification", "builtin_documents", "load_labeled",
+        "load_pairs", "load_texts", "split",
+    )},
+    **{name: ("flaxformer_lite.data.errors", name) for name in (
+        "DataError",
+    )},
+    **{name: ("flaxformer_lite.data.objectives", name) for name in (
+        "OBJECTIVES", "STREAM_OBJECTIVES", "causal_lm_batch", "classification_batch",
+        "load_corpus", "make_dataset", "mask_tokens", "masked_lm_batch", "random_spans_noise_mask",
+        "seq2seq_batch", "span_corruption", "span_corruption_lengths",
+    )},
+    **{name: ("flaxformer_lite.data.pipeline", name) for name in (
+        "build", "check_ids", "shard",
+    )},
+    **{name: ("flaxformer_lite.data.preparation", name) for name in (
+        "PrepareOptions", "cached", "corpus_store", "merge", "prepare", "prepare_source",
+    )},
+    **{name: ("flaxformer_lite.data.sources", name) for name in (
+        "iter_texts",
+    )},
+    **{name: ("flaxformer_lite.data.store", name) for name in (
+        "Documents", "Store", "is_store",
+    )},
+    **{name: ("flaxformer_lite.data.tokenizers", name) for name in (
+        "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer", "train_tokenizer",
+    )},
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _PUBLIC)

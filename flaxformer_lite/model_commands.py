@@ -1,10 +1,14 @@
-"""`flaxformer-lite generate` and `flaxformer-lite embed`: load a model, tokenize, print.
+"""The commands that load or build a model: `generate`, `embed`, `summary`, `viz`.
 
     flaxformer-lite generate --workdir RUN --prompt "Once upon" [--stream]
     flaxformer-lite embed --hf DIR --text "a cat" --text "a dog"      # JSON
+    flaxformer-lite summary --config gpt2_small
+    flaxformer-lite viz --workdir RUN --text "..." --out DIR
 
-The library functions they call (decode.generate, embeddings.embed) depend on models
-alone; reading run directories and HF folders is this module's job.
+The library functions they call (decode.generate, embeddings.embed,
+model_summary.summary, viz.visualize / viz.plot_positions) depend on models alone;
+reading run directories and HF folders is this module's job. JAX and the library are
+imported inside the `run_*` functions, so `--help` answers at once.
 Bad input prints one `error: ...` line and exits with status 2.
 """
 
@@ -15,14 +19,15 @@ import dataclasses
 import json
 import pathlib
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
-import jax
 import numpy as np
 
-from flaxformer_lite.decode import METHODS, generate
-
 EXIT_BAD_INPUT = 2  # the command's status for bad input, as train/eval/convert
+# decode.METHODS and embeddings.POOLINGS, spelled out so that `--help` does not import JAX
+# (tests/test_cli.py keeps them equal).
+DECODE_METHODS = ("greedy", "sample", "beam")
+EMBED_POOLINGS = ("mean", "cls", "max")
 
 
 # ------------------------------------------------------------------------ generate
@@ -41,7 +46,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--step", type=int, help="checkpoint step to load from --workdir (default: the latest)")
     parser.add_argument("--prompt", action="append", required=True,
                         help="text to continue (decoder) or to encode (encoder-decoder), not empty; repeat for a batch")
-    parser.add_argument("--method", choices=METHODS, default="greedy")
+    parser.add_argument("--method", choices=DECODE_METHODS, default="greedy")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--min-new-tokens", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -88,6 +93,8 @@ def _load_for_cli(args):
             cfg = given
         return cfg.model, params, data.load_tokenizer(cfg.data.tokenizer), False
     if args.config:
+        import jax
+
         cfg = load_config(args.config)
         print(f"note: no --workdir/--hf given: {args.config} with random weights", file=sys.stderr)
         return cfg.model, init_params(cfg.model, jax.random.key(args.seed)), data.load_tokenizer(cfg.data.tokenizer), False
@@ -122,6 +129,9 @@ def run_generate(args: argparse.Namespace) -> int:
     --stream prints the same text, the continuation as it is generated. Bad input (model
     source, config, tokenizer, prompt, settings) prints one `error: ...` line and returns 2.
     """
+    import jax
+
+    from flaxformer_lite.decode import generate
     from flaxformer_lite.models import build_model
 
     streamed, printed = [], [None]
@@ -184,13 +194,11 @@ _ST_POOLING_FLAGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token
 
 def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flaxformer-lite embed`."""
-    from flaxformer_lite.embeddings import POOLINGS
-
     parser.add_argument("--hf", metavar="DIR", required=True,
                         help="a local HF encoder folder (config.json, *.safetensors, tokenizer.json), "
                         "e.g. a sentence-transformers checkpoint")
     parser.add_argument("--text", action="append", required=True, help="a text to embed; repeat for a batch")
-    parser.add_argument("--pooling", choices=POOLINGS,
+    parser.add_argument("--pooling", choices=EMBED_POOLINGS,
                         help="default: the folder's sentence-transformers Pooling module, else mean")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                         help="unit-length vectors (default: yes, or as the folder's modules.json says)")
@@ -285,4 +293,122 @@ def run_embed(args: argparse.Namespace) -> int:
         "pooling": pooling, "normalize": normalize, "dim": int(vectors.shape[1]),
         "embeddings": [{"text": t, "embedding": [round(float(x), 7) for x in v]} for t, v in zip(args.text, vectors)],
     }))
+    return 0
+
+
+# ------------------------------------------------------------------------ summary
+
+
+def add_summary_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `flaxformer-lite summary`."""
+    parser.add_argument("--config", required=True, help="YAML run config, or a preset name (gpt2_small)")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set data.batch_size=8 model.num_layers=24")
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    """`flaxformer-lite summary`: print the report; a bad config prints one error line."""
+    from flaxformer_lite.config import ConfigError, load_config
+    from flaxformer_lite.model_summary import summary
+
+    try:
+        cfg = load_config(args.config, overrides=args.set)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(summary(cfg))
+    return 0
+
+
+# ------------------------------------------------------------------------ viz
+
+
+def add_viz_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `flaxformer-lite viz` (attention by default, --positions for position encodings)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--workdir", help="a run directory (config.yaml + checkpoints)")
+    source.add_argument("--hf", help="a local HuggingFace model folder (config.json + safetensors)")
+    source.add_argument("--config", help="--positions only: a YAML config or preset name (a fresh init)")
+    parser.add_argument("--positions", action="store_true",
+                        help="plot the position encoding (tables, similarities, biases) instead of attention")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override --config keys, e.g. --set model.position=alibi")
+    parser.add_argument("--text", help="the input text (attention plots)")
+    parser.add_argument("--target", default=None, help="decoder text (attention plots, encoder-decoder models)")
+    parser.add_argument("--out", required=True, help="folder for the PNGs (and index.html)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--length", type=int, default=None,
+                        help="--positions: positions to draw (default: model.max_len)")
+
+
+def _argument_problem(args: argparse.Namespace) -> Optional[str]:
+    if args.set and not args.config:
+        return "--set overrides --config keys: add --config, or drop --set"
+    if args.positions:
+        if not (args.config or args.workdir or args.hf):
+            return "viz --positions needs --config CONFIG (a fresh init), --workdir RUN or --hf DIR"
+        if args.text is not None or args.target is not None:
+            return "--text/--target are for attention plots: drop them with --positions"
+        return None
+    if args.config:
+        return "attention plots need trained weights: use --workdir or --hf (or add --positions)"
+    if not (args.workdir or args.hf):
+        return "viz needs --workdir RUN or --hf DIR (or --positions --config CONFIG)"
+    if args.text is None:
+        return "viz needs --text (the input whose attention to plot), or --positions"
+    if args.length is not None:
+        return "--length is for --positions plots"
+    return None
+
+
+def _run_positions(args: argparse.Namespace) -> int:
+    from flaxformer_lite import checkpoint
+    from flaxformer_lite.config import load_config
+    from flaxformer_lite.viz import plot_positions
+
+    try:
+        if args.config:
+            cfg, params, source = load_config(args.config, overrides=args.set).model, None, None
+        elif args.workdir:
+            run_cfg, params = checkpoint.load_params(args.workdir, step=args.step)
+            cfg = run_cfg.model
+            source = f"run {args.workdir}, " + ("latest step" if args.step is None else f"step {args.step}")
+        else:
+            from flaxformer_lite.interop import hf
+
+            cfg, params = hf.load(args.hf)
+            source = f"HF folder {args.hf}"
+        written = plot_positions(cfg, args.out, params, source=source, length=args.length)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError and HFError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
+    return 0
+
+
+def run_viz(args: argparse.Namespace) -> int:
+    """Attention plots (PNGs + index.html) or, with --positions, position-encoding plots."""
+    problem = _argument_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.positions:
+        return _run_positions(args)
+    import jax
+    import jax.numpy as jnp
+
+    from flaxformer_lite import checkpoint, data
+    from flaxformer_lite.viz import visualize
+
+    if args.workdir:
+        run_cfg, params = checkpoint.load_params(args.workdir, step=args.step)
+        cfg, tokenizer = run_cfg.model, data.load_tokenizer(run_cfg.data.tokenizer)
+    else:
+        from flaxformer_lite.interop import hf
+
+        cfg, params = hf.load(args.hf)
+        tokenizer = data.load_tokenizer(args.hf)
+    params = jax.tree.map(jnp.asarray, params)
+    written = visualize(cfg, params, tokenizer, args.text, args.out, target=args.target)
+    print(f"wrote {len(written)} files to {args.out}; open {pathlib.Path(args.out) / 'index.html'}")
     return 0
