@@ -70,8 +70,7 @@ def test_full_size_presets_scan_and_round_trip_through_hf(name, tmp_path):
 
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 8)).astype(np.int32)
     args = (ids, ids) if cfg.family == "encoder_decoder" else (ids,)
-    scanned = build_model(cfg).apply(params, *args).hidden_states
-    unrolled = build_model(dataclasses.replace(cfg, scan_layers=False)).apply(
-        {"params": unstack_layers(params["params"])}, *args
-    ).hidden_states
+    forward = lambda c: jax.jit(lambda p, *xs: build_model(c).apply(p, *xs).hidden_states)  # noqa: E731
+    scanned = forward(cfg)(params, *args)
+    unrolled = forward(dataclasses.replace(cfg, scan_layers=False))({"params": unstack_layers(params["params"])}, *args)
     np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), rtol=1e-5, atol=1e-5)

@@ -29,7 +29,7 @@ def test_shrunk_preset_trains_one_step(preset):
         pooled = 0.0 if out.pooled is None else (out.pooled**2).mean()
         return lm_loss(out, ids) + pooled
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     assert np.isfinite(float(loss))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         g = np.asarray(g)
