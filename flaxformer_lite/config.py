@@ -176,6 +176,7 @@ class ParallelConfig:
     # Each rule: (logical axis, mesh axes...); no mesh axis = replicated. YAML: [batch, data, fsdp]
     rules: tuple[tuple[str, ...], ...] = (
         ("batch", "data", "fsdp"),
+        ("cache_rows", "data", "fsdp", "tensor"),  # KV cache rows: (batch, kv head) pairs
         ("vocab", "tensor"),
         ("embed", "fsdp"),
         ("mlp", "tensor"),

@@ -99,11 +99,12 @@ def _init_decoder_cache(module, src_BS, dec_BT):
 
 
 def _empty_cache(model: nn.Module, batch: int, slots: int, encoder_len: int):
-    """(zero cache for `slots` decoder positions, per-leaf index of its 'batch' axis or -1).
+    """(zero cache for `slots` decoder positions, per-leaf index of its batch axis or -1).
 
     A fresh cache is all zeros (the cross-attention K/V are written by the prefill), so
-    only its shapes are traced; the logical axis names say which axis is the batch one,
-    whether or not the layers are scanned (a leading 'layers' axis).
+    only its shapes are traced; the logical axis names say which axis is the batch one
+    (`batch`, or `cache_rows` for K/V rows), whether or not the layers are scanned (a
+    leading 'layers' axis).
     """
     key, dec_BT = jax.random.key(0), jnp.ones((batch, slots), jnp.int32)
     if model.cfg.family == "decoder":
@@ -113,7 +114,7 @@ def _empty_cache(model: nn.Module, batch: int, slots: int, encoder_len: int):
         init = lambda: model.init(key, src_BS, dec_BT, method=_init_decoder_cache)  # noqa: E731
     boxed = jax.eval_shape(init)["cache"]
     batch_axes = jax.tree.map(
-        lambda spec: spec.index("batch") if "batch" in spec else -1,
+        lambda spec: next((spec.index(a) for a in ("batch", "cache_rows") if a in spec), -1),
         nn.get_partition_spec(boxed),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )

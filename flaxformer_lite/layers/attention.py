@@ -13,9 +13,11 @@ from flaxformer_lite.config import ModelConfig
 from flaxformer_lite.layers.common import constrain, kernel_init, param
 
 KV_AXES = ("batch", "kv_length", "kv_heads", "head_dim")
-# The cache's rows are (batch, kv head) pairs, batch-major: sharding them like the batch
-# keeps each row's heads together.
-CACHE_AXES = ("batch", "kv_length", "head_dim")
+# The cache's rows are (batch, kv head) pairs, batch-major. Their own logical axis,
+# `cache_rows`, is split over (data, fsdp, tensor) by default: where the batch divides
+# data*fsdp and the kv heads divide tensor, a device then holds exactly the rows of its
+# batch slice and its heads, as the [B,S,K,H] layout split over batch and kv_heads did.
+CACHE_AXES = ("cache_rows", "kv_length", "head_dim")
 
 
 class MultiHeadAttention(nn.Module):

@@ -1,6 +1,8 @@
 """Cached generation equals the uncached forward pass, per family and position scheme."""
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from decode_helpers import NEW_TOKENS, full_logits, prompts_for, tiny
@@ -52,3 +54,31 @@ def test_generation_under_a_mesh_equals_one_device(decoder):
         out = generate(model, sharded, prompts_for(model), max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert len(out.tokens.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(single.tokens))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_cache_rows_are_split_over_batch_and_kv_heads(scan):
+    """On a data x fsdp x tensor mesh each device holds the K/V rows of its batch slice and
+    its kv heads: the cache is split 8 ways, not only over the batch."""
+    model, _ = tiny("llama_tiny", f"model.scan_layers={str(scan).lower()}")  # K = 2 kv heads
+    K, B, S = model.cfg.num_kv_heads, 4, 8
+    pcfg = ffl.ParallelConfig(data=2, fsdp=2, tensor=2)
+    mesh = parallel.make_mesh(pcfg, jax.devices()[:8])
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((B, S), jnp.int32), decode=True))["cache"]
+    specs = nn.get_partition_spec(boxed)
+    shardings = parallel.logical_to_sharding(mesh, pcfg, specs)
+    leaves = [
+        (path, leaf, sharding)
+        for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)), jax.tree.leaves(shardings))
+        if jax.tree_util.keystr(path).endswith(("['key']", "['value']"))
+    ]
+    assert len(leaves) == (2 if scan else 2 * model.cfg.num_layers)
+    for path, leaf, sharding in leaves:
+        rows_axis = leaf.ndim - 3  # [(L,) B*K, S, H]
+        assert leaf.shape[rows_axis] == B * K
+        for device, index in sharding.devices_indices_map(leaf.shape).items():
+            d, f, t = (int(c[0]) for c in np.nonzero(mesh.devices == device))
+            rows = range(B * K)[index[rows_axis]]
+            b = 2 * d + f  # the batch row of this (data, fsdp) slice: B = data * fsdp here
+            assert list(rows) == [b * K + t], (jax.tree_util.keystr(path), device, list(rows))
+
