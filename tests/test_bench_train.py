@@ -1,9 +1,16 @@
 """`flaxformer-lite bench train` runs end to end on a tiny shape and reports what it measured."""
 
 import json
+import os
+import threading
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from flaxformer_lite.bench import one_cpu
+from flaxformer_lite.bench.profile import matmul_flops
 from flaxformer_lite.cli import main
 
 
@@ -30,5 +37,53 @@ def test_bench_train_runs_and_reports(tmp_path, capsys):
     assert {"forward", "backward"} <= phases
     assert sum(s["ms_per_step"] for s in profile["split"]) == pytest.approx(profile["op_ms_per_step"])
     assert profile["top_ops"][0]["ms_per_step"] > 0
+    # Every product of the step is traced and counted. By hand, 1 layer, D 32, F 128, V 64,
+    # B 2, T 16, forward: 2 x (4 D^2 + 2 D F + D V) per token, 2 x 2 T^2 D per sequence for
+    # the attention products (dense: XLA computes the causal mask's other half too);
+    # training is three times that.
+    forward = 2 * (4 * 32 * 32 + 2 * 32 * 128 + 32 * 64) * 2 * 16 + 4 * 16 * 16 * 32 * 2
+    assert sum(m["flops_per_step"] for m in profile["matmuls"]) == 3 * forward
+    assert all(m["flops_per_s"] > 0 and m["count"] >= 1 for m in profile["matmuls"])
+    assert any("mlp" in m["jax_name"] for m in profile["matmuls"])
+    assert r["machine"]["cpus_used"] == len(os.sched_getaffinity(0))
     assert "load_average_1m" in r["machine"]
     assert "| flaxformer_lite (jit, optax) |" in capsys.readouterr().out
+
+
+def test_matmul_flops_are_counted_from_the_compiled_module():
+    rng = np.random.default_rng(0)
+    x, w = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32), jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    q, k = (jnp.asarray(rng.normal(size=(2, 3, n, 4)), jnp.float32) for n in (5, 7))
+    fn = jax.jit(lambda x, w, q, k: (jnp.tanh(x @ w), jnp.einsum("bhqd,bhkd->bhqk", q, k)))
+    counted = matmul_flops(fn.lower(x, w, q, k).compile().as_text())
+    # [32,16] x [16,8]; 6 batched [5,4] x [4,7]. One entry per op that runs, fused or not.
+    assert sorted(counted.values()) == sorted([2 * 32 * 16 * 8, 2 * 6 * 5 * 7 * 4])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning needs Linux")
+def test_one_cpu_pins_every_thread_and_restores(monkeypatch):
+    import torch
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    started, stop = threading.Event(), threading.Event()
+
+    def worker():  # a thread that exists before the pinning, as XLA's pools do
+        started.set()
+        stop.wait()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    started.wait()
+    try:
+        with one_cpu():
+            assert os.sched_getaffinity(0) == {min(before)}
+            assert os.sched_getaffinity(t.native_id) == {min(before)}
+            assert torch.get_num_threads() == 1
+        assert os.sched_getaffinity(0) == before and os.sched_getaffinity(t.native_id) == before
+        assert torch.get_num_threads() == threads
+    finally:
+        stop.set()
+        t.join()
+    monkeypatch.delattr(os, "sched_setaffinity")
+    with pytest.raises(SystemExit, match="needs Linux"):
+        with one_cpu():
+            pass

@@ -9,6 +9,7 @@ Add one by adding a module and an entry.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -44,17 +45,56 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         _entry(name)[0](bench_parser)
 
 
+def _set_affinity(cpus: set) -> None:
+    for thread in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(thread), cpus)
+
+
+@contextlib.contextmanager
+def one_cpu():
+    """Run every thread of this process (XLA's pools, torch's) on one CPU, torch with one
+    thread; restore both after.
+
+    XLA's own flags for this (`--xla_cpu_multi_thread_eigen=false`) leave its matmul
+    library on every CPU; pinning the process does not. On one CPU, a traced step's op
+    times add up to the step (bench.profile). Linux only.
+    """
+    if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+        raise SystemExit("--single-thread pins the process to one CPU, which needs Linux (os.sched_setaffinity); "
+                         "run without it")
+    try:
+        import torch
+    except ImportError:  # the benchmark says what it needs
+        torch = None
+    threads = torch.get_num_threads() if torch else None
+    before = os.sched_getaffinity(0)
+    _set_affinity({min(before)})
+    if torch:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _set_affinity(before)
+        if torch:
+            torch.set_num_threads(threads)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the chosen benchmark; write its results to --json if given."""
     load_before = os.getloadavg()[0]
-    results = _entry(args.benchmark)[1](args)
+    single = getattr(args, "single_thread", False)
+    with one_cpu() if single else contextlib.nullcontext():
+        cpus_used = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        results = _entry(args.benchmark)[1](args)
     # Other work on a shared machine moves every figure: record how busy it was.
     results["machine"] = {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "cpus_used": cpus_used,
         "load_average_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
     }
-    print(f"machine: {os.cpu_count()} CPUs, 1-minute load average {load_before:.2f} at start, "
+    print(f"machine: {os.cpu_count()} CPUs ({cpus_used} used), 1-minute load average {load_before:.2f} at start, "
           f"{os.getloadavg()[0]:.2f} at end")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

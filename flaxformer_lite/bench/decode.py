@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 import tempfile
 import time
@@ -32,7 +31,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also trace one generate call into DIR (TensorBoard/Perfetto) and print where "
                              "each token's time goes")
     parser.add_argument("--single-thread", action="store_true",
-                        help="one CPU thread for torch and for XLA: steadier figures on a shared, busy machine")
+                        help="run the process on one CPU, torch with one thread: steadier figures on a shared, busy "
+                             "machine, and op times in --profile that add up (Linux)")
 
 
 def copy_bandwidth(mib: int, repeats: int = 5) -> float:
@@ -79,11 +79,6 @@ def run_decode(args: argparse.Namespace) -> dict:
     Per-token time at position p: (time(p-token prompt, 1 + k new) - time(p, 1 new)) / k,
     which leaves out the prefill.
     """
-    if args.single_thread:
-        # Read when JAX starts its CPU backend, which nothing in the command has done yet.
-        os.environ["XLA_FLAGS"] = " ".join(
-            [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
-        ).strip()
     import jax
     import numpy as np
 
@@ -92,8 +87,6 @@ def run_decode(args: argparse.Namespace) -> dict:
         import transformers
     except ImportError as e:
         raise SystemExit(f"bench decode compares against transformers (PyTorch): pip install -e '.[test]' ({e})")
-    if args.single_thread:
-        torch.set_num_threads(1)
 
     from flaxformer_lite.decode import generate
     from flaxformer_lite.interop import hf

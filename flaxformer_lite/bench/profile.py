@@ -7,6 +7,14 @@ layout copies and transposes, other fusions). Training phases: forward `jvp(...)
 backward `transpose(jvp(...))`, anything else (the optimizer and bookkeeping). Decoding
 phases: the token loop (`while/body`) and the rest (the prefill). The trace folder opens
 in TensorBoard or Perfetto.
+
+Matrix multiplications also get a rate: each one's FLOPs are counted from the compiled
+HLO (2 x output elements x contracted elements, for every dot in the op or its fused
+computation) and divided by its traced time. XLA:CPU runs some products (the ones it
+computes itself rather than hand to its matmul library) on its thread pool after their
+op has returned, so with more than one CPU thread their traced time is too short and
+their rate too high; `--single-thread` runs everything on one CPU, where op times add up
+to the step.
 """
 
 from __future__ import annotations
@@ -74,6 +82,74 @@ def _loop_ops(hlo: str) -> set[str]:
     return {name for c in inside for name in members[c]}
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]", re.M)
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", re.M | re.S)
+
+
+def _dot_flops(line: str, dims: dict) -> int:
+    """2 x output elements x contracted elements of one HLO dot instruction."""
+    out = _INSTRUCTION.match(line).group(3)
+    lhs = re.search(r" dot\(%?([\w.\-]+)", line).group(1)
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
+    flops = 2
+    for d in out.split(","):
+        flops *= int(d) if d else 1
+    for i in contracting.split(","):
+        flops *= dims[lhs][int(i)] if i else 1
+    return flops
+
+
+def matmul_flops(hlo: str) -> dict[str, int]:
+    """Op name -> FLOPs of its matrix multiplications, for each op of a compiled module's text
+    that runs as one (a dot, or a fusion whose computation holds dots)."""
+    dims = {m.group(1): [int(d) for d in m.group(3).split(",") if d] for m in _INSTRUCTION.finditer(hlo)}
+    bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo)}
+    fused = set(re.findall(r" fusion\(.*?calls=%?([\w.\-]+)", hlo))
+    flops = {}
+    for name, body in bodies.items():
+        if name in fused:
+            continue
+        for line in body.splitlines():
+            head = _INSTRUCTION.match(line)
+            if not head:
+                continue
+            if " dot(" in line:
+                flops[head.group(1)] = _dot_flops(line, dims)
+            elif " fusion(" in line:
+                called = bodies.get(re.search(r"calls=%?([\w.\-]+)", line).group(1), "")
+                dots = [d for d in called.splitlines() if " dot(" in d and _INSTRUCTION.match(d)]
+                if dots:
+                    flops[head.group(1)] = sum(_dot_flops(d, dims) for d in dots)
+    return flops
+
+
+def _short_name(jax_name: str) -> str:
+    """A JAX op name without its jit/jvp/transpose wrappers, layer numbers merged into *."""
+    name = re.sub(r"^jit\([^)]*\)/", "", jax_name)
+    name = re.sub(r"^(?:transpose\()?(?:jvp\([^)]*\)|while/body)\)?/", "", name)
+    return re.sub(r"layers_\d+/layers_\d+\._sublayer|layers_\d+", "layers_*", name)
+
+
+def _matmul_rows(per_op: dict, names: dict, flops: dict, phase) -> list[dict]:
+    """Matmul time and FLOPs per JAX name (layer numbers merged), slowest first."""
+    rows = {}
+    for op, ms in per_op.items():
+        if op not in flops:
+            continue
+        key = (phase(names.get(op, ""), False), _short_name(names.get(op, "")))
+        row = rows.setdefault(key, {"phase": key[0], "jax_name": key[1], "count": 0, "ms_per_step": 0.0,
+                                    "flops_per_step": 0, "xla_ops": set()})
+        row["count"] += 1
+        row["ms_per_step"] += ms
+        row["flops_per_step"] += flops[op]
+        row["xla_ops"].add(op.split(".")[0])
+    out = sorted(rows.values(), key=lambda r: -r["ms_per_step"])
+    for row in out:
+        row["xla_ops"] = sorted(row["xla_ops"])
+        row["flops_per_s"] = row["flops_per_step"] / (row["ms_per_step"] * 1e-3) if row["ms_per_step"] else 0.0
+    return out
+
+
 def _op_events(trace_dir: pathlib.Path):
     """(op name, nanoseconds) of every XLA op execution in the trace."""
     import jax
@@ -106,6 +182,7 @@ def profile_step(compiled, run_steps, steps: int, trace_dir: str | pathlib.Path,
     hlo = compiled.as_text()
     names = dict(re.findall(r"\n\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]*)\"", hlo))
     in_loop = _loop_ops(hlo)
+    flops = matmul_flops(hlo)
     per_op = collections.Counter()
     for name, ns in _op_events(trace_dir):
         if not name.split(".")[0] in CONTAINERS:
@@ -122,11 +199,12 @@ def profile_step(compiled, run_steps, steps: int, trace_dir: str | pathlib.Path,
         "top_ops": [{"op": name, "ms_per_step": ms, "kind": _kind(name), "jax_name": names.get(name, ""),
                      "in_loop": name in in_loop}
                     for name, ms in per_op.most_common(top)],
+        "matmuls": _matmul_rows(per_op, names, flops, lambda jax_name, _: phase(jax_name, False)),
     }
 
 
-def format_profile(p: dict) -> list[str]:
-    """Markdown tables of a profile_step result."""
+def format_profile(p: dict, peak_flops_per_s: float | None = None) -> list[str]:
+    """Markdown tables of a profile_step result; matmul rates as a share of the peak if given."""
     total, unit = p["op_ms_per_step"], p.get("unit", "step")
     lines = ["", f"profile ({p['trace_dir']}): {total:.2f} ms of XLA ops a {unit}, summed over threads", "",
              f"| phase | kind | ms/{unit} | share |", "|---|---|---|---|"]
@@ -134,4 +212,17 @@ def format_profile(p: dict) -> list[str]:
               for s in p["split"]]
     lines += ["", f"| op | kind | ms/{unit} | JAX name |", "|---|---|---|---|"]
     lines += [f"| {o['op']} | {o['kind']} | {o['ms_per_step']:.2f} | {o['jax_name'][-70:]} |" for o in p["top_ops"]]
+    if p.get("matmuls"):
+        peak = f" | % of peak ({peak_flops_per_s / 1e9:.0f} GFLOP/s)" if peak_flops_per_s else ""
+        lines += ["", "matrix multiplications by JAX name (layers merged), slowest first:", "",
+                  f"| phase | JAX name | ops | XLA op | ms/{unit} | GFLOP/{unit} | GFLOP/s{peak} |",
+                  "|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
+        for m in p["matmuls"]:
+            rate = m["flops_per_s"] / 1e9
+            share = f" | {100 * m['flops_per_s'] / peak_flops_per_s:.0f}%" if peak_flops_per_s else ""
+            lines.append(f"| {m['phase']} | {m['jax_name'][-60:]} | {m['count']} | {', '.join(m['xla_ops'])} | "
+                         f"{m['ms_per_step']:.2f} | {m['flops_per_step'] / 1e9:.3f} | {rate:.1f}{share} |")
+        if peak_flops_per_s and any(m["flops_per_s"] > 1.5 * peak_flops_per_s for m in p["matmuls"]):
+            lines += ["", "Rates far above the peak: those ops ran on XLA's thread pool after their traced "
+                          "event ended; --single-thread times them whole."]
     return lines

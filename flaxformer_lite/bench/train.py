@@ -49,7 +49,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vocabulary of the loss memory table, whole logits against train.loss_chunk_size (0: skip)")
     parser.add_argument("--loss-chunk", type=int, default=512, help="tokens per chunk in the loss memory table")
     parser.add_argument("--profile", metavar="DIR",
-                        help="also trace --steps of our step into DIR (TensorBoard/Perfetto) and print where the time goes")
+                        help="also trace --steps of our step into DIR (TensorBoard/Perfetto) and print where the time "
+                             "goes, with each matrix multiplication's GFLOP/s (exact with --single-thread)")
+    parser.add_argument("--single-thread", action="store_true",
+                        help="run the process on one CPU, torch with one thread (Linux); the matmul peak is then "
+                             "one CPU's too")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -291,6 +295,7 @@ def run_train(args: argparse.Namespace) -> dict:
         "model": {**shape, "parameters": count_params(params), "flops_per_token": flops_per_token},
         "run": {"dtype": args.dtype, "attention_impl": args.attention_impl, "scan_layers": args.scan_layers,
                 "remat_policy": args.remat_policy, "steps_per_round": args.steps, "rounds": args.rounds,
+                "single_thread": args.single_thread,
                 "optimizer": dataclasses.asdict(cfg.train) | {"schedule": "constant"}},
         "matmul_peak": {"flops_per_s": peak, "dtype": args.dtype, "size": args.peak_size},
         "steps": steps,
@@ -337,7 +342,7 @@ def _train_report(r: dict) -> str:
     if r["profile"]:
         from flaxformer_lite.bench.profile import format_profile
 
-        lines += format_profile(r["profile"])
+        lines += format_profile(r["profile"], r["matmul_peak"]["flops_per_s"])
     if r["loss_memory"]:
         lines += ["", f"compiled temp memory, forward + backward, vocab {r['loss_memory'][0]['vocab']:,} "
                       f"(B {m['batch']}, T {m['seq_len']}):",
