@@ -130,18 +130,22 @@ def _short_name(jax_name: str) -> str:
     return re.sub(r"layers_\d+/layers_\d+\._sublayer|layers_\d+", "layers_*", name)
 
 
-def _matmul_rows(per_op: dict, names: dict, flops: dict, phase) -> list[dict]:
-    """Matmul time and FLOPs per JAX name (layer numbers merged), slowest first."""
+def _matmul_rows(per_op: dict, runs: dict, names: dict, flops: dict, phase, in_loop: set) -> list[dict]:
+    """Matmul time and FLOPs a step per JAX name (layer numbers merged), slowest first.
+
+    `per_op` and `runs` are each op's time and number of executions a step (a token loop's
+    ops run once per token, the prefill's once per call).
+    """
     rows = {}
     for op, ms in per_op.items():
         if op not in flops:
             continue
-        key = (phase(names.get(op, ""), False), _short_name(names.get(op, "")))
+        key = (phase(names.get(op, ""), op in in_loop), _short_name(names.get(op, "")) or "(no JAX name)")
         row = rows.setdefault(key, {"phase": key[0], "jax_name": key[1], "count": 0, "ms_per_step": 0.0,
                                     "flops_per_step": 0, "xla_ops": set()})
         row["count"] += 1
         row["ms_per_step"] += ms
-        row["flops_per_step"] += flops[op]
+        row["flops_per_step"] += flops[op] * runs[op]
         row["xla_ops"].add(op.split(".")[0])
     out = sorted(rows.values(), key=lambda r: -r["ms_per_step"])
     for row in out:
@@ -183,10 +187,11 @@ def profile_step(compiled, run_steps, steps: int, trace_dir: str | pathlib.Path,
     names = dict(re.findall(r"\n\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]*)\"", hlo))
     in_loop = _loop_ops(hlo)
     flops = matmul_flops(hlo)
-    per_op = collections.Counter()
+    per_op, runs = collections.Counter(), collections.Counter()
     for name, ns in _op_events(trace_dir):
         if not name.split(".")[0] in CONTAINERS:
             per_op[name] += ns / steps / 1e6
+            runs[name] += 1 / steps
     total = sum(per_op.values())
     split = collections.Counter()
     for name, ms in per_op.items():
@@ -199,7 +204,7 @@ def profile_step(compiled, run_steps, steps: int, trace_dir: str | pathlib.Path,
         "top_ops": [{"op": name, "ms_per_step": ms, "kind": _kind(name), "jax_name": names.get(name, ""),
                      "in_loop": name in in_loop}
                     for name, ms in per_op.most_common(top)],
-        "matmuls": _matmul_rows(per_op, names, flops, lambda jax_name, _: phase(jax_name, False)),
+        "matmuls": _matmul_rows(per_op, runs, names, flops, phase, in_loop),
     }
 
 

@@ -103,4 +103,6 @@ def test_bench_decode_runs_and_reports(tmp_path, capsys):
     assert sum(s["ms_per_step"] for s in profile["split"]) == pytest.approx(profile["op_ms_per_step"])
     assert any(o["kind"] == "matmul" and o["in_loop"] for o in profile["top_ops"])
     assert not any(o["op"].startswith("while") for o in profile["top_ops"])  # the loop op spans its body
+    loop_products = [m for m in profile["matmuls"] if m["phase"] == "token loop"]
+    assert loop_products and all(m["flops_per_step"] > 0 and m["flops_per_s"] > 0 for m in loop_products)
     assert "ms of XLA ops a token" in report
