@@ -123,14 +123,22 @@ def matmul_flops(hlo: str) -> dict[str, int]:
     return flops
 
 
+def _dot_shapes(hlo: str) -> dict[str, str]:
+    """Op name -> 'lhs x rhs' shapes of each plain dot: a name for dots without metadata."""
+    shapes = {m.group(1): f"[{m.group(3)}]" for m in _INSTRUCTION.finditer(hlo)}
+    return {m.group(1): " x ".join(shapes.get(o, "?") for o in m.group(2).split(", %"))
+            for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[[\d,]*\]\S* dot\(%?([^)]*)\)", hlo, re.M)}
+
+
 def _short_name(jax_name: str) -> str:
     """A JAX op name without its jit/jvp/transpose wrappers, layer numbers merged into *."""
-    name = re.sub(r"^jit\([^)]*\)/", "", jax_name)
+    name = re.sub(r"^(?:jit\([^)]*\)/)+", "", jax_name)
     name = re.sub(r"^(?:transpose\()?(?:jvp\([^)]*\)|while/body)\)?/", "", name)
     return re.sub(r"layers_\d+/layers_\d+\._sublayer|layers_\d+", "layers_*", name)
 
 
-def _matmul_rows(per_op: dict, runs: dict, names: dict, flops: dict, phase, in_loop: set) -> list[dict]:
+def _matmul_rows(per_op: dict, runs: dict, names: dict, flops: dict, phase, in_loop: set,
+                 shapes: dict) -> list[dict]:
     """Matmul time and FLOPs a step per JAX name (layer numbers merged), slowest first.
 
     `per_op` and `runs` are each op's time and number of executions a step (a token loop's
@@ -140,7 +148,7 @@ def _matmul_rows(per_op: dict, runs: dict, names: dict, flops: dict, phase, in_l
     for op, ms in per_op.items():
         if op not in flops:
             continue
-        key = (phase(names.get(op, ""), op in in_loop), _short_name(names.get(op, "")) or "(no JAX name)")
+        key = (phase(names.get(op, ""), op in in_loop), _short_name(names.get(op, "")) or f"dot {shapes.get(op, '')}")
         row = rows.setdefault(key, {"phase": key[0], "jax_name": key[1], "count": 0, "ms_per_step": 0.0,
                                     "flops_per_step": 0, "xla_ops": set()})
         row["count"] += 1
@@ -204,7 +212,7 @@ def profile_step(compiled, run_steps, steps: int, trace_dir: str | pathlib.Path,
         "top_ops": [{"op": name, "ms_per_step": ms, "kind": _kind(name), "jax_name": names.get(name, ""),
                      "in_loop": name in in_loop}
                     for name, ms in per_op.most_common(top)],
-        "matmuls": _matmul_rows(per_op, runs, names, flops, phase, in_loop),
+        "matmuls": _matmul_rows(per_op, runs, names, flops, phase, in_loop, _dot_shapes(hlo)),
     }
 
 
