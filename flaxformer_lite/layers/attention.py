@@ -37,6 +37,7 @@ class MultiHeadAttention(nn.Module):
     is_cross: bool = False
     decode: bool = False
     deterministic: bool = True
+    causal: bool = False  # self-attention whose mask hides later keys: blocks above the diagonal are skipped
 
     @nn.compact
     def __call__(
@@ -108,6 +109,7 @@ class MultiHeadAttention(nn.Module):
                 return_weights=return_weights,
                 dropout_rate=cfg.attention_dropout_rate,
                 dropout_rng=dropout_rng,
+                causal=self.causal,
             )
         # 'BTNH,NHD->BTD' as a dot_general that contracts (N, H) in that order: jnp.einsum
         # lists them as (H, N), and XLA:CPU then transposes the weight (and the activation)

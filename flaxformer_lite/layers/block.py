@@ -21,7 +21,8 @@ class EncoderBlock(nn.Module):
 
     Pre-LN: x + f(norm(x)) (GPT-2, T5, LLaMA). Post-LN: norm(x + f(x)) (Vaswani et al.
     2017, BERT). Residual dropout on each sub-layer's output. The same block is causal or
-    bidirectional by the mask it is given; DecoderBlock adds cross-attention.
+    bidirectional by the mask it is given; `causal` says the mask hides later keys, so
+    self-attention may skip them. DecoderBlock adds cross-attention.
 
     The call signature (carry first, then arrays, returning (carry, per-layer output))
     is what nn.scan needs; flags are attributes so remat and scan see no Python values.
@@ -32,6 +33,7 @@ class EncoderBlock(nn.Module):
     decode: bool = False
     return_weights: bool = False
     has_cross: bool = False
+    causal: bool = False
 
     def _sublayer(self, x_BTD, fn, name):
         cfg = self.cfg
@@ -56,7 +58,8 @@ class EncoderBlock(nn.Module):
     ):
         cfg = self.cfg
         attn = lambda cross, name: MultiHeadAttention(  # noqa: E731
-            cfg, is_cross=cross, decode=self.decode, deterministic=self.deterministic, name=name
+            cfg, is_cross=cross, decode=self.decode, deterministic=self.deterministic,
+            causal=self.causal and not cross, name=name,
         )
         self_attn = attn(False, "self_attention")
         x_BTD, self_w = self._sublayer(

@@ -112,7 +112,9 @@ class Stack(nn.Module):
         x_BTD = constrain(x_BTD, ACT_AXES)
 
         block = _block_class(cfg, self.has_cross)
-        flags = dict(deterministic=deterministic, decode=decode, return_weights=return_weights)
+        # Decoding attends over cache slots (S != T): the causal block skip is for training.
+        flags = dict(deterministic=deterministic, decode=decode, return_weights=return_weights,
+                     causal=self.causal and not decode)
         args = (mask, bias, positions_BT, encoder_BSD, cross_mask, cache_index)
         if cfg.scan_layers:
             scanned = nn.scan(

@@ -80,6 +80,7 @@ def dot_product_attention(
     return_weights: bool = False,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[Array] = None,
+    causal: bool = False,
 ) -> tuple[Array, Optional[Array]]:
     """softmax(q k^T * scale + bias, masked) v, with grouped K/V heads.
 
@@ -92,22 +93,32 @@ def dot_product_attention(
         jax.nn.dot_product_attention, which picks cuDNN flash on GPU where dtype and
         shape allow. 'auto' falls back to 'xla' when weights or dropout are requested.
       return_weights: also return the [B,N,T,S] attention probabilities.
+      causal: also hide every key after the query's own index (self-attention, T == S,
+        on top of `mask`). The 'xla' path then runs the queries in up to 4 blocks of at
+        least 64 rows, each against the keys up to its last row only: the products and
+        softmax skip the hidden upper triangle's whole blocks. Same values.
 
     Returns:
       (out_BTNH, weights_BNTS or None). Logits and softmax are computed in float32;
       the output has q's dtype. Query rows with no visible key give zeros, not NaN.
     """
     _check_shapes(q_BTNH, k_BSKH, v_BSKH)
-    B, T, N, H = q_BTNH.shape
-    _, S, K, _ = k_BSKH.shape
-    G = N // K
+    B, T, _, H = q_BTNH.shape
+    S = k_BSKH.shape[1]
     scale = H**-0.5 if scale is None else scale
     dropping = dropout_rate > 0.0 and dropout_rng is not None
+    if causal and T != S:
+        raise ValueError(f"causal=True needs as many keys as queries (self-attention); got T={T}, S={S}")
     # A row is alive (per mask head) if any key is visible; dead rows are zeroed below
     # (no NaN, no uniform). M is the mask's head axis: 1 or N.
     alive_BMT1 = None
+    given_mask = mask
+    if causal:
+        tril_11TS = jnp.tril(jnp.ones((T, S), bool))[None, None]
+        mask = tril_11TS if mask is None else mask & tril_11TS
     if mask is not None:
         mask = jnp.broadcast_to(mask, (B, mask.shape[1], T, S))
+    if given_mask is not None:  # causal alone leaves every row its own key
         alive_BMT1 = jnp.any(mask, axis=3, keepdims=True)
 
     if implementation == "auto" and not return_weights and not dropping:
@@ -122,18 +133,54 @@ def dot_product_attention(
     if implementation not in ("xla", "auto"):
         raise ValueError(f"implementation={implementation!r}: use 'xla' or 'auto'")
 
-    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    rate = dropout_rate if dropping else 0.0
+    if not causal or return_weights:
+        out_BTNH, weights_BKGTS = _attend(q_BTNH, k_BSKH, v_BSKH, bias, mask, scale, rate, dropout_rng)
+        return _zero_dead_rows(out_BTNH, weights_BKGTS, alive_BMT1, return_weights)
+    if bias is not None:
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    outs, start = [], 0
+    for i, end in enumerate(_causal_block_ends(T)):
+        # Keys after `end` are hidden from every query of this block: leave them out.
+        rows = slice(start, end)
+        block_bias = None if bias is None else bias[..., rows if bias.shape[-2] > 1 else slice(None), :end]
+        block_rng = jax.random.fold_in(dropout_rng, i) if dropping else None
+        out_BCNH, _ = _attend(
+            q_BTNH[:, rows], k_BSKH[:, :end], v_BSKH[:, :end], block_bias, mask[:, :, rows, :end],
+            scale, rate, block_rng,
+        )
+        outs.append(out_BCNH)
+        start = end
+    out_BTNH = jnp.concatenate(outs, axis=1)
+    return _zero_dead_rows(out_BTNH, None, alive_BMT1, False)
+
+
+def _causal_block_ends(length: int, min_rows: int = 64, max_blocks: int = 4) -> list[int]:
+    """Query block boundaries for causal attention: up to `max_blocks` of >= `min_rows` rows.
+
+    With n blocks the products and softmax cover (n + 1) / 2n of the full T x T square
+    (5/8 at n = 4). Fewer, larger blocks keep the products efficient: on a 2-core CPU, at
+    T=256, 4 blocks of 64 rows beat 8 of 32 and 16 of 16 (BENCHMARKS.md, causal blocks).
+    """
+    blocks = max(1, min(max_blocks, length // min_rows))
+    return [length * (i + 1) // blocks for i in range(blocks)]
+
+
+def _attend(q_BTNH, k_BSKH, v_BSKH, bias, mask, scale, dropout_rate, dropout_rng):
+    """(out_BTNH, weights_BKGTS): the einsum reference path, dead rows not yet zeroed."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     logits_BKGTS = jnp.einsum(
         "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
     ) * jnp.float32(scale)
     weights_BKGTS = _masked_softmax(logits_BKGTS, bias, mask)
     probs_BKGTS = weights_BKGTS
-    if dropping:
+    if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BKGTS.shape)
         probs_BKGTS = jnp.where(keep, probs_BKGTS / (1.0 - dropout_rate), 0.0)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
-    out_BTNH = out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
-    return _zero_dead_rows(out_BTNH, weights_BKGTS, alive_BMT1, return_weights)
+    return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype), weights_BKGTS
 
 
 def _masked_softmax(logits_BKGTS: Array, bias: Optional[Array], mask: Optional[Array]) -> Array:
@@ -152,8 +199,7 @@ def _masked_softmax(logits_BKGTS: Array, bias: Optional[Array], mask: Optional[A
 def _zero_dead_rows(out_BTNH, weights_BKGTS, alive_BMT1, return_weights: bool):
     """(out_BTNH, weights_BNTS or None), with query rows that see no key set to zero."""
     B, T, N, _ = out_BTNH.shape
-    S = weights_BKGTS.shape[-1]
-    weights_BNTS = weights_BKGTS.reshape(B, N, T, S) if return_weights else None
+    weights_BNTS = weights_BKGTS.reshape(B, N, T, -1) if return_weights else None
     if alive_BMT1 is not None:
         # Dead rows are zeroed on the [B,T,N,H] output, not on the S times larger weights.
         alive_BMT = alive_BMT1[..., 0]

@@ -1,5 +1,6 @@
 """Every op in flaxformer_lite.ops against a float64 NumPy reference written here."""
 
+import functools
 import math
 
 import jax
@@ -161,6 +162,60 @@ def test_xla_and_auto_agree(num_kv_heads, mask_inputs):
     # 'auto' falls back to the explicit path when the weights are asked for.
     _, weights = ops.dot_product_attention(q, k, v, bias, implementation="auto", return_weights=True)
     np.testing.assert_allclose(np.asarray(weights), ref_attention(q, k, v, bias)[1], **F32)
+
+
+@pytest.mark.parametrize("length, ends", [(256, [64, 128, 192, 256]), (200, [66, 133, 200]), (100, [100])])
+def test_causal_block_ends(length, ends):
+    assert ops.attention._causal_block_ends(length) == ends
+
+
+@pytest.mark.parametrize("length", [200, 256], ids=["3_uneven_blocks", "4_blocks"])
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("masked", [False, True], ids=["causal_only", "with_padding_and_segments"])
+def test_causal_blocks_equal_the_masked_square(length, num_kv_heads, masked):
+    """causal=True skips whole hidden blocks: values and gradients of the full masked square."""
+    q, k, v = normal(1, 2, length, 4, 8), normal(2, 2, length, num_kv_heads, 8), normal(3, 2, length, num_kv_heads, 8)
+    bias, cotangent = normal(4, 1, 4, length, length), normal(5, 2, length, 4, 8)
+    g = np.random.default_rng(6)
+    mask = None
+    if masked:
+        segments = np.sort(g.integers(0, 3, (2, length)), axis=1)  # 0 = padding at the front
+        mask = jnp.asarray(ops.segment_mask(segments, segments))
+    tril = np.tril(np.ones((length, length), bool))[None, None]
+    square = tril if mask is None else np.asarray(mask) & tril
+
+    def loss(q, k, v, bias, causal):
+        out, _ = ops.dot_product_attention(q, k, v, bias, square if not causal else mask, causal=causal)
+        return jnp.sum(out * cotangent), out
+
+    both = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)
+    (_, blocked), grads = both(q, k, v, bias, True)
+    (_, full), ref_grads = both(q, k, v, bias, False)
+    np.testing.assert_allclose(np.asarray(blocked), ref_attention(q, k, v, bias, square)[0], **F32)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), **F32)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **F32)
+
+
+def test_causal_attention_with_dropout_and_weights():
+    q, k, v = normal(1, 2, 128, 2, 8), normal(2, 2, 128, 2, 8), normal(3, 2, 128, 2, 8)
+    rng = jax.random.key(0)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def attend(k, rate):
+        return ops.dot_product_attention(q, k, v, causal=True, dropout_rate=rate, dropout_rng=rng)[0]
+
+    # Causality by gradients, across the two blocks: row 70 reads keys 0..70 only.
+    grad_k = np.asarray(jax.grad(lambda k: attend(k, 0.5)[:, 70].sum())(k))
+    assert np.abs(grad_k[:, :71]).sum() > 0 and not grad_k[:, 71:].any()
+    dropped, kept = attend(k, 0.5), attend(k, 0.0)
+    assert np.isfinite(np.asarray(dropped)).all() and not np.allclose(np.asarray(dropped), np.asarray(kept))
+    # With the weights asked for, the whole square is computed and returned.
+    tril = np.tril(np.ones((128, 128), bool))[None, None]
+    _, weights = ops.dot_product_attention(q, k, v, causal=True, return_weights=True)
+    np.testing.assert_allclose(np.asarray(weights), ref_attention(q, k, v, mask=tril)[1], **F32)
+    with pytest.raises(ValueError, match="causal=True needs as many keys as queries"):
+        ops.dot_product_attention(q, k[:, :64], v[:, :64], causal=True)
 
 
 def test_attention_bf16_inputs_keep_a_float32_softmax(mask_inputs):
