@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +100,29 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, target_len: Optiona
     return 3.0 * forward_flops_per_sequence(cfg, seq_len, target_len) / tokens_per_sequence(cfg, seq_len, target_len)
 
 
+def matmul_timer(dtype: str = "float32", size: int = 2048) -> Callable[[], float]:
+    """A function that runs one jitted size^3 matmul on the default device, returning seconds.
+
+    Compiled and run once on creation, so every call times the product alone.
+    """
+    keys = jax.random.split(jax.random.key(0))
+    a, b = (jax.random.normal(k, (size, size), jnp.dtype(dtype)) for k in keys)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+
+    def seconds() -> float:
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        return time.perf_counter() - start
+
+    return seconds
+
+
+def matmul_flops_from_seconds(size: int, seconds: float) -> float:
+    """FLOP/s of a size^3 matmul that took `seconds`."""
+    return 2.0 * size**3 / seconds
+
+
 @functools.cache
 def matmul_peak_flops(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a jitted size^3 matmul on the default device: the best of `repeats` runs.
@@ -107,16 +130,8 @@ def matmul_peak_flops(dtype: str = "float32", size: int = 2048, repeats: int = 5
     Measured once per (dtype, size) and process, then cached; the first call compiles and
     takes a second or so on a CPU.
     """
-    keys = jax.random.split(jax.random.key(0))
-    a, b = (jax.random.normal(k, (size, size), jnp.dtype(dtype)) for k in keys)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
+    time_one = matmul_timer(dtype, size)
+    return matmul_flops_from_seconds(size, min(time_one() for _ in range(repeats)))
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:

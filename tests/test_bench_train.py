@@ -26,6 +26,10 @@ def test_bench_train_runs_and_reports(tmp_path, capsys):
         assert side["tokens_per_s"] > 0 and side["mfu"] > 0
         assert side["tokens_per_s"] * side["ms_per_step"] * 1e-3 == pytest.approx(2 * 16)  # B*T tokens a step
     assert r["speedup"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    peak = r["matmul_peak"]  # sampled before the rounds and once in each; the best run counts
+    assert len(peak["seconds_samples"]) == 5 + 1
+    assert peak["flops_per_s"] == pytest.approx(2 * 64**3 / min(peak["seconds_samples"]))
+    assert ours["mfu"] == pytest.approx(ours["tokens_per_s"] * r["model"]["flops_per_token"] / peak["flops_per_s"])
     assert {(c["layers"], c["scan"]) for c in r["compile"]} == {(1, True), (1, False)}
     assert r["memory"] == []  # --memory-layers 0; tests/core measure remat memory
     whole, chunked = r["loss_memory"]
