@@ -78,7 +78,7 @@ class ModelConfig:
     embedding_init_std: Optional[float] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    attention_impl: Literal["xla", "auto"] = "xla"
+    attention_impl: Literal["xla", "auto", "cudnn"] = "xla"
     scan_layers: bool = False
     remat_policy: str = "none"  # none | full | a jax.checkpoint_policies name
 

@@ -30,8 +30,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {default} (or the preset's)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype; parameters and optimizer state stay float32 on both sides")
-    parser.add_argument("--attention-impl", choices=("xla", "auto"), default="xla",
-                        help="ours: 'auto' is jax.nn.dot_product_attention (cuDNN flash on GPU)")
+    parser.add_argument("--attention-impl", choices=("xla", "auto", "cudnn"), default="xla",
+                        help="ours: 'auto' is jax.nn.dot_product_attention's XLA path, 'cudnn' its cuDNN "
+                             "flash attention (NVIDIA GPU, bfloat16/float16)")
     parser.add_argument("--scan-layers", action="store_true", help="ours: run the layers under nn.scan")
     parser.add_argument("--remat-policy", default="none", help="ours: model.remat_policy of the timed step")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")

@@ -76,7 +76,7 @@ def dot_product_attention(
     mask: Optional[Array] = None,
     *,
     scale: Optional[float] = None,
-    implementation: Literal["xla", "auto"] = "xla",
+    implementation: Literal["xla", "auto", "cudnn"] = "xla",
     return_weights: bool = False,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[Array] = None,
@@ -90,8 +90,11 @@ def dot_product_attention(
       mask: boolean, broadcastable to [B,1,T,S] or [B,N,T,S]; True = attend.
       scale: multiplies the logits; default 1/sqrt(H).
       implementation: 'xla' is the explicit einsum reference; 'auto' calls
-        jax.nn.dot_product_attention, which picks cuDNN flash on GPU where dtype and
-        shape allow. 'auto' falls back to 'xla' when weights or dropout are requested.
+        jax.nn.dot_product_attention with no implementation, which is JAX's own XLA
+        path on every backend (JAX 0.10); 'cudnn' asks it for cuDNN flash attention
+        (NVIDIA GPU, bfloat16 or float16, head dim a multiple of 8 up to 128, 256 on
+        Hopper), with `causal` as cuDNN's causal mask type. 'auto' and 'cudnn' fall
+        back to 'xla' when weights or dropout are requested.
       return_weights: also return the [B,N,T,S] attention probabilities.
       causal: also hide every key after the query's own index (self-attention, T == S,
         on top of `mask`). The 'xla' path then runs the queries in up to 4 blocks of at
@@ -121,17 +124,23 @@ def dot_product_attention(
     if given_mask is not None:  # causal alone leaves every row its own key
         alive_BMT1 = jnp.any(mask, axis=3, keepdims=True)
 
-    if implementation == "auto" and not return_weights and not dropping:
+    if implementation not in ("xla", "auto", "cudnn"):
+        raise ValueError(f"implementation={implementation!r}: use 'xla', 'auto' or 'cudnn'")
+    if implementation != "xla" and not return_weights and not dropping:
+        library_mask, flags = mask, {}
+        if implementation == "cudnn":
+            _check_cudnn(q_BTNH)
+            # cuDNN's causal mask type is the triangle; `mask` (made a bias by JAX) adds the rest.
+            library_mask = None if given_mask is None else jnp.broadcast_to(given_mask, (B, given_mask.shape[1], T, S))
+            flags = dict(implementation="cudnn", is_causal=causal)
         out_BTNH = jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH,
             bias=None if bias is None else bias.astype(q_BTNH.dtype),
-            mask=mask, scale=scale,
+            mask=library_mask, scale=scale, **flags,
         )
         if alive_BMT1 is not None:
             out_BTNH = out_BTNH * jnp.transpose(alive_BMT1, (0, 2, 1, 3)).astype(out_BTNH.dtype)
         return out_BTNH, None
-    if implementation not in ("xla", "auto"):
-        raise ValueError(f"implementation={implementation!r}: use 'xla' or 'auto'")
 
     rate = dropout_rate if dropping else 0.0
     if not causal or return_weights:
@@ -153,6 +162,27 @@ def dot_product_attention(
         start = end
     out_BTNH = jnp.concatenate(outs, axis=1)
     return _zero_dead_rows(out_BTNH, None, alive_BMT1, False)
+
+
+def _check_cudnn(q_BTNH: Array) -> None:
+    """Clear errors for what cuDNN flash attention cannot take, before JAX's own."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        raise ValueError(
+            f"attention implementation 'cudnn' needs an NVIDIA GPU, and JAX's default backend is "
+            f"{backend!r}: set model.attention_impl to 'auto' or 'xla'"
+        )
+    if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"attention implementation 'cudnn' takes bfloat16 or float16, got {q_BTNH.dtype}: set "
+            "model.dtype to bfloat16, or model.attention_impl to 'auto' or 'xla'"
+        )
+    H = q_BTNH.shape[-1]
+    if H % 8 or H > 256:
+        raise ValueError(
+            f"attention implementation 'cudnn' needs a head dim that is a multiple of 8 up to 128 "
+            f"(256 on Hopper), got {H}: set model.attention_impl to 'auto' or 'xla'"
+        )
 
 
 def _causal_block_ends(length: int, min_rows: int = 64, max_blocks: int = 4) -> list[int]:

@@ -218,6 +218,35 @@ def test_causal_attention_with_dropout_and_weights():
         ops.dot_product_attention(q, k[:, :64], v[:, :64], causal=True)
 
 
+def test_cudnn_gets_causal_as_its_mask_type(monkeypatch):
+    """What 'cudnn' hands jax.nn (run here by JAX's XLA path with the same arguments)."""
+    calls = []
+    library = jax.nn.dot_product_attention
+
+    def recorded(q, k, v, bias=None, mask=None, *, scale=None, is_causal=False, implementation=None):
+        calls.append(dict(implementation=implementation, is_causal=is_causal, mask=mask))
+        return library(q, k, v, bias, mask, scale=scale, is_causal=is_causal, implementation="xla")
+
+    q, k, v = (jnp.asarray(normal(s, 2, 128, 4, 8), jnp.bfloat16) for s in (1, 2, 3))
+    segments = np.sort(np.random.default_rng(4).integers(0, 3, (2, 128)), axis=1)  # 0 = padding
+    mask = ops.segment_mask(segments, segments)
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU.*model.attention_impl"):
+        ops.dot_product_attention(q, k, v, None, mask, implementation="cudnn", causal=True)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    out, _ = ops.dot_product_attention(q, k, v, None, mask, implementation="cudnn", causal=True)
+    want, _ = ops.dot_product_attention(q, k, v, None, mask, causal=True)
+    np.testing.assert_allclose(as64(out), as64(want), **BF16)
+    assert calls[0]["implementation"] == "cudnn" and calls[0]["is_causal"]
+    np.testing.assert_array_equal(np.asarray(calls[0]["mask"]), np.asarray(mask))  # no triangle: cuDNN adds it
+    ops.dot_product_attention(q, k, v, implementation="cudnn", causal=True)
+    assert calls[1]["mask"] is None and calls[1]["is_causal"]  # nothing to turn into a bias
+    with pytest.raises(ValueError, match="takes bfloat16 or float16, got float32.*model.dtype"):
+        ops.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="cudnn")
+    with pytest.raises(ValueError, match="multiple of 8.*got 12"):
+        ops.dot_product_attention(*(jnp.ones((1, 4, 2, 12), jnp.bfloat16),) * 3, implementation="cudnn")
+
+
 def test_attention_bf16_inputs_keep_a_float32_softmax(mask_inputs):
     q, k, v = (jnp.asarray(normal(s, B, T if s == 1 else S, 4, H), jnp.bfloat16) for s in (1, 2, 3))
     mask, ref_mask = build_mask("causal", mask_inputs)
@@ -234,7 +263,7 @@ def test_attention_rejects_bad_shapes():
         ops.dot_product_attention(normal(1, 1, 2, 4, 8), normal(2, 1, 2, 3, 8), normal(3, 1, 2, 3, 8))
     with pytest.raises(ValueError, match=r"\[B,T,N,H\]"):
         ops.dot_product_attention(normal(1, 2, 4, 8), normal(2, 2, 4, 8), normal(3, 2, 4, 8))
-    with pytest.raises(ValueError, match="use 'xla' or 'auto'"):
+    with pytest.raises(ValueError, match="use 'xla', 'auto' or 'cudnn'"):
         ops.dot_product_attention(normal(1, 1, 2, 2, 8), normal(2, 1, 2, 2, 8), normal(3, 1, 2, 2, 8),
                                   implementation="flash")
 
