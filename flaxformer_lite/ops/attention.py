@@ -97,7 +97,7 @@ def dot_product_attention(
         back to 'xla' when weights or dropout are requested.
       return_weights: also return the [B,N,T,S] attention probabilities.
       causal: also hide every key after the query's own index (self-attention, T == S,
-        on top of `mask`). The 'xla' path then runs the queries in up to 4 blocks of at
+        on top of `mask`). The 'xla' path then runs the queries in up to 8 blocks of at
         least 64 rows, each against the keys up to its last row only: the products and
         softmax skip the hidden upper triangle's whole blocks. Same values.
 
@@ -185,12 +185,13 @@ def _check_cudnn(q_BTNH: Array) -> None:
         )
 
 
-def _causal_block_ends(length: int, min_rows: int = 64, max_blocks: int = 4) -> list[int]:
+def _causal_block_ends(length: int, min_rows: int = 64, max_blocks: int = 8) -> list[int]:
     """Query block boundaries for causal attention: up to `max_blocks` of >= `min_rows` rows.
 
     With n blocks the products and softmax cover (n + 1) / 2n of the full T x T square
-    (5/8 at n = 4). Fewer, larger blocks keep the products efficient: on a 2-core CPU, at
-    T=256, 4 blocks of 64 rows beat 8 of 32 and 16 of 16 (BENCHMARKS.md, causal blocks).
+    (5/8 at n = 4, 9/16 at n = 8). Blocks under 64 rows make slow products: on a 2-core
+    CPU, 4 blocks of 64 rows beat 8 of 32 at T=256, and 8 blocks beat 4 and 16 at T=512
+    and 1024 and tie with 16 at 2048 (BENCHMARKS.md, "Session 11").
     """
     blocks = max(1, min(max_blocks, length // min_rows))
     return [length * (i + 1) // blocks for i in range(blocks)]

@@ -164,7 +164,8 @@ def test_xla_and_auto_agree(num_kv_heads, mask_inputs):
     np.testing.assert_allclose(np.asarray(weights), ref_attention(q, k, v, bias)[1], **F32)
 
 
-@pytest.mark.parametrize("length, ends", [(256, [64, 128, 192, 256]), (200, [66, 133, 200]), (100, [100])])
+@pytest.mark.parametrize("length, ends", [(1024, list(range(128, 1025, 128))), (256, [64, 128, 192, 256]),
+                                          (200, [66, 133, 200]), (100, [100])])
 def test_causal_block_ends(length, ends):
     assert ops.attention._causal_block_ends(length) == ends
 
