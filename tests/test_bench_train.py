@@ -64,6 +64,23 @@ def test_matmul_flops_are_counted_from_the_compiled_module():
     assert sorted(counted.values()) == sorted([2 * 32 * 16 * 8, 2 * 6 * 5 * 7 * 4])
 
 
+def test_matmul_flops_count_cublas_custom_calls():
+    """XLA:GPU's cuBLAS products are custom calls (text in the form XLA:GPU prints them)."""
+    hlo = """HloModule jit_step, entry_computation_layout={(bf16[2048,256]{1,0}, bf16[256,1024]{1,0})->bf16[2048,1024]{1,0}}
+
+ENTRY %main.1 (p0: bf16[2048,256], p1: bf16[256,1024], p2: f32[4,128,64], p3: f32[4,64,128]) -> bf16[2048,1024] {
+  %p0 = bf16[2048,256]{1,0} parameter(0)
+  %p1 = bf16[256,1024]{1,0} parameter(1)
+  %p2 = f32[4,128,64]{2,1,0} parameter(2)
+  %p3 = f32[4,64,128]{2,1,0} parameter(3)
+  %custom-call.1 = (bf16[2048,1024]{1,0}, s8[4194304]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$lt$matmul", backend_config={"operation_queue_id":"0","gemm_backend_config":{"alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
+  %custom-call.2 = (f32[4,128,128]{2,1,0}, s8[0]{0}) custom-call(f32[4,128,64]{2,1,0} %p2, f32[4,64,128]{2,1,0} %p3), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["2"],"rhs_contracting_dimensions":["1"],"lhs_batch_dimensions":["0"],"rhs_batch_dimensions":["0"]}}}
+  ROOT %get-tuple-element.1 = bf16[2048,1024]{1,0} get-tuple-element(%custom-call.1), index=0
+}
+"""
+    assert matmul_flops(hlo) == {"custom-call.1": 2 * 2048 * 1024 * 256, "custom-call.2": 2 * 4 * 128 * 128 * 64}
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning needs Linux")
 def test_one_cpu_pins_every_thread_and_restores(monkeypatch):
     import torch

@@ -86,6 +86,25 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]", re.
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", re.M | re.S)
 
 
+# A cuBLAS or cuBLASLt product on XLA:GPU: its output (first of a tuple that adds the
+# workspace), its left operand, and the dimension numbers in its backend config.
+_LIBRARY_GEMM = re.compile(
+    r'^\s*(?:ROOT )?%?([\w.\-]+) = \(?\w+\[([\d,]*)\].* custom-call\((?:\w+\[[\d,]*\]\S* )?%?([\w.\-]+).*'
+    r'custom_call_target="__cublas\$(?:gemm|lt\$matmul)'
+)
+
+
+def _gemm_flops(gemm: re.Match, line: str, dims: dict) -> int:
+    """2 x output elements x contracted elements of one cuBLAS custom call."""
+    contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', line).group(1)
+    flops = 2
+    for d in gemm.group(2).split(","):
+        flops *= int(d) if d else 1
+    for i in re.findall(r"\d+", contracting):
+        flops *= dims[gemm.group(3)][int(i)]
+    return flops
+
+
 def _dot_flops(line: str, dims: dict) -> int:
     """2 x output elements x contracted elements of one HLO dot instruction."""
     out = _INSTRUCTION.match(line).group(3)
@@ -101,7 +120,8 @@ def _dot_flops(line: str, dims: dict) -> int:
 
 def matmul_flops(hlo: str) -> dict[str, int]:
     """Op name -> FLOPs of its matrix multiplications, for each op of a compiled module's text
-    that runs as one (a dot, or a fusion whose computation holds dots)."""
+    that runs as one: a dot, a fusion whose computation holds dots (XLA:CPU's YNNPACK
+    fusions, XLA:GPU's Triton GEMMs), or a cuBLAS / cuBLASLt custom call (XLA:GPU)."""
     dims = {m.group(1): [int(d) for d in m.group(3).split(",") if d] for m in _INSTRUCTION.finditer(hlo)}
     bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo)}
     fused = set(re.findall(r" fusion\(.*?calls=%?([\w.\-]+)", hlo))
@@ -110,6 +130,10 @@ def matmul_flops(hlo: str) -> dict[str, int]:
         if name in fused:
             continue
         for line in body.splitlines():
+            gemm = _LIBRARY_GEMM.match(line)
+            if gemm:
+                flops[gemm.group(1)] = _gemm_flops(gemm, line, dims)
+                continue
             head = _INSTRUCTION.match(line)
             if not head:
                 continue
