@@ -18,6 +18,8 @@ import platform
 import statistics
 import time
 
+from flaxformer_lite import host
+
 BENCHMARKS = {
     "decode": (
         "flaxformer_lite.bench.decode", "decode",
@@ -93,9 +95,12 @@ def run_bench(args: argparse.Namespace) -> int:
         "cpus": os.cpu_count(),
         "cpus_used": cpus_used,
         "load_average_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
+        # Both frameworks share the process, so both run with the same allocator settings.
+        "host_malloc_tuned": host.malloc_tuned(),
     }
     print(f"machine: {os.cpu_count()} CPUs ({cpus_used} used), 1-minute load average {load_before:.2f} at start, "
-          f"{os.getloadavg()[0]:.2f} at end")
+          f"{os.getloadavg()[0]:.2f} at end; host malloc "
+          + ("tuned for both frameworks (flaxformer_lite.host)" if host.malloc_tuned() else "as glibc sets it"))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

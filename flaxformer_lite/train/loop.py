@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from flaxformer_lite import checkpoint, data, flops, parallel
+from flaxformer_lite import checkpoint, data, flops, host, parallel
 from flaxformer_lite.config import Config, ConfigError
 from flaxformer_lite.models import build_model, count_params, dummy_inputs, init_params
 from flaxformer_lite.train import metrics as metrics_lib
@@ -530,6 +530,9 @@ def _log(run: _Run) -> Optional[safety.RunStopped]:
     record, flags = run.window.close()
     # The window's metrics are fetched, so its steps are complete: the bar counts them.
     run.bar.update(run.step - run.bar.n)
+    # No step is running: hand back what the window left free (a save's buffers, say) on
+    # a tuned heap; the next step faults its buffer in once.
+    host.release_free_memory()
     if "tokens_per_s" in record:
         shown = {"tok_s": f"{record['tokens_per_s']:,.0f}", "mfu": f"{record['mfu']:.1%}"}
         run.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", **shown)
@@ -600,6 +603,7 @@ def _finish(run: _Run, stopped: Optional[safety.RunStopped], peak: float, measur
         "flops_per_token": run.window.flops_per_token,
         "peak_flops": peak,
         "peak_flops_source": "measured matmul" if measured else "train.peak_flops",
+        "host_malloc_tuned": host.malloc_tuned(),
     }
     if stopped is not None:
         summary["stopped"] = f"{type(stopped).__name__}: {stopped}"

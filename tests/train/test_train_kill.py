@@ -16,8 +16,12 @@ from flaxformer_lite.train import loop, metrics
 
 # The child trains the session's 20-step run, but holds the save of step 10 open after
 # its files are written and before orbax commits them (the rename of its temporary
-# directory), and says so through a marker file; the test then kills it.
+# directory), and says so through a marker file; the test then kills it. It runs with the
+# CLI's malloc settings (host.tune_malloc), so the comparison with the reference run also
+# shows they change no figure.
 CHILD = """
+from flaxformer_lite import host
+assert host.tune_malloc()
 import asyncio, json, pathlib, sys
 from orbax.checkpoint._src.path import atomicity
 import flaxformer_lite as ffl
@@ -43,7 +47,7 @@ def test_kill_during_save_then_resume_loses_nothing(gpt_run, gpt_cfg, gpt_overri
     with open(tmp_path / "child.log", "w") as log:
         child = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(workdir), str(marker), json.dumps(gpt_overrides)],
-            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, FLAXFORMER_LITE_TUNE_MALLOC="1"),
         )
         deadline = time.monotonic() + 300
         while not marker.exists():

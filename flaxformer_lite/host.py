@@ -1,0 +1,150 @@
+"""The host process's memory allocator: keep XLA:CPU's per-step buffers mapped.
+
+On the CPU, every call of a compiled XLA program allocates its temporary buffer (all
+intermediate activations of a training step: 405 MiB for the `bench train` GPT-2) and
+frees it on return. glibc's malloc serves a block that large with a fresh `mmap` and
+unmaps it on free, so each step faults every page of it back in: 110,000 page faults
+and about 300 ms of kernel time a step there, a fifth of the CPU time (BENCHMARKS.md,
+"Session 12: the host allocator"). The same holds for PyTorch on the CPU.
+
+`tune_malloc()` makes glibc keep such blocks: one arena for all threads (XLA's worker
+threads otherwise get arenas that must `mmap` anything over 64 MiB), no `mmap` for large
+blocks, and the top of the heap returned to the system only past 2 GiB free. The step's
+buffer is then faulted in once and reused. The cost is memory: freed blocks stay mapped,
+so the process would keep the high-water mark of whatever ran before; after every XLA
+compilation (the biggest transient user of host memory) `release_free_memory()` (glibc
+`malloc_trim`) hands the heap's free pages back to the system.
+
+The settings must be made before JAX starts its threads: the command line does it
+first thing for the commands that run programs (train, eval, generate, embed, bench).
+A library user calls `tune_malloc()` at the top of the script, or sets the same in the
+environment before Python starts:
+
+    MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
+
+Nothing is changed off glibc (macOS, musl), when JAX has an accelerator plugin to run
+on (the big buffers live in device memory there) unless JAX_PLATFORMS=cpu, when the
+environment already configures malloc (MALLOC_* variables, glibc.malloc tunables, an
+LD_PRELOADed allocator), or with FLAXFORMER_LITE_TUNE_MALLOC=0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import os
+import pkgutil
+from typing import Optional
+
+TUNE_ENV = "FLAXFORMER_LITE_TUNE_MALLOC"
+# mallopt parameters (glibc malloc.h) and the values set.
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+# Environment variables through which a user has already chosen the allocator's behaviour.
+USER_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                   "MALLOC_TOP_PAD_", "MALLOC_ARENA_TEST")
+
+# jax.monitoring event recorded when a jitted program has been compiled (or loaded from
+# the persistent cache); JAX's name for it is jax._src.dispatch.BACKEND_COMPILE_EVENT.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+log = logging.getLogger(__name__)
+_tuned = False
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if not all(hasattr(libc, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
+        return None  # not glibc: musl, macOS, Windows
+    return libc
+
+
+def _accelerator_plugin() -> bool:
+    """Whether JAX will find a GPU/TPU plugin (without starting JAX), unless JAX_PLATFORMS=cpu."""
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower() == "cpu":
+        return False
+    if importlib.util.find_spec("libtpu") is not None:
+        return True
+    spec = importlib.util.find_spec("jax_plugins")
+    return spec is not None and any(True for _ in pkgutil.iter_modules(spec.submodule_search_locations))
+
+
+def _skip_reason() -> Optional[str]:
+    if os.environ.get(TUNE_ENV, "1") == "0":
+        return f"{TUNE_ENV}=0"
+    user = [name for name in USER_MALLOC_ENV if name in os.environ]
+    if "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        user.append("GLIBC_TUNABLES")
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):
+        user.append("LD_PRELOAD")
+    if user:
+        return f"the environment configures malloc ({', '.join(user)})"
+    if _accelerator_plugin():
+        return "JAX has an accelerator plugin (set JAX_PLATFORMS=cpu to tune for the CPU)"
+    return None
+
+
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
+
+
+def tune_malloc() -> bool:
+    """Make glibc's malloc keep large freed blocks mapped (see the module docstring).
+
+    Returns whether the settings were applied (False: not glibc, or left to the
+    environment, or turned off). Call it before JAX runs anything: threads that have
+    already allocated keep their own arenas, and a warning says so.
+    """
+    global _tuned
+    if _tuned:
+        return True
+    libc = _glibc()
+    reason = "not glibc" if libc is None else _skip_reason()
+    if reason is not None:
+        log.info("host malloc left as is: %s", reason)
+        return False
+    threads = _thread_count()
+    if threads > 1:
+        log.warning("tune_malloc() called with %d threads running: those that have allocated keep their own "
+                    "arenas, and XLA's step buffers may still be mapped afresh every step. Call it before JAX "
+                    "runs anything, or set MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
+                    "MALLOC_TRIM_THRESHOLD_=2147483647 in the environment.", threads)
+    for param, value in SETTINGS:
+        if libc.mallopt(param, value) != 1:
+            raise RuntimeError(f"glibc mallopt({param}, {value}) failed; set {TUNE_ENV}=0 to leave malloc as is")
+    _tuned = True
+    import jax  # after mallopt: importing JAX starts a thread
+
+    jax.monitoring.register_event_duration_secs_listener(_release_after_compile)
+    return True
+
+
+def _release_after_compile(event: str, duration_secs: float, **kwargs) -> None:
+    if event == BACKEND_COMPILE_EVENT:
+        release_free_memory()
+
+
+def malloc_tuned() -> bool:
+    """Whether tune_malloc() applied its settings in this process."""
+    return _tuned
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free pages to the system (glibc malloc_trim) when tune_malloc() is on.
+
+    With the tuned settings nothing else shrinks the heap, so a process keeps what a
+    phase once needed (tune_malloc() calls this after every XLA compilation; call it
+    after loading a large checkpoint, say). The next use of a released block faults its
+    pages in again. Returns whether anything was done.
+    """
+    if not _tuned:
+        return False
+    _glibc().malloc_trim(0)
+    return True

@@ -1,0 +1,87 @@
+"""flaxformer_lite.host: glibc malloc keeps large freed blocks mapped, so a block freed and
+allocated again (XLA:CPU's step buffer) costs no page faults; settings are left alone where
+the user or the platform says so."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flaxformer_lite import host
+
+glibc = pytest.mark.skipif(host._glibc() is None, reason="glibc's malloc only (Linux)")
+
+# A worker thread mallocs a 128 MiB block, writes every page and frees it, three times,
+# as XLA's threads do with a step's temporary buffer (numpy is no stand-in: it asks for
+# huge pages); the child prints the page faults of the last two rounds. Under glibc's
+# defaults each round maps the block afresh: 65,536 faults here, fewer where the kernel
+# gives every mapping huge pages.
+CHILD = """
+import ctypes, resource, threading
+from flaxformer_lite import host
+tuned = host.tune_malloc()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+def rounds():
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(128 * 2**20)
+        ctypes.memset(block, 1, 128 * 2**20)
+        libc.free(block)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+worker = threading.Thread(target=rounds)
+worker.start(); worker.join()
+print(tuned, faults[1] + faults[2])
+"""
+PAGES = 2 * 128 * 2**20 // 4096  # pages written in the two rounds counted
+
+
+def _child(**env):
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run_env.update(env)
+    out = subprocess.run([sys.executable, "-c", CHILD], env=run_env, capture_output=True, text=True, check=True)
+    tuned, faults = out.stdout.split()
+    return tuned == "True", int(faults)
+
+
+@glibc
+def test_tuned_malloc_reuses_a_freed_block_without_page_faults():
+    tuned, faults = _child(FLAXFORMER_LITE_TUNE_MALLOC="1", JAX_PLATFORMS="cpu")
+    default, default_faults = _child(FLAXFORMER_LITE_TUNE_MALLOC="0")
+    assert tuned and not default
+    assert faults < PAGES // 100, faults
+    assert default_faults > faults, (default_faults, faults)  # glibc maps the block afresh each round
+
+
+@glibc
+@pytest.mark.parametrize("env, reason", [
+    ({"FLAXFORMER_LITE_TUNE_MALLOC": "0"}, "FLAXFORMER_LITE_TUNE_MALLOC=0"),
+    ({"MALLOC_ARENA_MAX": "4"}, "MALLOC_ARENA_MAX"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "GLIBC_TUNABLES"),
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "LD_PRELOAD"),
+])
+def test_left_alone_where_the_environment_decides(monkeypatch, env, reason):
+    monkeypatch.setenv("FLAXFORMER_LITE_TUNE_MALLOC", "1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert reason in host._skip_reason()
+    assert host.tune_malloc() is False and host.malloc_tuned() is False
+    assert host.release_free_memory() is False  # nothing to undo on an untuned heap
+
+
+def test_accelerator_plugins_keep_glibc_defaults_unless_jax_is_told_cpu(monkeypatch):
+    monkeypatch.setenv("FLAXFORMER_LITE_TUNE_MALLOC", "1")
+    monkeypatch.setattr(host.importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    assert "accelerator plugin" in host._skip_reason()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host._skip_reason() is None
+
+
+def test_not_glibc_changes_nothing(monkeypatch):
+    monkeypatch.setenv("FLAXFORMER_LITE_TUNE_MALLOC", "1")
+    monkeypatch.setattr(host, "_glibc", lambda: None)
+    assert host.tune_malloc() is False
