@@ -31,6 +31,7 @@ LD_PRELOADed allocator), or with FLAXFORMER_LITE_TUNE_MALLOC=0.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import logging
 import os
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 _tuned = False
 
 
+@functools.cache
 def _glibc() -> Optional[ctypes.CDLL]:
     try:
         libc = ctypes.CDLL(None)
