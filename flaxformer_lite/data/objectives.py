@@ -25,7 +25,8 @@ Batch contract: dicts of numpy arrays; B batch_size, T seq_len, S target_len.
                    with the decoder start id = pad_id (as in T5).
   classification   input_ids, segment_ids, positions [B,T] int32; label [B] int32.
 segment_ids number the examples packed into a row 1, 2, ... and are 0 on padding;
-positions restart at 0 in every segment; padding ids are the tokenizer's pad_id. Rows of
+positions restart at 0 in every segment; padding ids are the tokenizer's pad_id (0 if it
+has none: padding carries no weight; seq2seq needs one as its decoder start). Rows of
 the padded last evaluation batch have segment_ids 0 everywhere (and label 0).
 
 Sequences: causal_lm documents are bos + text + eos; masked_lm and classification rows
@@ -346,8 +347,22 @@ def _regular_ids(spec: _Spec) -> np.ndarray:
     return ids[~np.isin(ids, sorted(spec.tokenizer.special_ids))]
 
 
+def _pad_id(tok: Tokenizer, *, decoder_start: bool = False) -> int:
+    """The id padding takes. Padding sits under segment id 0 and zero loss weight, so a
+    tokenizer without a pad token (GPT-2, LLaMA, Mistral) pads with 0; only seq2seq
+    batches need a real one, as the decoder's start id."""
+    if tok.pad_id is not None:
+        return tok.pad_id
+    if decoder_start:
+        raise DataError(
+            f"{tok!r} has no pad token, which seq2seq batches start the decoder with (as T5 does); "
+            "use a tokenizer with one, e.g. add it with tokenizer.add_special_tokens(['<pad>'])"
+        )
+    return 0
+
+
 def _finalizer(fn: Callable[..., Batch], spec: _Spec) -> Callable[[Batch], Batch]:
-    return functools.partial(fn, pad_id=spec.tokenizer.pad_id)
+    return functools.partial(fn, pad_id=_pad_id(spec.tokenizer, decoder_start=fn is seq2seq_batch))
 
 
 def _token_features(item: tuple[int, int], rng: np.random.Generator, **window_kwargs) -> Example:
@@ -392,7 +407,7 @@ def _masked_lm_plan(docs: Documents, spec: _Spec) -> _Plan:
         eos_id=tok.eos_id,
         mask_probability=spec.mask_probability,
         mask_id=tok.mask_id,
-        pad_id=tok.pad_id,
+        pad_id=_pad_id(tok),
         special_ids=np.asarray(sorted(tok.special_ids)),
         random_ids=_regular_ids(spec),
     )

@@ -2,12 +2,14 @@
 
 Both kinds satisfy `Tokenizer`: `encode(text) -> list[int]` adds no special tokens
 unless asked, `decode(ids) -> str` drops special tokens, and the special ids the
-objectives need (`pad_id`, `bos_id`, `eos_id`, `mask_id`, `sentinel_id(i)`) are
-properties. A property whose token the vocabulary lacks raises `DataError` when it is
-read, so a tokenizer without a mask token still serves causal LM.
+objectives need (`pad_id`, `bos_id`, `eos_id`, `eos_ids`, `mask_id`, `sentinel_id(i)`)
+are properties. A property whose token the tokenizer lacks raises `DataError` when it
+is read, so a tokenizer without a mask token still serves causal LM; `pad_id` is None
+instead, and objectives that only pad under zero weight pad with any id.
 
     tok = load_tokenizer("byte")                    # ByteTokenizer(num_sentinels=100)
-    tok = load_tokenizer("runs/tok")                # runs/tok/tokenizer.json
+    tok = load_tokenizer("runs/tok")                # a folder: tokenizer.json, and the roles its
+                                                    # tokenizer_config.json / config.json give
     tok = train_tokenizer(texts, kind="bpe", vocab_size=4096, out_path="runs/tok")
 """
 
@@ -16,9 +18,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import json
 import os
 import pathlib
-from typing import Iterable, Literal, Protocol, Sequence, Union
+import threading
+from typing import Iterable, Literal, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import tokenizers as hf
@@ -35,11 +39,13 @@ class Tokenizer(Protocol):
     @property
     def vocab_size(self) -> int: ...
     @property
-    def pad_id(self) -> int: ...
+    def pad_id(self) -> Optional[int]: ...
     @property
     def bos_id(self) -> int: ...
     @property
     def eos_id(self) -> int: ...
+    @property
+    def eos_ids(self) -> tuple[int, ...]: ...
     @property
     def mask_id(self) -> int: ...
     @property
@@ -47,7 +53,7 @@ class Tokenizer(Protocol):
     @property
     def special_ids(self) -> frozenset[int]: ...
     def sentinel_id(self, i: int) -> int: ...
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]: ...
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, special: bool = False) -> list[int]: ...
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
     @property
     def identity(self) -> dict: ...
@@ -75,6 +81,7 @@ class ByteTokenizer:
     pad_id = 0
     bos_id = 1
     eos_id = 2
+    eos_ids = (2,)
     mask_id = 3
 
     @property
@@ -95,8 +102,11 @@ class ByteTokenizer:
             raise DataError(f"sentinel {i} out of range: this ByteTokenizer has {self._num_sentinels}")
         return self.vocab_size - 1 - i
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        """UTF-8 bytes of `text` as ids; `bos`/`eos` add those tokens at the ends."""
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, special: bool = False) -> list[int]:
+        """UTF-8 bytes of `text` as ids; `bos`/`eos` add those tokens at the ends.
+
+        There is no special-token text to parse, so `special` changes nothing.
+        """
         byte_ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
         return _with_specials((byte_ids + self.BYTE_OFFSET).tolist(), self, bos, eos)
 
@@ -122,36 +132,104 @@ class ByteTokenizer:
         return f"ByteTokenizer(num_sentinels={self._num_sentinels})"
 
 
-# Token strings each role goes by in common tokenizer.json files, first match wins.
+# Token strings each role goes by in common tokenizer.json files, first match wins. Used
+# only for a bare tokenizer.json: a folder's tokenizer_config.json and config files say.
 _ROLE_TOKENS = {
     "pad": ("<pad>", "[PAD]", "<|pad|>", "<|padding|>"),
     "bos": ("<s>", "[CLS]", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>"),
     "eos": ("</s>", "[SEP]", "<eos>", "<|end_of_text|>", "<|endoftext|>"),
     "mask": ("<mask>", "[MASK]", "<|mask|>"),
 }
+# transformers' named special tokens, as tokenizer_config.json and special_tokens_map.json hold them.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Each role's tokenizer_config.json names, first present wins (BERT's roles go by cls/sep).
+_ROLE_NAMES = {"pad": ("pad_token",), "bos": ("bos_token", "cls_token"), "eos": ("eos_token", "sep_token"),
+               "mask": ("mask_token",)}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MODEL_ID_FILES = ("generation_config.json", "config.json")  # where *_token_id live, first says
 
 
 def _sentinel_token(i: int) -> str:
     return f"<extra_id_{i}>"
 
 
+def read_folder_json(folder: PathLike, name: str) -> Optional[dict]:
+    """folder/name as a JSON object, None if the file is absent; DataError if it is not one."""
+    path = pathlib.Path(folder) / name
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); restore the file from its source") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: top level must be a JSON object; restore the file from its source")
+    return value
+
+
+def _token_text(value) -> Optional[str]:
+    """A special token as tokenizer_config.json writes it: text, or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _declared_tokens(folder: PathLike) -> Optional[dict]:
+    """Named special tokens the folder's tokenizer files declare ({name: text or None}), or None
+    if it has neither tokenizer_config.json nor special_tokens_map.json."""
+    config = read_folder_json(folder, "tokenizer_config.json")
+    mapping = read_folder_json(folder, "special_tokens_map.json")
+    if config is None and mapping is None:
+        return None
+    declared = {}
+    for source in (mapping or {}, config or {}):  # tokenizer_config.json wins where both say
+        declared.update({k: _token_text(source[k]) for k in SPECIAL_TOKEN_NAMES if k in source})
+    return declared
+
+
+def folder_special_tokens(folder: PathLike) -> dict[str, str]:
+    """{bos_token: text, ...} as transformers' `special_tokens_map` gives them for this folder."""
+    return {k: v for k, v in (_declared_tokens(folder) or {}).items() if v is not None}
+
+
+def _id_list(value) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
 class HFTokenizer:
-    """A `tokenizers.Tokenizer`; special ids are looked up by their usual token strings.
+    """A `tokenizers.Tokenizer` and its special-token roles.
+
+    Roles (bos, eos, pad, mask, and every stop id) come from the folder's files when it
+    has them (`from_folder`): tokenizer_config.json / special_tokens_map.json name the
+    tokens, generation_config.json and config.json give `*_token_id`s; a role none of them
+    names is absent (`pad_id` None, others raise DataError when read). Only a bare
+    tokenizer.json falls back to the usual token strings ("</s>", "[SEP]", ...).
 
     Text that spells a special token ("</s>", "<extra_id_0>") is encoded as ordinary
-    text, so a corpus that quotes one cannot inject an eos or a sentinel; special ids
-    come only from `bos`/`eos` and the objectives. (This sets the wrapped tokenizer's
-    `encode_special_tokens`.)
+    text unless `encode(..., special=True)` asks otherwise (a rendered chat template), so a
+    corpus that quotes one cannot inject an eos or a sentinel. (This sets the wrapped
+    tokenizer's `encode_special_tokens`.)
     """
 
-    def __init__(self, tokenizer: hf.Tokenizer, name: str = "<in-memory tokenizer>"):
+    def __init__(
+        self,
+        tokenizer: hf.Tokenizer,
+        name: str = "<in-memory tokenizer>",
+        *,
+        roles: Optional[Mapping[str, Optional[int]]] = None,
+        stop_ids: Sequence[int] = (),
+    ):
         tokenizer.encode_special_tokens = True
         self._tok = tokenizer
+        self._special_lock = threading.Lock()
         self.name = name
+        self._roles = None if roles is None else dict(roles)
+        self._stop_ids = tuple(stop_ids)
 
     @classmethod
     def from_file(cls, path: PathLike) -> "HFTokenizer":
-        """Load a local tokenizer.json (nothing is downloaded)."""
+        """Load a local tokenizer.json (nothing is downloaded); roles from token strings."""
         path = pathlib.Path(path)
         if not path.is_file():
             raise DataError(
@@ -164,35 +242,86 @@ class HFTokenizer:
             raise DataError(f"{path}: cannot load as a HuggingFace tokenizer.json ({e})") from e
         return cls(tok, name=str(path))
 
+    @classmethod
+    def from_folder(cls, folder: PathLike) -> "HFTokenizer":
+        """A folder's tokenizer.json with its roles from the folder's other files (see class)."""
+        folder = pathlib.Path(folder)
+        bare = cls.from_file(folder / "tokenizer.json")
+        declared = _declared_tokens(folder)
+        id_files = [c for c in (read_folder_json(folder, n) for n in MODEL_ID_FILES) if c is not None]
+        if declared is None and not id_files:
+            return bare
+        tok = bare._tok
+
+        def token_id(text: Optional[str], what: str) -> Optional[int]:
+            if text is None:
+                return None
+            i = tok.token_to_id(text)
+            if i is None:
+                raise DataError(f"{folder}: {what} {text!r} is not in tokenizer.json; fix that file")
+            return i
+
+        def file_id(key: str) -> list[int]:
+            return next((_id_list(c[key]) for c in id_files if c.get(key) is not None), [])
+
+        roles = {}
+        for role, names in _ROLE_NAMES.items():
+            named = [n for n in names if declared is not None and n in declared]
+            if named:  # the tokenizer files say (a null says "none")
+                roles[role] = token_id(declared[named[0]], f"tokenizer_config.json {named[0]}")
+            elif role != "mask" and file_id(f"{role}_token_id"):
+                roles[role] = file_id(f"{role}_token_id")[0]
+            elif declared is not None:
+                roles[role] = None
+        stops = [roles.get("eos")] + [i for c in id_files for i in _id_list(c.get("eos_token_id"))]
+        stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None and 0 <= i < bare.vocab_size))
+        return cls(tok, name=str(folder), roles=roles, stop_ids=stop_ids)
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def _role_id(self, role: str) -> int:
+    def _role_id(self, role: str) -> Optional[int]:
+        if self._roles is not None and role in self._roles:
+            return self._roles[role]
         for token in _ROLE_TOKENS[role]:
             i = self._tok.token_to_id(token)
             if i is not None:
                 return i
-        raise DataError(
-            f"{self.name} has no {role} token (looked for {', '.join(_ROLE_TOKENS[role])}); "
-            f"add one with tokenizer.add_special_tokens([...]) and save it, or use another tokenizer"
-        )
+        return None
+
+    def _required(self, role: str) -> int:
+        i = self._role_id(role)
+        if i is None:
+            where = (" (its tokenizer_config.json and config files name none)" if self._roles is not None
+                     else f" (looked for {', '.join(_ROLE_TOKENS[role])})")
+            raise DataError(
+                f"{self.name} has no {role} token{where}; add one with tokenizer.add_special_tokens([...]) "
+                "and save it, or use another tokenizer"
+            )
+        return i
 
     @functools.cached_property
-    def pad_id(self) -> int:
+    def pad_id(self) -> Optional[int]:
+        """The pad token's id, None if the tokenizer has none (causal LM pads under zero weight)."""
         return self._role_id("pad")
 
     @functools.cached_property
     def bos_id(self) -> int:
-        return self._role_id("bos")
+        return self._required("bos")
 
     @functools.cached_property
     def eos_id(self) -> int:
-        return self._role_id("eos")
+        return self._required("eos")
+
+    @functools.cached_property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a reply: eos_id first, then config.json/generation_config.json's."""
+        return tuple(dict.fromkeys((self.eos_id, *self._stop_ids)))
 
     @functools.cached_property
     def mask_id(self) -> int:
-        return self._role_id("mask")
+        return self._required("mask")
 
     @functools.cached_property
     def num_sentinels(self) -> int:
@@ -214,9 +343,21 @@ class HFTokenizer:
             )
         return self._tok.token_to_id(_sentinel_token(i))
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        """Ids of `text` without the tokenizer's own post-processing specials."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, special: bool = False) -> list[int]:
+        """Ids of `text` without the tokenizer's own post-processing specials.
+
+        special: read special-token text ("<|im_end|>") as that token, as transformers does
+        for a rendered chat template; otherwise it is ordinary text.
+        """
+        if special:
+            with self._special_lock:
+                self._tok.encode_special_tokens = False
+                try:
+                    ids = self._tok.encode(text, add_special_tokens=False).ids
+                finally:
+                    self._tok.encode_special_tokens = True
+        else:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
         return _with_specials(ids, self, bos, eos)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -305,6 +446,9 @@ def _check_room(kind: str, vocab_size: int, base: int, num_sentinels: int) -> No
 def load_tokenizer(spec: Union[PathLike, Tokenizer]) -> Tokenizer:
     """'byte' -> ByteTokenizer(); a tokenizer.json or a folder holding one -> HFTokenizer.
 
+    A folder's tokenizer_config.json, special_tokens_map.json, generation_config.json and
+    config.json give the special-token roles (HFTokenizer.from_folder).
+
     A Tokenizer object is returned as it is, so callers may pass either.
     """
     if not isinstance(spec, (str, os.PathLike)):
@@ -318,5 +462,5 @@ def load_tokenizer(spec: Union[PathLike, Tokenizer]) -> Tokenizer:
                 f"{path}: folder has no tokenizer.json; pass 'byte', a tokenizer.json, or a folder "
                 "holding one (make one with flaxformer_lite.data.train_tokenizer)"
             )
-        path = path / "tokenizer.json"
+        return HFTokenizer.from_folder(path)
     return HFTokenizer.from_file(path)

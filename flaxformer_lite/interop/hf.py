@@ -245,7 +245,9 @@ def _warn_unusable_ids(config_file: pathlib.Path, cfg: ModelConfig) -> None:
 
 
 def load_tokenizer(path):
-    """The folder's tokenizer.json as a flaxformer_lite.data Tokenizer (HFTokenizer)."""
+    """The folder's tokenizer as a flaxformer_lite.data HFTokenizer: tokenizer.json, with its
+    special-token roles from tokenizer_config.json, special_tokens_map.json,
+    generation_config.json and config.json."""
     folder = _folder(path)
     file = folder / TOKENIZER_FILE
     if not file.is_file():
@@ -259,7 +261,7 @@ def load_tokenizer(path):
     # Deferred: the data package pulls in grain, which `import flaxformer_lite` need not pay for.
     from flaxformer_lite.data import load_tokenizer as load_data_tokenizer
 
-    return load_data_tokenizer(file)
+    return load_data_tokenizer(folder)
 
 
 # ---------------------------------------------------------------------------------- writing

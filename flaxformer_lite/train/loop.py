@@ -89,7 +89,7 @@ def _warn_special_ids(cfg: Config, tokenizer: data.Tokenizer) -> None:
             wanted = getattr(tokenizer, role)
         except data.DataError:  # the tokenizer has no such token: nothing to compare
             continue
-        if getattr(cfg.model, key) != wanted:
+        if wanted is not None and getattr(cfg.model, key) != wanted:
             warnings.warn(
                 f"model.{key}={getattr(cfg.model, key)} but the tokenizer's {role} is {wanted}: "
                 f"generation from this run will not stop or pad as the data does; set model.{key}={wanted}",
@@ -631,7 +631,7 @@ def write_samples(model, params, setup: DataSetup, workdir: pathlib.Path, log) -
         model, params, setup.sample_prompts,
         max_new_tokens=min(tc.sample_len, setup.cfg.model.max_len - longest),
         method="sample", temperature=SAMPLE_TEMPERATURE, seed=tc.seed,
-        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, stop_tokens=tok.eos_ids,
     )
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     samples = [

@@ -137,3 +137,53 @@ def test_missing_special_token_is_a_clear_error(tmp_path):
         loaded.mask_id
     with pytest.raises(DataError, match="has 0 sentinel tokens"):
         loaded.sentinel_id(0)
+
+
+def _smol_like(folder):
+    """SmolLM2's layout: <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2; no <pad>."""
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "a": 3, "b": 4, "</s>": 5}
+    tok = hf.Tokenizer(hf.models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = hf.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_roles_come_from_the_folders_files(tmp_path):
+    import json
+
+    folder = _smol_like(tmp_path / "smol")
+    guessed = load_tokenizer(folder)  # a bare tokenizer.json: roles from token strings
+    assert guessed.eos_id == 5 and guessed.pad_id is None
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>", "special": True}, "pad_token": None}
+    ))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 4, "bos_token_id": 3}))
+    tok = load_tokenizer(folder)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, None)  # never "</s>" (5)
+    assert tok.eos_ids == (2, 0, 4)  # every stop id the files name, eos_id first
+    with pytest.raises(DataError, match="has no mask token .its tokenizer_config.json and config files name none"):
+        tok.mask_id
+    # Ids only from config.json: taken as they are; what no file names is still guessed.
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "generation_config.json").unlink()
+    tok = load_tokenizer(folder)
+    assert (tok.bos_id, tok.eos_id, tok.eos_ids) == (3, 4, (4,))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
+    with pytest.raises(DataError, match=r"tokenizer_config.json eos_token '<\|nope\|>' is not in tokenizer.json"):
+        load_tokenizer(folder)
+
+
+def test_bert_roles_are_cls_and_sep(tmp_path):
+    import json
+
+    tok = hf.Tokenizer(hf.models.WordLevel({"[PAD]": 0, "[unused0]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4,
+                                            "[UNK]": 5}, unk_token="[UNK]"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "mask_token": "[MASK]", "unk_token": "[UNK]"}
+    ))
+    loaded = load_tokenizer(tmp_path)
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id, loaded.mask_id) == (2, 3, 0, 4)
