@@ -74,7 +74,7 @@ class ModelConfig:
     # Token-embedding init std; None: initializer_range. T5 draws its shared table with std
     # 1.0: its tied head scales logits by d_model**-0.5, so a table drawn at 0.05 starts
     # every logit near zero, and t5_tiny's copy loss then sat at the unigram level for
-    # hundreds of steps (BENCHMARKS.md).
+    # hundreds of steps (docs/performance-notes.md).
     embedding_init_std: Optional[float] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"

@@ -4,8 +4,8 @@ On the CPU, every call of a compiled XLA program allocates its temporary buffer 
 intermediate activations of a training step: 405 MiB for the `bench train` GPT-2) and
 frees it on return. glibc's malloc serves a block that large with a fresh `mmap` and
 unmaps it on free, so each step faults every page of it back in: 110,000 page faults
-and about 300 ms of kernel time a step there, a fifth of the CPU time (BENCHMARKS.md,
-"Session 12: the host allocator"). The same holds for PyTorch on the CPU.
+and about 300 ms of kernel time a step there, a fifth of the CPU time (docs/performance-notes.md,
+"The host allocator"). The same holds for PyTorch on the CPU.
 
 `tune_malloc()` makes glibc keep such blocks: one arena for all threads (XLA's worker
 threads otherwise get arenas that must `mmap` anything over 64 MiB), no `mmap` for large

@@ -8,7 +8,7 @@ For each mesh (data,fsdp,tensor) it compiles `ffl.generate` of a small LLaMA-sty
 (2 layers, 8 heads and 8 kv heads of 16, d_model 128) under `parallel.use_mesh`, checks
 the tokens equal a single device's, and prints the per-device shape of a layer's K cache
 (from the program's cache updates) and the collectives in the compiled token loop's
-body, one pass of which makes one token. Figures in BENCHMARKS.md ("Sharded decoding").
+body, one pass of which makes one token. Figures in docs/performance-notes.md ("Sharded decoding").
 On a CPU this counts; it does not time: simulated devices share the same cores.
 """
 

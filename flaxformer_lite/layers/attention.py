@@ -71,7 +71,7 @@ class MultiHeadAttention(nn.Module):
         if self.decode and not self.is_cross:
             # One [D, (N+2K)H] product instead of three: a decoding step is matrix-vector
             # products, each a pass over its weight plus a fixed cost. XLA hoists the
-            # concatenation out of the token loop (BENCHMARKS.md, decoding).
+            # concatenation out of the token loop (docs/performance-notes.md, "Decoding").
             w_DE = jnp.concatenate([wq.reshape(D, N * H), wk.reshape(D, K * H), wv.reshape(D, K * H)], axis=1)
             qkv_BTE = jnp.einsum("BTD,DE->BTE", x_BTD, w_DE)
             B, T = x_BTD.shape[:2]

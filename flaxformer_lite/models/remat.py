@@ -3,8 +3,8 @@
 `jax.checkpoint` keeps a layer's recomputation apart from its forward pass with an
 optimization barrier. XLA:CPU expands such barriers before common-subexpression
 elimination, which then merges the recomputation back into the forward pass and
-schedules it early: unrolled layers kept every activation, remat or not (BENCHMARKS.md,
-Performance). Under nn.scan the loop keeps the two apart, so scanned stacks use nn.remat.
+schedules it early: unrolled layers kept every activation, remat or not (docs/performance-notes.md,
+"Memory"). Under nn.scan the loop keeps the two apart, so scanned stacks use nn.remat.
 
 `recompute_in_backward` saves only a function's arguments and recomputes it in the
 backward pass from arguments tied to the incoming cotangent (plus zero times one of its

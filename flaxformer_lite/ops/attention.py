@@ -191,7 +191,7 @@ def _causal_block_ends(length: int, min_rows: int = 64, max_blocks: int = 8) -> 
     With n blocks the products and softmax cover (n + 1) / 2n of the full T x T square
     (5/8 at n = 4, 9/16 at n = 8). Blocks under 64 rows make slow products: on a 2-core
     CPU, 4 blocks of 64 rows beat 8 of 32 at T=256, and 8 blocks beat 4 and 16 at T=512
-    and 1024 and tie with 16 at 2048 (BENCHMARKS.md, "Session 11").
+    and 1024 and tie with 16 at 2048 (docs/performance-notes.md, "Causal attention in blocks").
     """
     blocks = max(1, min(max_blocks, length // min_rows))
     return [length * (i + 1) // blocks for i in range(blocks)]
@@ -263,7 +263,7 @@ def cached_dot_product_attention(
     (batch, key/value head) rows is then one matrix-vector product that reads its row
     of the cache in place: no batch axis of size 1 sits between the cache update and
     the products, which on XLA:CPU otherwise costs a copy of the whole cache per layer
-    per token (BENCHMARKS.md, decoding). Args and returns as dot_product_attention
+    per token (docs/performance-notes.md, "Decoding"). Args and returns as dot_product_attention
     (no dropout: a cache is for inference).
     """
     shapes = f"{q_BTNH.shape}, {k_RSH.shape}, {v_RSH.shape}"

@@ -20,8 +20,8 @@ def materialize_cotangent(x: jax.Array) -> jax.Array:
     fuses that sum into each of its consumers (the next norm's backward, and the
     transposing copy that feeds each weight-gradient matmul), so every consumer
     recomputes it, and the work grows with the square of the depth. Passing the stream
-    through this function at each sublayer makes the sum a buffer: BENCHMARKS.md
-    (Performance) measures the step. Other platforms get the plain identity.
+    through this function at each sublayer makes the sum a buffer: docs/performance-notes.md
+    ("The residual stream") measures the step. Other platforms get the plain identity.
     """
     return x
 

@@ -36,7 +36,7 @@ def cross_entropy(
     weights_BT = weights_BT.astype(jnp.float32)
     log_z_BT = jax.nn.logsumexp(logits, axis=-1)
     # From the logits, not log-probabilities: no second [B,T,V] array to write and read
-    # back, forward or backward (BENCHMARKS.md, Performance).
+    # back, forward or backward (docs/performance-notes.md).
     label_logit_BT = jnp.take_along_axis(logits, labels_BT[..., None], axis=-1)[..., 0]
     nll_BT = log_z_BT - label_logit_BT
     objective_BT = nll_BT

@@ -195,7 +195,7 @@ def make_train_step(
         # the metrics, so the host learns of it at its next log step, without a sync.
         finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
         # lax.cond, not a select over the trees: the optimizer tail of the benchmark's
-        # step takes 16 ms instead of 31 (BENCHMARKS.md, Performance).
+        # step takes 16 ms instead of 31 (docs/performance-notes.md).
         def update(operands):
             grads, params, opt_state = operands
             updates, opt_state = optimizer.update(grads, opt_state, params)
