@@ -1,6 +1,7 @@
 """The commands that load or build a model: `generate`, `embed`, `summary`, `viz`.
 
     flaxformer-lite generate --workdir RUN --prompt "Once upon" [--stream]
+    flaxformer-lite generate --hf DIR --system "Be brief." --chat "Hi" [--chat "Hello!" --chat "Why?"]
     flaxformer-lite embed --hf DIR --text "a cat" --text "a dog"      # JSON
     flaxformer-lite summary --config gpt2_small
     flaxformer-lite viz --workdir RUN --text "..." --out DIR
@@ -44,8 +45,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "alone: a randomly initialised model, to try the command",
     )
     source.add_argument("--step", type=int, help="checkpoint step to load from --workdir (default: the latest)")
-    parser.add_argument("--prompt", action="append", required=True,
+    parser.add_argument("--prompt", action="append",
                         help="text to continue (decoder) or to encode (encoder-decoder), not empty; repeat for a batch")
+    parser.add_argument("--chat", action="append", metavar="MESSAGE",
+                        help="a user message, rendered with the folder's chat template; repeat for a conversation "
+                        "(user, assistant, user, ...); prints the assistant's reply")
+    parser.add_argument("--system", help="with --chat: the system message")
     parser.add_argument("--method", choices=DECODE_METHODS, default="greedy")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--min-new-tokens", type=int, default=0)
@@ -65,7 +70,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_for_cli(args):
-    """(ModelConfig, params, tokenizer, from_hf) for the chosen source."""
+    """(ModelConfig, params, tokenizer, tokenizer folder or None) for the chosen source."""
     from flaxformer_lite import data
     from flaxformer_lite.config import ConfigError, load_config
     from flaxformer_lite.models import init_params
@@ -77,7 +82,7 @@ def _load_for_cli(args):
         from flaxformer_lite.interop import hf
 
         model_cfg, params = hf.load(args.hf)
-        return model_cfg, params, hf.load_tokenizer(args.hf), True
+        return model_cfg, params, hf.load_tokenizer(args.hf), pathlib.Path(args.hf)
     if args.workdir:
         from flaxformer_lite import checkpoint
 
@@ -91,14 +96,43 @@ def _load_for_cli(args):
                     f"{args.workdir} (model.{', model.'.join(diff)}); drop --config to use the run's own"
                 )
             cfg = given
-        return cfg.model, params, data.load_tokenizer(cfg.data.tokenizer), False
+        return cfg.model, params, data.load_tokenizer(cfg.data.tokenizer), _tokenizer_folder(cfg.data.tokenizer)
     if args.config:
         import jax
 
         cfg = load_config(args.config)
         print(f"note: no --workdir/--hf given: {args.config} with random weights", file=sys.stderr)
-        return cfg.model, init_params(cfg.model, jax.random.key(args.seed)), data.load_tokenizer(cfg.data.tokenizer), False
+        params = init_params(cfg.model, jax.random.key(args.seed))
+        return cfg.model, params, data.load_tokenizer(cfg.data.tokenizer), _tokenizer_folder(cfg.data.tokenizer)
     raise ConfigError("generate: pass a model: --workdir DIR (a training run), --hf DIR, or --config FILE")
+
+
+def _tokenizer_folder(spec: str) -> Optional[pathlib.Path]:
+    """The folder a run's tokenizer comes from (its chat template's home), if it is one."""
+    return pathlib.Path(spec) if spec != "byte" and pathlib.Path(spec).is_dir() else None
+
+
+def _chat_prompt(args, tokenizer, folder: Optional[pathlib.Path]) -> list[int]:
+    """The --system/--chat conversation rendered with the folder's template, as ids."""
+    from flaxformer_lite.data.chat import ChatTemplate
+
+    if args.prompt:
+        raise ValueError("generate: pass --prompt (text to continue) or --chat (a conversation), not both")
+    if len(args.chat) % 2 == 0:
+        raise ValueError(
+            f"--chat given {len(args.chat)} times: messages alternate user, assistant, user, ..., so give an odd "
+            "number, ending with the user's message to answer"
+        )
+    template = ChatTemplate.from_folder(folder) if folder is not None else None
+    if template is None:
+        where = folder or "this run's tokenizer (not a folder)"
+        raise ValueError(
+            f"--chat: {where} has no chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json); use --prompt, or a folder with an instruct model's template"
+        )
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages += [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(args.chat)]
+    return tokenizer.encode(template.render(messages, add_generation_prompt=True), special=True)
 
 
 def _stop_ids(texts: Sequence[str], tokenizer) -> list[int]:
@@ -138,7 +172,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     def stream(step, tokens_B):
         if printed[0] is None:  # the first token: the prompt goes first, as without --stream
-            print(args.prompt[0] if decoder_only else "", end="", flush=True)
+            print(shown[0], end="", flush=True)
             printed[0] = ""
         # Tokens can split a character: decode the whole continuation each time and print
         # only up to a trailing incomplete character (U+FFFD), which later tokens may change.
@@ -149,18 +183,31 @@ def run_generate(args: argparse.Namespace) -> int:
             printed[0] = text
 
     try:
-        _check_prompts(args.prompt)
-        model_cfg, params, tokenizer, from_hf = _load_for_cli(args)
+        if not args.prompt and not args.chat:
+            raise ValueError("generate: pass --prompt TEXT to continue, or --chat MESSAGE to answer")
+        if args.system and not args.chat:
+            raise ValueError("--system is the system message of a --chat conversation: add --chat MESSAGE")
+        _check_prompts(args.prompt or [])
+        model_cfg, params, tokenizer, folder = _load_for_cli(args)
         decoder_only = model_cfg.family == "decoder"
-        bos = (not from_hf) if args.bos is None else args.bos
-        # Encoder inputs end with EOS in training (data/ objectives) and in T5's tokenizer.
-        prompts = [tokenizer.encode(p, bos=bos and decoder_only, eos=not decoder_only) for p in args.prompt]
+        if args.chat:
+            if not decoder_only:
+                raise ValueError(f"--chat needs a decoder-only model; this one is model.family={model_cfg.family!r}")
+            prompts, shown = [_chat_prompt(args, tokenizer, folder)], [""]  # the reply alone is printed
+        else:
+            bos = (not args.hf) if args.bos is None else args.bos
+            # Encoder inputs end with EOS in training (data/ objectives) and in T5's tokenizer.
+            prompts = [tokenizer.encode(p, bos=bos and decoder_only, eos=not decoder_only) for p in args.prompt]
+            shown = args.prompt if decoder_only else [""] * len(prompts)
         if args.stream and (len(prompts) > 1 or args.method == "beam"):
             raise ValueError("--stream prints one prompt's tokens: give one --prompt and --method greedy or sample")
+        # Every id the tokenizer files call an end of text stops a row (a chat model's
+        # end-of-turn as well as its end-of-text), unless --ignore-eos.
+        eos_ids = [] if args.ignore_eos else [i for i in tokenizer.eos_ids if i < model_cfg.vocab_size]
         out = generate(
             build_model(model_cfg), params, prompts,
             max_new_tokens=args.max_new_tokens, method=args.method, min_new_tokens=args.min_new_tokens,
-            ignore_eos=args.ignore_eos, stop_tokens=_stop_ids(args.stop, tokenizer),
+            ignore_eos=args.ignore_eos, stop_tokens=_stop_ids(args.stop, tokenizer) + eos_ids,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
             num_beams=args.num_beams, length_penalty=args.length_penalty,
             stream=stream if args.stream else None,
@@ -173,12 +220,12 @@ def run_generate(args: argparse.Namespace) -> int:
     continuations = [tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens, lengths)]
     if args.stream:
         if printed[0] is None:  # no token came through the stream: print as without --stream
-            print(args.prompt[0] + continuations[0] if decoder_only else continuations[0])
+            print(shown[0] + continuations[0])
         else:
             print(continuations[0][len(printed[0]):])
         return 0
-    for text, continuation in zip(args.prompt, continuations):
-        print(text + continuation if decoder_only else continuation)
+    for text, continuation in zip(shown, continuations):
+        print(text + continuation)
     return 0
 
 

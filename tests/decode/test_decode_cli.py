@@ -106,3 +106,64 @@ def test_bench_decode_runs_and_reports(tmp_path, capsys):
     loop_products = [m for m in profile["matmuls"] if m["phase"] == "token loop"]
     assert loop_products and all(m["flops_per_step"] > 0 and m["flops_per_s"] > 0 for m in loop_products)
     assert "ms of XLA ops a token" in report
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    """A tiny Llama chat folder (tests/hf_chat_folder.py) whose third greedy reply token is
+    declared a stop id in generation_config.json, so the reply ends there."""
+    import torch
+    import transformers
+    from hf_chat_folder import write_llama_chat_folder
+
+    path = tmp_path_factory.mktemp("chat")
+    model = write_llama_chat_folder(path)
+    ids = transformers.AutoTokenizer.from_pretrained(path).apply_chat_template(
+        CHAT, tokenize=True, add_generation_prompt=True, return_dict=False
+    )
+    with torch.no_grad():
+        free = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    reply = free[0, len(ids):].tolist()
+    stop = next(t for i, t in enumerate(reply) if i >= 2 and t not in reply[:i])
+    write_llama_chat_folder(path, stop_ids=[stop])
+    return path
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the quick brown fox"},
+        {"role": "assistant", "content": "jumps"}, {"role": "user", "content": "over the lazy dog"}]
+
+
+def test_chat_replies_as_transformers_and_stops_at_any_eos(chat_dir, capsys):
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(chat_dir).eval()
+    ids = tokenizer.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():  # eos_token_id from generation_config.json: [<|im_end|>, <|endoftext|>, stop]
+        out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+    reply = out[0, len(ids):].tolist()
+    assert reply[-1] in model.generation_config.eos_token_id and len(reply) < 16
+    turns = [a for m in CHAT[1:] for a in ("--chat", m["content"])]
+    assert main(["generate", "--hf", str(chat_dir), "--system", "Be brief.", *turns, "--max-new-tokens", "16"]) == 0
+    assert capsys.readouterr().out == tokenizer.decode(reply, skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--chat", "a", "--chat", "b"], "--chat given 2 times"),
+        (["--chat", "a", "--prompt", "b"], "not both"),
+        (["--system", "s", "--prompt", "b"], "--system is the system message of a --chat"),
+        (["--chat", "a", "--hf", "NOTEMPLATE"], "has no chat template"),
+    ],
+)
+def test_chat_errors(chat_dir, tmp_path, capsys, args, message):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (bare / name).write_bytes((chat_dir / name).read_bytes())
+    args = ["--hf", str(chat_dir), *args] if "--hf" not in args else [str(bare) if a == "NOTEMPLATE" else a for a in args]
+    assert main(["generate", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err
