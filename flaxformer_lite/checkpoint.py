@@ -33,6 +33,7 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 CHECKSUM_FILE = "checksums.json"
 QUARANTINE_DIR = "corrupt_checkpoints"  # bad steps are moved here, never deleted
+SET_ASIDE_DIR = "set_aside_checkpoints"  # steps after the one a resume was told to start at
 
 
 def write_config(workdir: str | pathlib.Path, cfg: Config) -> pathlib.Path:
@@ -67,7 +68,9 @@ def manager(
 ) -> ocp.CheckpointManager:
     """CheckpointManager on WORKDIR/checkpoints keeping the last `keep` steps plus the best.
 
-    "Best" is the lowest `best_metric` among checkpoints saved with metrics.
+    "Best" is the lowest `best_metric` among checkpoints saved with metrics. Orbax writes
+    those metrics into each step's directory (`metrics/`) only when it is given a
+    `best_fn`, so that a resumed run knows the old steps' metrics and keeps their best.
     """
     policies = [checkpoint_managers.LatestN(n=keep)]
     if best_metric:
@@ -78,6 +81,8 @@ def manager(
             keep_checkpoints_without_metrics=False,
         ))
     options = ocp.CheckpointManagerOptions(
+        best_fn=(lambda m: m[best_metric]) if best_metric else None,
+        best_mode="min",
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         read_only=read_only,
@@ -186,10 +191,11 @@ def all_finite(tree: Any) -> bool:
     return all(bool(f) for f in jax.device_get(_finite_flags(tree)))
 
 
-def quarantine(mngr: ocp.CheckpointManager, step: int) -> pathlib.Path:
-    """Move a bad step to WORKDIR/corrupt_checkpoints/<step>[.n] (kept for inspection)."""
+def quarantine(mngr: ocp.CheckpointManager, step: int, folder: str = QUARANTINE_DIR) -> pathlib.Path:
+    """Move a bad step to WORKDIR/corrupt_checkpoints/<step>[.n] (or another `folder` of
+    WORKDIR), kept for inspection."""
     source = step_dir(mngr, step)
-    target_dir = source.parent.parent / QUARANTINE_DIR
+    target_dir = source.parent.parent / folder
     target_dir.mkdir(exist_ok=True)
     target, n = target_dir / str(step), 1
     while target.exists():
@@ -233,7 +239,7 @@ def restore_good(
         message = f"checkpoint {step_dir(mngr, step)} is unusable: {problem}"
         if move_bad:
             moved = quarantine(mngr, step) if jax.process_index() == 0 else None
-            _sync(f"ffl_quarantine_{step}")
+            sync(f"ffl_quarantine_{step}")
             mngr.reload()
             message += f"; moved to {moved}" if moved else ""
         warnings.warn(f"{message}; trying the previous one", stacklevel=2)
@@ -251,7 +257,8 @@ def _shared_verdict(mngr: ocp.CheckpointManager, step: int) -> tuple[Optional[bo
     return verified, problem
 
 
-def _sync(name: str) -> None:
+def sync(name: str) -> None:
+    """Wait until every process reaches the point called `name` (nothing with one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -26,8 +26,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="run directory: config, checkpoints, metrics")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.num_steps=100 model.num_layers=2")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from WORKDIR's latest checkpoint (a fresh start if it has none)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, type=int, metavar="STEP",
+                        help="continue from WORKDIR's latest checkpoint (a fresh start if it has none), or from "
+                             "checkpoint STEP, setting the later ones aside")
     parser.add_argument("--init-from", metavar="RUNDIR",
                         help="initialise parameters from another run directory (fine-tuning, converted HF weights)")
 
@@ -58,7 +59,8 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         parallel.initialize_distributed()
         cfg = load_config(args.config, overrides=args.set)
-        summary = train(cfg, args.workdir, resume=args.resume, init_from=args.init_from)
+        resume_step = None if isinstance(args.resume, bool) else args.resume
+        summary = train(cfg, args.workdir, resume=bool(args.resume), init_from=args.init_from, resume_step=resume_step)
     except _bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

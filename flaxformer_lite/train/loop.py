@@ -369,6 +369,7 @@ def train(
     resume: bool = False,
     init_from: Optional[str | pathlib.Path] = None,
     stop_at: Optional[int] = None,
+    resume_step: Optional[int] = None,
 ) -> dict:
     """Train `cfg` into `workdir`; return the summary (also written to summary.json).
 
@@ -378,6 +379,9 @@ def train(
       converted HF weights); parameters it lacks, e.g. a new classifier, start fresh.
     stop_at: stop after this step, checkpointing first; a later resume continues
       exactly where it left off.
+    resume_step: resume from this checkpoint step instead of the latest (say the best
+      one before a divergence); the later steps are moved to
+      WORKDIR/set_aside_checkpoints/, not deleted.
 
     Raises safety.WorkdirBusy if another run holds workdir, and a safety.RunStopped
     (Preempted, NonFiniteStop, SaveFailed) when the run stops early; that is raised
@@ -385,6 +389,7 @@ def train(
     """
     started = time.perf_counter()
     workdir = pathlib.Path(workdir)
+    resume = resume or resume_step is not None
     if resume and init_from is not None:
         raise ConfigError("--resume and --init-from exclude each other: a resumed run already has params")
     setup = prepare_data(cfg)
@@ -404,19 +409,31 @@ def train(
         peak = cfg.train.peak_flops or flops.matmul_peak_flops(cfg.model.dtype)
 
         with parallel.use_mesh(mesh, cfg.parallel):
-            run = _start(cfg, setup, workdir, mesh, resume, loaded, init_from, peak, log)
+            run = _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, peak, log)
             last_step = cfg.train.num_steps if stop_at is None else min(stop_at, cfg.train.num_steps)
             stopped = _run_steps(run, signals, last_step, started)
             stopped = _wait_for_saves(run, stopped)
+            hint = _resume_hint(run, stopped)
             run.bar.close()
             run.it.close()
             run.mngr.close()
         summary = _finish(run, stopped, peak, cfg.train.peak_flops is None, started)
     if stopped is not None:
-        config = workdir / checkpoint.CONFIG_FILE
-        resume_hint = f"resume with: flaxformer-lite train --config {config} --workdir {workdir} --resume"
-        raise type(stopped)(f"{stopped}; {resume_hint}", stopped.step)
+        raise type(stopped)(f"{stopped}; {hint}", stopped.step)
     return summary
+
+
+def _resume_hint(run: _Run, stopped: Optional[safety.RunStopped]) -> str:
+    """How to go on: resume from the latest checkpoint, or after a divergence from the
+    best one (by eval_loss) when later ones exist."""
+    command = f"flaxformer-lite train --config {run.workdir / checkpoint.CONFIG_FILE} --workdir {run.workdir} --resume"
+    best = run.mngr.best_step() if isinstance(stopped, safety.NonFiniteStop) else None
+    if best is None or best == run.mngr.latest_step():
+        return f"resume with: {command}"
+    loss = run.mngr.metrics(best)["eval_loss"]
+    return (f"the best checkpoint is {checkpoint.step_dir(run.mngr, best)} (eval_loss {loss:.4g}); the later ones "
+            f"may hold the state that diverged: go on from the best with a lower train.learning_rate: "
+            f"{command} {best} --set train.learning_rate=...")
 
 
 def _check_batch_split(cfg: Config, mesh) -> None:
@@ -428,13 +445,15 @@ def _check_batch_split(cfg: Config, mesh) -> None:
         )
 
 
-def _start(cfg, setup, workdir, mesh, resume, loaded, init_from, peak, log) -> _Run:
+def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, peak, log) -> _Run:
     """Write config.yaml; the train state (resumed, initialised from `loaded`, or fresh)."""
     prog = programs(cfg, mesh)
     main = jax.process_index() == 0
     if main:
         checkpoint.write_config(workdir, cfg)
     mngr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints, best_metric="eval_loss")
+    if resume_step is not None:
+        _set_aside_after(mngr, resume_step, log)
     it = iter(setup.train)
     start_step, tokens_seen, streak = 0, 0.0, 0
     restored = None
@@ -480,6 +499,18 @@ def _start(cfg, setup, workdir, mesh, resume, loaded, init_from, peak, log) -> _
         bar=tqdm(total=tc.num_steps, initial=start_step, disable=not main, unit="step", dynamic_ncols=True),
         log=log,
     )
+
+
+def _set_aside_after(mngr, step: int, log) -> None:
+    """Move the checkpoints after `step` to WORKDIR/set_aside_checkpoints/."""
+    steps = mngr.all_steps()
+    if step not in steps:
+        raise ConfigError(f"--resume {step}: {mngr.directory} has no checkpoint of step {step}; it has {sorted(steps)}")
+    for later in sorted(s for s in steps if s > step):
+        moved = checkpoint.quarantine(mngr, later, checkpoint.SET_ASIDE_DIR) if jax.process_index() == 0 else None
+        checkpoint.sync(f"ffl_set_aside_{later}")
+        mngr.reload()
+        log(f"--resume {step}: moved checkpoint {later} to {moved}")
 
 
 def _run_steps(run: _Run, signals: safety.StopSignals, last_step: int, started: float) -> Optional[safety.RunStopped]:
