@@ -2,6 +2,7 @@
 
     flaxformer-lite convert --from-hf DIR --to WORKDIR      # config.yaml + orbax params (+ tokenizer.json)
     flaxformer-lite convert --from WORKDIR --to-hf DIR      # config.json + model.safetensors (+ tokenizer.json)
+    flaxformer-lite convert --from WORKDIR --to-hf DIR --max-shard-size 2GB   # shards + index, as transformers
 
 A converted WORKDIR is what train (--init-from), generate and viz read. Bad input prints
 one `error: ...` line naming the file, key or tensor, and exits with status 2 before
@@ -17,6 +18,7 @@ import shutil
 import sys
 
 from flaxformer_lite.interop import families
+from flaxformer_lite.interop.weights import DEFAULT_MAX_SHARD_SIZE
 
 EXIT_BAD_INPUT = 2
 HF_CONFIG_COPY = "hf_config.json"  # the source config.json, kept so --to-hf writes the same family
@@ -35,6 +37,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, help="--from: checkpoint step (default: the latest)")
     parser.add_argument("--model-type", choices=sorted(families.FAMILIES),
                         help="--to-hf: HF family (default: the one converted from, else inferred)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
+                        help="--to-hf: split the weights into shards of at most SIZE (e.g. 2GB, 500MB) with "
+                             "model.safetensors.index.json, as transformers does (default: %(default)s)")
     parser.add_argument("--scan-layers", action="store_true", help="--from-hf: stack layers for nn.scan")
     parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="--from-hf: dtype to store parameters in")
@@ -80,7 +85,7 @@ def _to_hf(args: argparse.Namespace) -> dict:
         model_type = json.loads((workdir / HF_CONFIG_COPY).read_text()).get("model_type")
     # The byte tokenizer has no tokenizer.json form; anything else is a file to copy along.
     tokenizer = None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer
-    hf.save(cfg.model, params, out, model_type=model_type, tokenizer=tokenizer)
+    hf.save(cfg.model, params, out, model_type=model_type, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
     written = json.loads((out / hf.CONFIG_FILE).read_text())
     return {"hf_dir": str(out), "model_type": written["model_type"], "architecture": written["architectures"][0],
             "tokenizer": str(out / hf.TOKENIZER_FILE) if tokenizer else None}

@@ -12,9 +12,9 @@ opened. Local folders only; nothing is downloaded. Names and layouts are in fami
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
+import math
 import pathlib
 import shutil
 import warnings
@@ -25,21 +25,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from flaxformer_lite.config import ConfigError, ModelConfig, validate_model
-from flaxformer_lite.interop import families
+from flaxformer_lite import parallel as parallel_lib
+from flaxformer_lite.config import ConfigError, ModelConfig, ParallelConfig, validate_model
+from flaxformer_lite.interop import families, weights
 from flaxformer_lite.interop.layout import HFError
-from flaxformer_lite.models import build_model, dummy_inputs, stack_layers, unstack_layers
+from flaxformer_lite.interop.weights import INDEX_FILE, WEIGHTS_FILE
+from flaxformer_lite.models import build_model, dummy_inputs, param_logical_axes, stack_layers
 
 __all__ = ["HFError", "load", "load_tokenizer", "read_config", "save"]
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
-PICKLED_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 # Settings of how we run the weights, not what they compute: load() accepts them.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "scan_layers", "remat_policy")
 # Settings for training from scratch; mapped where HF has them, not required to round-trip.
@@ -75,74 +72,17 @@ def read_config(path) -> dict:
     return hf
 
 
-def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    """The safetensors files of a folder (sharded or not); refuse pickle-only folders."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise HFError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
-        names = sorted(set(weight_map.values()))
-        for name in names:
-            # The index is data from elsewhere: it may name only files beside it.
-            if pathlib.PurePath(name).name != name or not (folder / name).is_file():
-                raise HFError(f"{index} names shard {name!r}, which is not a file in {folder}")
-        return [folder / name for name in names]
-    if (folder / WEIGHTS_FILE).is_file():
-        return [folder / WEIGHTS_FILE]
-    pickled = [name for name in PICKLED_FILES if (folder / name).exists()]
-    pickled += [p.name for p in sorted(folder.glob("pytorch_model-*.bin"))]
-    if pickled:
-        raise HFError(
-            f"{folder} holds only pickled weights ({', '.join(pickled)}). Loading a pickle can run "
-            "arbitrary code, so flaxformer_lite never opens one. Convert it once, in an environment you "
-            "trust, to safetensors: `python -c \"from transformers import AutoModel; "
-            "AutoModel.from_pretrained('DIR').save_pretrained('NEW_DIR')\"` (transformers writes "
-            "model.safetensors; use the model's own class, e.g. AutoModelForCausalLM, to keep its head), "
-            "or download the checkpoint's safetensors files from the Hub"
-        )
-    raise HFError(f"{folder} has no {WEIGHTS_FILE} or {INDEX_FILE}: nothing to load")
-
-
-class _Checkpoint:
-    """The tensors of a folder's safetensors files, read one at a time on demand."""
-
-    def __init__(self, files: list[pathlib.Path], stack: contextlib.ExitStack):
-        self._handles = {}
-        self._file = {}
-        for file in files:
-            handle = stack.enter_context(safe_open(str(file), framework="numpy"))
-            for name in handle.keys():
-                if name in self._file:
-                    raise HFError(f"tensor {name} appears in both {self._file[name].name} and {file.name}")
-                self._file[name] = file
-                self._handles[name] = handle
-
-    def keys(self) -> set[str]:
-        return set(self._file)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[name].get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> str:
-        return self._handles[name].get_slice(name).get_dtype()
-
-    def where(self, name: str) -> str:
-        return self._file[name].name
-
-    def get(self, name: str) -> np.ndarray:
-        return self._handles[name].get_tensor(name)
-
-
 class _Arrays(dict):
-    """In-memory tensors being exported, seen the way a checkpoint is."""
+    """Tensors being exported (weights.Pending), seen the way a checkpoint is."""
 
     def keys(self) -> set[str]:
         return set(super().keys())
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self[name].shape
+
+    def get(self, name: str) -> np.ndarray:
+        return self[name].make()
 
 
 def _listing(names: Iterable[str], limit: int = 12) -> str:
@@ -159,16 +99,77 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.unbox(tree), sep="/").items()}
 
 
-def load(path, *, skip: Iterable[str] = (), **runtime) -> tuple[ModelConfig, dict]:
+def _layer_slots(paths: list[str]) -> dict[str, tuple[str, Optional[int]]]:
+    """Unrolled parameter path -> (its path once stacked, its layer), as stack_layers places it."""
+    ids = traverse_util.unflatten_dict({tuple(p.split("/")): np.int32(i) for i, p in enumerate(paths)})
+    slots = {}
+    for path, i in traverse_util.flatten_dict(stack_layers(ids), sep="/").items():
+        i = np.asarray(i)
+        for layer, j in enumerate(i.reshape(-1)):
+            slots[paths[int(j)]] = (path, layer if i.ndim else None)
+    return slots
+
+
+def _read_params(ckpt: weights.Checkpoint, maps: list, cfg: ModelConfig, shapes: dict, shardings: Optional[dict]) -> dict:
+    """Our parameters, filled tensor by tensor from the checkpoint, cast to param_dtype and
+    placed (on `shardings`, flat paths -> Sharding, else the default device) as each is done.
+
+    One parameter (a whole layer stack when layers are scanned) is in host memory at a time,
+    beside a read buffer of weights.CHUNK_BYTES.
+    """
+    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    slots = _layer_slots(list(shapes)) if cfg.scan_layers else {p: (p, None) for p in shapes}
+    pending = collections.Counter(path for path, _ in slots.values())
+    final_shapes = {path: shapes[p] if layer is None else (pending[path],) + shapes[p]
+                    for p, (path, layer) in slots.items()}
+    host, params = {}, {}
+    # All layers of a stacked parameter one after another, so each is finished and freed early.
+    for m in sorted(maps, key=lambda m: [slots[p][0] for p in m.ours]):
+        outs = []
+        for p in m.ours:
+            path, layer = slots[p]
+            if path not in host:
+                host[path] = np.empty(final_shapes[path], dtype)
+            outs.append(host[path] if layer is None else host[path][layer])
+        for start, rows in ckpt.read_rows(m.hf):
+            m.rows_into(rows, start, outs)
+        for p in m.ours:
+            pending[slots[p][0]] -= 1
+        for path in dict.fromkeys(slots[p][0] for p in m.ours):
+            if not pending[path]:
+                values = host.pop(path)
+                if shardings is None:
+                    params[path] = jax.device_put(values)
+                else:  # each device (of this host) gets only its slice
+                    params[path] = jax.make_array_from_callback(values.shape, shardings[path], values.__getitem__)
+                params[path].block_until_ready()  # before the host copy goes
+    return traverse_util.unflatten_dict(params, sep="/")
+
+
+def load(
+    path,
+    *,
+    skip: Iterable[str] = (),
+    mesh: Optional[jax.sharding.Mesh] = None,
+    parallel: Optional[ParallelConfig] = None,
+    **runtime,
+) -> tuple[ModelConfig, dict]:
     """(ModelConfig, {'params': ...}) of a local HF model folder.
+
+    Tensors are read one at a time (sharded checkpoints too), converted, cast to
+    param_dtype and placed before the next is read, so host memory holds one tensor
+    beyond the parameters themselves (docs/interop.md, "Large checkpoints").
 
     Args:
       path: folder with config.json and model.safetensors (or a sharded index).
       skip: prefixes of checkpoint tensors to drop knowingly, e.g. BERT's next-sentence
         head ("cls.seq_relationship."), which no model here has. Anything else the
         checkpoint holds beyond what config.json describes is an error.
+      mesh: place each parameter on this mesh, sharded by its logical axes under
+        `parallel`'s rules (default ParallelConfig()); without it, on the default device.
+      parallel: the rules for `mesh`.
       runtime: how to run the weights, not what they compute: any of RUNTIME_FIELDS,
-        e.g. scan_layers=True, param_dtype="bfloat16".
+        e.g. scan_layers=True, param_dtype="bfloat16" (float32 files load into bfloat16).
     """
     unknown = set(runtime) - set(RUNTIME_FIELDS)
     if unknown:
@@ -179,52 +180,52 @@ def load(path, *, skip: Iterable[str] = (), **runtime) -> tuple[ModelConfig, dic
         family = families.family_for(hf.get("model_type"))
     except HFError as e:
         raise HFError(f"{folder / CONFIG_FILE}: {e}") from None
-    files = _weight_files(folder)
-    with contextlib.ExitStack() as stack:
-        ckpt = _Checkpoint(files, stack)
-        keys = ckpt.keys()
-        base = family.prefix if any(k.startswith(family.prefix) for k in keys) else ""
-        try:
-            cfg, redundant = family.config_in(hf, ckpt, base)
-            cfg = validate_model(dataclasses.replace(cfg, **runtime))
-        except (HFError, ConfigError) as e:
-            raise HFError(f"{folder / CONFIG_FILE}: {e}") from None
-        _warn_unusable_ids(folder / CONFIG_FILE, cfg)
-        maps = family.maps(cfg, base, keys)
-        wanted = {m.hf for m in maps}
-        missing = wanted - keys
-        unexpected = {
-            k for k in keys - wanted - redundant
-            if not families.is_buffer(family, k) and not k.startswith(tuple(skip))
-        }
-        if missing or unexpected:
+    ckpt = weights.open_checkpoint(folder)
+    keys = ckpt.keys()
+    base = family.prefix if any(k.startswith(family.prefix) for k in keys) else ""
+    try:
+        cfg, redundant = family.config_in(hf, ckpt, base)
+        cfg = validate_model(dataclasses.replace(cfg, **runtime))
+    except (HFError, ConfigError) as e:
+        raise HFError(f"{folder / CONFIG_FILE}: {e}") from None
+    _warn_unusable_ids(folder / CONFIG_FILE, cfg)
+    maps = family.maps(cfg, base, keys)
+    wanted = {m.hf for m in maps}
+    missing = wanted - keys
+    unexpected = {
+        k for k in keys - wanted - redundant
+        if not families.is_buffer(family, k) and not k.startswith(tuple(skip))
+    }
+    if missing or unexpected:
+        raise HFError(
+            f"{folder}: the tensors do not match what config.json describes for "
+            f"{hf['model_type']}:\n  missing: {_listing(missing) or '-'}\n  unexpected: "
+            f"{_listing(unexpected) or '-'}\nA missing tensor means a different or truncated "
+            "checkpoint. An unexpected one is a head or option not supported here; drop it "
+            "knowingly with hf.load(..., skip=('PREFIX.',))"
+        )
+    shapes = _expected_shapes(cfg)
+    for m in maps:  # every tensor checked before any is read
+        where = f"{ckpt.where(m.hf)}: tensor {m.hf}"
+        if ckpt.dtype(m.hf) not in _FLOAT_DTYPES:
+            allowed = ", ".join(_FLOAT_DTYPES)
+            raise HFError(f"{where} has dtype {ckpt.dtype(m.hf)}; weights must be floating point ({allowed})")
+        ours = [shapes[p] for p in m.ours]
+        if ckpt.shape(m.hf) != m.hf_shape(ours):
             raise HFError(
-                f"{folder}: the tensors do not match what config.json describes for "
-                f"{hf['model_type']}:\n  missing: {_listing(missing) or '-'}\n  unexpected: "
-                f"{_listing(unexpected) or '-'}\nA missing tensor means a different or truncated "
-                "checkpoint. An unexpected one is a head or option not supported here; drop it "
-                "knowingly with hf.load(..., skip=('PREFIX.',))"
+                f"{where} has shape {ckpt.shape(m.hf)}, but config.json implies {m.hf_shape(ours)}: "
+                "the config and the weights disagree"
             )
-        shapes = _expected_shapes(cfg)
-        dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-        flat = {}
-        for m in maps:
-            where = f"{folder / ckpt.where(m.hf)}: tensor {m.hf}"
-            if ckpt.dtype(m.hf) not in _FLOAT_DTYPES:
-                allowed = ", ".join(_FLOAT_DTYPES)
-                raise HFError(f"{where} has dtype {ckpt.dtype(m.hf)}; weights must be floating point ({allowed})")
-            ours = [shapes[p] for p in m.ours]
-            if ckpt.shape(m.hf) != m.hf_shape(ours):
-                raise HFError(
-                    f"{where} has shape {ckpt.shape(m.hf)}, but config.json implies {m.hf_shape(ours)}: "
-                    "the config and the weights disagree"
-                )
-            flat.update(zip(m.ours, m.to_ours(ckpt.get(m.hf).astype(dtype), ours)))
-    if set(flat) != set(shapes):  # a map table out of step with the models: a bug here
-        unmapped, extra = _listing(set(shapes) - set(flat)), _listing(set(flat) - set(shapes))
-        raise HFError(f"internal: unmapped {unmapped}, extra {extra}")
-    params = traverse_util.unflatten_dict({k: jnp.asarray(x) for k, x in flat.items()}, sep="/")
-    return cfg, {"params": stack_layers(params) if cfg.scan_layers else params}
+    mapped = collections.Counter(p for m in maps for p in m.ours)
+    if set(mapped) != set(shapes) or max(mapped.values()) > 1:  # a map table out of step with the models: a bug here
+        unmapped, extra = _listing(set(shapes) - set(mapped)), _listing(set(mapped) - set(shapes))
+        twice = _listing(p for p, n in mapped.items() if n > 1)
+        raise HFError(f"internal: unmapped {unmapped or '-'}, extra {extra or '-'}, mapped twice {twice or '-'}")
+    shardings = None
+    if mesh is not None:
+        specs = parallel_lib.logical_to_sharding(mesh, parallel or ParallelConfig(), param_logical_axes(cfg))
+        shardings = traverse_util.flatten_dict(specs["params"], sep="/")
+    return cfg, {"params": _read_params(ckpt, maps, cfg, shapes, shardings)}
 
 
 def _warn_unusable_ids(config_file: pathlib.Path, cfg: ModelConfig) -> None:
@@ -300,6 +301,40 @@ def _check_round_trip(cfg: ModelConfig, back: ModelConfig, model_type: str) -> N
         )
 
 
+def _unrolled(tree: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, weights.Pending]:
+    """Our parameters by unrolled path, from a scanned or unrolled tree, each fetched to the
+    host only when asked for (one layer of a stacked leaf at a time). Checked against the
+    shapes the config builds."""
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    stacked = any("layers" in p.split("/") for p in flat)
+    slots = _layer_slots(list(shapes)) if stacked else {p: (p, None) for p in shapes}
+    out = {}
+    for p, (path, layer) in slots.items():
+        if path in flat:
+            x = flat[path]
+            shape = tuple(np.shape(x))
+            if layer is None:
+                out[p] = weights.Pending(shape, np.dtype(x.dtype), lambda x=x: np.asarray(jax.device_get(x)))
+            elif shape and layer < shape[0]:
+                out[p] = weights.Pending(shape[1:], np.dtype(x.dtype), lambda x=x, i=layer: np.asarray(jax.device_get(x[i])))
+    used = {slots[p][0] for p in out}
+    depth = collections.Counter(path for path, layer in slots.values() if layer is not None)
+    for path, layers in depth.items():
+        if path in flat and np.shape(flat[path])[:1] != (layers,):
+            raise HFError(f"params {path}: {np.shape(flat[path])}, but the config stacks {layers} layers there: "
+                          "params and config disagree")
+    for p in sorted(set(shapes) | set(out)):
+        if p not in out or out[p].shape != shapes[p]:
+            got = out[p].shape if p in out else "absent"
+            raise HFError(f"params {p}: {got}, but the config builds {shapes[p]}: params and config disagree")
+        if not jnp.issubdtype(out[p].dtype, jnp.floating):
+            raise HFError(f"params {p} has dtype {out[p].dtype}; weights must be floating point")
+    for path in sorted(set(flat) - used):
+        raise HFError(f"params {path}: {np.shape(flat[path])}, but the config builds no such parameter: "
+                      "params and config disagree")
+    return out
+
+
 def save(
     cfg: ModelConfig,
     params: Any,
@@ -307,8 +342,12 @@ def save(
     *,
     model_type: Optional[str] = None,
     tokenizer: Optional[str | pathlib.Path] = None,
+    max_shard_size: int | str = weights.DEFAULT_MAX_SHARD_SIZE,
 ) -> pathlib.Path:
     """Write config.json + model.safetensors (+ tokenizer.json) that transformers loads.
+
+    Tensors are converted and written one at a time, a scanned layer stack one layer at
+    a time: host memory holds one tensor beyond the parameters.
 
     Args:
       cfg, params: a model here; params as init_params/load return them ({'params': ...})
@@ -319,43 +358,43 @@ def save(
         decoders, gpt2 otherwise. A config the family cannot express is an error naming
         the field.
       tokenizer: a tokenizer.json (or a folder holding one) to copy beside the weights.
+      max_shard_size: above this many bytes (an int, or "2GB", "500MB", "1GiB"), write
+        shards model-0000i-of-0000n.safetensors and model.safetensors.index.json as
+        transformers does; a tensor larger than this gets a shard to itself.
 
     Returns the folder.
     """
     model_type = model_type or families.infer_model_type(cfg)
     family = families.family_for(model_type)
+    max_shard_bytes = weights.parse_size(max_shard_size)
     if tokenizer is not None:
         tokenizer_file = pathlib.Path(tokenizer)
         tokenizer_file = tokenizer_file / TOKENIZER_FILE if tokenizer_file.is_dir() else tokenizer_file
         if not tokenizer_file.is_file():
             raise HFError(f"tokenizer {tokenizer_file}: no such file; pass a tokenizer.json or a folder holding one")
     tree = params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
-    flat = traverse_util.flatten_dict(jax.device_get(unstack_layers(nn.unbox(tree))), sep="/")
     shapes = _expected_shapes(cfg)
-    for p in sorted(set(shapes) | set(flat)):
-        if p not in flat or p not in shapes or tuple(np.shape(flat[p])) != shapes[p]:
-            got = np.shape(flat[p]) if p in flat else "absent"
-            raise HFError(
-                f"params {p}: {got}, but the config builds {shapes.get(p, 'no such parameter')}: "
-                "params and config disagree"
-            )
-        if not jnp.issubdtype(flat[p].dtype, jnp.floating):
-            raise HFError(f"params {p} has dtype {flat[p].dtype}; weights must be floating point")
+    ours = _unrolled(nn.unbox(tree), shapes)
 
     hf_config = family.config_out(cfg, model_type)
     architecture = family.architecture(cfg, model_type)
     base = "" if architecture in families.BASE_MODELS else family.prefix
     maps = family.maps(cfg, base, None)
-    tensors = _Arrays(
-        {m.hf: m.to_hf([np.asarray(flat[p]) for p in m.ours]) for m in maps if all(p in flat for p in m.ours)}
-    )
+    tensors = _Arrays({
+        m.hf: weights.Pending(
+            m.hf_shape([ours[p].shape for p in m.ours]),
+            np.result_type(*(ours[p].dtype for p in m.ours)),
+            lambda m=m: m.to_hf([ours[p].make() for p in m.ours]),
+        )
+        for m in maps if all(p in ours for p in m.ours)
+    })
     family.export_extras(cfg, tensors)
     try:
         back, _ = family.config_in({**hf_config, "model_type": model_type}, tensors, base)
     except HFError as e:
         raise HFError(f"cannot export to HF {model_type}: {e}") from None
     _check_round_trip(cfg, back, model_type)
-    uncovered = set(flat) - {p for m in maps for p in m.ours}
+    uncovered = set(ours) - {p for m in maps for p in m.ours}
     unfilled = {m.hf for m in maps} - set(tensors)
     if uncovered or unfilled:
         raise HFError(
@@ -369,8 +408,7 @@ def save(
     hf_config = {"architectures": [architecture], "model_type": model_type, **hf_config,
                  "dtype": dtypes.most_common(1)[0][0]}
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    # transformers checks this metadata key; "pt" is what its own files carry.
-    save_file(dict(tensors), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    weights.write(out, tensors, max_shard_bytes, total_parameters=sum(math.prod(x.shape) for x in ours.values()))
     if tokenizer is not None:
         shutil.copyfile(tokenizer_file, out / TOKENIZER_FILE)
     return out

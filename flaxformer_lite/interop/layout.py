@@ -65,14 +65,37 @@ class Map:
 
     def to_ours(self, w: np.ndarray, our_shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Split/transpose/reshape an HF tensor into our parameters."""
-        w = w[self.row_offset :]
-        parts = [self._hf_2d(s) for s in our_shapes]
-        if self._transposed:
-            w = w.T
-        # Transposed, a Linear's output axis is last too: split fused parts along it.
-        sizes = [p[-1] for p in parts]
-        pieces = np.split(w, np.cumsum(sizes)[:-1], axis=-1) if len(parts) > 1 else [w]
-        return [np.ascontiguousarray(p).reshape(s) for p, s in zip(pieces, our_shapes)]
+        outs = [np.empty(s, w.dtype) for s in our_shapes]
+        self.rows_into(w, 0, outs)
+        return outs
+
+    def rows_into(self, rows: np.ndarray, start: int, outs: Sequence[np.ndarray]) -> None:
+        """Write rows `start, start + len(rows)` of the HF tensor into our parameters.
+
+        `outs` are our parameters, C-contiguous and allocated by the caller, in any dtype:
+        the values are cast as they are copied. Feeding a tensor's rows in chunks fills
+        them with no full-size temporary (hf.load reads large tensors this way).
+        """
+        skip = max(self.row_offset - start, 0)
+        rows, start = rows[skip:], start + skip - self.row_offset
+        stop = start + len(rows)
+        offset = 0  # of this part along the axis the fused parts are concatenated on
+        for out in outs:
+            out_2d = out.view()
+            out_2d.shape = self._hf_2d(out.shape)  # a view, or an error: never a copy written to
+            size = out_2d.shape[-1]
+            if out_2d.ndim == 1 or self._transposed:
+                # Parts follow each other along the HF rows: copy where this chunk overlaps.
+                lo, hi = max(start, offset), min(stop, offset + size)
+                if lo < hi:
+                    piece = rows[lo - start : hi - start]
+                    if out_2d.ndim == 1:
+                        out_2d[lo - offset : hi - offset] = piece
+                    else:
+                        out_2d[:, lo - offset : hi - offset] = piece.T
+            else:  # HF rows are our input axis; parts sit side by side in the columns
+                out_2d[start:stop] = rows[:, offset : offset + size]
+            offset += size
 
     def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         """Our parameter(s) as the HF tensor."""

@@ -55,3 +55,23 @@ def test_row_offset_drops_leading_rows_and_restores_zeros():
     back = m.to_hf([ours])
     np.testing.assert_array_equal(back[2:], table[2:])
     assert not back[:2].any()
+
+
+@pytest.mark.parametrize("m, our_shapes", [
+    (Map("q.weight", ("query",), "linear", in_axes=1), [(D, N, H)]),
+    (Map("o.weight", ("out",), "linear", in_axes=2), [(N, H, D)]),
+    (Map("c_attn", ("q", "k", "v"), "reshape", in_axes=1), [(D, N, H)] * 3),
+    (Map("c_attn.bias", ("q", "k", "v"), "reshape", in_axes=0), [(N, H)] * 3),
+    (Map("gate_up", ("wg", "wi"), "linear", in_axes=1), [(D, F), (D, F)]),
+    (Map("position_embeddings.weight", ("pos",), row_offset=2), [(8, D)]),
+], ids=["linear", "linear out", "fused conv1d", "fused bias", "fused linear", "row offset"])
+def test_rows_in_chunks_fill_what_the_whole_tensor_gives(m, our_shapes):
+    hf = rng.standard_normal(m.hf_shape(our_shapes)).astype(np.float32)
+    whole = m.to_ours(hf, our_shapes)
+    outs = [np.full(s, np.nan, np.float64) for s in our_shapes]
+    cuts = np.sort(rng.choice(np.arange(1, len(hf)), size=min(3, len(hf) - 1), replace=False))
+    for start, stop in zip([0, *cuts], [*cuts, len(hf)]):
+        m.rows_into(hf[start:stop], int(start), outs)
+    for out, ref in zip(outs, whole):
+        assert out.dtype == np.float64  # cast on the way in
+        np.testing.assert_array_equal(out, ref)

@@ -1,0 +1,286 @@
+"""Safetensors weight files of an HF folder, read and written one tensor at a time.
+
+A folder holds model.safetensors, or shards listed in model.safetensors.index.json
+(`{"weight_map": {tensor: file}}`), as transformers' `save_pretrained(max_shard_size=...)`
+writes them. Reading and writing both go tensor by tensor, so a checkpoint never needs
+to fit in host memory twice.
+
+Reading: `safe_open` checks each file's header (offsets inside the file, sizes matching
+shapes); the bytes are then read with plain reads, in row chunks, into one reused buffer.
+safe_open's own tensors are copied out of a memory map that stays mapped until the file
+is closed, and every page touched counts in the process's resident memory: loading a
+4 GB float32 file that way shows 4 GB more RSS than the parameters need.
+
+Writing: each file's header is computed from shapes and dtypes before any tensor
+exists; then each tensor is made, written and dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+from typing import Callable, Iterator, Optional, Sequence
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from flaxformer_lite.interop.layout import HFError
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLED_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"  # transformers' names
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
+CHUNK_BYTES = 16 << 20  # read size: large enough for full-speed reads, small beside any model
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# huggingface_hub's units (decimal, as in "5GB"), and binary ones.
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    file: pathlib.Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # of the tensor's first byte in the file
+
+
+def _header(file: pathlib.Path) -> dict[str, _Entry]:
+    try:
+        with safe_open(str(file), framework="numpy"):  # validates the header against the file
+            pass
+    except (SafetensorError, OSError) as e:
+        raise HFError(f"{file}: not a readable safetensors file ({e})") from None
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return {
+        name: _Entry(file, h["dtype"], tuple(h["shape"]), 8 + size + h["data_offsets"][0])
+        for name, h in header.items()
+    }
+
+
+class Checkpoint:
+    """The tensors of a folder's safetensors files, each read only when asked for."""
+
+    def __init__(self, files: Sequence[pathlib.Path]):
+        self._entries: dict[str, _Entry] = {}
+        self._buffer = np.empty(0, np.uint8)
+        for file in files:
+            for name, entry in _header(file).items():
+                if name in self._entries:
+                    raise HFError(f"tensor {name} appears in both {self._entries[name].file.name} and {file.name}")
+                self._entries[name] = entry
+
+    def keys(self) -> set[str]:
+        return set(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name: F32, BF16, ..."""
+        return self._entries[name].dtype
+
+    def where(self, name: str) -> pathlib.Path:
+        return self._entries[name].file
+
+    def _numpy_dtype(self, name: str) -> np.dtype:
+        entry = self._entries[name]
+        if entry.dtype not in DTYPES:
+            raise HFError(f"{entry.file}: tensor {name} has dtype {entry.dtype}, which is not read here")
+        return DTYPES[entry.dtype]
+
+    def get(self, name: str) -> np.ndarray:
+        """The whole tensor, in its file's dtype."""
+        out = np.empty(self.shape(name), self._numpy_dtype(name))
+        for start, rows in self.read_rows(name):
+            out[start : start + len(rows)] = rows
+        return out
+
+    def read_rows(self, name: str, chunk_bytes: Optional[int] = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows) of a tensor along its first axis, about chunk_bytes (default
+        CHUNK_BYTES) at a time.
+
+        Each chunk is a view of one reused buffer, valid until the next is read: copy
+        what you keep. A 0-d tensor comes as one chunk of shape ().
+        """
+        entry, dtype = self._entries[name], self._numpy_dtype(name)
+        chunk_bytes = chunk_bytes or CHUNK_BYTES
+        shape = entry.shape or (1,)
+        row_bytes = dtype.itemsize * math.prod(shape[1:])
+        step = max(1, chunk_bytes // row_bytes) if row_bytes else shape[0]
+        if self._buffer.nbytes < min(step, shape[0]) * row_bytes:
+            self._buffer = np.empty(min(step, shape[0]) * row_bytes, np.uint8)
+        with open(entry.file, "rb", buffering=0) as f:
+            f.seek(entry.offset)
+            for start in range(0, shape[0], step):
+                count = min(step, shape[0] - start)
+                view = memoryview(self._buffer)[: count * row_bytes]
+                while view:  # a read may return less than asked
+                    done = f.readinto(view)
+                    if not done:
+                        raise HFError(f"{entry.file}: ends inside tensor {name}; the file is truncated")
+                    view = view[done:]
+                rows = self._buffer[: count * row_bytes].view(dtype).reshape((count,) + shape[1:])
+                yield start, rows.reshape(entry.shape) if not entry.shape else rows
+
+
+def open_checkpoint(folder: pathlib.Path) -> Checkpoint:
+    """The folder's safetensors weights (sharded or not); pickle-only folders are refused."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            listed = {str(tensor): str(file) for tensor, file in weight_map.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise HFError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
+        names = sorted(set(listed.values()))
+        for name in names:
+            # The index is data from elsewhere: it may name only files beside it.
+            if pathlib.PurePath(name).name != name:
+                raise HFError(f"{index} names shard {name!r}, which is not a file name in {folder}")
+            if not (folder / name).is_file():
+                tensors = [t for t, f in listed.items() if f == name]
+                raise HFError(
+                    f"{folder / name}: no such file, but {index.name} lists it as the shard holding "
+                    f"{len(tensors)} tensors ({tensors[0]}, ...): copy or download every shard the index names"
+                )
+        ckpt = Checkpoint([folder / name for name in names])
+        for tensor, name in listed.items():
+            if tensor not in ckpt.keys() or ckpt.where(tensor).name != name:
+                raise HFError(f"{index} lists tensor {tensor} in {name}, which does not hold it")
+        return ckpt
+    if (folder / WEIGHTS_FILE).is_file():
+        return Checkpoint([folder / WEIGHTS_FILE])
+    pickled = [name for name in PICKLED_FILES if (folder / name).exists()]
+    pickled += [p.name for p in sorted(folder.glob("pytorch_model-*.bin"))]
+    if pickled:
+        raise HFError(
+            f"{folder} holds only pickled weights ({', '.join(pickled)}). Loading a pickle can run "
+            "arbitrary code, so flaxformer_lite never opens one. Convert it once, in an environment you "
+            "trust, to safetensors: `python -c \"from transformers import AutoModel; "
+            "AutoModel.from_pretrained('DIR').save_pretrained('NEW_DIR')\"` (transformers writes "
+            "model.safetensors; use the model's own class, e.g. AutoModelForCausalLM, to keep its head), "
+            "or download the checkpoint's safetensors files from the Hub"
+        )
+    raise HFError(f"{folder} has no {WEIGHTS_FILE} or {INDEX_FILE}: nothing to load")
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A tensor to be written: its shape and dtype now, its values when `make()` is called."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    make: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in a shard size: an int, or a string as transformers takes it ("2GB", "500MB", "1GiB")."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        text = str(size).strip().upper()
+        unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if text.endswith(u)), None)
+        try:
+            value = int(float(text[: -len(unit)]) * _UNITS[unit]) if unit else int(text)
+        except ValueError:
+            value = None
+        if value is None:
+            raise HFError(f"max_shard_size={size!r}: write bytes or a size such as 2GB, 500MB or 1GiB")
+    if value <= 0:
+        raise HFError(f"max_shard_size={size!r}: must be positive")
+    return value
+
+
+def _split(tensors: dict[str, Pending], max_bytes: int) -> list[list[str]]:
+    """Names per shard, in order, as huggingface_hub splits a state dict: a tensor that
+    would take the shard past max_bytes starts the next one; one larger than max_bytes
+    has a shard to itself."""
+    shards, current, size = [], [], 0
+    for name, tensor in tensors.items():
+        if tensor.nbytes > max_bytes:
+            shards.append([name])
+            continue
+        if current and size + tensor.nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += tensor.nbytes
+    return shards + [current] if current else shards
+
+
+def _write_file(file: pathlib.Path, tensors: dict[str, Pending], metadata: dict[str, str]) -> None:
+    # As safetensors orders them: by alignment, then name, so every tensor starts aligned.
+    names = sorted(tensors, key=lambda n: (-tensors[n].dtype.itemsize, n))
+    header, offset = {"__metadata__": metadata}, 0
+    for name in names:
+        t = tensors[name]
+        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name in names:
+            t = tensors[name]
+            values = np.ascontiguousarray(t.make(), dtype=t.dtype)
+            if values.shape != t.shape:  # a Pending whose make() disagrees with it: a bug
+                raise HFError(f"internal: tensor {name} made with shape {values.shape}, announced {t.shape}")
+            f.write(values.reshape(-1).view(np.uint8))
+
+
+def write(
+    folder: pathlib.Path,
+    tensors: dict[str, Pending],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    total_parameters: Optional[int] = None,
+) -> list[pathlib.Path]:
+    """Write tensors as model.safetensors, or as shards with their index when they exceed
+    max_shard_size; remove weight files an earlier save left in the folder. Returns the
+    files written."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _NAMES:
+            raise HFError(f"tensor {name} has dtype {tensor.dtype}, which safetensors files here do not hold")
+    shards = _split(tensors, parse_size(max_shard_size))
+    if len(shards) == 1:
+        files = [WEIGHTS_FILE]
+    else:
+        files = [SHARD_FILE.format(index=i + 1, count=len(shards)) for i in range(len(shards))]
+    for old in folder.iterdir():
+        if old.name not in files and (old.name in (WEIGHTS_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(old.name)):
+            old.unlink()
+    for file, names in zip(files, shards):
+        # transformers checks this metadata key; "pt" is what its own files carry.
+        _write_file(folder / file, {n: tensors[n] for n in names}, {"format": "pt"})
+    if len(files) > 1:
+        metadata = {"total_size": sum(t.nbytes for t in tensors.values())}
+        if total_parameters is not None:
+            metadata["total_parameters"] = total_parameters
+        weight_map = {n: file for file, names in zip(files, shards) for n in names}
+        index = {"metadata": metadata, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return [folder / file for file in files]

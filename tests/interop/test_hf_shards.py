@@ -1,0 +1,117 @@
+"""Sharded safetensors folders: read tensor by tensor (onto a mesh too), written as transformers writes them."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from flax import traverse_util
+
+from flaxformer_lite import cli, parallel
+from flaxformer_lite.config import ParallelConfig
+from flaxformer_lite.interop import hf, parity, weights
+from flaxformer_lite.models import param_logical_axes, stack_layers
+
+transformers.logging.set_verbosity_error()
+
+
+def _shard_size(model) -> int:
+    """A shard size that splits the model's float32 tensors into exactly two files: the
+    first stops within one tensor (at most 9% of the total here) of 55%, so the rest fits."""
+    sizes = [4 * t.numel() for t in model.state_dict().values()]
+    assert max(sizes) < 0.09 * sum(sizes)
+    return int(0.55 * sum(sizes))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny random Llama saved by transformers whole and in two shards."""
+    root = tmp_path_factory.mktemp("shards")
+    model = parity.build_hf("llama", root / "whole")
+    model.save_pretrained(root / "two", max_shard_size=_shard_size(model))
+    return model, root
+
+
+def _flat(params):
+    return traverse_util.flatten_dict(jax.device_get(params), sep="/")
+
+
+def test_transformers_shards_load_as_the_whole_file(folders, monkeypatch):
+    _, root = folders
+    index = json.loads((root / "two" / hf.INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) == 2
+    cfg, whole = hf.load(root / "whole")
+    # Reads of a few rows at a time: every tensor arrives in several pieces.
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 200)
+    cfg_two, two = hf.load(root / "two")
+    assert cfg_two == cfg
+    a, b = _flat(whole), _flat(two)
+    assert a.keys() == b.keys()
+    for path in a:
+        np.testing.assert_array_equal(b[path], a[path], err_msg=path)
+
+
+def test_our_shards_are_what_transformers_writes_and_reads(folders, tmp_path):
+    model, root = folders
+    cfg, params = hf.load(root / "whole")
+    out = hf.save(cfg, params, tmp_path / "out", model_type="llama", max_shard_size=_shard_size(model))
+    ours = json.loads((out / hf.INDEX_FILE).read_text())
+    theirs = json.loads((root / "two" / hf.INDEX_FILE).read_text())
+    assert ours["metadata"] == theirs["metadata"]  # total_size and total_parameters
+    assert ours["weight_map"].keys() == theirs["weight_map"].keys()
+    assert sorted(set(ours["weight_map"].values())) == sorted(set(theirs["weight_map"].values()))
+    reloaded = parity.hf_class("llama").from_pretrained(out)
+    assert parity.round_trip_changes(model, reloaded) == []
+    _, back = hf.load(out)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+
+    # Saved again whole into the same folder: the shards and their index are gone.
+    hf.save(cfg, params, out, model_type="llama")
+    assert sorted(p.name for p in out.glob("model*")) == [hf.WEIGHTS_FILE]
+
+
+def test_scanned_bfloat16_params_export_in_shards(folders, tmp_path):
+    model, root = folders
+    cfg, params = hf.load(root / "whole", scan_layers=True, param_dtype="bfloat16")
+    out = hf.save(cfg, params, tmp_path / "out", model_type="llama", max_shard_size="100KB")
+    assert json.loads((out / hf.CONFIG_FILE).read_text())["dtype"] == "bfloat16"
+    assert len(set(json.loads((out / hf.INDEX_FILE).read_text())["weight_map"].values())) == 2
+    _, back = hf.load(out, scan_layers=True, param_dtype="bfloat16")
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_missing_shard_is_one_line_naming_the_file_and_its_index(folders, tmp_path, capsys):
+    _, root = folders
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "two", broken)
+    (broken / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(hf.HFError) as err:
+        hf.load(broken)
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(broken / "model-00002-of-00002.safetensors") in message and hf.INDEX_FILE in message
+    assert cli.main(["convert", "--from-hf", str(broken), "--to", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_load_onto_a_mesh_places_each_tensor_on_its_sharding(folders, scan_layers):
+    _, root = folders
+    pcfg = ParallelConfig(data=2, fsdp=2, tensor=2)
+    mesh = parallel.make_mesh(pcfg)
+    assert mesh.devices.size == 8
+    cfg, params = hf.load(root / "two", mesh=mesh, parallel=pcfg, scan_layers=scan_layers, param_dtype="bfloat16")
+    _, reference = hf.load(root / "whole")
+    if scan_layers:
+        reference = {"params": stack_layers(reference["params"])}
+    expected = _flat(parallel.logical_to_sharding(mesh, pcfg, param_logical_axes(cfg)))
+    got, ref = traverse_util.flatten_dict(params, sep="/"), _flat(reference)
+    assert got.keys() == ref.keys() == expected.keys()
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in expected.values())
+    for path, x in got.items():
+        assert x.sharding == expected[path], path
+        assert x.dtype == jax.numpy.bfloat16
+        np.testing.assert_array_equal(np.asarray(x), ref[path].astype(jax.numpy.bfloat16), err_msg=path)
