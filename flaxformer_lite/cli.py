@@ -1,9 +1,9 @@
-"""`flaxformer-lite {train,eval,generate,embed,summary,convert,viz,bench,prepare,tokenizer}`.
+"""`flaxformer-lite {train,eval,generate,embed,summary,convert,viz,bench,serve,prepare,tokenizer}`.
 
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args)`;
 only the chosen command's module is imported, so `--help` stays fast.
 
-The commands that compile a model (train, eval, generate, embed) keep XLA's compiled
+The commands that compile a model (train, eval, generate, embed, serve) keep XLA's compiled
 programs in a persistent cache, so a resumed or repeated run skips the compile. Those and
 `bench` first tune the host's malloc to keep XLA:CPU's step buffers mapped (host.py).
 """
@@ -24,13 +24,14 @@ COMMANDS = {
     "convert": ("flaxformer_lite.interop.commands", "convert", "convert HF <-> flaxformer_lite"),
     "viz": ("flaxformer_lite.model_commands", "viz", "plot attention weights or position encodings"),
     "bench": ("flaxformer_lite.bench", "bench", "run benchmarks"),
+    "serve": ("flaxformer_lite.serve.commands", "serve", "an OpenAI-compatible HTTP server with continuous batching"),
     "prepare": ("flaxformer_lite.data.commands", "prepare", "tokenize a corpus once into shards of token ids"),
     "tokenizer": ("flaxformer_lite.data.commands", "tokenizer", "train a tokenizer.json on a corpus"),
 }
 
 # Commands whose compiled programs are worth keeping across runs; `bench` measures
 # compile time, so it never reads the cache.
-CACHED_COMMANDS = ("train", "eval", "generate", "embed")
+CACHED_COMMANDS = ("train", "eval", "generate", "embed", "serve")
 # Commands that run compiled programs: the host's malloc is tuned before JAX starts.
 TUNED_MALLOC_COMMANDS = CACHED_COMMANDS + ("bench",)
 COMPILATION_CACHE_ENV = "FLAXFORMER_LITE_COMPILATION_CACHE"

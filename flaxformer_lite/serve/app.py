@@ -1,0 +1,518 @@
+"""The HTTP side: OpenAI's /v1 routes as a Starlette (ASGI) app over the engine.
+
+    app = build_app(Served(name, engine=engine, tokenizer=tok, ...))
+    # POST /v1/completions, /v1/chat/completions, /v1/embeddings; GET /v1/models, /health
+
+Handlers run on the event loop and never call JAX: they validate the JSON, tokenize,
+submit sequences to the engine (which runs JAX on its own thread) and turn its events,
+handed over with `loop.call_soon_threadsafe`, into a JSON body or server-sent events.
+Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 bad
+parameters, 404 unknown model, 429 (with Retry-After) when the queue is full, 503 while
+the server drains, 500 when the model fails on a request (non-finite logits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import secrets
+import time
+import uuid
+from typing import Any, Callable, Optional
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from flaxformer_lite.serve.engine import Draining, EngineError, QueueFull, SamplingParams
+
+RETRY_AFTER_S = 1
+# Sampling knobs OpenAI defines that this server does not implement: any value but the
+# neutral one is refused by name rather than ignored.
+_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "logit_bias": {}, "suffix": ""}
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        kind = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
+                503: "service_unavailable", 500: "server_error"}.get(self.status, "server_error")
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status in (429, 503) else None
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+@dataclasses.dataclass
+class Served:
+    """What one server serves: a model name and either an engine (decoder-only models:
+    completions and chat) or an embedder (encoders: embeddings)."""
+
+    name: str
+    tokenizer: Any
+    max_len: int
+    engine: Any = None  # serve.engine.Engine
+    embedder: Any = None  # serve.embeddings.Embedder
+    chat_template: Any = None  # data.chat.ChatTemplate or None
+    add_bos: bool = False
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    compilations: Callable[[], int] = lambda: 0
+
+    @property
+    def draining(self) -> bool:
+        worker = self.engine or self.embedder
+        return worker.draining
+
+
+# ------------------------------------------------------------------------ request parsing
+
+
+def _get(body: dict, key: str, kind, default, check: Optional[Callable[[Any], bool]] = None, rule: str = ""):
+    value = body.get(key, default)
+    if value is None:
+        value = default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+        raise ApiError(400, f"'{key}' must be {kind.__name__ if not isinstance(kind, tuple) else 'a string or a list'}"
+                       f", got {value!r}", key)
+    if value is not None and check is not None and not check(value):
+        raise ApiError(400, f"'{key}'={value!r} is out of range: it must be {rule}", key)
+    return value
+
+
+def _check_model(served: Served, body: dict) -> None:
+    model = body.get("model")
+    if model is not None and model != served.name:
+        raise ApiError(404, f"The model '{model}' does not exist: this server serves '{served.name}' (GET /v1/models)",
+                       "model", "model_not_found")
+
+
+def _unsupported(body: dict) -> None:
+    for key, neutral in _NEUTRAL.items():
+        value = body.get(key)
+        if value is not None and value != neutral:
+            raise ApiError(400, f"'{key}' is not supported by this server; leave it out (or at {neutral!r})", key)
+
+
+def _sampling(body: dict, *, logprobs: Optional[int], echo_logprobs: bool) -> tuple[SamplingParams, int]:
+    """(SamplingParams, n) from the request body."""
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of them", "stop")
+    top_k = _get(body, "top_k", int, 0)
+    seed = _get(body, "seed", int, None)
+    max_tokens = _get(body, "max_completion_tokens", int, None)
+    max_tokens = _get(body, "max_tokens", int, 16 if max_tokens is None else max_tokens)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_get(body, "temperature", float, 1.0),
+        top_p=_get(body, "top_p", float, 1.0),
+        top_k=0 if top_k == -1 else top_k,  # vLLM spells "off" as -1
+        seed=secrets.randbits(32) if seed is None else seed,
+        stop=tuple(stop),
+        stop_token_ids=tuple(_get(body, "stop_token_ids", list, [])),
+        ignore_eos=_get(body, "ignore_eos", bool, False),
+        logprobs=logprobs,
+        echo_logprobs=echo_logprobs,
+    )
+    n = _get(body, "n", int, 1, lambda v: 1 <= v <= 64, "in [1, 64]")
+    return params, n
+
+
+def _prompts(served: Served, prompt) -> list[list[int]]:
+    """Token ids of each prompt: a string, a list of strings, a list of ids or of id lists."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string, list of strings, or list of token ids", "prompt")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompt = [prompt]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            if not p:
+                raise ApiError(400, "the prompt is empty: give at least one character of text", "prompt")
+            out.append(served.tokenizer.encode(p, bos=served.add_bos))
+        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            out.append(list(p))
+        else:
+            raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids", "prompt")
+    return out
+
+
+# ------------------------------------------------------------------------ running sequences
+
+
+class _Run:
+    """The sequences of one request and their events, on the event loop."""
+
+    def __init__(self, served: Served, request: Request):
+        self.served, self.request = served, request
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.handles = []
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int) -> None:
+        engine = self.served.engine
+        try:
+            for p in prompts:
+                engine.check(p, params)
+            for i, p in enumerate(prompts):
+                for j in range(n):
+                    index = i * n + j
+                    sink = lambda event, index=index: self.loop.call_soon_threadsafe(  # noqa: E731
+                        self.events.put_nowait, (index, event)
+                    )
+                    self.handles.append(engine.submit(p, dataclasses.replace(params, choice=j), sink))
+        except EngineError as e:
+            self.cancel()
+            raise ApiError(e.status, str(e)) from None
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+    async def events_until_done(self):
+        """(index, event) pairs until every sequence is done; cancels all if the client leaves."""
+        open_ = len(self.handles)
+        try:
+            while open_:
+                try:
+                    index, event = await asyncio.wait_for(self.events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await self.request.is_disconnected():
+                        return
+                    continue
+                if event["type"] == "done":
+                    open_ -= 1
+                yield index, event
+        finally:
+            if open_:
+                self.cancel()
+
+
+def _failure(events: list[dict]) -> Optional[ApiError]:
+    for event in events:
+        if event["finish_reason"] == "error":
+            return ApiError(500, event["error"], code="model_error")
+        if event["finish_reason"] == "cancelled":
+            return ApiError(503, "the server shut down before this request finished")
+    return None
+
+
+def _usage(done: list[dict], prompts: list[list[int]]) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(e["completion_tokens"] for e in done)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _Stream(StreamingResponse):
+    """Server-sent events whose sequences are cancelled when the response ends early
+    (the client went away): their slots free at the engine's next step."""
+
+    def __init__(self, content, run: _Run):
+        super().__init__(content, media_type="text/event-stream")
+        self._run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._run.cancel()
+
+
+def _sse(payload) -> bytes:
+    return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+
+# ------------------------------------------------------------------------ completions
+
+
+def _completion_logprobs(infos: list, offset: int) -> dict:
+    """OpenAI's completions `logprobs` object for TokenInfos; prompt ones may be None (first)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for info in infos:
+        text = "" if info is None else info.text
+        out["tokens"].append(text)
+        out["token_logprobs"].append(None if info is None else info.logprob)
+        out["top_logprobs"].append(None if info is None else dict(info.top))
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+async def completions(request: Request) -> Response:
+    served: Served = request.app.state.served
+    body = await _json_body(request, served)
+    if served.engine is None:
+        raise ApiError(400, f"'{served.name}' is an encoder: it serves /v1/embeddings, not completions", "model")
+    _unsupported(body)
+    prompts = _prompts(served, body.get("prompt"))
+    echo = _get(body, "echo", bool, False)
+    logprobs = _get(body, "logprobs", int, None)
+    params, n = _sampling(body, logprobs=logprobs, echo_logprobs=echo and logprobs is not None)
+    stream = _get(body, "stream", bool, False)
+    run = _Run(served, request)
+    run.submit(prompts, params, n)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    prompt_texts = [served.tokenizer.decode(p) for p in prompts] if echo else None
+
+    def prompt_logprobs(done: dict) -> list:
+        return (done.get("prompt_logprobs") or []) if echo else []
+
+    if stream:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def sse():
+            chunk = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
+            done_events, offsets = [], {}
+            async for index, event in run.events_until_done():
+                choice = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
+                if echo and index not in offsets:
+                    choice["text"] = prompt_texts[index // n]
+                offsets.setdefault(index, len(choice["text"]))
+                if event["type"] == "token":
+                    choice["text"] += event["text"]
+                    if logprobs is not None:
+                        choice["logprobs"] = _completion_logprobs(event["tokens"], offsets[index])
+                    offsets[index] += len(event["text"])
+                else:
+                    failure = _failure([event])
+                    if failure:
+                        yield _sse({"error": {"message": failure.message, "code": failure.code}})
+                        run.cancel()
+                        return
+                    done_events.append(event)
+                    choice["finish_reason"] = event["finish_reason"]
+                    if logprobs is not None and echo:
+                        choice["logprobs"] = _completion_logprobs(prompt_logprobs(event), 0)
+                yield _sse({**chunk, "choices": [choice]})
+            if include_usage:
+                yield _sse({**chunk, "choices": [], "usage": _usage(done_events, prompts)})
+            yield _sse(b"[DONE]")
+
+        return _Stream(sse(), run)
+
+    infos, done = {}, {}
+    async for index, event in run.events_until_done():
+        if event["type"] == "token":
+            infos.setdefault(index, []).extend(event["tokens"])
+        else:
+            done[index] = event
+    if len(done) < len(run.handles):
+        return Response(status_code=499)  # the client has gone
+    failure = _failure(list(done.values()))
+    if failure:
+        raise failure
+    choices = []
+    for index in sorted(done):
+        event = done[index]
+        text = event["text"]
+        lp = None
+        if echo:
+            text = prompt_texts[index // n] + text
+        if logprobs is not None:
+            prompt_part = prompt_logprobs(event)
+            lp = _completion_logprobs(prompt_part + infos.get(index, []), 0)
+        choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": event["finish_reason"]})
+    return JSONResponse({
+        "id": rid, "object": "text_completion", "created": created, "model": served.name,
+        "choices": choices, "usage": _usage(list(done.values()), prompts),
+    })
+
+
+# ------------------------------------------------------------------------ chat
+
+
+def _chat_prompt(served: Served, body: dict) -> list[int]:
+    from flaxformer_lite.data.chat import ChatTemplateError
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content}", "messages")
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}]
+            parts = m["content"]
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
+            messages[i] = {**m, "content": "".join(p.get("text", "") for p in parts)}
+    if served.chat_template is None:
+        raise ApiError(400, f"'{served.name}' has no chat template (chat_template.jinja or tokenizer_config.json's "
+                       "chat_template): use /v1/completions", "messages")
+    try:
+        text = served.chat_template.render(messages, add_generation_prompt=True,
+                                           **(body.get("chat_template_kwargs") or {}))
+    except ChatTemplateError as e:
+        raise ApiError(400, str(e), "messages") from None
+    if not text:
+        raise ApiError(400, "the chat template rendered these messages as empty text", "messages")
+    return served.tokenizer.encode(text, special=True)
+
+
+async def chat_completions(request: Request) -> Response:
+    served: Served = request.app.state.served
+    body = await _json_body(request, served)
+    if served.engine is None:
+        raise ApiError(400, f"'{served.name}' is an encoder: it serves /v1/embeddings, not chat", "model")
+    _unsupported(body)
+    prompt = _chat_prompt(served, body)
+    want_logprobs = _get(body, "logprobs", bool, False)
+    top = _get(body, "top_logprobs", int, 0) if want_logprobs else None
+    params, n = _sampling(body, logprobs=top, echo_logprobs=False)
+    stream = _get(body, "stream", bool, False)
+    run = _Run(served, request)
+    run.submit([prompt], params, n)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chat_logprobs(infos):
+        if not want_logprobs:
+            return None
+        return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
+                             "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top]}
+                            for t in infos]}
+
+    if stream:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def sse():
+            chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
+            started, done_events = set(), []
+            async for index, event in run.events_until_done():
+                delta = {} if index in started else {"role": "assistant", "content": ""}
+                started.add(index)
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+                if event["type"] == "token":
+                    delta["content"] = event["text"]
+                    choice["logprobs"] = chat_logprobs(event["tokens"])
+                else:
+                    failure = _failure([event])
+                    if failure:
+                        yield _sse({"error": {"message": failure.message, "code": failure.code}})
+                        run.cancel()
+                        return
+                    done_events.append(event)
+                    choice["finish_reason"] = event["finish_reason"]
+                yield _sse({**chunk, "choices": [choice]})
+            if include_usage:
+                yield _sse({**chunk, "choices": [], "usage": _usage(done_events, [prompt])})
+            yield _sse(b"[DONE]")
+
+        return _Stream(sse(), run)
+
+    infos, done = {}, {}
+    async for index, event in run.events_until_done():
+        if event["type"] == "token":
+            infos.setdefault(index, []).extend(event["tokens"])
+        else:
+            done[index] = event
+    if len(done) < len(run.handles):
+        return Response(status_code=499)
+    failure = _failure(list(done.values()))
+    if failure:
+        raise failure
+    choices = [{
+        "index": i, "message": {"role": "assistant", "content": done[i]["text"]},
+        "logprobs": chat_logprobs(infos.get(i, [])), "finish_reason": done[i]["finish_reason"],
+    } for i in sorted(done)]
+    return JSONResponse({
+        "id": rid, "object": "chat.completion", "created": created, "model": served.name,
+        "choices": choices, "usage": _usage(list(done.values()), [prompt]),
+    })
+
+
+# ------------------------------------------------------------------------ embeddings, models, health
+
+
+async def embeddings(request: Request) -> Response:
+    served: Served = request.app.state.served
+    body = await _json_body(request, served)
+    if served.embedder is None:
+        raise ApiError(400, f"'{served.name}' is a generative model: /v1/embeddings needs an encoder (BERT-like)", "model")
+    inputs = body.get("input")
+    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs)):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs or any(i in ("", []) for i in inputs):
+        raise ApiError(400, "'input' must be a non-empty string or list of them (or token ids), none empty", "input")
+    if body.get("encoding_format", "float") != "float":
+        raise ApiError(400, "only encoding_format 'float' is supported", "encoding_format")
+    try:
+        vectors, tokens = await served.embedder.embed(inputs)
+    except EngineError as e:
+        raise ApiError(e.status, str(e), "input") from None
+    return JSONResponse({
+        "object": "list", "model": served.name,
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })
+
+
+async def models(request: Request) -> Response:
+    served: Served = request.app.state.served
+    return JSONResponse({"object": "list", "data": [{
+        "id": served.name, "object": "model", "created": served.created, "owned_by": "flaxformer_lite",
+        "max_model_len": served.max_len,
+    }]})
+
+
+async def health(request: Request) -> Response:
+    served: Served = request.app.state.served
+    engine = served.engine
+    body = {
+        "status": "draining" if served.draining else "ok",
+        "model": served.name,
+        "compilations_after_warmup": served.compilations(),
+    }
+    if engine is not None:
+        body.update(running=engine.busy() - engine.queued(), waiting=engine.queued(), max_batch=engine.max_batch,
+                    stats=dict(engine.stats))
+    return JSONResponse(body, status_code=503 if served.draining else 200)
+
+
+async def _json_body(request: Request, served: Served) -> dict:
+    if served.draining:
+        raise ApiError(503, "the server is shutting down and takes no new requests")
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    _check_model(served, body)
+    return body
+
+
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return exc.response()
+
+
+def build_app(served: Served, on_shutdown: Callable[[], None] = lambda: None) -> Starlette:
+    """The Starlette app serving `served`; `on_shutdown` runs when the server stops."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        on_shutdown()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        exception_handlers={ApiError: _api_error},
+        lifespan=lifespan,
+    )
+    app.state.served = served
+    return app

@@ -1,0 +1,177 @@
+"""`flaxformer-lite serve`: load a model, warm its engine up, serve HTTP until SIGTERM.
+
+    flaxformer-lite serve --hf DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-len T]
+    flaxformer-lite serve --workdir RUN
+
+SIGTERM (or Ctrl-C) drains: new requests get 503, those in flight finish (up to
+--drain-timeout seconds, then they are cut off), and the process exits 0. A second
+signal stops at once. Bad input prints one `error: ...` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import signal
+import sys
+import time
+
+EXIT_BAD_INPUT = 2
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `flaxformer-lite serve`."""
+    source = parser.add_argument_group("model (one of --workdir, --hf, --config)")
+    source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
+    source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, "
+                        "tokenizer files, chat template (encoders serve /v1/embeddings)")
+    source.add_argument("--config", help="alone: a randomly initialised model of this config, to try the server")
+    source.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="with --config: override config keys, e.g. --set model.num_layers=4")
+    source.add_argument("--step", type=int, help="checkpoint step to load from --workdir (default: the latest)")
+    parser.add_argument("--name", help="the model id clients pass as 'model' (default: the folder or config name)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="tokens per slot, prompt + completion (default: model.max_len, at most 2048)")
+    parser.add_argument("--chunk", type=int, default=64, help="prompt tokens prefilled per engine step")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests that may wait for a slot; more get 429 with Retry-After")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds SIGTERM waits for requests in flight before exiting")
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="prepend BOS to text prompts (default: yes for --workdir/--config runs, which train "
+                        "on bos+text+eos; no for --hf, whose chat template writes its own)")
+    parser.add_argument("--seed", type=int, default=0, help="--config: the random initialisation's seed")
+    parser.add_argument("--log-level", default="warning", help="uvicorn's log level (info logs every request)")
+
+
+def _load(args):
+    """(Served, engine-or-embedder) for the chosen model source."""
+    import jax
+
+    from flaxformer_lite import model_commands
+    from flaxformer_lite.config import ConfigError, load_config
+    from flaxformer_lite.data.chat import ChatTemplate
+    from flaxformer_lite.models import build_model, init_params
+    from flaxformer_lite.serve.app import Served
+
+    if args.set and not args.config:
+        raise ConfigError("--set overrides --config keys: add --config, or drop --set")
+    if args.config and not (args.workdir or args.hf):
+        cfg = load_config(args.config, overrides=args.set)
+        print(f"note: {args.config} with random weights", file=sys.stderr)
+        from flaxformer_lite import data
+
+        model_cfg, params = cfg.model, init_params(cfg.model, jax.random.key(args.seed))
+        tokenizer, from_hf, name = data.load_tokenizer(cfg.data.tokenizer), False, cfg.name
+        template_folder = cfg.data.tokenizer
+    else:
+        model_cfg, params, tokenizer, from_hf = model_commands._load_for_cli(args)
+        name = pathlib.Path(args.hf or args.workdir).resolve().name
+        if args.hf:
+            template_folder = args.hf
+        else:
+            from flaxformer_lite.checkpoint import read_config
+
+            template_folder = read_config(args.workdir).data.tokenizer
+    template_folder = pathlib.Path(template_folder)
+    template = ChatTemplate.from_folder(template_folder) if template_folder.is_dir() else None
+    params = jax.tree.map(jax.numpy.asarray, params)
+    model = build_model(model_cfg)
+    max_len = args.max_len or min(model_cfg.max_len, 2048)
+    served = Served(name=args.name or name, tokenizer=tokenizer, max_len=max_len, chat_template=template,
+                    add_bos=(not from_hf) if args.bos is None else args.bos)
+    if model_cfg.family == "encoder":
+        from flaxformer_lite.serve.embeddings import Embedder
+
+        if not args.hf:
+            raise ConfigError("an encoder serves /v1/embeddings from an HF folder: pass --hf DIR")
+        settings = model_commands.sentence_transformers_settings(args.hf)
+        max_len = min(args.max_len or settings.get("max_seq_length") or model_cfg.max_len, model_cfg.max_len)
+        served.max_len = max_len
+        served.embedder = Embedder(model, params, args.hf, pooling=settings.get("pooling", "mean"),
+                                   normalize=settings.get("normalize", True), max_len=max_len,
+                                   max_batch=args.max_batch)
+        return served, served.embedder
+    from flaxformer_lite.serve.engine import Engine
+
+    served.engine = Engine(model, params, tokenizer, max_batch=args.max_batch, max_len=max_len,
+                           chunk=args.chunk, max_queue=args.max_queue)
+    return served, served.engine
+
+
+class _CompileCounter:
+    """Counts XLA compilations (or persistent-cache loads) after it is armed."""
+
+    def __init__(self):
+        import jax
+
+        from flaxformer_lite.host import BACKEND_COMPILE_EVENT
+
+        self.count, self.armed = 0, False
+
+        def listener(event, duration, **kwargs):
+            if event == BACKEND_COMPILE_EVENT and self.armed:
+                self.count += 1
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`flaxformer-lite serve`: returns 0 after a drained shutdown, 2 for bad input."""
+    try:
+        import uvicorn
+
+        from flaxformer_lite.serve.app import build_app
+    except ImportError as e:
+        print(f"error: serving needs the serve extra ({e.name} is missing): pip install 'flaxformer_lite[serve]'",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    counter = _CompileCounter()
+    try:
+        if args.max_batch < 1 or args.chunk < 1 or args.max_queue < 0 or args.drain_timeout < 0:
+            raise ValueError("--max-batch and --chunk must be >= 1, --max-queue and --drain-timeout >= 0")
+        started = time.perf_counter()
+        served, worker = _load(args)
+        worker.start()
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, HFError included
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    counter.armed = True
+    served.compilations = lambda: counter.count
+    app = build_app(served, on_shutdown=worker.stop)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    server = _draining_server(config, worker, args.drain_timeout)
+    print(f"serving {served.name} on http://{args.host}:{args.port}/v1 (warm-up {time.perf_counter() - started:.1f} s)",
+          file=sys.stderr, flush=True)
+    server.run()
+    return 0
+
+
+def _draining_server(config, worker, drain_timeout: float):
+    """uvicorn's Server, whose first SIGTERM/SIGINT drains before it stops (see module)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        deadline = None
+
+        def handle_exit(self, sig, frame):
+            # uvicorn's own handler would stop at once and re-raise the signal on exit.
+            if self.deadline is None:
+                self.deadline = time.monotonic() + drain_timeout
+                worker.draining = True
+                print(f"draining: {worker.busy()} requests in flight", file=sys.stderr, flush=True)
+            else:  # a second signal: stop now
+                self.should_exit = True
+                self.force_exit = sig == signal.SIGINT
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.deadline is not None and (worker.busy() == 0 or time.monotonic() > self.deadline):
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    return Server(config)

@@ -1,0 +1,544 @@
+"""The serving engine: continuous batching over a fixed pool of KV-cache slots.
+
+    engine = Engine(model, params, tokenizer, max_batch=16, max_len=512)
+    engine.start()                                   # compiles its programs, then runs
+    handle = engine.submit(prompt_ids, SamplingParams(max_tokens=32), sink)
+    ...                                              # sink(event) is called per token
+    engine.stop()
+
+The pool holds `max_batch` slots; each is a batch-1 cache of decode.py's layout (the
+model's own 'cache' collection) and the pool stacks them on a leading slot axis. A
+decode step runs the model on every slot at once through `jax.vmap`, so each slot keeps
+its own write index, length and positions: a request joins a free slot between two
+steps and leaves it when it finishes, whatever the others are doing. The model's layers
+are not changed for this: under vmap, decode.py's scalar cache index is a per-slot one.
+
+Three compiled programs serve every request (`Engine.PROGRAMS`):
+  - `prefill`: one chunk of `chunk` prompt tokens into one slot (the last chunk is
+    padded; its padding slots are marked invalid and later overwritten), returning the
+    prompt tokens' log-probs (for `echo` + `logprobs`) and leaving the last position's
+    logits in the slot;
+  - `step`: for every slot, pick a token from its logits (greedy, or seeded sampling with
+    temperature, top-k, top-p), then run the model on it: one new token per slot;
+  - `embed` (encoder models only) runs ffl.embed on padded length buckets instead.
+A long prompt is prefilled one chunk per engine iteration, between decode steps, so the
+running streams wait at most one chunk's time for their next token.
+
+All JAX work runs on the engine's own thread; `submit` and `cancel` are thread-safe and
+return at once. Each request's events go to its `sink` (called on the engine thread):
+  {"type": "token", "text": new text, "tokens": [TokenInfo, ...]}   as text is final
+  {"type": "done", "finish_reason": "stop"|"length"|"cancelled"|"error", "text": full
+   text, "prompt_logprobs": [...] or None, "prompt_tokens": n, "completion_tokens": n,
+   "error": message or None}
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import queue
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxformer_lite import decode
+from flaxformer_lite.models import build_model
+
+TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit for completions)
+Sink = Callable[[dict], None]
+
+
+class EngineError(Exception):
+    """A request the engine cannot take; `status` is the HTTP status it maps to."""
+
+    status = 400
+
+
+class QueueFull(EngineError):
+    status = 429
+
+
+class Draining(EngineError):
+    status = 503
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to generate one sequence.
+
+    temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off. Sampling draws
+    token i from fold_in(fold_in(key(seed), choice), i): the same seed gives the same
+    text whatever else the engine is running. `stop` strings end the text before their
+    first occurrence; `stop_token_ids` end it after such a token (EOS included unless
+    `ignore_eos`). `logprobs` (0 to 5 alternatives, None: off) returns each new token's
+    log-probability; `echo_logprobs` also the prompt's.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    choice: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    echo_logprobs: bool = False
+
+
+@dataclasses.dataclass
+class TokenInfo:
+    """One generated token: id, its text, log p under the model, and the top alternatives."""
+
+    id: int
+    text: str
+    logprob: float
+    top: list  # [(token text, logprob), ...], best first
+
+
+class Handle:
+    """A submitted sequence; `cancel()` frees its slot at the engine's next step."""
+
+    def __init__(self, engine: "Engine", seq: "_Seq"):
+        self._engine, self._seq = engine, seq
+
+    def cancel(self) -> None:
+        self._seq.cancelled = True
+        self._engine._wake.set()
+
+
+@dataclasses.dataclass(eq=False)
+class _Seq:
+    prompt: list
+    params: SamplingParams
+    sink: Sink
+    slot: int = -1
+    filled: int = 0  # prompt tokens written to the slot's cache
+    tokens: list = dataclasses.field(default_factory=list)
+    token_infos: list = dataclasses.field(default_factory=list)
+    prompt_logprobs: Optional[list] = None
+    text: str = ""
+    sent: int = 0  # characters of `text` already sent
+    cancelled: bool = False
+    arrived: float = 0.0
+
+
+def _stop_cut(text: str, stops: Sequence[str], start: int) -> int:
+    """Index of the earliest stop string in `text` that ends at or after `start`; -1: none."""
+    cut = -1
+    for s in stops:
+        i = text.find(s, max(0, start - len(s) + 1))
+        if i >= 0 and (cut < 0 or i < cut):
+            cut = i
+    return cut
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could start a stop string (not yet safe to send)."""
+    held = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), held, -1):
+            if s.startswith(text[-n:]):
+                held = n
+                break
+    return held
+
+
+# ------------------------------------------------------------------------ the programs
+
+
+def _pick(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, choice_B, step_B):
+    """Each row's token: argmax where temperature is 0, else a seeded sample."""
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        scaled_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+        needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1))
+        filtered_BV = jax.lax.cond(
+            needs_filter, lambda: jax.vmap(decode.filter_top_k_top_p)(scaled_BV, top_k_B, top_p_B),
+            lambda: scaled_BV,
+        )
+
+        def one(seed, choice, step, logits_V):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), choice), step)
+            return jax.random.categorical(key, logits_V).astype(jnp.int32)
+
+        return jnp.where(temperature_B > 0, jax.vmap(one)(seed_B, choice_B, step_B, filtered_BV), greedy_B)
+
+    return jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda: greedy_B)
+
+
+def _logprob_summary(logits_TV, target_T):
+    """(log p of target [T], top-5 ids [T,5], their log p [T,5], all finite [T])."""
+    logp_TV = jax.nn.log_softmax(logits_TV, axis=-1)
+    chosen_T = jnp.take_along_axis(logp_TV, target_T[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp_TV, min(TOP_LOGPROBS, logits_TV.shape[-1]))
+    return chosen_T, top_ids.astype(jnp.int32), top_lp, jnp.all(jnp.isfinite(logits_TV), axis=-1)
+
+
+def _with_length(cache, length):
+    """A slot's cache set to hold `length` tokens: the write index, and validity cut there."""
+
+    def fix(path, x):
+        name = path[-1].key
+        if name == "index":
+            return jnp.asarray(length, x.dtype)
+        if name == "key_valid":
+            return x & (jnp.arange(x.shape[-1]) < length)
+        return x
+
+    return jax.tree_util.tree_map_with_path(fix, cache)
+
+
+def _apply_one(model, params, cache, ids_T, valid_T, positions_T):
+    """The model on one slot's tokens [T]: (float32 logits [T,V], updated cache)."""
+    out, mutated = model.apply(
+        {**params, "cache": cache}, ids_T[None], attention_mask=valid_T[None], positions=positions_T[None],
+        decode=True, mutable=["cache"],
+    )
+    return out.logits[0].astype(jnp.float32), mutated["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV"))
+def _prefill(model, params, pool, logits_BV, slot, start, ids_C, targets_C, n_valid):
+    """One prompt chunk into slot `slot` at cache position `start`."""
+    C = ids_C.shape[0]
+    cache = _with_length(jax.tree.map(lambda x: x[slot], pool), start)
+    valid_C = jnp.arange(C) < n_valid
+    logits_CV, cache = _apply_one(model, params, cache, ids_C, valid_C, start + jnp.arange(C, dtype=jnp.int32))
+    pool = jax.tree.map(lambda p, x: p.at[slot].set(x), pool, cache)
+    logits_BV = logits_BV.at[slot].set(logits_CV[n_valid - 1])
+    return pool, logits_BV, _logprob_summary(logits_CV, targets_C)
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV"))
+def _step(model, params, pool, logits_BV, length_B, temperature_B, top_k_B, top_p_B, seed_B, choice_B, step_B):
+    """Pick every slot's next token from its logits, then run the model on it.
+
+    Returns (pool, next logits, tokens [B], (log p [B], top ids [B,5], top log p [B,5],
+    finite [B])). Slots not in use compute too (fixed shapes); the host ignores them.
+    """
+    token_B = _pick(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, choice_B, step_B)
+    summary = _logprob_summary(logits_BV, token_B)
+
+    def one(cache, token, length):
+        cache = _with_length(cache, length)
+        logits_TV, cache = _apply_one(
+            model, params, cache, token[None], jnp.ones((1,), bool), length[None].astype(jnp.int32)
+        )
+        return logits_TV[0], cache
+
+    logits_BV, pool = jax.vmap(one)(pool, token_B, length_B)
+    return pool, logits_BV, token_B, summary
+
+
+# ------------------------------------------------------------------------ the engine
+
+
+class Engine:
+    """Continuous batching for a decoder-only model: see the module docstring.
+
+    Args:
+      model, params: a decoder-only model (`build_model`) and its {'params': ...}.
+      tokenizer: a flaxformer_lite.data Tokenizer (decode for text, eos ids for stops).
+      max_batch: slots, i.e. sequences decoded together.
+      max_len: cache positions per slot: prompt + max_tokens must fit (<= model.max_len).
+      chunk: prompt tokens prefilled per engine iteration.
+      max_queue: requests allowed to wait for a slot; more are refused (QueueFull).
+    """
+
+    PROGRAMS = ("prefill", "step")
+
+    def __init__(self, model, params, tokenizer, *, max_batch: int = 8, max_len: Optional[int] = None,
+                 chunk: int = 64, max_queue: int = 64):
+        cfg = model.cfg
+        if cfg.family != "decoder":
+            raise ValueError(f"serving completions needs a decoder-only model; this one has model.family={cfg.family!r}")
+        max_len = cfg.max_len if max_len is None else max_len
+        if not 1 <= max_len <= cfg.max_len:
+            raise ValueError(f"--max-len {max_len} must be in [1, model.max_len={cfg.max_len}]")
+        if max_batch < 1 or chunk < 1 or max_queue < 0:
+            raise ValueError(f"max_batch={max_batch} and chunk={chunk} must be >= 1, max_queue={max_queue} >= 0")
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.max_batch, self.max_len, self.chunk, self.max_queue = max_batch, max_len, chunk, max_queue
+        self.vocab_size = cfg.vocab_size
+        self.eos_ids = tuple(i for i in _eos_ids(tokenizer, cfg) if 0 <= i < cfg.vocab_size)
+        # Chunks start at multiples of `chunk` and are written whole: round the slots up so
+        # the last one fits (a cache shaped past model.max_len is only a cache: no position
+        # reaches past max_len, which the requests' checks keep below).
+        self.slots = -(-max_len // chunk) * chunk
+        shape_model = build_model(dataclasses.replace(cfg, max_len=max(cfg.max_len, self.slots)))
+        one, _ = decode._empty_cache(shape_model, 1, self.slots, 0)
+        self._pool = jax.tree.map(lambda x: jnp.zeros((max_batch, *x.shape), x.dtype), one)
+        self._logits = jnp.zeros((max_batch, cfg.vocab_size), jnp.float32)
+        self._free = list(range(max_batch))
+        self._running: dict[int, _Seq] = {}  # slot -> sequence
+        self._waiting: collections.deque = collections.deque()
+        self._incoming: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.draining = False
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self.stats = collections.Counter()
+        self._token_text: dict[int, str] = {}
+
+    # -- public, any thread
+
+    def start(self) -> None:
+        """Compile the programs (warm-up), then run the engine loop on its own thread."""
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(ready,), name="ffl-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """End the loop; sequences still running finish as 'cancelled'."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Sink) -> Handle:
+        """Queue one sequence; raises EngineError (400), QueueFull (429) or Draining (503)."""
+        if self.draining or self._stopping:
+            raise Draining("the server is shutting down and takes no new requests")
+        self.check(prompt, params)
+        if self.queued() >= self.max_queue + len(self._free):
+            raise QueueFull(f"{self.queued()} requests are waiting for a slot; retry shortly")
+        seq = _Seq(list(map(int, prompt)), params, sink, arrived=time.perf_counter())
+        self._incoming.put(seq)
+        self._wake.set()
+        return Handle(self, seq)
+
+    def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Raise EngineError naming the problem if the request cannot run."""
+        if not prompt:
+            raise EngineError("the prompt is empty: give at least one token of text")
+        bad = [i for i in prompt if not 0 <= int(i) < self.vocab_size]
+        if bad:
+            raise EngineError(f"prompt token id {bad[0]} is outside [0, {self.vocab_size}) = the model's vocabulary")
+        if params.max_tokens < 0:
+            raise EngineError(f"max_tokens={params.max_tokens} must be >= 0")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise EngineError(
+                f"the prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{len(prompt) + params.max_tokens} exceeds the context of {self.max_len} tokens: "
+                "shorten the prompt or lower max_tokens"
+            )
+        if params.max_tokens == 0 and not params.echo_logprobs:
+            raise EngineError("max_tokens=0 generates nothing: use it with echo and logprobs to score a prompt")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+            raise EngineError(
+                f"temperature={params.temperature} must be >= 0, top_p={params.top_p} in (0, 1], top_k={params.top_k} >= 0"
+            )
+        if params.logprobs is not None and not 0 <= params.logprobs <= TOP_LOGPROBS:
+            raise EngineError(f"logprobs={params.logprobs} must be in [0, {TOP_LOGPROBS}]")
+
+    def queued(self) -> int:
+        """Sequences submitted and not yet in a slot."""
+        return len(self._waiting) + self._incoming.qsize()
+
+    def busy(self) -> int:
+        """Sequences submitted and not finished."""
+        return self.queued() + len(self._running)
+
+    def run_job(self, fn: Callable[[], object]) -> "queue.SimpleQueue":
+        """Run fn() on the engine thread between steps; its result (or exception) is put
+        on the returned queue. For work that must share the engine's thread (embeddings)."""
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs.put((fn, out))
+        self._wake.set()
+        return out
+
+    # -- the engine thread
+
+    def _main(self, ready: threading.Event) -> None:
+        try:
+            self._warm_up()
+        except BaseException as e:  # reported by start()
+            self._error = e
+            ready.set()
+            return
+        ready.set()
+        while not self._stopping:
+            self._iteration()
+        for seq in list(self._running.values()) + list(self._waiting):
+            self._finish(seq, "cancelled")
+
+    def _warm_up(self) -> None:
+        """Compile prefill and step once: no request compiles anything afterwards."""
+        seq = _Seq([0], SamplingParams(max_tokens=1, ignore_eos=True), lambda event: None, slot=self._free.pop(0))
+        self._running[seq.slot] = seq
+        self._prefill_chunk(seq)
+        self._decode_step()
+        jax.block_until_ready((self._pool, self._logits))
+        self.stats.clear()
+
+    def _iteration(self) -> None:
+        while not self._jobs.empty():
+            fn, out = self._jobs.get()
+            try:
+                out.put((True, fn()))
+            except Exception as e:  # goes back to the caller
+                out.put((False, e))
+        while not self._incoming.empty():
+            self._waiting.append(self._incoming.get())
+        for seq in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(seq)
+            self._finish(seq, "cancelled")
+        for seq in [s for s in self._running.values() if s.cancelled]:
+            self._finish(seq, "cancelled")
+        while self._waiting and self._free:
+            seq = self._waiting.popleft()
+            seq.slot = self._free.pop(0)
+            self._running[seq.slot] = seq
+        prefilling = [s for s in self._running.values() if s.filled < len(s.prompt)]
+        if prefilling:
+            self._prefill_chunk(min(prefilling, key=lambda s: s.arrived))
+        if any(s.filled == len(s.prompt) for s in self._running.values()):
+            self._decode_step()
+        elif not prefilling:
+            self._wake.wait(0.05)
+            self._wake.clear()
+
+    def _prefill_chunk(self, seq: _Seq) -> None:
+        start, C = seq.filled, self.chunk
+        ids = seq.prompt[start:start + C]
+        n = len(ids)
+        targets = seq.prompt[start + 1:start + C + 1]
+        ids_C = np.zeros(C, np.int32)
+        targets_C = np.zeros(C, np.int32)
+        ids_C[:n], targets_C[:len(targets)] = ids, targets
+        self._pool, self._logits, summary = _prefill(
+            self.model, self.params, self._pool, self._logits, np.int32(seq.slot), np.int32(start),
+            ids_C, targets_C, np.int32(n),
+        )
+        self.stats["prefill_chunks"] += 1
+        seq.filled += n
+        if seq.params.echo_logprobs or not np.all(np.asarray(summary[3])[:n]):
+            self._record_prompt_logprobs(seq, summary, n)
+        if seq.filled == len(seq.prompt) and seq.params.max_tokens == 0:
+            self._finish(seq, "length")
+
+    def _record_prompt_logprobs(self, seq: _Seq, summary, n: int) -> None:
+        chosen, top_ids, top_lp, finite = (np.asarray(a)[:n] for a in summary)
+        if not finite.all():
+            self._finish(seq, "error", "the model's logits are not finite (NaN or inf) for this prompt")
+            return
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]  # the first token has no prefix to be predicted from
+        k = seq.params.logprobs or 0
+        last = seq.filled == len(seq.prompt)
+        for t in range(n - 1 if last else n):
+            target = seq.prompt[seq.filled - n + t + 1]
+            seq.prompt_logprobs.append(TokenInfo(
+                target, self._text_of(target), float(chosen[t]),
+                [(self._text_of(int(i)), float(lp)) for i, lp in zip(top_ids[t][:k], top_lp[t][:k])],
+            ))
+
+    def _decode_step(self) -> None:
+        B = self.max_batch
+        length = np.zeros(B, np.int32)
+        temperature, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
+        top_k, seed, choice, step = (np.zeros(B, np.int32) for _ in range(4))
+        seed = seed.astype(np.uint32)
+        decoding = [s for s in self._running.values() if s.filled == len(s.prompt)]
+        for s in self._running.values():
+            # Every slot runs; one still being prefilled keeps its length, so the token
+            # written past it is overwritten by its next chunk.
+            length[s.slot] = s.filled
+        for s in decoding:
+            p = s.params
+            length[s.slot] = len(s.prompt) + len(s.tokens)
+            temperature[s.slot], top_p[s.slot], top_k[s.slot] = p.temperature, p.top_p, p.top_k
+            seed[s.slot], choice[s.slot], step[s.slot] = p.seed % 2**32, p.choice, len(s.tokens)
+        self._pool, self._logits, token_B, summary = _step(
+            self.model, self.params, self._pool, self._logits, length, temperature, top_k, top_p, seed, choice, step,
+        )
+        self.stats["steps"] += 1
+        token_B, (lp_B, top_ids, top_lp, finite_B) = np.asarray(token_B), (np.asarray(a) for a in summary)
+        for s in decoding:
+            b = s.slot
+            if not finite_B[b]:
+                self._finish(s, "error", "the model's logits are not finite (NaN or inf) for this request")
+                continue
+            self._take_token(s, int(token_B[b]), float(lp_B[b]), top_ids[b], top_lp[b])
+
+    def _text_of(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token])
+        return text
+
+    def _take_token(self, seq: _Seq, token: int, logprob: float, top_ids, top_lp) -> None:
+        p = seq.params
+        seq.tokens.append(token)
+        stops_on_id = token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos)
+        if p.logprobs is not None:
+            k = p.logprobs
+            seq.token_infos.append(TokenInfo(
+                token, "" if stops_on_id else self._text_of(token), logprob,
+                [(self._text_of(int(i)), float(lp)) for i, lp in zip(top_ids[:k], top_lp[:k])],
+            ))
+        if stops_on_id:
+            self._finish(seq, "stop")
+            return
+        before = len(seq.text)
+        text = self.tokenizer.decode(seq.tokens)
+        cut = _stop_cut(text, p.stop, before) if p.stop else -1
+        if cut >= 0:
+            seq.text = text[:cut]
+            self._finish(seq, "stop")
+            return
+        seq.text = text
+        if len(seq.tokens) >= p.max_tokens:
+            self._finish(seq, "length")
+            return
+        # A trailing U+FFFD is a character split between tokens; text that may start a
+        # stop string waits until the next tokens decide it.
+        ready = len(text) - (_held_back(text, p.stop) if p.stop else 0)
+        if text.endswith("\ufffd"):
+            ready = min(ready, len(text.rstrip("\ufffd")))
+        if ready > seq.sent or p.logprobs is not None:
+            self._send(seq, ready)
+
+    def _send(self, seq: _Seq, ready: int) -> None:
+        delta, seq.sent = seq.text[seq.sent:ready], max(seq.sent, ready)
+        infos, seq.token_infos = seq.token_infos, []
+        seq.sink({"type": "token", "text": delta, "tokens": infos})
+
+    def _finish(self, seq: _Seq, reason: str, error: Optional[str] = None) -> None:
+        if seq.slot >= 0:
+            self._running.pop(seq.slot, None)
+            self._free.append(seq.slot)
+            self._free.sort()
+            seq.slot = -1
+        if reason in ("stop", "length") and (len(seq.text) > seq.sent or seq.token_infos):
+            self._send(seq, len(seq.text))
+        self.stats[f"finished_{reason}"] += 1
+        seq.sink({
+            "type": "done", "finish_reason": reason, "text": seq.text, "error": error,
+            "prompt_logprobs": seq.prompt_logprobs if seq.params.echo_logprobs else None,
+            "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
+        })
+
+
+def _eos_ids(tokenizer, cfg) -> list:
+    """Every id that ends a sequence: the tokenizer's (`eos_ids`, else `eos_id`) and the model's."""
+    ids = list(getattr(tokenizer, "eos_ids", ()) or ())
+    try:
+        ids.append(tokenizer.eos_id)
+    except (AttributeError, ValueError):  # a tokenizer without an EOS token
+        pass
+    ids.append(cfg.eos_token_id)
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
