@@ -100,7 +100,7 @@ class DataConfig:
     """What to train on and how it becomes batches (see flaxformer_lite.data)."""
 
     objective: Literal[
-        "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse"
+        "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse", "sft", "dpo"
     ] = "causal_lm"
     # builtin | a prepared DATADIR | path/glob to text, .jsonl[.gz|.zst], .parquet, .tsv.
     # Language-model text that is not a DATADIR is prepared into the cache first
@@ -148,6 +148,8 @@ class TrainConfig:
     grad_accum_steps: int = 1
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    # data.objective=dpo: how far the policy may move from the reference (DPO's beta).
+    dpo_beta: float = 0.1
     # causal_lm only: project onto the vocabulary this many tokens at a time, so the
     # [B,T,V] float32 logits are never whole (ops.chunked_cross_entropy); None: at once.
     loss_chunk_size: Optional[int] = None
@@ -286,11 +288,13 @@ def validate(cfg: Config) -> Config:
         positive["train.peak_flops"] = cfg.train.peak_flops
     if cfg.train.loss_chunk_size is not None:
         positive["train.loss_chunk_size"] = cfg.train.loss_chunk_size
-        if cfg.data.objective != "causal_lm":
+        if cfg.data.objective not in ("causal_lm", "sft"):
             raise ConfigError(
-                f"train.loss_chunk_size={cfg.train.loss_chunk_size} applies to data.objective=causal_lm only "
+                f"train.loss_chunk_size={cfg.train.loss_chunk_size} applies to data.objective=causal_lm or sft only "
                 f"(got {cfg.data.objective}): set train.loss_chunk_size=null"
             )
+    if cfg.data.objective == "dpo":
+        positive["train.dpo_beta"] = cfg.train.dpo_beta
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")

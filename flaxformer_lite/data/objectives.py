@@ -24,6 +24,10 @@ Batch contract: dicts of numpy arrays; B batch_size, T seq_len, S target_len.
                    decoder_input_ids are the labels shifted right in each segment, starting
                    with the decoder start id = pad_id (as in T5).
   classification   input_ids, segment_ids, positions [B,T] int32; label [B] int32.
+  sft              the causal_lm keys; weights are 1 only where the next token is one
+                   to learn (an assistant turn or completion, data/finetune.py).
+  dpo              the sft keys twice, prefixed chosen_ and rejected_; segment k of row b
+                   is the same example's preferred and rejected answer on both sides.
 segment_ids number the examples packed into a row 1, 2, ... and are 0 on padding;
 positions restart at 0 in every segment; padding ids are the tokenizer's pad_id (0 if it
 has none: padding carries no weight; seq2seq needs one as its decoder start). Rows of
@@ -38,6 +42,9 @@ windows of long documents shift by a random offset every epoch (`shift_windows`)
 and labelled examples cannot be split: seq2seq and classification truncate them, with one
 warning that counts them.
 
+sft and dpo examples longer than a row are cut to seq_len, with one warning that counts
+them (a cut example keeps its start: the prompt and the beginning of the answer).
+
 Every batch is checked for ids outside [0, vocab_size) (`vocab_size`: the model's,
 default the tokenizer's), which a JAX gather would otherwise clamp silently.
 """
@@ -46,18 +53,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import grain
 import numpy as np
 
-from flaxformer_lite.data import corpora, pipeline
+from flaxformer_lite.data import corpora, finetune, pipeline
 from flaxformer_lite.data.errors import DataError
 from flaxformer_lite.data.pipeline import Batch, Example
 from flaxformer_lite.data.store import Documents
 from flaxformer_lite.data.tokenizers import Tokenizer
 
-OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse")
+OBJECTIVES = (
+    "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse", "sft", "dpo",
+)
+# Fine-tuning objectives over JSON lines of conversations or preference pairs.
+FINETUNE_OBJECTIVES = ("sft", "dpo")
 # Objectives over a token stream: they read Documents, in memory or from a prepared store.
 STREAM_OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption")
 
@@ -83,6 +95,26 @@ def causal_lm_batch(rows: Batch, pad_id: int) -> Batch:
         "segment_ids": seg_BT.astype(np.int32),
         "positions": rows["tokens_positions"].astype(np.int32),
     }
+
+
+def sft_batch(rows: Batch, pad_id: int) -> Batch:
+    """Packed rows {tokens, loss_mask (+ segment ids, positions)} -> the sft contract:
+    causal_lm's batch with weight only where the next token is a trained one."""
+    batch = causal_lm_batch(rows, pad_id)
+    next_trained_BT = np.pad(rows["loss_mask"][:, 1:], ((0, 0), (0, 1))) > 0
+    batch["weights"] = batch["weights"] * next_trained_BT
+    return batch
+
+
+def dpo_batch(rows: Batch, pad_id: int) -> Batch:
+    """Packed rows {chosen, chosen_mask, rejected, rejected_mask (+ segment ids, positions)}
+    -> the dpo contract: sft_batch of each side, its keys prefixed chosen_ / rejected_."""
+    out = {}
+    for side in ("chosen", "rejected"):
+        sub = {"tokens": rows[side], "loss_mask": rows[f"{side}_mask"],
+               "tokens_segment_ids": rows[f"{side}_segment_ids"], "tokens_positions": rows[f"{side}_positions"]}
+        out.update({f"{side}_{k}": v for k, v in sft_batch(sub, pad_id).items()})
+    return out
 
 
 def mask_tokens(
@@ -268,6 +300,7 @@ class _Spec:
     mean_noise_span_length: float
     synthetic_vocab: int
     shift_windows: bool
+    chat_template: Any  # data.chat.ChatTemplate or None: renders sft/dpo message lists
 
 
 class _Plan(NamedTuple):
@@ -523,6 +556,40 @@ def _synthetic_plan(indices: Sequence[int], spec: _Spec, *, reverse: bool) -> _P
     return _Plan(indices, features, lengths, _finalizer(seq2seq_batch, spec), spec.pack)
 
 
+def _finetune_features(example: tuple[np.ndarray, ...], rng: np.random.Generator, *, keys: tuple[str, ...]) -> Example:
+    del rng  # no randomness: the example is fixed by the corpus
+    return {k: np.asarray(v, np.int32) for k, v in zip(keys, example)}
+
+
+def _cut(spec: _Spec, examples: list[tuple[np.ndarray, ...]], what: str) -> list[tuple[np.ndarray, ...]]:
+    """Examples with every sequence cut to seq_len, with one warning that counts them."""
+    cut = sum(any(len(a) > spec.seq_len for a in e) for e in examples)
+    if cut:
+        warnings.warn(
+            f"{what}: cut {cut} of {len(examples)} examples longer than seq_len={spec.seq_len} tokens "
+            "to their first seq_len tokens", stacklevel=3,
+        )
+    return [tuple(a[: spec.seq_len] for a in e) for e in examples]
+
+
+def _finetune_plan(records: Sequence[finetune.Record], spec: _Spec, *, dpo: bool) -> _Plan:
+    if spec.seq_len < 2:
+        raise DataError(f"{'dpo' if dpo else 'sft'} needs seq_len >= 2, got {spec.seq_len}")
+    tokens = finetune.dpo_tokens if dpo else finetune.sft_tokens
+    examples = []
+    for record in records:
+        example = tokens(record, spec.tokenizer, spec.chat_template)
+        for ids in example[::2]:
+            if ids.size and (ids.max() >= spec.vocab_size or ids.min() < 0):
+                pipeline.check_ids(ids, spec.vocab_size, record.where)
+        examples.append(example)
+    examples = _cut(spec, examples, "dpo pairs" if dpo else "sft examples")
+    keys = ("chosen", "chosen_mask", "rejected", "rejected_mask") if dpo else ("tokens", "loss_mask")
+    features = functools.partial(_finetune_features, keys=keys)
+    finalize = _finalizer(dpo_batch if dpo else sft_batch, spec)
+    return _Plan(examples, features, {k: spec.seq_len for k in keys}, finalize, spec.pack)
+
+
 _PLANS: dict[str, Callable[[Sequence[Any], _Spec], _Plan]] = {
     "causal_lm": _causal_lm_plan,
     "masked_lm": _masked_lm_plan,
@@ -531,6 +598,8 @@ _PLANS: dict[str, Callable[[Sequence[Any], _Spec], _Plan]] = {
     "classification": _classification_plan,
     "copy": functools.partial(_synthetic_plan, reverse=False),
     "reverse": functools.partial(_synthetic_plan, reverse=True),
+    "sft": functools.partial(_finetune_plan, dpo=False),
+    "dpo": functools.partial(_finetune_plan, dpo=True),
 }
 
 
@@ -548,7 +617,8 @@ def load_corpus(
     """The data `make_dataset(objective, data)` takes, read from `corpus` ("builtin": offline).
 
     Documents (list[str]) for causal_lm/masked_lm/span_corruption, (source, target)
-    pairs for seq2seq, a `LabeledCorpus` for classification, None for copy/reverse.
+    pairs for seq2seq, a `LabeledCorpus` for classification, `finetune.Record`s of JSON
+    lines for sft/dpo, None for copy/reverse.
     `document_unit` is `load_texts`'s `unit` for the documents.
     """
     _check_objective(objective)
@@ -558,6 +628,8 @@ def load_corpus(
         return corpora.load_pairs(corpus)
     if objective == "classification":
         return corpora.load_labeled(corpus, text_field=text_field, label_field=label_field)
+    if objective in FINETUNE_OBJECTIVES:
+        return finetune.load_records(corpus, objective)
     return None
 
 
@@ -585,6 +657,7 @@ def make_dataset(
     mean_noise_span_length: float = 3.0,
     synthetic_vocab: int = 32,
     shift_windows: bool = True,
+    chat_template: Any = None,
 ) -> grain.IterDataset:
     """A grain dataset of batches for `objective` (see the module docstring for the contract).
 
@@ -607,6 +680,8 @@ def make_dataset(
     shift_windows: causal_lm and masked_lm training rows of a document longer than a row
       move by a random offset (up to half a row either way) every epoch, so passes over
       a small corpus do not repeat the same rows. Evaluation never shifts.
+    chat_template: sft/dpo: the `data.chat.ChatTemplate` that renders message lists
+      (the checkpoint's); None: only plain prompt/completion strings are accepted.
     """
     _check_objective(objective)
     spec = _Spec(
@@ -622,6 +697,7 @@ def make_dataset(
         mean_noise_span_length=mean_noise_span_length,
         synthetic_vocab=synthetic_vocab,
         shift_windows=shift_windows and train,
+        chat_template=chat_template,
     )
     if objective in ("copy", "reverse"):
         data = range(SYNTHETIC_TRAIN_EXAMPLES if train else SYNTHETIC_EVAL_EXAMPLES)

@@ -47,7 +47,9 @@ READ_OPTIONS = grain.ReadOptions(num_threads=0)
 PREFETCH_BATCHES = 2
 
 # Token-id keys of the batch contract; every batch is checked before it leaves.
-ID_KEYS = ("input_ids", "labels", "decoder_input_ids")
+ID_KEYS = ("input_ids", "labels", "decoder_input_ids") + tuple(
+    f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "labels")
+)
 
 
 def shard(items: Sequence[T], shard_index: int, shard_count: int) -> Sequence[T]:

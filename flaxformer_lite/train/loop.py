@@ -40,6 +40,7 @@ from flaxformer_lite.train.step import (
     init_train_state,
     make_eval_step,
     make_train_step,
+    needs_reference_copy,
 )
 
 Batch = dict[str, np.ndarray]
@@ -136,6 +137,10 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
             multihost_utils.sync_global_devices("flaxformer_lite data cache")
         store = open_store()
         train_items, val_items = store.documents("train"), store.documents("val")
+    elif d.objective in data.FINETUNE_OBJECTIVES:
+        check_objective(cfg)
+        records = data.load_corpus(d.objective, d.corpus)
+        train_items, val_items = data.split(records, d.val_fraction, seed=d.seed, method=d.split)
     else:
         corpus = data.load_corpus(
             d.objective, d.corpus, text_field=d.text_field, label_field=d.label_field, document_unit=d.document_unit
@@ -154,6 +159,7 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
         shard_count=jax.process_count(), pack=d.pack, mask_probability=d.mask_probability,
         noise_density=d.noise_density, mean_noise_span_length=d.mean_noise_span_length,
         synthetic_vocab=d.synthetic_vocab, shift_windows=d.shift_windows,
+        chat_template=chat_template(d.tokenizer) if d.objective in data.FINETUNE_OBJECTIVES else None,
     )
     train_ds = data.make_dataset(d.objective, train_items, train=True, **options) if train else None
     val_iter = iter(data.make_dataset(d.objective, val_items, train=False, **options))
@@ -164,6 +170,17 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
         openings = (tokenizer.decode(val_items.tokens(i)[: 4 * SAMPLE_PROMPT_TOKENS]) for i in range(len(val_items)))
         prompts = sample_prompts(openings, cfg.train.num_samples, tokenizer)
     return DataSetup(cfg, tokenizer, train_ds, eval_batches, prompts)
+
+
+def chat_template(tokenizer_spec: str):
+    """The chat template of the folder data.tokenizer names (or holds its tokenizer.json),
+    or None (the byte tokenizer, a folder without one)."""
+    if tokenizer_spec == "byte":
+        return None
+    from flaxformer_lite.data.chat import ChatTemplate
+
+    path = pathlib.Path(tokenizer_spec)
+    return ChatTemplate.from_folder(path if path.is_dir() else path.parent)
 
 
 def sample_prompts(texts: Iterable[str], count: int, tokenizer: data.Tokenizer) -> list[list[int]]:
@@ -195,15 +212,17 @@ def state_shardings(cfg: Config, optimizer, mesh) -> tuple[Any, Any]:
     each parameter's logical axis names and are sharded like it.
     """
     model = build_model(cfg.model)
-    seed = cfg.train.seed
+    seed, reference = cfg.train.seed, needs_reference_copy(cfg)
 
     def boxed_state():
         boxed = {"params": model.init(jax.random.key(0), *dummy_inputs(cfg.model))["params"]}
-        return init_train_state(boxed, optimizer, seed)
+        return init_train_state(boxed, optimizer, seed, reference=reference)
 
     specs = nn.get_partition_spec(jax.eval_shape(boxed_state))
     shardings = parallel.logical_to_sharding(mesh, cfg.parallel, specs)
-    shapes = jax.eval_shape(lambda: init_train_state(init_params(cfg.model, jax.random.key(0)), optimizer, seed))
+    shapes = jax.eval_shape(
+        lambda: init_train_state(init_params(cfg.model, jax.random.key(0)), optimizer, seed, reference=reference)
+    )
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )
@@ -219,7 +238,7 @@ class Programs:
     init: Callable  # key -> fresh TrainState
     init_with: Callable  # params -> TrainState around given params
     train_step: Callable  # (state, batch) -> (state, sums), state donated
-    eval_step: Callable  # (params, batch) -> sums
+    eval_step: Callable  # (params, batch, ref_params) -> sums
 
 
 @functools.lru_cache(maxsize=4)
@@ -230,19 +249,20 @@ def programs(cfg: Config, mesh) -> Programs:
     model = build_model(cfg.model)
     shardings, abstract = state_shardings(cfg, optimizer, mesh)
     batch = parallel.batch_sharding(mesh)
-    seed = cfg.train.seed
+    seed, reference = cfg.train.seed, needs_reference_copy(cfg)
     return Programs(
         shardings=shardings,
         abstract=abstract,
         init=jax.jit(
-            lambda key: init_train_state(init_params(cfg.model, key), optimizer, seed), out_shardings=shardings
+            lambda key: init_train_state(init_params(cfg.model, key), optimizer, seed, reference=reference),
+            out_shardings=shardings,
         ),
-        init_with=jax.jit(lambda p: init_train_state(p, optimizer, seed), out_shardings=shardings),
+        init_with=jax.jit(lambda p: init_train_state(p, optimizer, seed, reference=reference), out_shardings=shardings),
         train_step=jax.jit(
             make_train_step(model, cfg, optimizer),
             in_shardings=(shardings, batch), out_shardings=(shardings, None), donate_argnums=0,
         ),
-        eval_step=jax.jit(make_eval_step(model, cfg), in_shardings=(shardings.params, batch)),
+        eval_step=jax.jit(make_eval_step(model, cfg), in_shardings=(shardings.params, batch, shardings.ref_params)),
     )
 
 
@@ -276,14 +296,15 @@ def merge_params(fresh: Any, loaded: Any, source: str) -> tuple[Any, list[str], 
 # ------------------------------------------------------------------------------- helpers
 
 
-def evaluate(eval_step: Callable, params: Any, batches: list[Batch], mesh) -> dict[str, float]:
-    """Sum eval_step's sums over the batches (every process feeds the same count)."""
+def evaluate(eval_step: Callable, params: Any, batches: list[Batch], mesh, ref_params: Any = None) -> dict[str, float]:
+    """Sum eval_step's sums over the batches (every process feeds the same count);
+    ref_params: dpo's reference (TrainState.ref_params)."""
     count = len(batches)
     if jax.process_count() > 1:  # shards may differ in length; the rest feed empty batches
         count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
     empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
     device_sums = [
-        eval_step(params, parallel.shard_batch(mesh, batches[i] if i < len(batches) else empty))
+        eval_step(params, parallel.shard_batch(mesh, batches[i] if i < len(batches) else empty), ref_params)
         for i in range(count)
     ]
     total: dict[str, float] = {}
@@ -460,6 +481,8 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
     if resume and mngr.latest_step() is not None:
         abstract = prog.abstract
         extra_target = {"opt_state": abstract.opt_state, "step": abstract.step, "rng": abstract.rng}
+        if abstract.ref_params is not None:
+            extra_target["ref_params"] = abstract.ref_params
         found, params, extra, meta = checkpoint.restore_good(
             mngr, params_target=abstract.params, extra_target=extra_target
         )
@@ -468,7 +491,8 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
             log(f"no usable checkpoint in {workdir}: starting at step 0")
     if restored is not None:
         params, extra, meta = restored
-        state = TrainState(step=extra["step"], params=params, opt_state=extra["opt_state"], rng=extra["rng"])
+        state = TrainState(step=extra["step"], params=params, opt_state=extra["opt_state"], rng=extra["rng"],
+                           ref_params=extra.get("ref_params"))
         it.set_state(meta["data_iterator"])
         start_step, tokens_seen = int(state.step), float(meta["tokens"])
         streak = int(meta.get("nonfinite_streak", 0))
@@ -574,7 +598,7 @@ def _log(run: _Run) -> Optional[safety.RunStopped]:
 
 def _evaluate(run: _Run) -> None:
     pause = time.perf_counter()
-    sums = evaluate(run.prog.eval_step, run.state.params, run.setup.eval_batches, run.mesh)
+    sums = evaluate(run.prog.eval_step, run.state.params, run.setup.eval_batches, run.mesh, run.state.ref_params)
     run.eval_record = metrics_lib.summarize(sums, bytes_are_tokens=run.setup.bytes_are_tokens, prefix="eval_")
     run.evaluated_at = run.step
     if run.writer:

@@ -27,9 +27,16 @@ def add_sums(total: Mapping[str, float], sums: Mapping[str, float]) -> dict[str,
 def summarize(sums: Mapping[str, float], *, bytes_are_tokens: bool, prefix: str = "") -> dict[str, float]:
     """Means from step sums: loss (nats a target token, no smoothing), perplexity, accuracy,
     bits_per_byte (byte tokenizers, where a target token is a byte or EOS), z_loss and
-    seq_accuracy (exact-match sequences, seq2seq objectives) where their sums are present."""
+    seq_accuracy (exact-match sequences, seq2seq objectives) where their sums are present.
+    DPO's sums (a weight a pair) give loss, reward_accuracy, reward_margin and the policy's
+    mean chosen_logp and rejected_logp instead."""
     weight = max(float(sums["weight_sum"]), 1.0)
     loss = float(sums["loss_sum"]) / weight
+    if "reward_margin_sum" in sums:
+        means = {"reward_accuracy": "correct_sum", "reward_margin": "reward_margin_sum",
+                 "chosen_logp": "chosen_logp_sum", "rejected_logp": "rejected_logp_sum"}
+        out = {"loss": loss, **{k: float(sums[v]) / weight for k, v in means.items()}}
+        return {prefix + k: v for k, v in out.items()}
     out = {
         "loss": loss,
         "perplexity": math.exp(min(loss, 80.0)),  # capped: exp overflows a float past ~709
@@ -90,7 +97,7 @@ class LogWindow:
             for s in finite:
                 sums = add_sums(sums, s)
             record = summarize(sums, bytes_are_tokens=self.bytes_are_tokens)
-            record.pop("perplexity")  # of a moving model: eval_perplexity is the one to read
+            record.pop("perplexity", None)  # of a moving model: eval_perplexity is the one to read
             record["grad_norm"] = sums["grad_norm"] / len(finite)
         record["nonfinite_steps"] = sum(flags)
         record["learning_rate"] = float(fetched[-1]["learning_rate"])
@@ -124,6 +131,8 @@ def baselines(batches: list[dict[str, np.ndarray]], objective: str) -> dict[str,
     distribution, in nats. Both are computed on the batches themselves, so they bound
     any unigram model fitted on training data from above (accuracy) and below (loss).
     """
+    if objective == "dpo":  # a preference, not a token to predict: no input-blind baseline
+        return {}
     if objective == "classification":
         labels = np.concatenate([b["label"][b["segment_ids"][:, 0] > 0] for b in batches])
         counts = np.bincount(labels)

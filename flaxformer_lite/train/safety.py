@@ -274,10 +274,12 @@ class Saves:
             raise NonFiniteStop(
                 f"the state at step {step} is not finite: not saved, so {self._previous()} stays the latest", step
             )
+        extra = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+        if state.ref_params is not None:  # DPO's frozen reference: a resumed run needs it again
+            extra["ref_params"] = state.ref_params
         try:
             checkpoint.save(
-                self.mngr, step, params=state.params,
-                extra={"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
+                self.mngr, step, params=state.params, extra=extra,
                 meta=meta, metrics=metrics,
             )
         except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way

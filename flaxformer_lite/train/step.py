@@ -1,8 +1,10 @@
 """Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
 
-Every objective reduces to one weighted token cross-entropy (ops.cross_entropy):
-  causal_lm (decoder), masked_lm (encoder MLM head), span_corruption / seq2seq / copy /
-  reverse (encoder-decoder), classification (the encoder's pooled head, one "token" a row).
+Every objective but dpo reduces to one weighted token cross-entropy (ops.cross_entropy):
+  causal_lm and sft (decoder; sft weighs the assistant's tokens only), masked_lm (encoder
+  MLM head), span_corruption / seq2seq / copy / reverse (encoder-decoder), classification
+  (the encoder's pooled head, one "token" a row). dpo compares sequence log-probabilities
+  of chosen and rejected answers with a frozen reference (train/losses.py).
 Steps return float32 *sums* (loss_sum, weight_sum, correct_sum, ...), never means, so
 microbatches, devices, hosts and logging windows aggregate exactly by adding.
 """
@@ -20,6 +22,7 @@ import optax
 from flaxformer_lite import ops
 from flaxformer_lite.config import Config, ConfigError
 from flaxformer_lite.models import lm_head_inputs
+from flaxformer_lite.train.losses import dpo_sums, sequence_logps
 from flaxformer_lite.train.optim import learning_rate_schedule
 
 Batch = dict[str, jax.Array]
@@ -30,28 +33,42 @@ SEQ2SEQ_OBJECTIVES = ("span_corruption", "seq2seq", "copy", "reverse")
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step changes. The dropout key of step s is fold_in(rng, s)."""
+    """Everything a step changes. The dropout key of step s is fold_in(rng, s).
+
+    ref_params: DPO's reference model where it is a frozen copy of the initial params
+    (DPO without LoRA; one more copy of the params in memory), else None.
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    ref_params: Any = None
 
 
-def init_train_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """Step 0, the given params, a fresh optimizer state and the run's base key."""
+def needs_reference_copy(cfg: Config) -> bool:
+    """True when DPO's reference is a frozen copy of the initial params held in the state."""
+    return cfg.data.objective == "dpo"
+
+
+def init_train_state(
+    params: Any, optimizer: optax.GradientTransformation, seed: int, *, reference: bool = False
+) -> TrainState:
+    """Step 0, the given params, a fresh optimizer state and the run's base key; with
+    `reference`, a frozen copy of the params as DPO's reference model."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
         rng=jax.random.PRNGKey(seed),
+        ref_params=jax.tree.map(jnp.copy, params) if reference else None,
     )
 
 
 def check_objective(cfg: Config) -> None:
     """ConfigError unless the model family (and heads) can train on data.objective."""
     objective, m = cfg.data.objective, cfg.model
-    if objective == "causal_lm":
+    if objective in ("causal_lm", "sft", "dpo"):
         need, ok = "family: decoder", m.family == "decoder"
     elif objective == "masked_lm":
         need, ok = "family: encoder with mlm_head: true", m.family == "encoder" and m.mlm_head
@@ -107,10 +124,48 @@ def sequence_sums(logits_BTV: jax.Array, labels_BT: jax.Array, weights_BT: jax.A
     }
 
 
-def loss_and_sums(
-    model: nn.Module, cfg: Config, params: Any, batch: Batch, *, deterministic: bool, rng: Optional[jax.Array]
+def _dpo_logps(model: nn.Module, params: Any, batch: Batch, *, deterministic: bool, rng: Optional[jax.Array]):
+    """Sequence log-probabilities and weights [B,T+1] of the chosen and the rejected rows,
+    from one forward over both."""
+    def both(key):
+        return jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
+
+    rngs = None if rng is None else {"dropout": rng}
+    out = model.apply(params, both("input_ids"), segment_ids=both("segment_ids"), positions=both("positions"),
+                      deterministic=deterministic, rngs=rngs)
+    logp, weight = sequence_logps(out.logits, both("labels"), both("weights"), both("segment_ids"))
+    B = batch["chosen_input_ids"].shape[0]
+    return logp[:B], logp[B:], weight[:B], weight[B:]
+
+
+def dpo_loss_and_sums(
+    model: nn.Module, cfg: Config, params: Any, ref_params: Any, batch: Batch, *, deterministic: bool,
+    rng: Optional[jax.Array],
 ) -> tuple[jax.Array, Sums]:
-    """(training objective summed over weighted tokens, float32 sums for metrics)."""
+    """(DPO loss summed over the batch's pairs, float32 sums for metrics).
+
+    The reference runs without dropout and without gradient. A pair is the chosen and the
+    rejected answer in the same segment of the same row; both must keep a trained token.
+    """
+    chosen, rejected, chosen_w, rejected_w = _dpo_logps(model, params, batch, deterministic=deterministic, rng=rng)
+    ref_chosen, ref_rejected, _, _ = _dpo_logps(model, jax.lax.stop_gradient(ref_params), batch,
+                                                deterministic=True, rng=None)
+    sums = dpo_sums(chosen, rejected, ref_chosen, ref_rejected, (chosen_w > 0) & (rejected_w > 0), cfg.train.dpo_beta)
+    sums["token_count"] = sum(jnp.sum(batch[f"{side}_segment_ids"] > 0, dtype=jnp.float32)
+                              for side in ("chosen", "rejected"))
+    return sums["loss_sum"], sums
+
+
+def loss_and_sums(
+    model: nn.Module, cfg: Config, params: Any, batch: Batch, *, deterministic: bool, rng: Optional[jax.Array],
+    ref_params: Any = None,
+) -> tuple[jax.Array, Sums]:
+    """(training objective summed over weighted tokens (dpo: pairs), float32 sums for metrics).
+
+    ref_params: dpo's reference model (see TrainState.ref_params).
+    """
+    if cfg.data.objective == "dpo":
+        return dpo_loss_and_sums(model, cfg, params, ref_params, batch, deterministic=deterministic, rng=rng)
     smoothing = dict(label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss)
     if cfg.train.loss_chunk_size:  # causal_lm (config.validate): logits never whole
         rngs = None if rng is None else {"dropout": rng}
@@ -162,25 +217,25 @@ def make_train_step(
     accum = cfg.train.grad_accum_steps
     schedule = learning_rate_schedule(cfg.train)
 
-    def objective(params, batch, rng):
-        return loss_and_sums(model, cfg, params, batch, deterministic=False, rng=rng)
+    def objective(params, batch, rng, ref_params):
+        return loss_and_sums(model, cfg, params, batch, deterministic=False, rng=rng, ref_params=ref_params)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Sums]:
         step_rng = jax.random.fold_in(state.rng, state.step)
         if accum == 1:
-            (_, sums), grads = grad_fn(state.params, batch, step_rng)
+            (_, sums), grads = grad_fn(state.params, batch, step_rng, state.ref_params)
         else:
             microbatches = _microbatches(batch, accum)
 
             def micro(carry, xs):
                 index, mb = xs
-                (_, sums), grads = grad_fn(state.params, mb, jax.random.fold_in(step_rng, index))
+                (_, sums), grads = grad_fn(state.params, mb, jax.random.fold_in(step_rng, index), state.ref_params)
                 return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
             first = jax.tree.map(lambda x: x[0], microbatches)
-            sums_shape = jax.eval_shape(objective, state.params, first, step_rng)[1]
+            sums_shape = jax.eval_shape(objective, state.params, first, step_rng, state.ref_params)[1]
             zeros = (
                 jax.tree.map(jnp.zeros_like, state.params),
                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
@@ -218,10 +273,11 @@ def make_train_step(
 def make_eval_step(
     model: nn.Module, cfg: Config, *, axis_name: Optional[str] = None
 ) -> Callable[[Any, Batch], Sums]:
-    """`eval_step(params, batch) -> sums` (no dropout)."""
+    """`eval_step(params, batch, ref_params=None) -> sums` (no dropout); ref_params: dpo's
+    reference (TrainState.ref_params)."""
 
-    def eval_step(params: Any, batch: Batch) -> Sums:
-        _, sums = loss_and_sums(model, cfg, params, batch, deterministic=True, rng=None)
+    def eval_step(params: Any, batch: Batch, ref_params: Any = None) -> Sums:
+        _, sums = loss_and_sums(model, cfg, params, batch, deterministic=True, rng=None, ref_params=ref_params)
         if axis_name is not None:
             sums = jax.lax.psum(sums, axis_name)
         return sums
