@@ -22,6 +22,7 @@ from flaxformer_lite.data import (
     span_corruption_lengths,
     train_tokenizer,
 )
+from flaxformer_lite.data.finetune import Record
 from flaxformer_lite.data.objectives import _noise_counts
 
 TOK = ByteTokenizer()
@@ -44,6 +45,8 @@ CONTRACT = {
     "copy": SEQ2SEQ_KEYS,
     "reverse": SEQ2SEQ_KEYS,
     "classification": {**ENCODER_KEYS, "label": INT},
+    "sft": LM_KEYS,
+    "dpo": {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in LM_KEYS.items()},
 }
 PAIRS = [(f"question {i}", f"answer number {i}") for i in range(40)]
 
@@ -55,6 +58,10 @@ def _data(objective):
         return builtin_classification(max_words=8).examples[:64]
     if objective in ("copy", "reverse"):
         return None
+    if objective == "sft":
+        return [Record(f"mem:{i}", {"prompt": q, "completion": a}) for i, (q, a) in enumerate(PAIRS)]
+    if objective == "dpo":
+        return [Record(f"mem:{i}", {"prompt": q, "chosen": a, "rejected": q}) for i, (q, a) in enumerate(PAIRS)]
     return load_texts()[:60]
 
 

@@ -14,6 +14,7 @@ from flaxformer_lite.train import loop
 def _bad_files(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "rows.tsv").write_text("a fine row\tyes\nno tab in this row\n")
+    (tmp_path / "chat.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"text": "no fields"}\n')
     return tmp_path
 
 
@@ -23,6 +24,9 @@ CASES = {
     "TSV row without a tab": (
         ["data.objective=classification", "data.corpus={d}/rows.tsv", "model.family=encoder", "model.mlm_head=true"],
         r"{d}/rows.tsv:2: row has no tab; expected text<TAB>label",
+    ),
+    "JSONL line without the sft fields": (
+        ["data.objective=sft", "data.corpus={d}/chat.jsonl"], r"{d}/chat.jsonl:2: no sft fields \(has: text\)"
     ),
     "ids past the vocabulary": (["model.vocab_size=200"], r"token id \d+ is outside \[0, vocab_size=200\)"),
     "misspelt key": (["train.learning_rat=0.1"], r"unknown config key 'train.learning_rat'; did you mean 'train.learning_rate'"),

@@ -1,0 +1,81 @@
+"""SFT and DPO data: records from JSON lines, trained-token masks, packing, cuts, bad lines."""
+
+import json
+
+import numpy as np
+import pytest
+
+from flaxformer_lite.data import ByteTokenizer, DataError, load_corpus, make_dataset
+from flaxformer_lite.data.finetune import Record, dpo_tokens, sft_tokens
+
+TOK = ByteTokenizer()
+
+
+def _write(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_prompt_completion_trains_on_the_completion_and_eos_only():
+    ids, trained = sft_tokens(Record("m:1", {"prompt": "2+2=", "completion": "4!"}), TOK)
+    assert ids.tolist() == [TOK.bos_id] + TOK.encode("2+2=") + TOK.encode("4!") + [TOK.eos_id]
+    assert trained.tolist() == [False] * 5 + [True] * 3
+
+
+def test_sft_batches_weigh_only_predictions_of_trained_tokens():
+    records = [Record(f"m:{i}", {"prompt": "q" * (i % 5 + 1), "completion": "a" * (i % 3 + 1)}) for i in range(20)]
+    batch = next(iter(make_dataset("sft", records, tokenizer=TOK, batch_size=4, seq_len=32, train=False)))
+    a, q = TOK.encode("a")[0], TOK.encode("q")[0]
+    weighted = batch["labels"][batch["weights"] > 0]
+    assert set(weighted.tolist()) == {a, TOK.eos_id}  # never a prompt token, never bos
+    # Every completion token and eos of every packed example is predicted exactly once.
+    seg = batch["segment_ids"]
+    for b in range(4):
+        for k in set(seg[b][seg[b] > 0].tolist()):
+            row = batch["input_ids"][b][seg[b] == k]
+            expected = int((row == a).sum()) + 1
+            assert batch["weights"][b][seg[b] == k].sum() == expected
+            assert q in row.tolist()
+
+
+def test_dpo_pairs_share_their_segment_on_both_sides():
+    records = [Record(f"m:{i}", {"prompt": f"p{i}", "chosen": "yes" * (i % 3 + 1), "rejected": "n"}) for i in range(12)]
+    batch = next(iter(make_dataset("dpo", records, tokenizer=TOK, batch_size=2, seq_len=40, train=False)))
+    for b in range(2):
+        for k in set(batch["chosen_segment_ids"][b].tolist()) - {0}:
+            chosen = batch["chosen_input_ids"][b][batch["chosen_segment_ids"][b] == k]
+            rejected = batch["rejected_input_ids"][b][batch["rejected_segment_ids"][b] == k]
+            prompt_len = 1 + len(TOK.encode("p0"))  # bos + the prompt, same width for i < 10
+            np.testing.assert_array_equal(chosen[:prompt_len], rejected[:prompt_len])
+    c_ids, c_mask, r_ids, r_mask = dpo_tokens(records[0], TOK)
+    assert TOK.decode(c_ids[c_mask]) == "yes" and TOK.decode(r_ids[r_mask]) == "n"
+
+
+def test_long_examples_are_cut_and_counted():
+    records = [Record(f"m:{i}", {"prompt": "x" * 30, "completion": "y" * (5 if i % 2 else 40)}) for i in range(6)]
+    with pytest.warns(UserWarning, match=r"sft examples: cut 3 of 6 examples longer than seq_len=48"):
+        batch = next(iter(make_dataset("sft", records, tokenizer=TOK, batch_size=6, seq_len=48, train=False, pack=False)))
+    assert (batch["segment_ids"] > 0).sum(axis=1).max() == 48
+
+
+def test_records_from_jsonl_and_bad_lines_name_file_and_line(tmp_path):
+    good = _write(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        "",
+        {"prompt": "a", "completion": "b", "extra": 1},
+    ])
+    records = load_corpus("sft", str(good))
+    assert [r.where for r in records] == [f"{good}:1", f"{good}:3"]
+    assert records[1].fields == {"prompt": "a", "completion": "b"}
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "no fields"}])
+    with pytest.raises(DataError, match=rf"{bad}:2: no sft fields \(has: text\); expected"):
+        load_corpus("sft", str(bad))
+    bad = _write(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": [{"role": "assistant"}]}])
+    with pytest.raises(DataError, match=rf"{bad}:1: field 'rejected' must be a string or a non-empty list"):
+        load_corpus("dpo", str(bad))
+
+
+def test_messages_without_a_chat_template_are_refused_by_line():
+    record = Record("chat.jsonl:7", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    with pytest.raises(DataError, match=r"chat.jsonl:7: messages need a chat template, and the tokenizer's folder has none"):
+        sft_tokens(record, TOK, None)
