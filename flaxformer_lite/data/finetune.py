@@ -150,7 +150,7 @@ def _rendered_pieces(messages: list[dict], trained: Sequence[bool], template, wh
     for i, train in enumerate(trained):
         if not train:
             continue
-        before, through = render(messages[:i], prompt=True), render(messages[: i + 1])
+        before, through = render(messages[:i], prompt=True) if i else "", render(messages[: i + 1])
         for shorter, longer in ((done, before), (before, through)):
             if not longer.startswith(shorter):
                 raise DataError(

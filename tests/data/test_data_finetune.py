@@ -1,6 +1,7 @@
 """SFT and DPO data: records from JSON lines, trained-token masks, packing, cuts, bad lines."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -79,3 +80,76 @@ def test_messages_without_a_chat_template_are_refused_by_line():
     record = Record("chat.jsonl:7", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
     with pytest.raises(DataError, match=r"chat.jsonl:7: messages need a chat template, and the tokenizer's folder has none"):
         sft_tokens(record, TOK, None)
+
+
+SPECIALS = ["<|begin|>", "<|end|>", "<|im_start|>", "<|im_end|>"]
+CHATML = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'tool' %}"
+    "{{ raise_exception('no tool turns') }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def chat_folder(tmp_path, template=CHATML):
+    """A tiny BPE tokenizer folder saved by transformers, with `template` (None: none)."""
+    import tokenizers as hf
+    import transformers
+
+    tok = hf.Tokenizer(hf.models.BPE(unk_token=None))
+    tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = hf.decoders.ByteLevel()
+    trainer = hf.trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+                                     initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["user assistant system hello, what is the answer"] * 4, trainer=trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin|>", eos_token="<|end|>")
+    if template is not None:
+        fast.chat_template = template
+    fast.save_pretrained(tmp_path / "tok")
+    return tmp_path / "tok", fast
+
+
+def test_messages_train_on_each_assistant_reply_and_its_end_of_turn(tmp_path):
+    from flaxformer_lite.data import load_tokenizer
+    from flaxformer_lite.data.chat import ChatTemplate
+
+    folder, fast = chat_folder(tmp_path)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "the answer"}, {"role": "user", "content": "what is"},
+                {"role": "assistant", "content": "hello, user"}]
+    ids, trained = sft_tokens(Record("c:1", {"messages": messages}), load_tokenizer(str(folder)),
+                              ChatTemplate.from_folder(folder))
+    # The whole conversation is transformers' tokenization of its rendering...
+    assert ids.tolist() == fast.apply_chat_template(messages, tokenize=True, return_dict=False)
+    # ...and the trained tokens are exactly the replies with their end-of-turn markers.
+    im_end = fast.convert_tokens_to_ids("<|im_end|>")
+    runs = np.split(ids[trained], np.flatnonzero(ids[trained] == im_end)[:-1] + 2)
+    assert [fast.decode(r) for r in runs] == ["the answer<|im_end|>\n", "hello, user<|im_end|>\n"]
+
+
+def test_a_role_the_template_rejects_names_the_line(tmp_path):
+    from flaxformer_lite.data import load_tokenizer
+    from flaxformer_lite.data.chat import ChatTemplate
+
+    folder, _ = chat_folder(tmp_path)
+    record = Record("chat.jsonl:4", {"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    with pytest.raises(DataError, match=r"chat.jsonl:4: the chat template refuses this conversation: .*no tool turns"):
+        sft_tokens(record, load_tokenizer(str(folder)), ChatTemplate.from_folder(folder))
+
+
+@pytest.mark.parametrize("template", [None, CHATML], ids=["no template", "template rejects a role"])
+def test_train_on_bad_chat_data_is_one_line_and_exit_2(tmp_path, capsys, template):
+    from flaxformer_lite import cli
+
+    folder, _ = chat_folder(tmp_path, template)
+    chat = _write(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the answer"}]},
+        {"messages": [{"role": "tool", "content": "hello"}, {"role": "assistant", "content": "the answer"}]},
+    ] * 3)
+    argv = ["train", "--config", "gpt_tiny", "--workdir", str(tmp_path / "run"), "--set", "data.objective=sft",
+            f"data.corpus={chat}", f"data.tokenizer={folder}", "data.val_fraction=0.3"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert re.search(rf"{chat}:[0-9]: " + ("messages need a chat template" if template is None else "the chat template refuses"), err), err
+    assert not (tmp_path / "run").exists()
