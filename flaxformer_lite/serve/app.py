@@ -14,6 +14,7 @@ the server drains, 500 when the model fails on a request (non-finite logits).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -21,6 +22,8 @@ import secrets
 import time
 import uuid
 from typing import Any, Callable, Optional
+
+import numpy as np
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -443,12 +446,15 @@ async def embeddings(request: Request) -> Response:
         inputs = [inputs]
     if not isinstance(inputs, list) or not inputs or any(i in ("", []) for i in inputs):
         raise ApiError(400, "'input' must be a non-empty string or list of them (or token ids), none empty", "input")
-    if body.get("encoding_format", "float") != "float":
-        raise ApiError(400, "only encoding_format 'float' is supported", "encoding_format")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise ApiError(400, f"encoding_format {encoding!r}: use 'float' or 'base64'", "encoding_format")
     try:
         vectors, tokens = await served.embedder.embed(inputs)
     except EngineError as e:
         raise ApiError(e.status, str(e), "input") from None
+    if encoding == "base64":  # little-endian float32, as OpenAI's client decodes it
+        vectors = [base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() for v in vectors]
     return JSONResponse({
         "object": "list", "model": served.name,
         "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],

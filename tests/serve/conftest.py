@@ -1,135 +1,32 @@
-"""A tiny random LLaMA-shaped HF folder (tokenizer, chat template) and servers over it."""
+"""Session-wide tiny HF folders and the servers the HTTP tests share (serve_helpers.py)."""
 
-import json
-import os
-import pathlib
-import signal
-import socket
-import subprocess
-import sys
-import time
-
-import urllib.error
-import urllib.request
-
-import jax
-import numpy as np
 import pytest
-
-import flaxformer_lite as ffl
-from flaxformer_lite import data
-from flaxformer_lite.interop import hf
-from flaxformer_lite.models import init_params
-
-VOCAB = 320  # byte-level BPE: 4 specials (<pad> <s> </s> <mask>) + 256 bytes + 60 merges
-# ChatML with </s> closing each turn, so the model's EOS ends the assistant's reply.
-CHATML = (
-    "{% for m in messages %}{{ '<s>' + m['role'] + '\\n' + m['content'] + '</s>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
-)
-TINY = (
-    "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=8", "model.d_ff=64",
-    "model.num_layers=2", "model.max_len=256", f"model.vocab_size={VOCAB}", "model.tie_embeddings=false",
-    "model.bos_token_id=1", "model.eos_token_id=2", "model.pad_token_id=0",
-)
-
-
-def tiny_model():
-    """(ModelConfig, params): random weights large enough that greedy paths vary."""
-    cfg = ffl.load_config("llama_tiny", overrides=list(TINY)).model
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    rng = np.random.default_rng(3)
-
-    def draw(path, s):
-        centre = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
-        return rng.normal(centre, 0.3, s.shape).astype(s.dtype)
-
-    return cfg, jax.tree_util.tree_map_with_path(draw, shapes)
+from serve_helpers import Server, bert_folder, llama_folder
 
 
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory):
-    """config.json + model.safetensors + tokenizer.json + tokenizer_config.json (chat template)."""
-    path = tmp_path_factory.mktemp("serve_hf")
-    cfg, params = tiny_model()
-    hf.save(cfg, params, path)
-    data.train_tokenizer(data.builtin_documents()[:50], kind="bpe", vocab_size=VOCAB, out_path=path, num_sentinels=0)
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": CHATML,
-    }))
-    return path
+    """A tiny LLaMA folder with a BPE tokenizer and a ChatML template."""
+    return llama_folder(tmp_path_factory.mktemp("serve_hf"))
 
 
-def request(url: str, body=None, timeout: float = 60):
-    """(status, headers, JSON body) of a GET, or a POST of `body`; HTTP errors included."""
-    data_ = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data_, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.headers, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, json.loads(e.read())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`flaxformer-lite serve` in a subprocess on a free port."""
-
-    def __init__(self, folder, *flags):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "FLAXFORMER_LITE_COMPILATION_CACHE": "0",
-               "PYTHONPATH": str(pathlib.Path(__file__).parents[2])}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flaxformer_lite", "serve", "--hf", str(folder), "--name", "tiny",
-             "--port", str(self.port), *flags],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-
-    def wait_ready(self, timeout: float = 240.0) -> "Server":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
-            try:
-                if request(self.url + "/health")[0] == 200:
-                    return self
-            except OSError:  # not listening yet
-                pass
-            time.sleep(0.25)
-        raise TimeoutError("server did not start")
-
-    def client(self, **kwargs):
-        import openai
-
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, **kwargs)
-
-    def health(self) -> dict:
-        return request(self.url + "/health")[2]
-
-    def post(self, path: str, body: dict):
-        return request(self.url + path, body)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    return bert_folder(tmp_path_factory.mktemp("serve_bert"))
 
 
 @pytest.fixture(scope="module")
-def servers(hf_dir):
-    """The main server (16 slots) and a one-slot one for the queue, disconnect and drain
-    tests; started together so their warm-ups overlap."""
-    main = Server(hf_dir, "--max-batch", "16", "--max-len", "128", "--chunk", "16")
-    small = Server(hf_dir, "--max-batch", "1", "--max-queue", "1", "--max-len", "256", "--chunk", "16",
-                   "--drain-timeout", "60")
+def servers(hf_dir, bert_dir):
+    """The main server (16 slots), a one-slot one for the queue, disconnect and drain
+    tests, and an encoder's for embeddings; started together so their warm-ups overlap."""
+    started = {
+        "main": Server(hf_dir, "--max-batch", "16", "--max-len", "128", "--chunk", "16"),
+        "small": Server(hf_dir, "--max-batch", "1", "--max-queue", "1", "--max-len", "256", "--chunk", "16",
+                        "--drain-timeout", "60"),
+        "embed": Server(bert_dir, "--max-batch", "4", "--max-len", "32"),
+    }
     try:
-        yield {"main": main.wait_ready(), "small": small.wait_ready()}
+        yield {name: server.wait_ready() for name, server in started.items()}
     finally:
-        main.close()
-        small.close()
+        for server in started.values():
+            server.close()

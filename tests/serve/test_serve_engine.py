@@ -1,0 +1,72 @@
+"""The engine in-process: greedy tokens equal ffl.generate's across prefill chunks, a
+request whose logits are not finite fails alone, stop-string bookkeeping."""
+
+import queue
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxformer_lite.decode import generate
+from flaxformer_lite.interop import hf
+from flaxformer_lite.models import build_model
+from flaxformer_lite.serve.engine import Engine, SamplingParams, _held_back, _stop_cut
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def engine(hf_dir):
+    cfg, params = hf.load(hf_dir)
+    engine = Engine(build_model(cfg), params, hf.load_tokenizer(hf_dir), max_batch=2, max_len=64, chunk=16)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def _run(engine, prompts):
+    """Each prompt's (new token ids, done event), all submitted at once."""
+    events = queue.SimpleQueue()
+    for i, p in enumerate(prompts):
+        engine.submit(p, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=0),
+                      lambda e, i=i: events.put((i, e)))
+    tokens, done = [[] for _ in prompts], [None] * len(prompts)
+    while any(d is None for d in done):
+        i, e = events.get(timeout=120)
+        if e["type"] == "token":
+            tokens[i] += [t.id for t in e["tokens"]]
+        else:
+            done[i] = e
+    return tokens, done
+
+
+def test_greedy_tokens_equal_generate_across_prefill_chunks(engine):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(4, 320, n).tolist() for n in (5, 37)]  # one chunk; three chunks of 16
+    tokens, done = _run(engine, prompts)
+    out = generate(engine.model, engine.params, prompts, max_new_tokens=NEW, ignore_eos=True)
+    assert tokens == np.asarray(out.tokens).tolist()
+    assert [d["completion_tokens"] for d in done] == [NEW, NEW]
+
+
+def test_non_finite_logits_fail_only_their_request(engine):
+    rng = np.random.default_rng(1)
+    good = rng.integers(4, 320, 20).tolist()
+    (solo,), _ = _run(engine, [good])
+    poison = next(i for i in range(4, 320) if i not in good and i not in solo)
+    clean = engine.params
+    table = clean["params"]["token_embed"]["embedding"]
+    engine.params = {"params": {**clean["params"], "token_embed": {"embedding": table.at[poison].set(jnp.nan)}}}
+    try:
+        tokens, done = _run(engine, [[poison, *good[:5]], good])
+    finally:
+        engine.params = clean
+    assert done[0]["finish_reason"] == "error" and "not finite" in done[0]["error"]
+    assert tokens[1] == solo and done[1]["finish_reason"] == "length"
+
+
+def test_stop_strings_and_held_back_text():
+    assert _stop_cut("hello world", ["lo w", "xyz"], 0) == 3
+    assert _stop_cut("hello world", ["hello"], 6) == -1  # ended before the new text
+    assert _held_back("the end", ["ending", "d."]) == 3  # "end" may start "ending"
+    assert _held_back("the end", ["xyz"]) == 0
