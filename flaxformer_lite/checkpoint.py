@@ -15,8 +15,10 @@ step, and falls back to the previous one otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import pathlib
 import shutil
 import warnings
@@ -80,16 +82,35 @@ def manager(
             n=1,
             keep_checkpoints_without_metrics=False,
         ))
-    options = ocp.CheckpointManagerOptions(
-        best_fn=(lambda m: m[best_metric]) if best_metric else None,
-        best_mode="min",
-        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save,
-        read_only=read_only,
-        create=not read_only,
-    )
     directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-    return ocp.CheckpointManager(directory, options=options, item_names=("params", "extra", "meta"))
+    # Orbax warns that a read-only manager is read-only; the caller asked for it.
+    with _without_absl_warnings(_READ_ONLY_NOTICES) if read_only else contextlib.nullcontext():
+        options = ocp.CheckpointManagerOptions(
+            best_fn=(lambda m: m[best_metric]) if best_metric else None,
+            best_mode="min",
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            read_only=read_only,
+            create=not read_only,
+        )
+        return ocp.CheckpointManager(directory, options=options, item_names=("params", "extra", "meta"))
+
+
+_READ_ONLY_NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+
+@contextlib.contextmanager
+def _without_absl_warnings(prefixes: tuple[str, ...]):
+    """Drop absl log records whose message starts with one of `prefixes`."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefixes)
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def save(

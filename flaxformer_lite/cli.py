@@ -3,6 +3,11 @@
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args)`;
 only the chosen command's module is imported, so `--help` stays fast.
 
+Bad input, a flag's value or a file's content, prints one `... error: ...` line naming
+the argument, file or key, and exits with status 2 before anything is written: argparse's
+errors through `Parser`, the library's (ConfigError, DataError, HFError, a missing file)
+through `main`. Flags take the checked types below (`positive_int`, ...).
+
 The commands that compile a model (train, eval, generate, embed, serve) keep XLA's compiled
 programs in a persistent cache, so a resumed or repeated run skips the compile. Those and
 `bench` first tune the host's malloc to keep XLA:CPU's step buffers mapped (host.py).
@@ -35,6 +40,47 @@ CACHED_COMMANDS = ("train", "eval", "generate", "embed", "serve")
 # Commands that run compiled programs: the host's malloc is tuned before JAX starts.
 TUNED_MALLOC_COMMANDS = CACHED_COMMANDS + ("bench",)
 COMPILATION_CACHE_ENV = "FLAXFORMER_LITE_COMPILATION_CACHE"
+DESCRIPTION = ("flaxformer_lite: train, evaluate, decode, convert and inspect Transformers (BERT, GPT-2, "
+               "LLaMA-style, T5) in JAX/Flax. Run flaxformer-lite COMMAND --help for a command's flags.")
+EXIT_BAD_INPUT = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (usage is in --help), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(convert, test, what: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: v > 0, "a positive number")
+non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
+fraction = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+probability = _checked(float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
+
+
+def _bad_input_errors() -> tuple:
+    """The library's exceptions for bad input (not bugs): shown as one line, exit 2."""
+    from flaxformer_lite.config import ConfigError
+    from flaxformer_lite.data.errors import DataError
+    from flaxformer_lite.interop.layout import HFError
+
+    return ConfigError, DataError, HFError, FileNotFoundError, NotADirectoryError, IsADirectoryError
 COMPILATION_CACHE_MAX_BYTES = 2 * 2**30
 
 
@@ -69,7 +115,7 @@ def _load(command: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="flaxformer-lite", description=__doc__.splitlines()[0])
+    parser = Parser(prog="flaxformer-lite", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -82,12 +128,21 @@ def main(argv: list[str] | None = None) -> int:
 
         host.tune_malloc()
     add_arguments, run = _load(argv[0])
-    command_parser = argparse.ArgumentParser(prog=f"flaxformer-lite {argv[0]}", description=COMMANDS[argv[0]][2])
+    command_parser = Parser(prog=f"flaxformer-lite {argv[0]}", description=COMMANDS[argv[0]][2])
     add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
     if argv[0] in CACHED_COMMANDS:
         use_compilation_cache()
-    return run(args) or 0
+    try:
+        return run(args) or 0
+    except _bad_input_errors() as e:
+        message = " ".join(str(e).split())  # one line, whatever the exception's text
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from flaxformer_lite.cli import non_negative_float, non_negative_int, positive_int, probability
+
 EXIT_BAD_INPUT = 2  # the command's status for bad input, as train/eval/convert
 # decode.METHODS and embeddings.POOLINGS, spelled out so that `--help` does not import JAX
 # (tests/test_cli.py keeps them equal).
@@ -44,7 +46,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --workdir: use this config instead of the run's (its model section must match); "
         "alone: a randomly initialised model, to try the command",
     )
-    source.add_argument("--step", type=int, help="checkpoint step to load from --workdir (default: the latest)")
+    source.add_argument("--step", type=non_negative_int, help="checkpoint step to load from --workdir (default: the latest)")
     parser.add_argument("--prompt", action="append",
                         help="text to continue (decoder) or to encode (encoder-decoder), not empty; repeat for a batch")
     parser.add_argument("--chat", action="append", metavar="MESSAGE",
@@ -52,13 +54,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "(user, assistant, user, ...); prints the assistant's reply")
     parser.add_argument("--system", help="with --chat: the system message")
     parser.add_argument("--method", choices=DECODE_METHODS, default="greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--min-new-tokens", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--min-new-tokens", type=non_negative_int, default=0)
+    parser.add_argument("--temperature", type=non_negative_float, default=1.0)
+    parser.add_argument("--top-k", type=non_negative_int, default=0)
+    parser.add_argument("--top-p", type=probability, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--num-beams", type=positive_int, default=4)
     parser.add_argument("--length-penalty", type=float, default=1.0)
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text's (single) token is generated; repeatable")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
@@ -383,8 +385,8 @@ def add_viz_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", help="the input text (attention plots)")
     parser.add_argument("--target", default=None, help="decoder text (attention plots, encoder-decoder models)")
     parser.add_argument("--out", required=True, help="folder for the PNGs (and index.html)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--length", type=int, default=None,
+    parser.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--length", type=positive_int, default=None,
                         help="--positions: positions to draw (default: model.max_len)")
 
 

@@ -85,6 +85,10 @@ def one_cpu():
 def run_bench(args: argparse.Namespace) -> int:
     """Run the chosen benchmark; write its results to --json if given."""
     load_before = os.getloadavg()[0]
+    with contextlib.suppress(ImportError):  # the benchmark says what it needs
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # its "Writing model shards" bars
     single = getattr(args, "single_thread", False)
     with one_cpu() if single else contextlib.nullcontext():
         cpus_used = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -9,23 +9,27 @@ import tempfile
 import time
 
 from flaxformer_lite.bench import interleaved_seconds, median_seconds
+from flaxformer_lite.cli import positive_int
+
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     """Model shape and workload of the decode benchmark."""
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--max-len", type=int, default=1280, help="n_positions; must fit the longest --positions prompt")
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (random, all --prompt-len long)")
-    parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--positions", type=int, nargs="*", default=[100, 1000],
+    parser.add_argument("--layers", type=positive_int, default=4)
+    parser.add_argument("--d-model", type=positive_int, default=256)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--vocab", type=positive_int, default=50257)
+    parser.add_argument("--max-len", type=positive_int, default=1280,
+                        help="n_positions; must fit the longest --positions prompt")
+    parser.add_argument("--prompt-len", type=positive_int, default=16)
+    parser.add_argument("--batch", type=positive_int, default=1,
+                        help="prompts decoded together (random, all --prompt-len long)")
+    parser.add_argument("--new-tokens", type=positive_int, default=200)
+    parser.add_argument("--positions", type=positive_int, nargs="*", default=[100, 1000],
                         help="prompt lengths at which to time single decode steps (none: skip)")
-    parser.add_argument("--step-tokens", type=int, default=32, help="steps timed at each of --positions")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--step-tokens", type=positive_int, default=32, help="steps timed at each of --positions")
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--copy-mib", type=int, default=256,
+    parser.add_argument("--copy-mib", type=positive_int, default=256,
                         help="array size of the copy that measures memory bandwidth (bigger than the caches)")
     parser.add_argument("--profile", metavar="DIR",
                         help="also trace one generate call into DIR (TensorBoard/Perfetto) and print where "

@@ -16,6 +16,8 @@ import statistics
 import tempfile
 import time
 
+from flaxformer_lite.cli import non_negative_int, positive_int
+
 # The default shape: GPT-2 at a size two CPU cores train in milliseconds a step.
 SHAPE_DEFAULTS = {"layers": 4, "d_model": 256, "heads": 4, "vocab": 8192, "seq_len": 256, "batch": 8}
 REMAT_POLICIES = ("none", "full", "dots_with_no_batch_dims_saveable")
@@ -27,7 +29,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="take the shape from this GPT-2-style preset (e.g. gpt2_small); "
                                          "the shape flags below override it")
     for name, default in SHAPE_DEFAULTS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {default} (or the preset's)")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=positive_int, help=f"default {default} (or the preset's)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype; parameters and optimizer state stay float32 on both sides")
     parser.add_argument("--attention-impl", choices=("xla", "auto", "cudnn"), default="xla",
@@ -35,21 +37,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "flash attention (NVIDIA GPU, bfloat16/float16)")
     parser.add_argument("--scan-layers", action="store_true", help="ours: run the layers under nn.scan")
     parser.add_argument("--remat-policy", default="none", help="ours: model.remat_policy of the timed step")
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--steps", type=positive_int, default=5, help="steps per timed round")
+    parser.add_argument("--rounds", type=positive_int, default=5,
                         help="timed rounds per framework, interleaved ours/theirs so load drift hits both")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per framework first")
+    parser.add_argument("--warmup", type=positive_int, default=3,
+                        help="untimed steps per framework first (the first compiles)")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers step (e.g. no CUDA torch)")
-    parser.add_argument("--peak-size", type=int, default=2048, help="matrix size of the matmul peak")
-    parser.add_argument("--compile-depths", type=int, nargs="*", default=[2, 24],
+    parser.add_argument("--peak-size", type=positive_int, default=2048, help="matrix size of the matmul peak")
+    parser.add_argument("--compile-depths", type=positive_int, nargs="*", default=[2, 24],
                         help="layer counts to time compilation at, scan on and off (none: skip)")
-    parser.add_argument("--compile-unrolled-max", type=int, default=24,
+    parser.add_argument("--compile-unrolled-max", type=non_negative_int, default=24,
                         help="skip unrolled compiles deeper than this (they take about a minute at 24 on a CPU)")
-    parser.add_argument("--memory-layers", type=int, default=12, help="depth of the remat memory table (0: skip)")
-    parser.add_argument("--memory-d-model", type=int, default=128, help="width of the remat memory table")
-    parser.add_argument("--loss-vocab", type=int, default=50257,
+    parser.add_argument("--memory-layers", type=non_negative_int, default=12, help="depth of the remat memory table (0: skip)")
+    parser.add_argument("--memory-d-model", type=positive_int, default=128, help="width of the remat memory table")
+    parser.add_argument("--loss-vocab", type=non_negative_int, default=50257,
                         help="vocabulary of the loss memory table, whole logits against train.loss_chunk_size (0: skip)")
-    parser.add_argument("--loss-chunk", type=int, default=512, help="tokens per chunk in the loss memory table")
+    parser.add_argument("--loss-chunk", type=positive_int, default=512, help="tokens per chunk in the loss memory table")
     parser.add_argument("--profile", metavar="DIR",
                         help="also trace --steps of our step into DIR (TensorBoard/Perfetto) and print where the time "
                              "goes, with each matrix multiplication's GFLOP/s (exact with --single-thread)")

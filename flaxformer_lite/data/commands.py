@@ -13,6 +13,8 @@ import os
 import sys
 import warnings
 
+from flaxformer_lite.cli import fraction, non_negative_int, positive_int
+
 EXIT_BAD_INPUT = 2
 
 
@@ -39,13 +41,13 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     _corpus_arguments(parser, required=False)
     parser.add_argument("--out", required=True, metavar="DATADIR", help="folder of the token store")
     parser.add_argument("--tokenizer", default="byte", help="'byte', or a tokenizer.json (or its folder)")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
+    parser.add_argument("--val-fraction", type=fraction, default=0.05, help="documents held out for validation")
     parser.add_argument("--split", default="hash", choices=("hash", "tail"),
                         help="hash: by a seeded content hash; tail: the last documents")
     parser.add_argument("--seed", type=int, default=0, help="key of the hash split (data.seed)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="source files tokenized at once (default: one per CPU)")
-    parser.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard at most")
+    parser.add_argument("--shard-tokens", type=positive_int, default=1 << 27, help="tokens per shard at most")
     parser.add_argument("--part", type=_part, metavar="I/N",
                         help="prepare only sources I, I+N, ... (then run --merge once all parts are done)")
     parser.add_argument("--merge", action="store_true", help="write the manifest over the finished parts")
@@ -55,11 +57,12 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 def add_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flaxformer-lite tokenizer train`."""
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    train = sub.add_parser("train", help="train a byte-level BPE tokenizer.json on a corpus (streamed)")
+    about = "train a byte-level BPE (or WordPiece) tokenizer.json on a corpus, streamed"
+    train = sub.add_parser("train", help=about, description=about)
     _corpus_arguments(train)
-    train.add_argument("--vocab-size", type=int, required=True, help="total ids, sentinels included")
+    train.add_argument("--vocab-size", type=positive_int, required=True, help="total ids, sentinels included")
     train.add_argument("--out", required=True, help="tokenizer.json path, or a folder to hold one")
-    train.add_argument("--num-sentinels", type=int, default=100, help="T5 <extra_id_N> tokens (span corruption)")
+    train.add_argument("--num-sentinels", type=non_negative_int, default=100, help="T5 <extra_id_N> tokens (span corruption)")
     train.add_argument("--kind", default="bpe", choices=("bpe", "wordpiece"), help="byte-level BPE or WordPiece")
 
 

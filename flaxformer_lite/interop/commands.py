@@ -17,6 +17,7 @@ import pathlib
 import shutil
 import sys
 
+from flaxformer_lite.cli import non_negative_int
 from flaxformer_lite.interop import families
 from flaxformer_lite.interop.weights import DEFAULT_MAX_SHARD_SIZE
 
@@ -34,7 +35,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", metavar="WORKDIR", help="run directory to write (with --from-hf)")
     target.add_argument("--to-hf", metavar="DIR", help="HF model folder to write (with --from)")
-    parser.add_argument("--step", type=int, help="--from: checkpoint step (default: the latest)")
+    parser.add_argument("--step", type=non_negative_int, help="--from: checkpoint step (default: the latest)")
     parser.add_argument("--model-type", choices=sorted(families.FAMILIES),
                         help="--to-hf: HF family (default: the one converted from, else inferred)")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",

@@ -17,6 +17,8 @@ import json
 import pathlib
 import sys
 
+from flaxformer_lite.cli import non_negative_int
+
 EXIT_BAD_INPUT = 2
 
 
@@ -39,7 +41,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="config whose data section to evaluate on (default: the run's own)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.eval_batches=50")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--step", type=non_negative_int, help="checkpoint step (default: the latest)")
 
 
 def _bad_input_errors() -> tuple:
@@ -47,6 +49,18 @@ def _bad_input_errors() -> tuple:
     from flaxformer_lite.data import DataError
 
     return ConfigError, DataError, FileNotFoundError
+
+
+def check_backend(cfg) -> None:
+    """Raise ConfigError for settings JAX's backend cannot run, before anything is written."""
+    import jax
+
+    from flaxformer_lite.config import ConfigError
+
+    backend = jax.default_backend()
+    if cfg.model.attention_impl == "cudnn" and backend != "gpu":
+        raise ConfigError(f"model.attention_impl=cudnn needs an NVIDIA GPU, and JAX's backend is {backend!r}: "
+                          "set model.attention_impl=auto (or xla)")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -59,6 +73,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         parallel.initialize_distributed()
         cfg = load_config(args.config, overrides=args.set)
+        check_backend(cfg)
         resume_step = None if isinstance(args.resume, bool) else args.resume
         summary = train(cfg, args.workdir, resume=bool(args.resume), init_from=args.init_from, resume_step=resume_step)
     except _bad_input_errors() as e:
@@ -91,6 +106,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"{config_path} not found: {workdir} is not a run directory (or pass --config)")
         setup = prepare_data(load_config(config_path, overrides=args.set), train=False)
         cfg = setup.cfg
+        check_backend(cfg)
         _, loaded = checkpoint.load_params(workdir, step=args.step)
         abstract = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
         params, missing, _ = merge_params(abstract, loaded, str(workdir))
