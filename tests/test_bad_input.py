@@ -66,6 +66,12 @@ CASES = [
     (["bench", "train", "--preset", "bert_tiny"], "bert_tiny"),
     (["bench", "decode", "--batch", "0"], "--batch"),
     (["bench", "decode", "--max-len", "8", "--json", "{tmp}/d.json"], "--max-len"),
+    # serve (each fails before a server starts)
+    (["serve", "--hf", "{tmp}/nohf"], "nohf"),
+    (["serve", "--hf", "{hf}", "--max-batch", "0"], "--max-batch"),
+    (["serve", "--hf", "{hf}", "--chunk", "0"], "--chunk"),
+    (["serve", "--workdir", "{run}", "--step", "-1"], "--step"),
+    (["serve", "--hf", "{hf}", "--max-len", "0"], "--max-len"),
     # prepare
     (["prepare", "--out", "{tmp}/s"], "--corpus"),
     (["prepare", "--corpus", "{tmp}/missing.txt", "--out", "{tmp}/s"], "missing.txt"),

@@ -16,6 +16,8 @@ import signal
 import sys
 import time
 
+from flaxformer_lite.cli import non_negative_float, non_negative_int, positive_int
+
 EXIT_BAD_INPUT = 2
 
 
@@ -28,17 +30,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--config", help="alone: a randomly initialised model of this config, to try the server")
     source.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="with --config: override config keys, e.g. --set model.num_layers=4")
-    source.add_argument("--step", type=int, help="checkpoint step to load from --workdir (default: the latest)")
+    source.add_argument("--step", type=non_negative_int, help="checkpoint step to load from --workdir (default: the latest)")
     parser.add_argument("--name", help="the model id clients pass as 'model' (default: the folder or config name)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
-    parser.add_argument("--max-len", type=int, default=None,
+    parser.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together (KV-cache slots)")
+    parser.add_argument("--max-len", type=positive_int, default=None,
                         help="tokens per slot, prompt + completion (default: model.max_len, at most 2048)")
-    parser.add_argument("--chunk", type=int, default=64, help="prompt tokens prefilled per engine step")
-    parser.add_argument("--max-queue", type=int, default=64,
+    parser.add_argument("--chunk", type=positive_int, default=64, help="prompt tokens prefilled per engine step")
+    parser.add_argument("--max-queue", type=non_negative_int, default=64,
                         help="requests that may wait for a slot; more get 429 with Retry-After")
-    parser.add_argument("--drain-timeout", type=float, default=30.0,
+    parser.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                         help="seconds SIGTERM waits for requests in flight before exiting")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                         help="prepend BOS to text prompts (default: yes for --workdir/--config runs, which train "
@@ -132,8 +134,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
     counter = _CompileCounter()
     try:
-        if args.max_batch < 1 or args.chunk < 1 or args.max_queue < 0 or args.drain_timeout < 0:
-            raise ValueError("--max-batch and --chunk must be >= 1, --max-queue and --drain-timeout >= 0")
         started = time.perf_counter()
         served, worker = _load(args)
         worker.start()
