@@ -21,10 +21,10 @@ Bad input raises `DataError` naming the file and line and saying what was expect
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 import re
+import zlib
 from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
@@ -43,7 +43,7 @@ from flaxformer_lite.data.sources import (
 )
 
 __all__ = ["BUILTIN", "LabeledCorpus", "builtin_classification", "builtin_documents", "load_labeled",
-           "load_pairs", "load_texts", "split"]
+           "load_pairs", "load_texts", "split", "split_hashes"]
 
 T = TypeVar("T")
 
@@ -238,6 +238,30 @@ def builtin_classification(*, max_words: int = 20, min_words: int = 8, seed: int
 # ---------------------------------------------------------------------------------- splitting
 
 SPLIT_METHODS = ("hash", "tail")
+_U64 = np.uint64
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection of uint64 whose outputs look random."""
+    x = x ^ (x >> _U64(30))
+    x = x * _U64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> _U64(27))
+    x = x * _U64(0x94D049BB133111EB)
+    return x ^ (x >> _U64(31))
+
+
+def split_hashes(texts: Sequence[str], seed: int = 0) -> np.ndarray:
+    """The split hash of each text (uint64): CRC-32 and length of its UTF-8, mixed with the seed.
+
+    What `split` ranks items by and what a token store keeps per document. About ten
+    times cheaper than a cryptographic hash per document; the split needs only
+    determinism and well-spread ranks, and identical texts share a hash.
+    """
+    data = [t.encode("utf-8", "surrogatepass") for t in texts]
+    crc = np.fromiter(map(zlib.crc32, data), np.uint64, len(data))
+    size = np.fromiter(map(len, data), np.uint64, len(data)) & _U64(0xFFFFFFFF)
+    key = _mix(np.array([seed & 0xFFFFFFFFFFFFFFFF], np.uint64))
+    return _mix(((crc << _U64(32)) | size) + key)
 
 
 def split(
@@ -245,11 +269,12 @@ def split(
 ) -> tuple[list[T], list[T]]:
     """(train, validation), deterministic and disjoint, both in the input's order.
 
-    method="hash": each item is ranked by a seeded hash of its content, and the
-    lowest-ranked `round(val_fraction * len(items))` (at least one) go to validation.
-    The split does not depend on the input order, and identical items land on the same
-    side. method="tail": the last that many items, in corpus order, are validation (a
-    held-out block, as for time-ordered corpora; `seed` is unused).
+    method="hash": each item is ranked by `split_hashes` of its text (a non-string item:
+    of its JSON), and the lowest-ranked `round(val_fraction * len(items))` (at least
+    one) go to validation. The split does not depend on the input order, and identical
+    items land on the same side. method="tail": the last that many items, in corpus
+    order, are validation (a held-out block, as for time-ordered corpora; `seed` is
+    unused).
     """
     if method not in SPLIT_METHODS:
         raise DataError(f"split method {method!r} is not one of {', '.join(SPLIT_METHODS)}")
@@ -262,12 +287,8 @@ def split(
     n_val = min(max(1, round(val_fraction * len(items))), len(items) - 1)
     if method == "tail":
         return list(items[: len(items) - n_val]), list(items[len(items) - n_val :])
-    salt = str(seed).encode()
-    hashes = [
-        hashlib.blake2b(json.dumps(item, default=str).encode(), digest_size=8, key=salt).digest()
-        for item in items
-    ]
-    threshold = sorted(hashes)[n_val - 1]
+    hashes = split_hashes([i if isinstance(i, str) else json.dumps(i, default=str) for i in items], seed)
+    threshold = np.partition(hashes, n_val - 1)[n_val - 1]
     train = [item for item, h in zip(items, hashes) if h > threshold]
     val = [item for item, h in zip(items, hashes) if h <= threshold]
     if not train:

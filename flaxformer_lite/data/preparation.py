@@ -20,18 +20,20 @@ bytes on every run, with any number of workers or parts.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
+import ctypes
 import dataclasses
 import errno
-import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import pathlib
+import signal
+import sys
+import threading
 import time
 import warnings
-from json.encoder import encode_basestring_ascii
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -75,10 +77,15 @@ class PrepareOptions:
 
 
 def list_sources(corpus: sources.Source) -> list[dict]:
-    """[{name, size}] of each source file, in reading order ("builtin": one entry)."""
+    """Each source file's name and identity (`sources.identity`), in reading order."""
     if sources.is_builtin(corpus):
-        return [{"name": sources.BUILTIN, "size": sources.builtin_size()}]
-    return [{"name": str(p), "size": p.stat().st_size} for p in sources.files(corpus)]
+        return [{"name": sources.BUILTIN, **sources.builtin_identity()}]
+    return [{"name": str(p), **sources.identity(p)} for p in sources.files(corpus)]
+
+
+def _identity(src: dict) -> dict:
+    """What identifies a source's content: everything recorded but its name."""
+    return {k: v for k, v in src.items() if k != "name"}
 
 
 def _header(srcs: list[dict], options: PrepareOptions, tok: Tokenizer) -> dict:
@@ -95,10 +102,25 @@ def _header(srcs: list[dict], options: PrepareOptions, tok: Tokenizer) -> dict:
     }
 
 
-def _same_job(a: dict, b: dict) -> bool:
-    """Same options and source sizes; names may differ (a moved corpus)."""
-    strip = lambda h: {**h, "sources": [s["size"] for s in h["sources"]]}  # noqa: E731
-    return strip(a) == strip(b)
+def _check_same_job(record: pathlib.Path, theirs: dict, ours: dict) -> None:
+    """DataError unless `ours` is the job `theirs` started: same options and source contents.
+
+    Names may differ (a moved corpus); an edited source shows in its identity.
+    """
+    out = record.parent
+    if theirs.get("version") != ours["version"]:
+        raise DataError(f"{out} holds a prepare of store format {theirs.get('version')} by another flaxformer_lite "
+                        f"({record}); pass a new --out, or delete the folder to start over")
+    if {**theirs, "sources": None} != {**ours, "sources": None} or len(theirs["sources"]) != len(ours["sources"]):
+        raise DataError(f"{out} holds a prepare of another corpus or other options ({record}); pass a new --out, "
+                        "or delete the folder to start over")
+    for old, new in zip(theirs["sources"], ours["sources"]):
+        if _identity(old) != _identity(new):
+            what = [k for k in ("size", "mtime_ns", "ends_sha256") if old.get(k) != new.get(k)]
+            raise DataError(
+                f"{new['name']}: changed ({', '.join(what)}) since {out} started preparing it: the store would "
+                f"mix two versions of the file; delete {out} (or pass a new --out) and prepare again"
+            )
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -205,23 +227,6 @@ class _Chunk:
             self.tmp[key].unlink(missing_ok=True)
 
 
-def split_hash(text: str, seed: int) -> int:
-    """`corpora.split`'s hash of a document, as an integer (same order as its bytes)."""
-    return _split_hasher(seed)(text)
-
-
-@functools.lru_cache(maxsize=4)
-def _split_hasher(seed: int) -> Callable[[str], int]:
-    keyed = hashlib.blake2b(digest_size=8, key=str(seed).encode())
-
-    def hash_text(text: str) -> int:
-        h = keyed.copy()
-        h.update(encode_basestring_ascii(text).encode())  # what json.dumps(text) returns
-        return int.from_bytes(h.digest(), "big")
-
-    return hash_text
-
-
 def _source_texts(name: str, options: PrepareOptions, stats: sources.ReadStats) -> Iterator[str]:
     if name == sources.BUILTIN:
         return sources.builtin_texts(options.document_unit, stats)
@@ -232,7 +237,8 @@ def _source_texts(name: str, options: PrepareOptions, stats: sources.ReadStats) 
 def _done_chunks(shards: pathlib.Path, index: int, src: dict) -> list[dict]:
     """The finished chunks of source `index` (empty if they are of another file)."""
     done = [store.read_json(p, "shard record") for p in sorted(shards.glob(f"{index:05d}-*.json"))]
-    if any(d["source"]["size"] != src["size"] for d in done) or [d["chunk"] for d in done] != list(range(len(done))):
+    stale = any(_identity(d["source"]) != _identity(src) for d in done)
+    if stale or [d["chunk"] for d in done] != list(range(len(done))):
         for p in shards.glob(f"{index:05d}-*"):
             p.unlink()
         return []
@@ -270,7 +276,7 @@ def prepare_source(out, index: int, tokenizer: Optional[Tokenizer] = None,
     try:
         while batch := [t for _, t in zip(range(BATCH_DOCUMENTS), texts)]:
             ids = tok.encode_batch(batch)
-            hashes = list(map(_split_hasher(options.seed), batch)) if hashing else [0] * len(batch)
+            hashes = corpora.split_hashes(batch, options.seed) if hashing else np.zeros(len(batch), np.uint64)
             ends = np.cumsum([len(i) for i in ids])
             at = 0
             while at < len(batch):
@@ -335,11 +341,7 @@ def start(corpus: sources.Source, out, options: PrepareOptions, tokenizer: Optio
     record = out / store.PREPARE_FILE
     if record.is_file():
         theirs = store.read_json(record, "prepare record")
-        if not _same_job(theirs, header):
-            raise DataError(
-                f"{out} holds a prepare of another corpus or other options ({record}); pass a new --out, "
-                "or delete the folder to start over"
-            )
+        _check_same_job(record, theirs, header)
         if theirs != header:  # the same files under new names (a moved corpus): read the new ones
             _write_file(record, _json_bytes(header))
         return header
@@ -416,13 +418,66 @@ def prepare(
 
 def _in_pool(out: pathlib.Path, mine: list[int], workers: int, bar: _Bar) -> None:
     # spawn, not fork: the caller may hold threads (JAX, grain) that fork would copy broken.
+    # Leaving the `with` (an error, Ctrl-C, SIGTERM) terminates the workers; a parent that is
+    # killed outright takes them with it (`_worker_start`).
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(prepare_source, out, i) for i in mine]
-        for future in concurrent.futures.as_completed(futures):
-            chunks = future.result()
+    with _stop_on_sigterm(), context.Pool(workers, initializer=_worker_start, initargs=(os.getpid(),)) as pool:
+        for chunks in pool.imap_unordered(_prepare_in_worker, [(out, i) for i in mine]):
             src = chunks[0]["source"]
             bar(src["size"], sum(c["documents"] for c in chunks), sum(c["tokens"] for c in chunks))
+
+
+def _prepare_in_worker(job: tuple[pathlib.Path, int]) -> list[dict]:
+    return prepare_source(*job)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _worker_start(parent: int) -> None:
+    """Pool worker initializer: die with the parent, however it ends (SIGKILL included).
+
+    Linux delivers SIGKILL to the worker when its parent exits (prctl PR_SET_PDEATHSIG);
+    elsewhere a thread polls the parent. A parent that died before this ran is caught by
+    the pid check. Ctrl-C is the parent's to handle: it terminates the pool.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """Within: SIGTERM stops prepare like Ctrl-C does (workers terminated, finished shards kept).
+
+    It exits with status 143 after a `stopped:` line; the main thread only (where signals
+    are delivered), elsewhere it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print("stopped: prepare got SIGTERM; run it again with the same options to continue", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def merge(out) -> dict:
@@ -432,7 +487,7 @@ def merge(out) -> dict:
     shards, missing, chunks = out / store.SHARDS, [], []
     for index, src in enumerate(header["sources"]):
         done = [store.read_json(p, "shard record") for p in sorted(shards.glob(f"{index:05d}-*.json"))]
-        if not done or not done[-1]["last"] or done[0]["source"]["size"] != src["size"]:
+        if not done or not done[-1]["last"] or any(_identity(d["source"]) != _identity(src) for d in done):
             missing.append(index)
         chunks.extend(done)
     if missing:
@@ -455,7 +510,7 @@ def merge(out) -> dict:
         **{k: header[k] for k in ("format", "version", "tokenizer", "vocab_size", "dtype", "sources")},
         "document_unit": options["document_unit"],
         "text_field": options["text_field"],
-        "split": _split_rule(shards, chunks, options),
+        "split": _split_rule(out, chunks, options, documents),
         "documents": documents,
         "tokens": sum(c["tokens"] for c in chunks),
         "max_id": max(c["max_id"] for c in chunks),
@@ -466,26 +521,10 @@ def merge(out) -> dict:
     return manifest
 
 
-def _split_rule(shards: pathlib.Path, chunks: list[dict], options: dict) -> dict:
+def _split_rule(out: pathlib.Path, chunks: list[dict], options: dict, documents: int) -> dict:
     """The manifest's split: `corpora.split`'s rule over every document's stored hash."""
-    fraction, method = options["val_fraction"], options["split"]
-    rule = {"method": method, "val_fraction": fraction, "seed": options["seed"]}
-    n = sum(c["documents"] for c in chunks)
-    if fraction == 0.0:
-        return {**rule, "val_documents": 0, "val_start": n, "threshold": None}
-    if n < 2:
-        raise DataError(f"cannot split {n} document(s) into train and validation; add data")
-    n_val = min(max(1, round(fraction * n)), n - 1)
-    if method == "tail":
-        return {**rule, "val_documents": n_val, "val_start": n - n_val}
-    hashes = np.concatenate([
-        np.fromfile(shards.parent / c["files"]["docs"], "<u8").reshape(-1, 2)[:, 1] for c in chunks
-    ])
-    threshold = np.partition(hashes, n_val - 1)[n_val - 1]
-    val = int(np.count_nonzero(hashes <= threshold))
-    if val == n:
-        raise DataError(f"all {n} documents are identical; cannot split them")
-    return {**rule, "val_documents": val, "threshold": int(threshold)}
+    hashes = store.read_hashes(out, chunks) if options["split"] == "hash" and options["val_fraction"] else None
+    return store.split_rule(hashes, documents, options["split"], options["val_fraction"], options["seed"])
 
 
 # ------------------------------------------------------------------------------------ cache
@@ -532,11 +571,11 @@ def cached(corpus: sources.Source, options: PrepareOptions, *, tokenizer: Option
 def corpus_store(corpus: sources.Source, options: PrepareOptions, *, vocab_size: int, verify: bool = True,
                  tokenizer: Optional[Tokenizer] = None, progress: bool = True) -> store.Store:
     """The store a run reads: `corpus` itself when it is a DATADIR (checked against the
-    options: tokenizer, split), else the cache's store of it (prepared if needed)."""
+    tokenizer; its split is its own), else the cache's store of it (prepared if needed,
+    with the options' split)."""
     tok = tokenizer or load_tokenizer(options.tokenizer)
     if not store.is_store(corpus):
         corpus = cached(corpus, options, tokenizer=tok, progress=progress)
     opened = store.Store.open(corpus, verify=verify)
-    opened.check_matches(tokenizer_identity=tok.identity, tokenizer_spec=options.tokenizer, vocab_size=vocab_size,
-                         split=options.split, val_fraction=options.val_fraction, seed=options.seed)
+    opened.check_matches(tokenizer_identity=tok.identity, tokenizer_spec=options.tokenizer, vocab_size=vocab_size)
     return opened

@@ -19,7 +19,10 @@ Documents are stored without bos/eos; the objectives add what they need. The spl
 not baked into the files: the manifest records the rule (`hash`: documents whose split
 hash is at most `threshold` are validation; `tail`: documents from `val_start` on) and
 `documents(split)` applies it, so parts prepared on different machines merge without
-rewriting a byte. The hash is `corpora.split`'s, so both give the same split.
+rewriting a byte. The hash is `corpora.split_hashes`, so both give the same split.
+
+Format versions: 2 (this one) keeps `corpora.split_hashes`; 1 kept a keyed BLAKE2b of the
+document's JSON. Both are read: the rule is applied to whatever hashes the files hold.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy as np
 from flaxformer_lite.data.errors import DataError
 
 FORMAT = "flaxformer_lite token store"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 PREPARE_FILE = "prepare.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -83,6 +86,33 @@ def block(count: int, index: int, parts: int) -> range:
     if parts < 1 or not 0 <= index < parts:
         raise DataError(f"shard_index={index} must be in [0, shard_count={parts})")
     return range(index * count // parts, (index + 1) * count // parts)
+
+
+def split_rule(hashes: Optional[np.ndarray], documents: int, method: str, val_fraction: float, seed: int) -> dict:
+    """The manifest's split rule: `corpora.split`'s over `documents` documents.
+
+    hash: validation is every document whose hash (uint64, in corpus order) is at most
+    `threshold`, the n-th smallest for n = round(val_fraction * documents); tail: the
+    documents from `val_start` on. `hashes` is unused for tail.
+    """
+    rule = {"method": method, "val_fraction": val_fraction, "seed": seed}
+    if val_fraction == 0.0:
+        return {**rule, "val_documents": 0, "val_start": documents, "threshold": None}
+    if documents < 2:
+        raise DataError(f"cannot split {documents} document(s) into train and validation; add data")
+    n_val = min(max(1, round(val_fraction * documents)), documents - 1)
+    if method == "tail":
+        return {**rule, "val_documents": n_val, "val_start": documents - n_val}
+    threshold = np.partition(hashes, n_val - 1)[n_val - 1]
+    val = int(np.count_nonzero(hashes <= threshold))
+    if val == documents:
+        raise DataError(f"all {documents} documents are identical; cannot split them")
+    return {**rule, "val_documents": val, "threshold": int(threshold)}
+
+
+def read_hashes(path: pathlib.Path, shards: Sequence[dict]) -> np.ndarray:
+    """Every document's split hash (uint64), in corpus order, from the shards' .docs files."""
+    return np.concatenate([np.fromfile(path / s["files"]["docs"], "<u8").reshape(-1, 2)[:, 1] for s in shards])
 
 
 # ------------------------------------------------------------------------------ documents
@@ -301,13 +331,13 @@ class Store:
         if split == "all":
             ids = range(n)
         elif rule["method"] == "tail" or rule.get("threshold") is None:
+            self._check_rule(None, n)
             start = rule.get("val_start", n)
             ids = range(start) if split == "train" else range(start, n)
         else:  # hash: read each shard's hashes once, keep the chosen ids
-            threshold = np.uint64(rule["threshold"])
-            val = np.concatenate([
-                np.fromfile(self.path / s["files"]["docs"], "<u8").reshape(-1, 2)[:, 1] <= threshold for s in shards
-            ])
+            hashes = read_hashes(self.path, shards)
+            self._check_rule(hashes, n)
+            val = hashes <= np.uint64(rule["threshold"])
             ids = np.flatnonzero(val if split == "val" else ~val)
         if not len(ids):
             raise DataError(
@@ -319,9 +349,24 @@ class Store:
         max_id = max((s["max_id"] for s in shards), default=-1)
         return Documents(arrays, ends, ids, max_id=max_id, name=f"{self.path} ({split})")
 
-    def check_matches(self, *, tokenizer_identity: dict, tokenizer_spec: str, vocab_size: int,
-                      split: str, val_fraction: float, seed: int) -> None:
-        """DataError naming both sides when the run's config disagrees with the manifest."""
+    def _check_rule(self, hashes: Optional[np.ndarray], documents: int) -> None:
+        """DataError unless the manifest's split is the rule its own options give (an edit shows)."""
+        rule = self.manifest["split"]
+        try:
+            expected = split_rule(hashes, documents, rule["method"], rule["val_fraction"], rule["seed"])
+        except (DataError, KeyError, TypeError, ValueError) as e:
+            expected = {"error": str(e)}
+        if any(rule.get(k) != v for k, v in expected.items()):
+            raise DataError(
+                f"{self.path / MANIFEST}: its split {rule} does not match its shards' documents (expected "
+                f"{expected}); the manifest was edited or damaged: prepare the corpus again into a new folder"
+            )
+
+    def check_matches(self, *, tokenizer_identity: dict, tokenizer_spec: str, vocab_size: int) -> None:
+        """DataError naming both sides when the run's tokenizer or model disagrees with the manifest.
+
+        The split is the store's own (`manifest["split"]`); a run on a DATADIR adopts it.
+        """
         m, where = self.manifest, self.path / MANIFEST
         if m["tokenizer"] != tokenizer_identity:
             hint = self.path / TOKENIZER_FILE if (self.path / TOKENIZER_FILE).is_file() else "byte"
@@ -335,14 +380,3 @@ class Store:
                 f"(model.vocab_size; the tokenizer has {m['vocab_size']}): set model.vocab_size >= "
                 f"{m['max_id'] + 1}, or use a smaller tokenizer"
             )
-        rule = m["split"]
-        theirs = {"split": rule["method"], "val_fraction": rule["val_fraction"], "seed": rule["seed"]}
-        ours = {"split": split, "val_fraction": val_fraction, "seed": seed}
-        if rule["method"] == "tail":  # the tail split does not depend on the seed
-            theirs.pop("seed"), ours.pop("seed")
-        for key in theirs:
-            if theirs[key] != ours[key]:
-                raise DataError(
-                    f"data.{key}={ours[key]} but {where} was split with {key} {theirs[key]}: set "
-                    f"data.{key}={theirs[key]}, or prepare again with --{key.replace('_', '-')} {ours[key]}"
-                )

@@ -398,6 +398,13 @@ def train_tokenizer(
     `num_sentinels` <extra_id_N> tokens, which take the last ids (<extra_id_0> last, as
     in T5). `out_path` is a .json file or a folder that will hold tokenizer.json.
     """
+    out = pathlib.Path(out_path)
+    if out.suffix != ".json":
+        out = out / "tokenizer.json"
+    try:  # before training, which takes long: a path that cannot be written fails now
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out.parent}: cannot create the tokenizer's folder ({e.strerror}); pass another --out") from e
     trainer_vocab = vocab_size - num_sentinels
     if kind == "bpe":
         specials = ["<pad>", "<s>", "</s>", "<mask>"]
@@ -427,10 +434,6 @@ def train_tokenizer(
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens([_sentinel_token(i) for i in reversed(range(num_sentinels))])
 
-    out = pathlib.Path(out_path)
-    if out.suffix != ".json":
-        out.mkdir(parents=True, exist_ok=True)
-        out = out / "tokenizer.json"
     tok.save(str(out))
     return HFTokenizer(tok, name=str(out))
 

@@ -98,6 +98,18 @@ def _warn_special_ids(cfg: Config, tokenizer: data.Tokenizer) -> None:
             )
 
 
+def _adopt_store_split(cfg: Config, store: data.Store) -> Config:
+    """A prepared DATADIR carries its split: the run uses it and records it in its config."""
+    rule, d = store.manifest["split"], cfg.data
+    if (d.split, d.val_fraction) == (rule["method"], rule["val_fraction"]):
+        return cfg  # the hash split's seed is the one it was prepared with; data.seed still shuffles
+    warnings.warn(
+        f"{d.corpus} was prepared with split {rule['method']} (val_fraction {rule['val_fraction']}); the run "
+        f"uses it, not data.split={d.split} data.val_fraction={d.val_fraction}; to split otherwise, prepare again "
+        "with --split and --val-fraction", stacklevel=3)
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, split=rule["method"], val_fraction=rule["val_fraction"]))
+
+
 def local_batch_size(cfg: Config) -> int:
     """This process's share of data.batch_size (which is the global batch)."""
     processes = jax.process_count()
@@ -136,6 +148,7 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
                 open_store()
             multihost_utils.sync_global_devices("flaxformer_lite data cache")
         store = open_store()
+        cfg = _adopt_store_split(cfg, store) if data.is_store(d.corpus) else cfg
         train_items, val_items = store.documents("train"), store.documents("val")
     elif d.objective in data.FINETUNE_OBJECTIVES:
         check_objective(cfg)

@@ -5,6 +5,7 @@ import os
 import pathlib
 
 import numpy as np
+import pytest
 
 import flaxformer_lite as ffl
 from flaxformer_lite import cli
@@ -73,9 +74,9 @@ def test_cli_prepare_errors_are_one_line(tmp_path, capsys):
     assert "prepare.json: cannot read the prepare record" in capsys.readouterr().err
 
 
-def test_tokenizer_train_then_prepare_with_it(tmp_path, capsys):
+def test_tokenizer_train_then_prepare_then_train_as_the_readme_does(tmp_path, capsys):
     corpus = _corpus(tmp_path / "c")
-    out = tmp_path / "tok.json"
+    out = tmp_path / "tok" / "tokenizer.json"  # its folder does not exist yet
     assert cli.main(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "400", "--out", str(out),
                      "--num-sentinels", "4"]) == 0
     tok = load_tokenizer(out)
@@ -94,3 +95,18 @@ def test_tokenizer_train_then_prepare_with_it(tmp_path, capsys):
     docs = store.documents("all")
     assert tok.decode(docs.tokens(0)) == (corpus / "0.txt").read_text().split("\n\n")[0]
     assert ByteTokenizer().identity != tok.identity
+    # gpt_tiny asks for the tail split; the store was split by hash (prepare's default): the run adopts it.
+    overrides = TINY + (f"data.corpus={datadir}", f"data.tokenizer={datadir}/tokenizer.json", "model.vocab_size=400")
+    with pytest.warns(UserWarning, match=r"was prepared with split hash \(val_fraction 0\.05\); the run uses it, "
+                                         r"not data\.split=tail"):
+        setup = loop.prepare_data(ffl.load_config("gpt_tiny", overrides=overrides), train=False)
+    assert setup.cfg.data.split == "hash" and setup.eval_batches
+
+
+def test_tokenizer_train_into_a_folder_it_cannot_make_fails_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    corpus = _corpus(tmp_path / "c")
+    assert cli.main(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "400",
+                     "--out", str(tmp_path / "file" / "tok.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {tmp_path / 'file'}: cannot create the tokenizer's folder" in err

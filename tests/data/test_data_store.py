@@ -265,7 +265,8 @@ def test_manifest_from_a_newer_format(datadir, tmp_path):
     shutil.copytree(datadir, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "version": store_lib.VERSION + 1}))
-    with pytest.raises(DataError, match=r"format version 2 is newer than this flaxformer_lite reads \(1\); upgrade"):
+    newer, ours = store_lib.VERSION + 1, store_lib.VERSION
+    with pytest.raises(DataError, match=rf"format version {newer} is newer than this flaxformer_lite reads \({ours}\); "):
         Store.open(copy)
 
 
@@ -279,10 +280,9 @@ def test_config_that_disagrees_with_the_manifest_names_both(datadir, tmp_path):
     with pytest.raises(DataError, match=r"manifest\.json: token id 1\d\d is outside \[0, vocab_size=150\) of the "
                                         r"model .*set model\.vocab_size >= \d+"):
         corpus_store(datadir, PrepareOptions(), vocab_size=150)
-    with pytest.raises(DataError, match=r"data\.val_fraction=0\.1 but .* with val_fraction 0\.05: set data\."):
-        corpus_store(datadir, PrepareOptions(val_fraction=0.1), vocab_size=400)
-    with pytest.raises(DataError, match=r"data\.seed=7 but .* with seed 0"):
-        corpus_store(datadir, PrepareOptions(seed=7), vocab_size=400)
+    # The split is the store's own, whatever the options say.
+    split_docs = corpus_store(datadir, PrepareOptions(split="tail", val_fraction=0.1, seed=7), vocab_size=400)
+    assert len(split_docs.documents("val")) == len(Store.open(datadir).documents("val"))
 
 
 def test_other_options_into_the_same_folder_are_refused(corpus, datadir):
@@ -325,3 +325,86 @@ def test_disk_full_leaves_nothing_half_written_and_a_rerun_finishes(corpus, data
     monkeypatch.undo()
     prepare(corpus, out, PrepareOptions(shard_tokens=700), progress=False)
     assert _tree(out) == _tree(datadir)
+
+
+# ------------------------------------------------------------------ versions, identity
+
+
+TESTDATA = pathlib.Path(__file__).parents[1] / "testdata"
+
+
+def test_a_format_1_store_still_loads_with_its_own_split():
+    """store_v1 was written by the format-1 prepare (BLAKE2b of each document's JSON)."""
+    import hashlib
+
+    store = Store.open(TESTDATA / "store_v1")
+    assert store.manifest["version"] == 1
+    texts = load_texts(TESTDATA / "store_v1_corpus")
+    rank = {t: hashlib.blake2b(json.dumps(t).encode(), digest_size=8, key=b"0").digest() for t in texts}
+    n_val = round(0.2 * len(texts))
+    threshold = sorted(rank.values())[n_val - 1]
+    tok = ByteTokenizer()
+    for name, keep in (("train", lambda h: h > threshold), ("val", lambda h: h <= threshold)):
+        docs = store.documents(name)
+        assert [tok.decode(docs.tokens(i)) for i in range(len(docs))] == [t for t in texts if keep(rank[t])]
+
+
+def test_an_edited_split_in_the_manifest_is_refused(datadir, tmp_path):
+    import shutil
+
+    for key, value in (("threshold", lambda v: v + (1 << 60)), ("val_documents", lambda v: v + 1)):
+        copy = tmp_path / key
+        shutil.copytree(datadir, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["split"][key] = value(manifest["split"][key])
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        store = Store.open(copy)
+        with pytest.raises(DataError, match=rf"{copy}/manifest\.json: its split .* does not match its shards' "
+                                            r"documents .*edited or damaged"):
+            store.documents("val")
+
+
+def test_a_source_edited_between_runs_is_not_mixed_into_the_store(corpus, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    src = tmp_path / "corpus"
+    shutil.copytree(corpus, src)
+    out = tmp_path / "d"
+    real_finish = prepare_lib._Chunk.finish
+
+    def stop_after_first(self, meta):
+        real_finish(self, meta)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_lib._Chunk, "finish", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, out, PrepareOptions(shard_tokens=700), progress=False)
+    monkeypatch.undo()
+    edited = src / "part0.txt"
+    data, stat = edited.read_bytes(), edited.stat()
+    for where, what in ((0, "ends_sha256"), (len(data) // 2, "mtime_ns, ends_sha256")):  # same size
+        changed = bytearray(data)
+        changed[where : where + 2] = b"zz" if changed[where : where + 2] != b"zz" else b"yy"
+        edited.write_bytes(bytes(changed))
+        if where == 0:  # the old mtime put back
+            os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        with pytest.raises(DataError, match=rf"{edited}: changed \({what}\) since {out} started "
+                                            r"preparing it: .* delete"):
+            prepare(src, out, PrepareOptions(shard_tokens=700), progress=False)
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_moved_corpus_continues(corpus, tmp_path, monkeypatch):
+    import shutil
+
+    src = tmp_path / "corpus"
+    shutil.copytree(corpus, src)  # copytree keeps mtimes, as mv does
+    out = tmp_path / "d"
+    monkeypatch.setattr(prepare_lib, "prepare_source", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, out, PrepareOptions(shard_tokens=700), progress=False)
+    monkeypatch.undo()
+    src.rename(tmp_path / "moved")
+    prepare(tmp_path / "moved", out, PrepareOptions(shard_tokens=700), progress=False)
+    assert [s["name"] for s in Store.open(out).manifest["sources"]][0].startswith(str(tmp_path / "moved"))
