@@ -29,6 +29,11 @@ BENCHMARKS = {
         "flaxformer_lite.bench.train", "train",
         "training step on a random GPT-2 against transformers + torch AdamW: tokens/s, MFU, compile time, remat memory",
     ),
+    "serve": (
+        "flaxformer_lite.bench.serve", "serve",
+        "the HTTP server under N concurrent streaming clients against one at a time: tokens/s, TTFT, ITL, "
+        "compilations and memory over many requests",
+    ),
 }
 
 
