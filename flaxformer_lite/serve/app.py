@@ -33,6 +33,7 @@ from starlette.routing import Route
 from flaxformer_lite.serve.engine import Draining, EngineError, QueueFull, SamplingParams
 
 RETRY_AFTER_S = 1
+DISCONNECT_CHECK_S = 1.0  # how often a request looks for its client having gone
 # Sampling knobs OpenAI defines that this server does not implement: any value but the
 # neutral one is refused by name rather than ignored.
 _NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "logit_bias": {}, "suffix": ""}
@@ -187,13 +188,18 @@ class _Run:
     async def events_until_done(self):
         """(index, event) pairs until every sequence is done; cancels all if the client leaves."""
         open_ = len(self.handles)
+        next_check = self.loop.time() + DISCONNECT_CHECK_S
         try:
             while open_:
                 try:
-                    index, event = await asyncio.wait_for(self.events.get(), timeout=1.0)
+                    index, event = await asyncio.wait_for(self.events.get(), max(0.0, next_check - self.loop.time()))
                 except asyncio.TimeoutError:
+                    index, event = None, None
+                if self.loop.time() >= next_check:
                     if await self.request.is_disconnected():
                         return
+                    next_check = self.loop.time() + DISCONNECT_CHECK_S
+                if event is None:
                     continue
                 if event["type"] == "done":
                     open_ -= 1
@@ -381,7 +387,8 @@ async def chat_completions(request: Request) -> Response:
         if not want_logprobs:
             return None
         return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
-                             "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top]}
+                             "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())}
+                                              for s, lp in t.top]}
                             for t in infos]}
 
     if stream:
@@ -440,7 +447,8 @@ async def embeddings(request: Request) -> Response:
     served: Served = request.app.state.served
     body = await _json_body(request, served)
     if served.embedder is None:
-        raise ApiError(400, f"'{served.name}' is a generative model: /v1/embeddings needs an encoder (BERT-like)", "model")
+        raise ApiError(400, f"'{served.name}' is a generative model: /v1/embeddings needs an encoder (BERT-like)",
+                       "model")
     inputs = body.get("input")
     if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs)):
         inputs = [inputs]

@@ -259,7 +259,9 @@ class Engine:
                  chunk: int = 64, max_queue: int = 64):
         cfg = model.cfg
         if cfg.family != "decoder":
-            raise ValueError(f"serving completions needs a decoder-only model; this one has model.family={cfg.family!r}")
+            raise ValueError(
+                f"serving completions needs a decoder-only model; this one has model.family={cfg.family!r}"
+            )
         max_len = cfg.max_len if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_len:
             raise ValueError(f"--max-len {max_len} must be in [1, model.max_len={cfg.max_len}]")
@@ -339,7 +341,8 @@ class Engine:
             raise EngineError("max_tokens=0 generates nothing: use it with echo and logprobs to score a prompt")
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
             raise EngineError(
-                f"temperature={params.temperature} must be >= 0, top_p={params.top_p} in (0, 1], top_k={params.top_k} >= 0"
+                f"temperature={params.temperature} must be >= 0, top_p={params.top_p} in (0, 1], "
+                f"top_k={params.top_k} >= 0"
             )
         if params.logprobs is not None and not 0 <= params.logprobs <= TOP_LOGPROBS:
             raise EngineError(f"logprobs={params.logprobs} must be in [0, {TOP_LOGPROBS}]")
@@ -427,7 +430,7 @@ class Engine:
         seq.filled += n
         if seq.params.echo_logprobs or not np.all(np.asarray(summary[3])[:n]):
             self._record_prompt_logprobs(seq, summary, n)
-        if seq.filled == len(seq.prompt) and seq.params.max_tokens == 0:
+        if seq.slot >= 0 and seq.filled == len(seq.prompt) and seq.params.max_tokens == 0:
             self._finish(seq, "length")
 
     def _record_prompt_logprobs(self, seq: _Seq, summary, n: int) -> None:
