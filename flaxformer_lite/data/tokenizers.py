@@ -262,7 +262,9 @@ class HFTokenizer:
             return i
 
         def file_id(key: str) -> list[int]:
-            return next((_id_list(c[key]) for c in id_files if c.get(key) is not None), [])
+            # An id outside the vocabulary (GPT2Config's default 50256 on a small model) says nothing.
+            usable = ([i for i in _id_list(c.get(key)) if 0 <= i < bare.vocab_size] for c in id_files)
+            return next((ids for ids in usable if ids), [])
 
         roles = {}
         for role, names in _ROLE_NAMES.items():

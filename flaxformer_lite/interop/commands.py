@@ -1,10 +1,13 @@
 """`flaxformer-lite convert`: HF model folder <-> run directory.
 
-    flaxformer-lite convert --from-hf DIR --to WORKDIR      # config.yaml + orbax params (+ tokenizer.json)
-    flaxformer-lite convert --from WORKDIR --to-hf DIR      # config.json + model.safetensors (+ tokenizer.json)
+    flaxformer-lite convert --from-hf DIR --to WORKDIR      # config.yaml + orbax params + WORKDIR/hf/
+    flaxformer-lite convert --from WORKDIR --to-hf DIR      # config.json + model.safetensors + tokenizer files
     flaxformer-lite convert --from WORKDIR --to-hf DIR --max-shard-size 2GB   # shards + index, as transformers
 
-A converted WORKDIR is what train (--init-from), generate and viz read. Bad input prints
+WORKDIR/hf/ keeps the source's config.json and its tokenizer files (hf.SOURCE_FILES), so
+the run loads its tokenizer from there and --to-hf writes the same family and the same
+tokenizer files back. A converted WORKDIR is what train (--init-from), generate and viz
+read; `train --init-from HF_DIR` starts from the folder directly. Bad input prints
 one `error: ...` line naming the file, key or tensor, and exits with status 2 before
 anything is written.
 """
@@ -14,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
 import sys
 
 from flaxformer_lite.cli import non_negative_int
@@ -22,7 +24,6 @@ from flaxformer_lite.interop import families
 from flaxformer_lite.interop.weights import DEFAULT_MAX_SHARD_SIZE
 
 EXIT_BAD_INPUT = 2
-HF_CONFIG_COPY = "hf_config.json"  # the source config.json, kept so --to-hf writes the same family
 # A first training objective for each family; edit config.yaml to train on something else.
 _OBJECTIVES = {"decoder": "causal_lm", "encoder_decoder": "span_corruption", "encoder": "masked_lm"}
 
@@ -48,6 +49,45 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--from-hf: drop checkpoint tensors with this prefix (a head not supported here)")
 
 
+def hf_run_config(hf_dir, model_cfg, *, config=None, overrides=(), tokenizer=None):
+    """The run Config of a model from an HF folder: model and tokenizer come from the folder.
+
+    Args:
+      hf_dir: the HF folder; model_cfg: its ModelConfig (hf.load's).
+      config: a YAML run config or preset whose train, data and parallel sections to use,
+        and its model section's runtime and training settings (hf.RUNTIME_FIELDS,
+        hf.TRAINING_FIELDS); without it, fine-tuning defaults (config.FINE_TUNE_TRAIN).
+      overrides: key=value strings applied last.
+      tokenizer: where data.tokenizer points (default: hf_dir, if it has tokenizer.json).
+    """
+    import dataclasses
+
+    from flaxformer_lite.config import FINE_TUNE_TRAIN, DataConfig, build_config, read_config_dict, to_dict
+    from flaxformer_lite.interop import hf
+
+    hf_dir = pathlib.Path(hf_dir)
+    base = read_config_dict(config) if config else {"train": dict(FINE_TUNE_TRAIN)}
+    chosen = {k: v for k, v in (base.get("model") or {}).items() if k in hf.RUNTIME_FIELDS + hf.TRAINING_FIELDS}
+    data = dict(base.get("data") or {})
+    objective = data.get("objective") or (
+        "classification" if model_cfg.num_labels else _OBJECTIVES[model_cfg.family]
+    )
+    if objective == "masked_lm" and model_cfg.family == "encoder" and not model_cfg.mlm_head:
+        chosen["mlm_head"] = True  # a base encoder (no MLM head) trains with a fresh one
+    if tokenizer is None and (hf_dir / hf.TOKENIZER_FILE).is_file():
+        tokenizer = hf_dir
+    data.update(
+        objective=objective,
+        tokenizer=str(tokenizer) if tokenizer is not None else data.get("tokenizer", "byte"),
+        seq_len=min(data.get("seq_len", DataConfig.seq_len), model_cfg.max_len),
+    )
+    merged = {
+        **base, "name": base.get("name") or f"hf-{hf_dir.resolve().name}",
+        "model": to_dict(dataclasses.replace(model_cfg, **chosen)), "data": data,
+    }
+    return build_config(merged, overrides, source=str(config or hf_dir))
+
+
 def _from_hf(args: argparse.Namespace) -> dict:
     from flaxformer_lite import checkpoint
     from flaxformer_lite.config import Config, DataConfig, validate
@@ -57,22 +97,32 @@ def _from_hf(args: argparse.Namespace) -> dict:
     source, workdir = pathlib.Path(args.from_hf), pathlib.Path(args.to)
     model_cfg, params = hf.load(source, skip=args.skip, scan_layers=args.scan_layers, param_dtype=args.param_dtype)
     hf_config = hf.read_config(source)
+    kept = workdir / hf.HF_SOURCE_DIR
     has_tokenizer = (source / hf.TOKENIZER_FILE).is_file()
     if has_tokenizer:
         hf.load_tokenizer(source)  # a broken tokenizer.json fails here, before anything is written
     objective = "classification" if model_cfg.num_labels else _OBJECTIVES[model_cfg.family]
     data = DataConfig(
         objective=objective,
-        tokenizer=str(workdir / hf.TOKENIZER_FILE) if has_tokenizer else "byte",
+        tokenizer=str(kept) if has_tokenizer else "byte",
         seq_len=min(DataConfig.seq_len, model_cfg.max_len),
     )
     cfg = validate(Config(name=f"hf-{source.resolve().name}", model=model_cfg, data=data))
     checkpoint.save_params(workdir, cfg, params)
-    if has_tokenizer:
-        shutil.copyfile(source / hf.TOKENIZER_FILE, workdir / hf.TOKENIZER_FILE)
-    (workdir / HF_CONFIG_COPY).write_text(json.dumps(hf_config, indent=2) + "\n")
+    copied = hf.copy_source_files(source, kept, with_config=True)
     return {"workdir": str(workdir), "model_type": hf_config["model_type"], "family": model_cfg.family,
-            "parameters": count_params(params), "tokenizer": data.tokenizer}
+            "parameters": count_params(params), "tokenizer": data.tokenizer, "kept": copied}
+
+
+def run_source(workdir, cfg) -> "pathlib.Path | None":
+    """The HF folder a run came from: WORKDIR/hf, else its tokenizer's folder if that is one."""
+    from flaxformer_lite.interop import hf
+
+    kept = pathlib.Path(workdir) / hf.HF_SOURCE_DIR
+    if hf.is_hf_folder(kept):
+        return kept
+    tokenizer = pathlib.Path(cfg.data.tokenizer)
+    return tokenizer if cfg.data.tokenizer != "byte" and tokenizer.is_dir() and hf.is_hf_folder(tokenizer) else None
 
 
 def _to_hf(args: argparse.Namespace) -> dict:
@@ -81,15 +131,18 @@ def _to_hf(args: argparse.Namespace) -> dict:
 
     workdir, out = pathlib.Path(args.from_workdir), pathlib.Path(args.to_hf)
     cfg, params = checkpoint.load_params(workdir, args.step)
+    source = run_source(workdir, cfg)
     model_type = args.model_type
-    if model_type is None and (workdir / HF_CONFIG_COPY).is_file():
-        model_type = json.loads((workdir / HF_CONFIG_COPY).read_text()).get("model_type")
+    if model_type is None and source is not None:
+        model_type = hf.read_config(source).get("model_type")
     # The byte tokenizer has no tokenizer.json form; anything else is a file to copy along.
     tokenizer = None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer
-    hf.save(cfg.model, params, out, model_type=model_type, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
+    hf.save(cfg.model, params, out, model_type=model_type, tokenizer=tokenizer, source=source,
+            max_shard_size=args.max_shard_size)
     written = json.loads((out / hf.CONFIG_FILE).read_text())
     return {"hf_dir": str(out), "model_type": written["model_type"], "architecture": written["architectures"][0],
-            "tokenizer": str(out / hf.TOKENIZER_FILE) if tokenizer else None}
+            "tokenizer": str(out / hf.TOKENIZER_FILE) if tokenizer else None,
+            "files": sorted(p.name for p in out.iterdir())}
 
 
 def run_convert(args: argparse.Namespace) -> int:

@@ -33,10 +33,27 @@ from flaxformer_lite.interop.layout import HFError
 from flaxformer_lite.interop.weights import INDEX_FILE, WEIGHTS_FILE
 from flaxformer_lite.models import build_model, dummy_inputs, param_logical_axes, stack_layers
 
-__all__ = ["HFError", "load", "load_tokenizer", "read_config", "save"]
+__all__ = ["HFError", "copy_source_files", "is_hf_folder", "load", "load_tokenizer", "read_config",
+           "read_model_config", "save"]
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+# Files of an HF folder besides config.json and the weights that travel with the model:
+# tokenizer (fast and legacy forms), special tokens, chat templates, generation settings,
+# and sentence-transformers' module list and settings (its module folders travel too).
+SOURCE_FILES = (
+    TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+)
+SOURCE_DIRS = ("additional_chat_templates",)
+# A run directory keeps its HF source's config.json and SOURCE_FILES here, so exports
+# write the same family and tokenizer back (and its tokenizer loads from here).
+HF_SOURCE_DIR = "hf"
+# config.json keys an export writes only where the source had them (BERT has no bos/eos:
+# its ids 1 and 2 are [unused0] and [unused1]).
+TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 # Settings of how we run the weights, not what they compute: load() accepts them.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "scan_layers", "remat_policy")
 # Settings for training from scratch; mapped where HF has them, not required to round-trip.
@@ -175,19 +192,8 @@ def load(
     if unknown:
         raise HFError(f"hf.load got {sorted(unknown)}; it accepts only {', '.join(RUNTIME_FIELDS)}")
     folder = _folder(path)
-    hf = read_config(folder)
-    try:
-        family = families.family_for(hf.get("model_type"))
-    except HFError as e:
-        raise HFError(f"{folder / CONFIG_FILE}: {e}") from None
-    ckpt = weights.open_checkpoint(folder)
+    hf, family, ckpt, base, cfg, redundant = _open(folder, runtime)
     keys = ckpt.keys()
-    base = family.prefix if any(k.startswith(family.prefix) for k in keys) else ""
-    try:
-        cfg, redundant = family.config_in(hf, ckpt, base)
-        cfg = validate_model(dataclasses.replace(cfg, **runtime))
-    except (HFError, ConfigError) as e:
-        raise HFError(f"{folder / CONFIG_FILE}: {e}") from None
     _warn_unusable_ids(folder / CONFIG_FILE, cfg)
     maps = family.maps(cfg, base, keys)
     wanted = {m.hf for m in maps}
@@ -226,6 +232,29 @@ def load(
         specs = parallel_lib.logical_to_sharding(mesh, parallel or ParallelConfig(), param_logical_axes(cfg))
         shardings = traverse_util.flatten_dict(specs["params"], sep="/")
     return cfg, {"params": _read_params(ckpt, maps, cfg, shapes, shardings)}
+
+
+def _open(folder: pathlib.Path, runtime: dict):
+    """(config.json, Family, Checkpoint, base prefix, ModelConfig, redundant tensors) of a folder."""
+    hf = read_config(folder)
+    try:
+        family = families.family_for(hf.get("model_type"))
+    except HFError as e:
+        raise HFError(f"{folder / CONFIG_FILE}: {e}") from None
+    ckpt = weights.open_checkpoint(folder)
+    base = family.prefix if any(k.startswith(family.prefix) for k in ckpt.keys()) else ""
+    try:
+        cfg, redundant = family.config_in(hf, ckpt, base)
+        cfg = validate_model(dataclasses.replace(cfg, **runtime))
+    except (HFError, ConfigError) as e:
+        raise HFError(f"{folder / CONFIG_FILE}: {e}") from None
+    return hf, family, ckpt, base, cfg, redundant
+
+
+def read_model_config(path, **runtime) -> ModelConfig:
+    """The ModelConfig `load` returns, from config.json and the tensors' names and shapes;
+    no tensor is read (what `train --init-from HF_DIR` builds its run config from)."""
+    return _open(_folder(path), runtime)[4]
 
 
 def _warn_unusable_ids(config_file: pathlib.Path, cfg: ModelConfig) -> None:
@@ -343,8 +372,9 @@ def save(
     model_type: Optional[str] = None,
     tokenizer: Optional[str | pathlib.Path] = None,
     max_shard_size: int | str = weights.DEFAULT_MAX_SHARD_SIZE,
+    source: Optional[str | pathlib.Path] = None,
 ) -> pathlib.Path:
-    """Write config.json + model.safetensors (+ tokenizer.json) that transformers loads.
+    """Write config.json + model.safetensors (+ tokenizer files) that transformers loads.
 
     Tensors are converted and written one at a time, a scanned layer stack one layer at
     a time: host memory holds one tensor beyond the parameters.
@@ -361,6 +391,9 @@ def save(
       max_shard_size: above this many bytes (an int, or "2GB", "500MB", "1GiB"), write
         shards model-0000i-of-0000n.safetensors and model.safetensors.index.json as
         transformers does; a tensor larger than this gets a shard to itself.
+      source: the HF folder the model came from (a run's `hf/`): its SOURCE_FILES travel
+        (tokenizer_config.json, chat template, generation_config.json, sentence-transformers
+        modules, ...), and config.json writes the token ids it had, and only those.
 
     Returns the folder.
     """
@@ -405,10 +438,59 @@ def save(
     out = pathlib.Path(path)
     out.mkdir(parents=True, exist_ok=True)
     dtypes = collections.Counter(str(x.dtype) for x in tensors.values())
-    hf_config = {"architectures": [architecture], "model_type": model_type, **hf_config,
+    hf_config = {"architectures": [architecture], "model_type": model_type, **_source_ids(hf_config, source, cfg),
                  "dtype": dtypes.most_common(1)[0][0]}
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     weights.write(out, tensors, max_shard_bytes, total_parameters=sum(math.prod(x.shape) for x in ours.values()))
     if tokenizer is not None:
         shutil.copyfile(tokenizer_file, out / TOKENIZER_FILE)
+    if source is not None:
+        copy_source_files(source, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------- source files
+
+
+def is_hf_folder(path) -> bool:
+    """True for a folder holding an HF config.json (not a run directory)."""
+    return (pathlib.Path(path) / CONFIG_FILE).is_file()
+
+
+def copy_source_files(source, out, *, with_config: bool = False) -> list[str]:
+    """Copy an HF folder's SOURCE_FILES, SOURCE_DIRS and sentence-transformers module folders
+    into `out` (created); config.json too if `with_config`. Returns the names copied."""
+    source, out = _folder(source), pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in (CONFIG_FILE,) * with_config + SOURCE_FILES if (source / n).is_file()]
+    for name in names:
+        shutil.copyfile(source / name, out / name)
+    dirs = list(SOURCE_DIRS)
+    if (source / "modules.json").is_file():
+        try:
+            modules = json.loads((source / "modules.json").read_text())
+            dirs += [m["path"] for m in modules if m.get("path")]
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+            raise HFError(f"{source / 'modules.json'}: not a sentence-transformers module list ({e})") from None
+    for name in dirs:
+        # modules.json is data from elsewhere: it may name only folders inside the source.
+        if pathlib.PurePath(name).name != name:
+            raise HFError(f"{source / 'modules.json'} names module folder {name!r}, which is not a folder name")
+        if (source / name).is_dir():
+            shutil.copytree(source / name, out / name, dirs_exist_ok=True, symlinks=False)
+            names.append(name + "/")
+    return names
+
+
+def _source_ids(hf_config: dict, source, cfg: ModelConfig) -> dict:
+    """hf_config with the token ids its source had (the source's values, lists kept), no others.
+
+    With no source, an encoder's bos/eos are dropped: BERT-style configs have none."""
+    out = {k: v for k, v in hf_config.items() if k not in TOKEN_ID_KEYS}
+    if source is not None and (pathlib.Path(source) / CONFIG_FILE).is_file():
+        had = read_config(source)
+        out.update({k: had[k] for k in TOKEN_ID_KEYS if k in had})
+        return out
+    dropped = ("bos_token_id", "eos_token_id") if cfg.family == "encoder" else ()
+    out.update({k: v for k, v in hf_config.items() if k in TOKEN_ID_KEYS and k not in dropped})
     return out

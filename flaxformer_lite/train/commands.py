@@ -24,15 +24,17 @@ EXIT_BAD_INPUT = 2
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flaxformer-lite train`."""
-    parser.add_argument("--config", required=True, help="YAML run config, or a preset name (gpt_tiny)")
+    parser.add_argument("--config", help="YAML run config, or a preset name (gpt_tiny); optional with "
+                        "--init-from HF_DIR, which then fine-tunes with config.FINE_TUNE_TRAIN's settings")
     parser.add_argument("--workdir", required=True, help="run directory: config, checkpoints, metrics")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.num_steps=100 model.num_layers=2")
     parser.add_argument("--resume", nargs="?", const=True, default=False, type=int, metavar="STEP",
                         help="continue from WORKDIR's latest checkpoint (a fresh start if it has none), or from "
                              "checkpoint STEP, setting the later ones aside")
-    parser.add_argument("--init-from", metavar="RUNDIR",
-                        help="initialise parameters from another run directory (fine-tuning, converted HF weights)")
+    parser.add_argument("--init-from", metavar="DIR",
+                        help="initialise parameters from another run directory, or from a local HF folder "
+                        "(config.json + *.safetensors), whose model and tokenizer the run then uses")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,16 +65,36 @@ def check_backend(cfg) -> None:
                           "set model.attention_impl=auto (or xla)")
 
 
+def _run_config(args: argparse.Namespace):
+    """--config with --set; with --init-from HF_DIR, the model and tokenizer come from the folder."""
+    from flaxformer_lite.config import ConfigError, load_config
+
+    if args.init_from and not args.resume:
+        from flaxformer_lite.interop import hf
+
+        if hf.is_hf_folder(args.init_from):
+            from flaxformer_lite.interop.commands import hf_run_config
+
+            try:
+                model_cfg = hf.read_model_config(args.init_from)
+            except hf.HFError as e:
+                raise ConfigError(f"--init-from {e}") from None
+            return hf_run_config(args.init_from, model_cfg, config=args.config, overrides=args.set)
+    if not args.config:
+        raise ConfigError("train needs --config FILE (or a preset name), or --init-from HF_DIR to fine-tune "
+                          "an HF folder's model with fine-tuning defaults")
+    return load_config(args.config, overrides=args.set)
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Train; print the final evaluation (and samples, for language models)."""
     from flaxformer_lite import parallel
-    from flaxformer_lite.config import load_config
     from flaxformer_lite.train.loop import train
     from flaxformer_lite.train.safety import RunStopped
 
     try:
         parallel.initialize_distributed()
-        cfg = load_config(args.config, overrides=args.set)
+        cfg = _run_config(args)
         check_backend(cfg)
         resume_step = None if isinstance(args.resume, bool) else args.resume
         summary = train(cfg, args.workdir, resume=bool(args.resume), init_from=args.init_from, resume_step=resume_step)

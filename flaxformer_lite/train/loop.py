@@ -3,6 +3,8 @@
     summary = train(cfg, "runs/gpt_tiny")                 # fresh run
     summary = train(cfg, "runs/gpt_tiny", resume=True)    # continue from the latest checkpoint
     summary = train(cfg, "runs/ft", init_from="runs/hf")  # start from another run's params
+    summary = train(cfg, "runs/ft", init_from="path/to/hf_dir")  # or an HF folder's (cfg:
+                                                   # interop.commands.hf_run_config)
 
 WORKDIR holds config.yaml, checkpoints/ (orbax: params, optimizer state, step, RNG and
 the data iterator's position), metrics.jsonl, tensorboard/, loss_curve.png, samples.txt
@@ -410,7 +412,9 @@ def train(
     resume: continue from the latest good checkpoint in workdir (params, optimizer
       state, step, RNG and data position), or start fresh if it has none yet.
     init_from: a run directory whose latest params initialise the model (fine-tuning,
-      converted HF weights); parameters it lacks, e.g. a new classifier, start fresh.
+      converted HF weights), or an HF folder; parameters it lacks, e.g. a new classifier,
+      start fresh. The HF source (the folder, or the one the run kept) is copied into
+      WORKDIR/hf, and a data.tokenizer pointing at the folder then points at the copy.
     stop_at: stop after this step, checkpointing first; a later resume continues
       exactly where it left off.
     resume_step: resume from this checkpoint step instead of the latest (say the best
@@ -437,9 +441,11 @@ def train(
         _check_batch_split(cfg, mesh)
         loaded = None
         if init_from is not None:
-            loaded = checkpoint.load_params(init_from)[1]
+            loaded = _load_init(init_from, cfg)
             shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
             merge_params(shapes, loaded, f"--init-from {init_from}")  # shape errors before any output
+            cfg = _keep_hf_source(init_from, workdir, cfg, main)
+            setup = dataclasses.replace(setup, cfg=cfg)
         peak = cfg.train.peak_flops or flops.matmul_peak_flops(cfg.model.dtype)
 
         with parallel.use_mesh(mesh, cfg.parallel):
@@ -468,6 +474,37 @@ def _resume_hint(run: _Run, stopped: Optional[safety.RunStopped]) -> str:
     return (f"the best checkpoint is {checkpoint.step_dir(run.mngr, best)} (eval_loss {loss:.4g}); the later ones "
             f"may hold the state that diverged: go on from the best with a lower train.learning_rate: "
             f"{command} {best} --set train.learning_rate=...")
+
+
+def _load_init(init_from, cfg: Config) -> Any:
+    """Params to start from: an HF folder's (hf.load, in the run's layout and dtype) or a run's."""
+    from flaxformer_lite.interop import hf
+
+    if hf.is_hf_folder(init_from):
+        m = cfg.model
+        try:
+            return hf.load(init_from, scan_layers=m.scan_layers, param_dtype=m.param_dtype)[1]
+        except hf.HFError as e:
+            raise ConfigError(f"--init-from {e}") from None
+    return checkpoint.load_params(init_from)[1]
+
+
+def _keep_hf_source(init_from, workdir: pathlib.Path, cfg: Config, main: bool) -> Config:
+    """Copy the HF source's config.json and tokenizer files into WORKDIR/hf (from an HF folder,
+    or from a run that kept one), so exports write the same family and tokenizer back; a
+    tokenizer read from the source folder is then read from the copy."""
+    from flaxformer_lite.interop import hf
+
+    init_from = pathlib.Path(init_from)
+    source = init_from if hf.is_hf_folder(init_from) else init_from / hf.HF_SOURCE_DIR
+    if not hf.is_hf_folder(source):
+        return cfg
+    kept = workdir / hf.HF_SOURCE_DIR
+    if main:
+        hf.copy_source_files(source, kept, with_config=True)
+    if cfg.data.tokenizer != "byte" and pathlib.Path(cfg.data.tokenizer).resolve() == source.resolve():
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(kept)))
+    return cfg
 
 
 def _check_batch_split(cfg: Config, mesh) -> None:

@@ -77,6 +77,12 @@ def check_objective(cfg: Config) -> None:
         ok = m.family == "encoder" and m.pooler and m.num_labels > 0
     else:
         need, ok = "family: encoder_decoder", m.family == "encoder_decoder"
+    if not ok and objective == "masked_lm" and m.family == "encoder":
+        raise ConfigError(
+            "data.objective=masked_lm needs an MLM head, and this encoder has none (a base model such as "
+            "a sentence-transformers checkpoint): set model.mlm_head=true (--set model.mlm_head=true); "
+            "with --init-from the new head starts fresh and the rest keeps its weights"
+        )
     if not ok:
         raise ConfigError(
             f"data.objective={objective} needs model.{need} (got family={m.family}, "

@@ -33,7 +33,9 @@ def test_run_directory_holds_the_converted_model_and_tokenizer(converted):
     model_cfg, hf_params = hf.load(root / "hf")
     assert cfg.model == model_cfg
     jax.tree.map(np.testing.assert_array_equal, params, hf_params)
-    assert cfg.data.tokenizer == str(root / "run" / "tokenizer.json")
+    assert cfg.data.tokenizer == str(root / "run" / hf.HF_SOURCE_DIR)
+    for name in ("config.json", "tokenizer.json"):  # the source's, kept for --to-hf
+        assert (root / "run" / hf.HF_SOURCE_DIR / name).read_bytes() == (root / "hf" / name).read_bytes()
     tok = data.load_tokenizer(cfg.data.tokenizer)
     ids = tok.encode("the dog sat on the hat", eos=True)
     assert max(ids) < cfg.model.vocab_size
