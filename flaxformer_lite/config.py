@@ -29,6 +29,30 @@ class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it and the fix."""
 
 
+LORA_PROJECTIONS = ("query", "key", "value", "out", "wi", "wg", "wo")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021) on the named projections; rank 0: none.
+
+    With rank > 0 each targeted kernel W gains A [in, rank] (random) and B [rank, out]
+    (zero), the projection computes x W + (alpha / rank) dropout(x) A B, and training
+    updates the adapters only: the base gets no gradient and no optimizer state.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("query", "key", "value", "out")  # of LORA_PROJECTIONS
+    # Storage dtype of the frozen base (every parameter but the adapters); None: param_dtype.
+    base_dtype: Optional[Literal["float32", "bfloat16"]] = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture. `num_layers` is the encoder depth (or the decoder's, decoder-only)."""
@@ -81,6 +105,7 @@ class ModelConfig:
     attention_impl: Literal["xla", "auto", "cudnn"] = "xla"
     scan_layers: bool = False
     remat_policy: str = "none"  # none | full | a jax.checkpoint_policies name
+    lora: LoraConfig = LoraConfig()
 
     @property
     def kv_heads(self) -> int:
@@ -204,6 +229,7 @@ class ParallelConfig:
         ("type_vocab",),
         ("positions",),
         ("labels",),
+        ("lora_rank",),
     )
 
 
@@ -269,6 +295,21 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
         raise ConfigError(f"{p}num_labels={cfg.num_labels} classifies the pooled output: set {p}pooler: true")
     if cfg.sliding_window is not None and cfg.sliding_window <= 0:
         raise ConfigError(f"{p}sliding_window must be positive or null")
+    lora = cfg.lora
+    if lora.rank < 0 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(
+            f"{p}lora: rank={lora.rank} must be >= 0 (0: no adapters), alpha={lora.alpha} positive "
+            f"and dropout={lora.dropout} in [0, 1)"
+        )
+    unknown = [t for t in lora.targets if t not in LORA_PROJECTIONS]
+    if unknown or (lora.rank and not lora.targets):
+        raise ConfigError(
+            f"{p}lora.targets={list(lora.targets)}: name projections among {', '.join(LORA_PROJECTIONS)}"
+        )
+    if lora.rank and "wg" in lora.targets and cfg.activation not in ("glu", "reglu", "geglu", "swiglu"):
+        raise ConfigError(
+            f"{p}lora.targets has wg, the gate projection, but {p}activation={cfg.activation} has no gate: drop wg"
+        )
     if cfg.remat_policy not in _REMAT_NAMED + _REMAT_POLICIES:
         near = difflib.get_close_matches(cfg.remat_policy, _REMAT_NAMED + _REMAT_POLICIES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
+from flaxformer_lite.layers import lora
 from flaxformer_lite.layers.common import constrain, kernel_init, param
 
 KV_AXES = ("batch", "kv_length", "kv_heads", "head_dim")
@@ -83,6 +85,15 @@ class MultiHeadAttention(nn.Module):
             if source_BSD is not None:
                 k_BSKH = jnp.einsum("BSD,DKH->BSKH", source_BSD, wk)
                 v_BSKH = jnp.einsum("BSD,DKH->BSKH", source_BSD, wv)
+        # LoRA adapters add their low-rank products to the projections (layers/lora.py).
+        adapt = functools.partial(lora.delta, self, cfg=cfg, deterministic=self.deterministic)
+        if (d_BTNH := adapt("query", x_BTD, (N, H))) is not None:
+            q_BTNH = q_BTNH + d_BTNH
+        if source_BSD is not None:
+            if (d_BSKH := adapt("key", source_BSD, (K, H))) is not None:
+                k_BSKH = k_BSKH + d_BSKH
+            if (d_BSKH := adapt("value", source_BSD, (K, H))) is not None:
+                v_BSKH = v_BSKH + d_BSKH
         if cfg.use_bias:
             q_BTNH = q_BTNH + bq
             if k_BSKH is not None:
@@ -115,6 +126,8 @@ class MultiHeadAttention(nn.Module):
         # lists them as (H, N), and XLA:CPU then transposes the weight (and the activation)
         # into that order on every call, once per token when decoding.
         out_BTD = jax.lax.dot_general(out_BTNH, wo, (((2, 3), (0, 1)), ((), ())))
+        if (d_BTD := adapt("out", out_BTNH, (D,))) is not None:
+            out_BTD = out_BTD + d_BTD
         if cfg.use_bias:
             out_BTD = out_BTD + param(self, "out_bias", zeros, (D,), ("embed",), cfg)
         return out_BTD, weights_BNTS

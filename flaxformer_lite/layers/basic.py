@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
-from flaxformer_lite.layers.common import constrain, dtype, kernel_init, param
+from flaxformer_lite.layers import lora
+from flaxformer_lite.layers.common import constrain, dtype, kernel_init, param, param_dtype
 
 
 class Norm(nn.Module):
@@ -59,7 +61,7 @@ class Embed(nn.Module):
             "embedding",
             nn.with_logical_partitioning(nn.initializers.normal(std), self.axes),
             (self.num_embeddings, self.cfg.d_model),
-            jnp.dtype(self.cfg.param_dtype),
+            param_dtype(self.cfg),
         )
 
     def __call__(self, ids_BT):
@@ -88,9 +90,13 @@ class FeedForward(nn.Module):
         bo = param(self, "bo", nn.initializers.zeros, (D,), ("embed",), cfg) if cfg.use_bias else None
         # Dropout inside the FFN (T5 places it after the activation) is folded into the
         # residual dropout here; the hidden activation is large and worth a constraint.
+        adapters = {
+            name: functools.partial(lora.delta, self, name, out_shape=(size,), cfg=cfg, deterministic=deterministic)
+            for name, size in (("wi", F), ("wg", F), ("wo", D)) if lora.targets(cfg, name)
+        }
         out_BTD = ops.feed_forward(
             constrain(x_BTD, ("batch", "length", "embed")), wi, wo,
-            activation=cfg.activation, w_gate_DF=wg, b_in_F=bi, b_out_D=bo,
+            activation=cfg.activation, w_gate_DF=wg, b_in_F=bi, b_out_D=bo, adapters=adapters,
         )
         return out_BTD
 

@@ -16,7 +16,10 @@ def dtype(cfg: ModelConfig):
 
 
 def param_dtype(cfg: ModelConfig):
-    """Storage dtype of parameters."""
+    """Storage dtype of parameters (of the frozen base, under LoRA with lora.base_dtype;
+    the adapters themselves are stored in param_dtype, layers/lora.py)."""
+    if cfg.lora.rank and cfg.lora.base_dtype:
+        return DTYPES[cfg.lora.base_dtype]
     return DTYPES[cfg.param_dtype]
 
 

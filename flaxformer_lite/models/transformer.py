@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig, validate_model
 from flaxformer_lite.layers import Dense, Embed, Norm
-from flaxformer_lite.layers.common import dtype
+from flaxformer_lite.layers.common import dtype, param_dtype
 from flaxformer_lite.models.stack import Stack
 
 Array = jax.Array
@@ -125,7 +125,7 @@ class Encoder(nn.Module):
             self.mlm_norm = Norm(cfg)
             self.mlm_bias = self.param(
                 "mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                (cfg.vocab_size,), jnp.dtype(cfg.param_dtype),
+                (cfg.vocab_size,), param_dtype(cfg),
             )
         if cfg.pooler:
             self.pooler = Dense(cfg, cfg.d_model, ("embed", "mlp"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,18 +45,28 @@ def feed_forward(
     w_gate_DF: Optional[Array] = None,
     b_in_F: Optional[Array] = None,
     b_out_D: Optional[Array] = None,
+    adapters: Optional[Mapping[str, Callable[[Array], Array]]] = None,
 ) -> Array:
-    """act(x W_in + b_in) W_out + b_out; gated: (act(x W_gate) * x W_in) W_out."""
-    h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w_in_DF)
+    """act(x W_in + b_in) W_out + b_out; gated: (act(x W_gate) * x W_in) W_out.
+
+    adapters: {"wi" | "wg" | "wo": f} adds f(input) to that product (LoRA's x A B).
+    """
+    adapters = adapters or {}
+
+    def project(name, x, w):
+        y = jnp.einsum("BTD,DF->BTF", x, w)
+        return y + adapters[name](x) if name in adapters else y
+
+    h_BTF = project("wi", x_BTD, w_in_DF)
     if b_in_F is not None:
         h_BTF = h_BTF + b_in_F
     if is_gated(activation):
         if w_gate_DF is None:
             raise ValueError(f"activation {activation!r} is gated: pass w_gate_DF")
-        h_BTF = activate(jnp.einsum("BTD,DF->BTF", x_BTD, w_gate_DF), activation) * h_BTF
+        h_BTF = activate(project("wg", x_BTD, w_gate_DF), activation) * h_BTF
     else:
         h_BTF = activate(h_BTF, activation)
-    out_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, w_out_FD)
+    out_BTD = project("wo", h_BTF, w_out_FD)
     if b_out_D is not None:
         out_BTD = out_BTD + b_out_D
     return out_BTD

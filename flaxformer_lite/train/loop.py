@@ -43,6 +43,7 @@ from flaxformer_lite.train.step import (
     make_eval_step,
     make_train_step,
     needs_reference_copy,
+    trainable,
 )
 
 Batch = dict[str, np.ndarray]
@@ -227,16 +228,17 @@ def state_shardings(cfg: Config, optimizer, mesh) -> tuple[Any, Any]:
     each parameter's logical axis names and are sharded like it.
     """
     model = build_model(cfg.model)
-    seed, reference = cfg.train.seed, needs_reference_copy(cfg)
+    options = dict(reference=needs_reference_copy(cfg), adapters_only=bool(cfg.model.lora.rank))
+    seed = cfg.train.seed
 
     def boxed_state():
         boxed = {"params": model.init(jax.random.key(0), *dummy_inputs(cfg.model))["params"]}
-        return init_train_state(boxed, optimizer, seed, reference=reference)
+        return init_train_state(boxed, optimizer, seed, **options)
 
     specs = nn.get_partition_spec(jax.eval_shape(boxed_state))
     shardings = parallel.logical_to_sharding(mesh, cfg.parallel, specs)
     shapes = jax.eval_shape(
-        lambda: init_train_state(init_params(cfg.model, jax.random.key(0)), optimizer, seed, reference=reference)
+        lambda: init_train_state(init_params(cfg.model, jax.random.key(0)), optimizer, seed, **options)
     )
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
@@ -264,15 +266,16 @@ def programs(cfg: Config, mesh) -> Programs:
     model = build_model(cfg.model)
     shardings, abstract = state_shardings(cfg, optimizer, mesh)
     batch = parallel.batch_sharding(mesh)
-    seed, reference = cfg.train.seed, needs_reference_copy(cfg)
+    options = dict(reference=needs_reference_copy(cfg), adapters_only=bool(cfg.model.lora.rank))
+    seed = cfg.train.seed
     return Programs(
         shardings=shardings,
         abstract=abstract,
         init=jax.jit(
-            lambda key: init_train_state(init_params(cfg.model, key), optimizer, seed, reference=reference),
+            lambda key: init_train_state(init_params(cfg.model, key), optimizer, seed, **options),
             out_shardings=shardings,
         ),
-        init_with=jax.jit(lambda p: init_train_state(p, optimizer, seed, reference=reference), out_shardings=shardings),
+        init_with=jax.jit(lambda p: init_train_state(p, optimizer, seed, **options), out_shardings=shardings),
         train_step=jax.jit(
             make_train_step(model, cfg, optimizer),
             in_shardings=(shardings, batch), out_shardings=(shardings, None), donate_argnums=0,
@@ -557,7 +560,10 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
         state = prog.init(jax.random.key(cfg.train.seed))
     d = cfg.data
     flops_per_token = flops.training_flops_per_token(cfg.model, d.seq_len, d.target_len)
-    log(f"{cfg.name}: {cfg.model.family}, {count_params(prog.abstract.params):,} parameters, objective "
+    lora_cfg = cfg.model.lora
+    adapters = (f" ({count_params(trainable(prog.abstract.params, True)[0]):,} in LoRA adapters of rank "
+                f"{lora_cfg.rank} on {', '.join(lora_cfg.targets)}, the rest frozen)") if lora_cfg.rank else ""
+    log(f"{cfg.name}: {cfg.model.family}, {count_params(prog.abstract.params):,} parameters{adapters}, objective "
         f"{d.objective}, mesh {dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{flops_per_token / 1e6:.3g} MFLOPs/token, peak {peak / 1e12:.3g} TFLOP/s")
     tc = cfg.train

@@ -21,6 +21,7 @@ import optax
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import Config, ConfigError
+from flaxformer_lite.layers import lora
 from flaxformer_lite.models import lm_head_inputs
 from flaxformer_lite.train.losses import dpo_sums, sequence_logps
 from flaxformer_lite.train.optim import learning_rate_schedule
@@ -37,6 +38,7 @@ class TrainState:
 
     ref_params: DPO's reference model where it is a frozen copy of the initial params
     (DPO without LoRA; one more copy of the params in memory), else None.
+    opt_state: of the adapters only under LoRA (see `trainable`), else of all params.
     """
 
     step: jax.Array
@@ -47,19 +49,32 @@ class TrainState:
 
 
 def needs_reference_copy(cfg: Config) -> bool:
-    """True when DPO's reference is a frozen copy of the initial params held in the state."""
-    return cfg.data.objective == "dpo"
+    """True when DPO's reference is a frozen copy of the initial params held in the state
+    (without LoRA; with it the reference is the same params with the adapters off)."""
+    return cfg.data.objective == "dpo" and not cfg.model.lora.rank
+
+
+def trainable(params: Any, adapters_only: bool) -> tuple[Any, Any]:
+    """(what training updates, what it leaves alone): under LoRA (`adapters_only`) the
+    adapters and the frozen base, as nested dicts (layers.lora.split); else (params, None)."""
+    return lora.split(params) if adapters_only else (params, None)
+
+
+def _rejoin(updated: Any, frozen: Any) -> Any:
+    return updated if frozen is None else lora.join(updated, frozen)
 
 
 def init_train_state(
-    params: Any, optimizer: optax.GradientTransformation, seed: int, *, reference: bool = False
+    params: Any, optimizer: optax.GradientTransformation, seed: int, *, reference: bool = False,
+    adapters_only: bool = False,
 ) -> TrainState:
     """Step 0, the given params, a fresh optimizer state and the run's base key; with
-    `reference`, a frozen copy of the params as DPO's reference model."""
+    `reference`, a frozen copy of the params as DPO's reference model; with
+    `adapters_only` (LoRA), optimizer state for the adapters alone."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=optimizer.init(params),
+        opt_state=optimizer.init(trainable(params, adapters_only)[0]),
         rng=jax.random.PRNGKey(seed),
         ref_params=jax.tree.map(jnp.copy, params) if reference else None,
     )
@@ -150,9 +165,12 @@ def dpo_loss_and_sums(
 ) -> tuple[jax.Array, Sums]:
     """(DPO loss summed over the batch's pairs, float32 sums for metrics).
 
-    The reference runs without dropout and without gradient. A pair is the chosen and the
+    The reference runs without dropout and without gradient: `ref_params`, or under LoRA
+    (ref_params None) the same params with the adapters off. A pair is the chosen and the
     rejected answer in the same segment of the same row; both must keep a trained token.
     """
+    if ref_params is None:
+        ref_params = lora.without_adapters(params)
     chosen, rejected, chosen_w, rejected_w = _dpo_logps(model, params, batch, deterministic=deterministic, rng=rng)
     ref_chosen, ref_rejected, _, _ = _dpo_logps(model, jax.lax.stop_gradient(ref_params), batch,
                                                 deterministic=True, rng=None)
@@ -222,28 +240,33 @@ def make_train_step(
     """
     accum = cfg.train.grad_accum_steps
     schedule = learning_rate_schedule(cfg.train)
+    adapters_only = bool(cfg.model.lora.rank)
 
-    def objective(params, batch, rng, ref_params):
+    def objective(updated, frozen, batch, rng, ref_params):
+        params = _rejoin(updated, frozen)
         return loss_and_sums(model, cfg, params, batch, deterministic=False, rng=rng, ref_params=ref_params)
 
+    # Differentiated with respect to what training updates only: under LoRA the base gets
+    # no gradient at all (no [in, out] weight gradient is ever formed for it).
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Sums]:
         step_rng = jax.random.fold_in(state.rng, state.step)
+        updated, frozen = trainable(state.params, adapters_only)
         if accum == 1:
-            (_, sums), grads = grad_fn(state.params, batch, step_rng, state.ref_params)
+            (_, sums), grads = grad_fn(updated, frozen, batch, step_rng, state.ref_params)
         else:
             microbatches = _microbatches(batch, accum)
 
             def micro(carry, xs):
                 index, mb = xs
-                (_, sums), grads = grad_fn(state.params, mb, jax.random.fold_in(step_rng, index), state.ref_params)
+                (_, sums), grads = grad_fn(updated, frozen, mb, jax.random.fold_in(step_rng, index), state.ref_params)
                 return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
             first = jax.tree.map(lambda x: x[0], microbatches)
-            sums_shape = jax.eval_shape(objective, state.params, first, step_rng, state.ref_params)[1]
+            sums_shape = jax.eval_shape(objective, updated, frozen, first, step_rng, state.ref_params)[1]
             zeros = (
-                jax.tree.map(jnp.zeros_like, state.params),
+                jax.tree.map(jnp.zeros_like, updated),
                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
             )
             (grads, sums), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), microbatches))
@@ -262,9 +285,10 @@ def make_train_step(
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        params, opt_state = jax.lax.cond(
-            finite, update, lambda operands: operands[1:], (grads, state.params, state.opt_state)
+        updated, opt_state = jax.lax.cond(
+            finite, update, lambda operands: operands[1:], (grads, updated, state.opt_state)
         )
+        params = _rejoin(updated, frozen)
         metrics = {
             **sums,
             "grad_norm": grad_norm,
