@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import json
 import secrets
 import time
@@ -172,14 +173,18 @@ class _Run:
                 engine.check(p, params)
             for i, p in enumerate(prompts):
                 for j in range(n):
-                    index = i * n + j
-                    sink = lambda event, index=index: self.loop.call_soon_threadsafe(  # noqa: E731
-                        self.events.put_nowait, (index, event)
-                    )
+                    sink = functools.partial(self._sink, i * n + j)
                     self.handles.append(engine.submit(p, dataclasses.replace(params, choice=j), sink))
         except EngineError as e:
             self.cancel()
             raise ApiError(e.status, str(e)) from None
+
+    def _sink(self, index: int, event: dict) -> None:
+        """Called on the engine thread: hand the event to the event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+        except RuntimeError:  # the loop has closed (the server stopped): nobody is waiting
+            pass
 
     def cancel(self) -> None:
         for h in self.handles:
