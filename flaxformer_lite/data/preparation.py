@@ -25,6 +25,7 @@ import ctypes
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -39,7 +40,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from flaxformer_lite.data import corpora, sources, store
+from flaxformer_lite.data import corpora, encoders, sources, store
 from flaxformer_lite.data.errors import DataError
 from flaxformer_lite.data.tokenizers import Tokenizer, load_tokenizer
 
@@ -245,6 +246,13 @@ def _done_chunks(shards: pathlib.Path, index: int, src: dict) -> list[dict]:
     return done
 
 
+CHECK_EVERY = 16  # a faster encoder's batches compared with the tokenizer's own: the first, then 1 in this
+
+
+class _EncodersDiffer(Exception):
+    """tiktoken and the tokenizer gave different ids for a batch."""
+
+
 def prepare_source(out, index: int, tokenizer: Optional[Tokenizer] = None,
                    progress: Optional[Progress] = None) -> list[dict]:
     """Tokenize source `index` of the prepare started in `out`; return its chunk records.
@@ -252,16 +260,33 @@ def prepare_source(out, index: int, tokenizer: Optional[Tokenizer] = None,
     The unit of work of `prepare`: independent of every other source, so any engine may
     run it (a process pool, a job array, Ray or Beam) once `start` has made `out`.
     Finished chunks are kept; an interrupted source continues after its last one.
+    A faster encoder (`encoders.batch_encoder`) is compared with the tokenizer on the
+    first batch and 1 in `CHECK_EVERY`; if they ever differ, the source is done again
+    with the tokenizer alone.
     """
     out = pathlib.Path(out)
     header = store.read_json(out / store.PREPARE_FILE, "prepare record")
     options = PrepareOptions(tokenizer=_tokenizer_spec(out, header), **header["options"])
     tok = tokenizer or load_tokenizer(options.tokenizer)
-    src, dtype = header["sources"][index], np.dtype(header["dtype"])
     shards = out / store.SHARDS
     for stale in shards.glob(f".{index:05d}-*.tmp"):
         if not _alive(int(stale.name.split(".")[-2])):
             stale.unlink(missing_ok=True)
+    encode = encoders.batch_encoder(tok)[0]
+    try:
+        return _tokenize_source(out, header, index, options, tok, encode, progress)
+    except _EncodersDiffer:
+        name = header["sources"][index]["name"]
+        print(f"note: tiktoken and HF tokenizers differ on {name}; it is prepared again with HF tokenizers",
+              file=sys.stderr)
+        for path in shards.glob(f"{index:05d}-*"):
+            path.unlink()
+        return _tokenize_source(out, header, index, options, tok, tok.encode_batch, progress)
+
+
+def _tokenize_source(out: pathlib.Path, header: dict, index: int, options: PrepareOptions, tok: Tokenizer,
+                     encode: encoders.BatchEncoder, progress: Optional[Progress]) -> list[dict]:
+    src, dtype, shards = header["sources"][index], np.dtype(header["dtype"]), out / store.SHARDS
     done = _done_chunks(shards, index, src)
     if done and done[-1]["last"]:
         return done
@@ -270,12 +295,17 @@ def prepare_source(out, index: int, tokenizer: Optional[Tokenizer] = None,
     texts = _source_texts(src["name"], options, stats)
     for _ in zip(range(skip), texts):  # already in finished chunks: read, not tokenized
         pass
-    hashing = options.split == "hash"
+    hashing, checking = options.split == "hash", encode != tok.encode_batch
     chunk = _Chunk(shards, index, len(done), dtype)
     first_document, replaced_before, read_before = skip, stats.replaced, stats.bytes_read
     try:
-        while batch := [t for _, t in zip(range(BATCH_DOCUMENTS), texts)]:
-            ids = tok.encode_batch(batch)
+        for number in itertools.count():
+            batch = [t for _, t in zip(range(BATCH_DOCUMENTS), texts)]
+            if not batch:
+                break
+            ids = encode(batch)
+            if checking and number % CHECK_EVERY == 0 and not all(map(np.array_equal, ids, tok.encode_batch(batch))):
+                raise _EncodersDiffer
             hashes = corpora.split_hashes(batch, options.seed) if hashing else np.zeros(len(batch), np.uint64)
             ends = np.cumsum([len(i) for i in ids])
             at = 0
@@ -399,6 +429,9 @@ def prepare(
     header = start(corpus, out, options, tok)
     if (out / store.MANIFEST).is_file():
         return out
+    note = encoders.batch_encoder(tok)[1]
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     mine = [i for i in range(len(header["sources"])) if part is None or i % part[1] == part[0]]
     plain = all(sources.kind(pathlib.Path(s["name"])) == "text" and not s["name"].endswith((".gz", ".zst"))
                 for s in header["sources"])
