@@ -11,6 +11,8 @@ sorted order. Formats, by file name:
   .jsonl .ndjson, also compressed .jsonl.gz .jsonl.zst: one JSON object a line, the
     document is its `text_field`;
   .parquet: the `text_field` column (the format HF datasets are stored in);
+  .arrow: the same, from Arrow files (what `datasets` writes); a folder written by
+    `Dataset.save_to_disk` is read in its own file order (its state.json);
   anything else: plain UTF-8 text, cut into documents by `unit`: at blank lines
     ("paragraph"), at every line ("line"), or kept whole ("file"; the built-in corpus:
     one topic).
@@ -45,7 +47,7 @@ UNITS = ("paragraph", "line", "file")
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # What a folder is searched for when it is a source of documents.
-TEXT_PATTERNS = ("*.txt", "*.jsonl", "*.ndjson", "*.jsonl.gz", "*.jsonl.zst", "*.parquet")
+TEXT_PATTERNS = ("*.txt", "*.jsonl", "*.ndjson", "*.jsonl.gz", "*.jsonl.zst", "*.parquet", "*.arrow")
 NEWLINE = b"\n"
 _BLANK = " \t"  # a line of only these separates paragraphs
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")  # one or more such lines
@@ -76,6 +78,12 @@ def files(source: Source, folder_patterns: tuple[str, ...] = TEXT_PATTERNS) -> l
     path = pathlib.Path(source)
     if path.is_file():
         return [path]
+    if path.is_dir() and folder_patterns == TEXT_PATTERNS and (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise DataError(f"{path}: a datasets DatasetDict folder; pass one of its splits ({', '.join(splits)}), "
+                        f"e.g. {path / (splits[0] if splits else 'train')}")
+    if path.is_dir() and folder_patterns == TEXT_PATTERNS and (path / "state.json").is_file():
+        return _saved_dataset_files(path)
     if path.is_dir():
         found = sorted({f for pattern in folder_patterns for f in path.rglob(pattern) if f.is_file()})
         if not found:
@@ -88,6 +96,20 @@ def files(source: Source, folder_patterns: tuple[str, ...] = TEXT_PATTERNS) -> l
             raise DataError(f"{source}: pattern matches no files")
         return found
     raise DataError(f"{path}: no such file or folder (corpus paths are files, folders or globs)")
+
+
+def _saved_dataset_files(path: pathlib.Path) -> list[pathlib.Path]:
+    """The Arrow files of a `datasets.Dataset.save_to_disk` folder, in the dataset's order."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        found = [path / f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path / 'state.json'}: cannot read the dataset's file list ({e}); save it again") from e
+    missing = [f for f in found if not f.is_file()]
+    if missing or not found:
+        raise DataError(f"{path}: the dataset's file {missing[0].name if missing else '(none)'} is missing; "
+                        "save it again with save_to_disk")
+    return found
 
 
 def builtin_documents() -> list[str]:
@@ -142,6 +164,8 @@ def kind(path: pathlib.Path) -> str:
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
+    if name.endswith(".arrow"):
+        return "arrow"
     return "text"
 
 
@@ -301,20 +325,33 @@ def _optional(module: str, path: pathlib.Path):
         ) from e
 
 
-def _parquet_texts(path: pathlib.Path, text_field: str, stats: ReadStats) -> Iterator[str]:
-    pq = _optional("pyarrow.parquet", path)
-
+def _record_batches(path: pathlib.Path, what: str):
+    """(column names, record batches) of a Parquet or Arrow file, streamed."""
+    pa = _optional("pyarrow", path)
     try:
-        table = pq.ParquetFile(path)
+        if what == "parquet":
+            table = _optional("pyarrow.parquet", path).ParquetFile(path)
+            names = table.schema_arrow.names
+            return names, lambda columns: table.iter_batches(columns=columns, batch_size=1024)
+        try:  # datasets writes the Arrow stream format; the file format is the other one
+            reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            return reader.schema.names, lambda columns: (
+                reader.get_batch(i).select(columns) for i in range(reader.num_record_batches))
+        return reader.schema.names, lambda columns: (batch.select(columns) for batch in reader)
     except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError kinds
-        raise DataError(f"{path}: cannot read as Parquet ({e})") from e
-    names = table.schema_arrow.names
+        raise DataError(f"{path}: cannot read as {what.capitalize()} ({e})") from e
+
+
+def _column_texts(path: pathlib.Path, what: str, text_field: str, stats: ReadStats) -> Iterator[str]:
+    names, batches = _record_batches(path, what)
     if text_field not in names:
         raise DataError(
             f"{path}: no column {text_field!r} (columns: {', '.join(names)}); name the right one with text_field"
         )
     row = 0
-    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+    for batch in batches([text_field]):
         for value in batch.column(0).to_pylist():
             row += 1
             if value is None:
@@ -339,8 +376,8 @@ def file_texts(
         for number, (text,) in jsonl_records(path, (text_field,), errors, stats):
             if _string(text, f"{path}:{number}", text_field).strip():
                 yield text
-    elif what == "parquet":
-        yield from (t for t in _parquet_texts(path, text_field, stats) if t.strip())
+    elif what in ("parquet", "arrow"):
+        yield from (t for t in _column_texts(path, what, text_field, stats) if t.strip())
     else:
         yield from _plain_texts(path, unit, errors, stats)
 
