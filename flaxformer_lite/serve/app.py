@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from flaxformer_lite.serve.engine import Draining, EngineError, QueueFull, SamplingParams
+from flaxformer_lite.serve.engine import EngineError, SamplingParams
 
 RETRY_AFTER_S = 1
 DISCONNECT_CHECK_S = 1.0  # how often a request looks for its client having gone

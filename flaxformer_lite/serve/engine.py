@@ -13,14 +13,13 @@ its own write index, length and positions: a request joins a free slot between t
 steps and leaves it when it finishes, whatever the others are doing. The model's layers
 are not changed for this: under vmap, decode.py's scalar cache index is a per-slot one.
 
-Three compiled programs serve every request (`Engine.PROGRAMS`):
+Two compiled programs serve every request:
   - `prefill`: one chunk of `chunk` prompt tokens into one slot (the last chunk is
     padded; its padding slots are marked invalid and later overwritten), returning the
     prompt tokens' log-probs (for `echo` + `logprobs`) and leaving the last position's
     logits in the slot;
   - `step`: for every slot, pick a token from its logits (greedy, or seeded sampling with
-    temperature, top-k, top-p), then run the model on it: one new token per slot;
-  - `embed` (encoder models only) runs ffl.embed on padded length buckets instead.
+    temperature, top-k, top-p), then run the model on it: one new token per slot.
 A long prompt is prefilled one chunk per engine iteration, between decode steps, so the
 running streams wait at most one chunk's time for their next token.
 
@@ -253,8 +252,6 @@ class Engine:
       max_queue: requests allowed to wait for a slot; more are refused (QueueFull).
     """
 
-    PROGRAMS = ("prefill", "step")
-
     def __init__(self, model, params, tokenizer, *, max_batch: int = 8, max_len: Optional[int] = None,
                  chunk: int = 64, max_queue: int = 64):
         cfg = model.cfg
@@ -283,7 +280,6 @@ class Engine:
         self._running: dict[int, _Seq] = {}  # slot -> sequence
         self._waiting: collections.deque = collections.deque()
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
         self.draining = False
@@ -355,14 +351,6 @@ class Engine:
         """Sequences submitted and not finished."""
         return self.queued() + len(self._running)
 
-    def run_job(self, fn: Callable[[], object]) -> "queue.SimpleQueue":
-        """Run fn() on the engine thread between steps; its result (or exception) is put
-        on the returned queue. For work that must share the engine's thread (embeddings)."""
-        out: queue.SimpleQueue = queue.SimpleQueue()
-        self._jobs.put((fn, out))
-        self._wake.set()
-        return out
-
     # -- the engine thread
 
     def _main(self, ready: threading.Event) -> None:
@@ -388,12 +376,6 @@ class Engine:
         self.stats.clear()
 
     def _iteration(self) -> None:
-        while not self._jobs.empty():
-            fn, out = self._jobs.get()
-            try:
-                out.put((True, fn()))
-            except Exception as e:  # goes back to the caller
-                out.put((False, e))
         while not self._incoming.empty():
             self._waiting.append(self._incoming.get())
         for seq in [s for s in self._waiting if s.cancelled]:
