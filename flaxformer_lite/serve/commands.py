@@ -62,29 +62,22 @@ def _load(args):
     if args.set and not args.config:
         raise ConfigError("--set overrides --config keys: add --config, or drop --set")
     if args.config and not (args.workdir or args.hf):
-        cfg = load_config(args.config, overrides=args.set)
-        print(f"note: {args.config} with random weights", file=sys.stderr)
         from flaxformer_lite import data
 
+        cfg = load_config(args.config, overrides=args.set)
+        print(f"note: {args.config} with random weights", file=sys.stderr)
         model_cfg, params = cfg.model, init_params(cfg.model, jax.random.key(args.seed))
-        tokenizer, from_hf, name = data.load_tokenizer(cfg.data.tokenizer), False, cfg.name
-        template_folder = cfg.data.tokenizer
+        tokenizer, name = data.load_tokenizer(cfg.data.tokenizer), cfg.name
+        folder = model_commands._tokenizer_folder(cfg.data.tokenizer)
     else:
-        model_cfg, params, tokenizer, from_hf = model_commands._load_for_cli(args)
+        model_cfg, params, tokenizer, folder = model_commands._load_for_cli(args)
         name = pathlib.Path(args.hf or args.workdir).resolve().name
-        if args.hf:
-            template_folder = args.hf
-        else:
-            from flaxformer_lite.checkpoint import read_config
-
-            template_folder = read_config(args.workdir).data.tokenizer
-    template_folder = pathlib.Path(template_folder)
-    template = ChatTemplate.from_folder(template_folder) if template_folder.is_dir() else None
+    template = ChatTemplate.from_folder(folder) if folder is not None else None
     params = jax.tree.map(jax.numpy.asarray, params)
     model = build_model(model_cfg)
     max_len = args.max_len or min(model_cfg.max_len, 2048)
     served = Served(name=args.name or name, tokenizer=tokenizer, max_len=max_len, chat_template=template,
-                    add_bos=(not from_hf) if args.bos is None else args.bos)
+                    add_bos=(not args.hf) if args.bos is None else args.bos)
     if model_cfg.family == "encoder":
         from flaxformer_lite.serve.embeddings import Embedder
 

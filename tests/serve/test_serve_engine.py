@@ -70,3 +70,26 @@ def test_stop_strings_and_held_back_text():
     assert _stop_cut("hello world", ["hello"], 6) == -1  # ended before the new text
     assert _held_back("the end", ["ending", "d."]) == 3  # "end" may start "ending"
     assert _held_back("the end", ["xyz"]) == 0
+
+
+def test_sources_set_name_bos_and_chat_template(tmp_path, hf_dir):
+    """--workdir runs train on bos + text: their text prompts get BOS; --hf folders do not,
+    and bring their chat template."""
+    import argparse
+    import dataclasses
+
+    from serve_helpers import tiny_model
+
+    from flaxformer_lite import checkpoint
+    from flaxformer_lite.config import load_config
+    from flaxformer_lite.serve.commands import _load, add_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    model_cfg, params = tiny_model()
+    run = tmp_path / "run"
+    checkpoint.save_params(run, dataclasses.replace(load_config("llama_tiny"), model=model_cfg), params)
+    served, engine = _load(parser.parse_args(["--workdir", str(run), "--max-len", "64"]))
+    assert (served.name, served.add_bos, served.chat_template, engine.max_len) == ("run", True, None, 64)
+    served, engine = _load(parser.parse_args(["--hf", str(hf_dir), "--max-len", "64"]))
+    assert not served.add_bos and served.chat_template is not None and served.engine is engine
