@@ -25,6 +25,10 @@ BENCHMARKS = {
         "flaxformer_lite.bench.decode", "decode",
         "greedy decoding on a random GPT-2: tokens/s against transformers' generate, per-token time by position",
     ),
+    "load": (
+        "flaxformer_lite.bench.load", "load",
+        "hf.load of a 1B random Llama, float32 shards into bfloat16: peak host RSS and time against reading the files",
+    ),
     "train": (
         "flaxformer_lite.bench.train", "train",
         "training step on a random GPT-2 against transformers + torch AdamW: tokens/s, MFU, compile time, remat memory",

@@ -127,6 +127,15 @@ def _layer_slots(paths: list[str]) -> dict[str, tuple[str, Optional[int]]]:
     return slots
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """np.empty at a 64-byte boundary: jax.device_put then adopts it on a CPU device
+    without a copy (numpy's own large arrays start 16 bytes into a page, and are copied)."""
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
 def _read_params(ckpt: weights.Checkpoint, maps: list, cfg: ModelConfig, shapes: dict, shardings: Optional[dict]) -> dict:
     """Our parameters, filled tensor by tensor from the checkpoint, cast to param_dtype and
     placed (on `shardings`, flat paths -> Sharding, else the default device) as each is done.
@@ -141,21 +150,27 @@ def _read_params(ckpt: weights.Checkpoint, maps: list, cfg: ModelConfig, shapes:
                     for p, (path, layer) in slots.items()}
     host, params = {}, {}
     # All layers of a stacked parameter one after another, so each is finished and freed early.
-    for m in sorted(maps, key=lambda m: [slots[p][0] for p in m.ours]):
-        outs = []
-        for p in m.ours:
-            path, layer = slots[p]
-            if path not in host:
-                host[path] = np.empty(final_shapes[path], dtype)
-            outs.append(host[path] if layer is None else host[path][layer])
-        for start, rows in ckpt.read_rows(m.hf):
-            m.rows_into(rows, start, outs)
+    maps = {m.hf: m for m in sorted(maps, key=lambda m: [slots[p][0] for p in m.ours])}
+    outs = {}
+    for name, start, rows in ckpt.stream(list(maps)):
+        m = maps[name]
+        if not start:
+            outs[name] = []
+            for p in m.ours:
+                path, layer = slots[p]
+                if path not in host:
+                    host[path] = _aligned_empty(final_shapes[path], dtype)
+                outs[name].append(host[path] if layer is None else host[path][layer])
+        m.rows_into(rows, start, outs[name])
+        if start + len(rows) < ckpt.rows(name):
+            continue
+        del outs[name]
         for p in m.ours:
             pending[slots[p][0]] -= 1
         for path in dict.fromkeys(slots[p][0] for p in m.ours):
             if not pending[path]:
                 values = host.pop(path)
-                if shardings is None:
+                if shardings is None:  # a CPU device adopts the aligned buffer as it is
                     params[path] = jax.device_put(values)
                 else:  # each device (of this host) gets only its slice
                     params[path] = jax.make_array_from_callback(values.shape, shardings[path], values.__getitem__)

@@ -17,6 +17,7 @@ exists; then each tensor is made, written and dropped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -80,7 +81,6 @@ class Checkpoint:
 
     def __init__(self, files: Sequence[pathlib.Path]):
         self._entries: dict[str, _Entry] = {}
-        self._buffer = np.empty(0, np.uint8)
         for file in files:
             for name, entry in _header(file).items():
                 if name in self._entries:
@@ -108,37 +108,66 @@ class Checkpoint:
 
     def get(self, name: str) -> np.ndarray:
         """The whole tensor, in its file's dtype."""
-        out = np.empty(self.shape(name), self._numpy_dtype(name))
-        for start, rows in self.read_rows(name):
+        out = np.empty(self.shape(name) or (1,), self._numpy_dtype(name))
+        for _, start, rows in self.stream([name]):
             out[start : start + len(rows)] = rows
-        return out
+        return out.reshape(self.shape(name))
 
-    def read_rows(self, name: str, chunk_bytes: Optional[int] = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, rows) of a tensor along its first axis, about chunk_bytes (default
-        CHUNK_BYTES) at a time.
+    def rows(self, name: str) -> int:
+        """Length of the tensor's first axis (1 for a 0-d tensor): what stream() goes along."""
+        return (self.shape(name) or (1,))[0]
 
-        Each chunk is a view of one reused buffer, valid until the next is read: copy
-        what you keep. A 0-d tensor comes as one chunk of shape ().
+    def stream(self, names: Sequence[str], chunk_bytes: Optional[int] = None) -> Iterator[tuple[str, int, np.ndarray]]:
+        """(name, first row, rows) of each tensor in turn, along its first axis, about
+        chunk_bytes (default CHUNK_BYTES) at a time.
+
+        A background thread reads the next chunk while the caller uses this one, so
+        reading from disk and converting overlap. Each chunk is a view of one of two
+        buffers, valid until the next is asked for: copy what you keep. A 0-d tensor
+        comes as one row of shape (1,).
         """
-        entry, dtype = self._entries[name], self._numpy_dtype(name)
         chunk_bytes = chunk_bytes or CHUNK_BYTES
-        shape = entry.shape or (1,)
-        row_bytes = dtype.itemsize * math.prod(shape[1:])
-        step = max(1, chunk_bytes // row_bytes) if row_bytes else shape[0]
-        if self._buffer.nbytes < min(step, shape[0]) * row_bytes:
-            self._buffer = np.empty(min(step, shape[0]) * row_bytes, np.uint8)
-        with open(entry.file, "rb", buffering=0) as f:
-            f.seek(entry.offset)
-            for start in range(0, shape[0], step):
+        plan = []  # (name, entry, dtype, shape, first row, rows, byte offset)
+        for name in names:
+            entry, dtype = self._entries[name], self._numpy_dtype(name)
+            shape = entry.shape or (1,)
+            row_bytes = dtype.itemsize * math.prod(shape[1:])
+            step = max(1, chunk_bytes // row_bytes) if row_bytes else max(shape[0], 1)
+            for start in range(0, shape[0], step) or [0]:
                 count = min(step, shape[0] - start)
-                view = memoryview(self._buffer)[: count * row_bytes]
-                while view:  # a read may return less than asked
-                    done = f.readinto(view)
-                    if not done:
-                        raise HFError(f"{entry.file}: ends inside tensor {name}; the file is truncated")
-                    view = view[done:]
-                rows = self._buffer[: count * row_bytes].view(dtype).reshape((count,) + shape[1:])
-                yield start, rows.reshape(entry.shape) if not entry.shape else rows
+                plan.append((name, entry, dtype, shape, start, count, entry.offset + start * row_bytes))
+        size = max((c[2].itemsize * math.prod(c[3][1:]) * c[5] for c in plan), default=0)
+        buffers = [np.empty(size, np.uint8), np.empty(size, np.uint8)]
+        files = {}
+
+        def read(k: int) -> np.ndarray:
+            name, entry, dtype, shape, _, count, offset = plan[k]
+            if entry.file not in files:
+                files[entry.file] = open(entry.file, "rb", buffering=0)
+            f = files[entry.file]
+            f.seek(offset)
+            nbytes = dtype.itemsize * math.prod(shape[1:]) * count
+            view = memoryview(buffers[k % 2])[:nbytes]
+            while view:  # a read may return less than asked
+                done = f.readinto(view)
+                if not done:
+                    raise HFError(f"{entry.file}: ends inside tensor {name}; the file is truncated")
+                view = view[done:]
+            return buffers[k % 2][:nbytes].view(dtype).reshape((count,) + shape[1:])
+
+        with concurrent.futures.ThreadPoolExecutor(1) as reader:
+            try:
+                ahead = reader.submit(read, 0) if plan else None
+                for k, (name, _, _, _, start, _, _) in enumerate(plan):
+                    rows = ahead.result()
+                    ahead = reader.submit(read, k + 1) if k + 1 < len(plan) else None
+                    yield name, start, rows
+            finally:
+                if ahead is not None:
+                    ahead.cancel()
+                    concurrent.futures.wait([ahead])
+                for f in files.values():
+                    f.close()
 
 
 def open_checkpoint(folder: pathlib.Path) -> Checkpoint:

@@ -115,3 +115,14 @@ def test_load_onto_a_mesh_places_each_tensor_on_its_sharding(folders, scan_layer
         assert x.sharding == expected[path], path
         assert x.dtype == jax.numpy.bfloat16
         np.testing.assert_array_equal(np.asarray(x), ref[path].astype(jax.numpy.bfloat16), err_msg=path)
+
+
+def test_truncated_shard_is_one_line_naming_the_file(folders, tmp_path):
+    _, root = folders
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "two", broken)
+    shard = broken / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(hf.HFError, match="model-00001-of-00002.safetensors: not a readable safetensors file") as err:
+        hf.load(broken)
+    assert "\n" not in str(err.value)
