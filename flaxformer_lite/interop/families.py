@@ -251,6 +251,10 @@ def _encoder_maps(cfg: ModelConfig, base: str, keys: Optional[set[str]], model_t
 
 def _bert_architecture(cfg: ModelConfig, model_type: str) -> str:
     name = "Roberta" if model_type == "roberta" else "Bert"
+    if cfg.mlm_head and cfg.pooler and name == "Bert":
+        # A base encoder (a sentence-transformers model) given an MLM head: the class holding
+        # both (its next-sentence head, which no model here has, is the one thing it lacks).
+        return "BertForPreTraining"
     if cfg.mlm_head:
         return f"{name}ForMaskedLM"
     if cfg.num_labels:

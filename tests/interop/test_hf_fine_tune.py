@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import tokenizers as hf_tokenizers
 import torch
 import transformers
 import yaml
@@ -96,3 +97,66 @@ def test_init_from_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert err.startswith("error: --init-from ") and "whisper" in err and "\n" not in err
     assert cli.main(["train", "--workdir", str(tmp_path / "run")]) == 2
     assert "train needs --config FILE" in capsys.readouterr().err
+
+
+def _minilm_folder(folder):
+    """A sentence-transformers folder: a BertModel (pooler, no MLM head), a WordPiece
+    tokenizer with BERT's special tokens, modules.json and its Pooling module."""
+    words = "the cat sat on a mat dog ran far away and then came back home".split()
+    vocab = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tok = hf_tokenizers.Tokenizer(hf_tokenizers.models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = hf_tokenizers.pre_tokenizers.BertPreTokenizer()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]",
+        unk_token="[UNK]",
+    )
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(folder)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}
+    ))
+    return words
+
+
+def test_a_base_encoder_fine_tunes_with_a_fresh_head_and_keeps_its_files(tmp_path, capsys):
+    import sentence_transformers
+
+    src, run, out = tmp_path / "src", tmp_path / "run", tmp_path / "out"
+    words = _minilm_folder(src)
+    corpus = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n\n".join(" ".join(rng.choice(words, 12)) for _ in range(80)))
+    overrides = [*SMALL, f"data.corpus={corpus}", "data.seq_len=16"]
+    assert cli.main(["train", "--init-from", str(src), "--workdir", str(run), "--set", *overrides]) == 0
+    cfg, _ = checkpoint.load_params(run)
+    assert cfg.data.objective == "masked_lm" and cfg.model.mlm_head and cfg.model.pooler
+    assert cfg.data.tokenizer == str(run / hf.HF_SOURCE_DIR)
+    capsys.readouterr()
+    assert cli.main(["convert", "--from", str(run), "--to-hf", str(out)]) == 0
+    for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    config, source_config = (json.loads((d / "config.json").read_text()) for d in (out, src))
+    assert config["architectures"] == ["BertForPreTraining"]  # MLM head and pooler, as the export holds
+    assert {k: config.get(k, "absent") for k in hf.TOKEN_ID_KEYS} == {
+        k: source_config.get(k, "absent") for k in hf.TOKEN_ID_KEYS
+    }
+    _, info = transformers.AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    encoder = sentence_transformers.SentenceTransformer(str(out), device="cpu")
+    assert encoder.encode(["the cat sat"]).shape == (1, 32)
+    # A run converted as it is (no MLM head) cannot train masked_lm; the error names the fix.
+    assert cli.main(["convert", "--from-hf", str(src), "--to", str(tmp_path / "conv")]) == 0
+    capsys.readouterr()
+    argv = ["train", "--config", str(tmp_path / "conv" / "config.yaml"), "--workdir", str(tmp_path / "again"),
+            "--init-from", str(tmp_path / "conv"), "--set", *overrides]
+    assert cli.main(argv) == 2
+    assert "set model.mlm_head=true" in capsys.readouterr().err
