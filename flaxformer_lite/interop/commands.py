@@ -35,7 +35,11 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--from", dest="from_workdir", metavar="WORKDIR", help="run directory to export")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", metavar="WORKDIR", help="run directory to write (with --from-hf)")
-    target.add_argument("--to-hf", metavar="DIR", help="HF model folder to write (with --from)")
+    target.add_argument("--to-hf", metavar="DIR",
+                        help="HF model folder to write (with --from); LoRA adapters are merged into the weights")
+    target.add_argument("--to-peft", metavar="DIR",
+                        help="with --from a LoRA run: its adapters as a PEFT folder (adapter_config.json, "
+                             "adapter_model.safetensors) for the HF base model")
     parser.add_argument("--step", type=non_negative_int, help="--from: checkpoint step (default: the latest)")
     parser.add_argument("--model-type", choices=sorted(families.FAMILIES),
                         help="--to-hf: HF family (default: the one converted from, else inferred)")
@@ -125,9 +129,30 @@ def run_source(workdir, cfg) -> "pathlib.Path | None":
     return tokenizer if cfg.data.tokenizer != "byte" and tokenizer.is_dir() and hf.is_hf_folder(tokenizer) else None
 
 
-def _to_hf(args: argparse.Namespace) -> dict:
+def _to_peft(args: argparse.Namespace) -> dict:
     from flaxformer_lite import checkpoint
+    from flaxformer_lite.interop import hf, peft
+
+    workdir, out = pathlib.Path(args.from_workdir), pathlib.Path(args.to_peft)
+    cfg, params = checkpoint.load_params(workdir, args.step)
+    source = run_source(workdir, cfg)
+    model_type = args.model_type
+    if model_type is None and source is not None:
+        model_type = hf.read_config(source).get("model_type")
+    base = str(source.resolve()) if source is not None else None
+    peft.save_adapters(cfg.model, params, out, model_type=model_type, base_model=base)
+    written = json.loads((out / peft.CONFIG_FILE).read_text())
+    return {"peft_dir": str(out), "r": written["r"], "lora_alpha": written["lora_alpha"],
+            "target_modules": written["target_modules"], "base_model": base}
+
+
+def _to_hf(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    from flaxformer_lite import checkpoint
+    from flaxformer_lite.config import LoraConfig
     from flaxformer_lite.interop import hf
+    from flaxformer_lite.layers import lora
 
     workdir, out = pathlib.Path(args.from_workdir), pathlib.Path(args.to_hf)
     cfg, params = checkpoint.load_params(workdir, args.step)
@@ -135,6 +160,9 @@ def _to_hf(args: argparse.Namespace) -> dict:
     model_type = args.model_type
     if model_type is None and source is not None:
         model_type = hf.read_config(source).get("model_type")
+    if cfg.model.lora.rank:  # a plain model of the same family: W + (alpha / r) A B
+        params = lora.merge(params, cfg.model)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=LoraConfig()))
     # The byte tokenizer has no tokenizer.json form; anything else is a file to copy along.
     tokenizer = None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer
     hf.save(cfg.model, params, out, model_type=model_type, tokenizer=tokenizer, source=source,
@@ -152,10 +180,11 @@ def run_convert(args: argparse.Namespace) -> int:
     from flaxformer_lite.interop.hf import HFError
 
     if bool(args.from_hf) != bool(args.to):
-        print("error: use --from-hf DIR --to WORKDIR, or --from WORKDIR --to-hf DIR", file=sys.stderr)
+        print("error: use --from-hf DIR --to WORKDIR, or --from WORKDIR --to-hf DIR (or --to-peft DIR)",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        summary = _from_hf(args) if args.from_hf else _to_hf(args)
+        summary = _from_hf(args) if args.from_hf else _to_peft(args) if args.to_peft else _to_hf(args)
     except (HFError, ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,0 +1,92 @@
+"""LoRA adapters out as an HF PEFT folder: adapter_config.json + adapter_model.safetensors.
+
+    peft.save_adapters(cfg.model, params, "adapter/", model_type="llama")
+    # then, in PyTorch:  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "adapter/")
+
+Names follow PEFT's for the transformers model of the family
+(base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight ...), taken from the
+same tensor maps `hf.save` writes the base with. Our A [in..., R] and B [R, out...] are
+a kernel's input and output halves, so each converts as a torch Linear does: lora_A.weight
+[R, in], lora_B.weight [out, R]. PEFT scales by lora_alpha / r, as model.lora does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from flaxformer_lite.config import LoraConfig, ModelConfig
+from flaxformer_lite.interop import families
+from flaxformer_lite.interop.layout import HFError, Map
+from flaxformer_lite.layers import lora
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PeftModel wraps the ...ForCausalLM model as base_model.model
+
+
+def _per_layer(adapters: dict) -> dict[str, np.ndarray]:
+    """Adapters by unrolled '/' path (decoder/layers_3/...), scanned stacks split by layer."""
+    out = {}
+    for path, x in traverse_util.flatten_dict(adapters, sep="/").items():
+        x = np.asarray(jax.device_get(x), np.float32)
+        parts = path.split("/")
+        if "layers" in parts:  # nn.scan stacks layers on a leading axis under `layers`
+            i = parts.index("layers")
+            out.update({"/".join(parts[:i] + [f"layers_{n}"] + parts[i + 1:]): x[n] for n in range(x.shape[0])})
+        else:
+            out[path] = x
+    return out
+
+
+def save_adapters(cfg: ModelConfig, params: Any, path, *, model_type: Optional[str] = None,
+                  base_model: Optional[str] = None) -> pathlib.Path:
+    """Write the adapters of `params` (a model of cfg with model.lora.rank > 0) as a PEFT folder.
+
+    model_type: the HF family of the base (default: as hf.save infers it); its projections
+    must be separate torch Linears (Llama, Mistral and kin; not GPT-2's fused c_attn).
+    base_model: written as base_model_name_or_path (PEFT's pointer to the base; optional).
+    """
+    if not cfg.lora.rank:
+        raise HFError("the model has no LoRA adapters (model.lora.rank=0): export it with --to-hf instead")
+    model_type = model_type or families.infer_model_type(cfg)
+    family = families.family_for(model_type)
+    plain = dataclasses.replace(cfg, lora=LoraConfig())
+    linear = {m.ours[0]: m for m in family.maps(plain, family.prefix, None)
+              if m.kind == "linear" and len(m.ours) == 1 and not m.row_offset}
+    tree = params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
+    ours = _per_layer(lora.split(tree)[0])
+    tensors, modules = {}, set()
+    for a_path in sorted(p for p in ours if p.endswith("_lora_a")):
+        kernel = a_path[: -len("_lora_a")]
+        if kernel not in linear:
+            raise HFError(
+                f"HF {model_type} has no separate torch Linear for {kernel}, so PEFT cannot hold its adapter: "
+                "target other projections (model.lora.targets) or export merged weights with --to-hf"
+            )
+        m = linear[kernel]
+        module = m.hf.removesuffix(".weight")
+        a_hf = Map(m.hf, (a_path,), "linear", m.in_axes).to_hf([ours[a_path]])
+        b_hf = Map(m.hf, (kernel + "_lora_b",), "linear", 1).to_hf([ours[kernel + "_lora_b"]])
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a_hf)
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b_hf)
+        modules.add(module.rsplit(".", 1)[-1])
+    from safetensors.numpy import save_file
+
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
+        "lora_dropout": cfg.lora.dropout, "target_modules": sorted(modules), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None, "base_model_name_or_path": base_model,
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out

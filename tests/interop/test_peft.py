@@ -1,0 +1,90 @@
+"""LoRA out to HF: PEFT folders that `peft` loads onto the transformers base model, merged
+exports, and the whole path from the command line on an HF folder."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+from hf_chat_folder import write_llama_chat_folder
+
+import flaxformer_lite as ffl
+from flaxformer_lite import checkpoint, cli
+from flaxformer_lite.config import LORA_PROJECTIONS, LoraConfig
+from flaxformer_lite.interop import hf
+from flaxformer_lite.interop import peft as ffl_peft
+from flaxformer_lite.layers import lora
+
+transformers.logging.set_verbosity_error()
+
+
+def _torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids))).logits.numpy()
+
+
+def test_peft_loads_our_adapters_onto_the_transformers_base(tmp_path):
+    torch_model = write_llama_chat_folder(tmp_path / "src")
+    model_cfg, base = hf.load(tmp_path / "src")
+    cfg = dataclasses.replace(model_cfg, lora=LoraConfig(rank=4, alpha=8.0, targets=LORA_PROJECTIONS))
+    fresh = jax.jit(ffl.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    flat = traverse_util.flatten_dict(lora.split(fresh)[0])
+    keys = dict(zip(flat, jax.random.split(jax.random.key(1), len(flat))))
+    adapters = traverse_util.unflatten_dict({k: 0.3 * jax.random.normal(keys[k], v.shape) for k, v in flat.items()})
+    params = lora.join(adapters, base)
+    out = ffl_peft.save_adapters(cfg, params, tmp_path / "adapter", model_type="llama")
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"])
+    peft_model = peft.PeftModel.from_pretrained(torch_model, out).eval()
+    ids = np.random.default_rng(0).integers(3, model_cfg.vocab_size, (2, 12))
+    ours = jax.jit(lambda p, i: ffl.build_model(cfg).apply(p, i).logits)(params, ids)
+    theirs = _torch_logits(peft_model, ids)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert np.abs(theirs - _torch_logits(peft_model.get_base_model().__class__.from_pretrained(tmp_path / "src"), ids)).max() > 1e-2
+
+
+def test_a_projection_peft_cannot_hold_is_refused_by_name():
+    cfg = ffl.load_config("gpt_tiny", overrides=["model.num_layers=1", "model.lora.rank=2"]).model
+    params = jax.jit(ffl.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    with pytest.raises(hf.HFError, match=r"HF gpt2 has no separate torch Linear for decoder/layers_0/self_attention/key"):
+        ffl_peft.save_adapters(cfg, params, "unused", model_type="gpt2")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """`train --init-from HF_DIR` with LoRA on chat data, then both exports, all via the CLI."""
+    root = tmp_path_factory.mktemp("lora_run")
+    write_llama_chat_folder(root / "src")
+    chat = root / "chat.jsonl"
+    lines = [{"messages": [{"role": "user", "content": f"the number {i}"}, {"role": "assistant", "content": f"is {i}"}]}
+             for i in range(24)]
+    chat.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = root / "run"
+    assert cli.main(["train", "--init-from", str(root / "src"), "--workdir", str(run), "--set", "model.lora.rank=4",
+                     "model.lora.targets=[query,value,wi,wo]", "data.objective=sft", f"data.corpus={chat}",
+                     "train.num_steps=3", "train.learning_rate=1e-2", "data.batch_size=8", "data.seq_len=96",
+                     "train.eval_batches=1", "train.log_every=1", "train.peak_flops=1e12"]) == 0
+    assert cli.main(["convert", "--from", str(run), "--to-peft", str(root / "adapter")]) == 0
+    assert cli.main(["convert", "--from", str(run), "--to-hf", str(root / "merged")]) == 0
+    return root
+
+
+def test_the_command_line_run_trains_adapters_only_and_exports_both_ways(lora_run):
+    src, run = lora_run / "src", lora_run / "run"
+    cfg, params = checkpoint.load_params(run)
+    _, source = hf.load(src)
+    adapters, base = lora.split(params)
+    jax.tree.map(np.testing.assert_array_equal, base, source)  # the base did not move
+    assert any(np.any(np.asarray(b) != 0) for k, b in traverse_util.flatten_dict(adapters).items() if k[-1].endswith("_lora_b"))
+    ids = np.random.default_rng(1).integers(3, cfg.model.vocab_size, (2, 10))
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    with_adapter = _torch_logits(peft.PeftModel.from_pretrained(base_model, lora_run / "adapter").eval(), ids)
+    merged = _torch_logits(transformers.AutoModelForCausalLM.from_pretrained(lora_run / "merged"), ids)
+    ours = jax.jit(lambda p, i: ffl.build_model(cfg.model).apply(p, i).logits)(params, ids)
+    np.testing.assert_allclose(with_adapter, ours, atol=1e-4)
+    np.testing.assert_allclose(merged, ours, atol=1e-4)
