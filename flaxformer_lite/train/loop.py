@@ -742,7 +742,8 @@ def write_samples(model, params, setup: DataSetup, workdir: pathlib.Path, log) -
         model, params, setup.sample_prompts,
         max_new_tokens=min(tc.sample_len, setup.cfg.model.max_len - longest),
         method="sample", temperature=SAMPLE_TEMPERATURE, seed=tc.seed,
-        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, stop_tokens=tok.eos_ids,
+        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+        stop_tokens=[i for i in tok.eos_ids if i < setup.cfg.model.vocab_size],
     )
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     samples = [
