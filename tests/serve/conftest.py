@@ -21,7 +21,7 @@ def servers(hf_dir, bert_dir):
     tests, and an encoder's for embeddings; started together so their warm-ups overlap."""
     started = {
         "main": Server(hf_dir, "--max-batch", "16", "--max-len", "128", "--chunk", "16"),
-        "small": Server(hf_dir, "--max-batch", "1", "--max-queue", "1", "--max-len", "256", "--chunk", "16",
+        "small": Server(hf_dir, "--max-batch", "1", "--max-queue", "1", "--max-len", "1024", "--chunk", "16",
                         "--drain-timeout", "60"),
         "embed": Server(bert_dir, "--max-batch", "4", "--max-len", "32"),
     }

@@ -28,7 +28,7 @@ CHATML = (
 )
 TINY = (
     "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=8", "model.d_ff=64",
-    "model.num_layers=2", "model.max_len=256", f"model.vocab_size={VOCAB}", "model.tie_embeddings=false",
+    "model.num_layers=2", "model.max_len=1024", f"model.vocab_size={VOCAB}", "model.tie_embeddings=false",
     "model.bos_token_id=1", "model.eos_token_id=2", "model.pad_token_id=0",
 )
 

@@ -155,7 +155,8 @@ def test_full_queue_then_disconnect_then_drain(servers):
     slot; SIGTERM answers 503 to new requests, finishes the one in flight, exits 0."""
     server = servers["small"]
     client = server.client()
-    stream = client.completions.create(model="tiny", prompt="hi", max_tokens=250, temperature=0, stream=True,
+    # Long enough (1,000 tokens) to hold the slot while the next steps happen.
+    stream = client.completions.create(model="tiny", prompt="hi", max_tokens=1000, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     next(iter(stream))  # the long request holds the slot
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -169,7 +170,7 @@ def test_full_queue_then_disconnect_then_drain(servers):
         assert queued.result(timeout=60).choices[0].finish_reason in ("length", "stop")
     assert server.health()["stats"]["finished_cancelled"] == 1
 
-    inflight = client.completions.create(model="tiny", prompt="hi", max_tokens=250, temperature=0, stream=True,
+    inflight = client.completions.create(model="tiny", prompt="hi", max_tokens=500, temperature=0, stream=True,
                                          extra_body={"ignore_eos": True})
     chunks = iter(inflight)
     text = next(chunks).choices[0].text
