@@ -65,6 +65,27 @@ def test_non_finite_logits_fail_only_their_request(engine):
     assert tokens[1] == solo and done[1]["finish_reason"] == "length"
 
 
+def test_a_long_prompt_is_prefilled_between_the_running_streams_steps(engine):
+    """A 50-token prompt takes 4 chunks of 16, one per engine iteration, each followed by
+    a decode step: the running stream gets a token after each, not one wait for all."""
+    events = queue.SimpleQueue()
+    engine.submit([5, 6, 7], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, logprobs=0),
+                  lambda e: events.put(("running", e)))
+    assert events.get(timeout=120)[1]["type"] == "token"
+    engine.submit(list(range(10, 60)), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=0),
+                  lambda e: events.put(("long", e)))
+    tokens_before = 0
+    while True:
+        who, e = events.get(timeout=120)
+        if who == "long":
+            break
+        tokens_before += len(e.get("tokens", []))
+    assert tokens_before >= 3
+    done = 0
+    while done < 2:
+        done += events.get(timeout=120)[1]["type"] == "done"
+
+
 def test_stop_strings_and_held_back_text():
     assert _stop_cut("hello world", ["lo w", "xyz"], 0) == 3
     assert _stop_cut("hello world", ["hello"], 6) == -1  # ended before the new text
