@@ -45,7 +45,7 @@ _PUBLIC = {
         "Documents", "Store", "is_store",
     )},
     **{name: ("flaxformer_lite.data.tokenizers", name) for name in (
-        "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer", "train_tokenizer",
+        "ByteTokenizer", "HFTokenizer", "Tokenizer", "bos_or_none", "load_tokenizer", "train_tokenizer",
     )},
 }
 __all__ = sorted(_PUBLIC)

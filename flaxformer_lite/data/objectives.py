@@ -33,7 +33,8 @@ positions restart at 0 in every segment; padding ids are the tokenizer's pad_id 
 has none: padding carries no weight; seq2seq needs one as its decoder start). Rows of
 the padded last evaluation batch have segment_ids 0 everywhere (and label 0).
 
-Sequences: causal_lm documents are bos + text + eos; masked_lm and classification rows
+Sequences: causal_lm documents are bos + text + eos (text + eos for a tokenizer without
+bos, as Qwen's); masked_lm and classification rows
 are bos + text + eos (the [CLS] ... [SEP] of BERT); seq2seq inputs and targets end with
 eos. Documents longer than a row are split, never cut, for the self-supervised
 objectives (causal_lm, masked_lm, span_corruption); causal_lm chunks overlap by one token
@@ -63,7 +64,7 @@ from flaxformer_lite.data import corpora, finetune, pipeline
 from flaxformer_lite.data.errors import DataError
 from flaxformer_lite.data.pipeline import Batch, Example
 from flaxformer_lite.data.store import Documents
-from flaxformer_lite.data.tokenizers import Tokenizer
+from flaxformer_lite.data.tokenizers import Tokenizer, bos_or_none
 
 OBJECTIVES = (
     "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse", "sft", "dpo",
@@ -406,11 +407,12 @@ def _causal_lm_plan(docs: Documents, spec: _Spec) -> _Plan:
     tok, seq_len = spec.tokenizer, spec.seq_len
     if seq_len < 2:
         raise DataError(f"causal_lm needs seq_len >= 2, got {seq_len}")
+    bos = bos_or_none(tok)
     features = functools.partial(
-        _token_features, docs=docs, size=seq_len, shift=spec.shift_windows, bos=tok.bos_id, eos=tok.eos_id
+        _token_features, docs=docs, size=seq_len, shift=spec.shift_windows, bos=bos, eos=tok.eos_id
     )
     lengths = docs.lengths
-    lengths += 2  # bos and eos
+    lengths += 1 + (bos is not None)  # eos, and bos where the tokenizer has one
     windows = _Windows(lengths, seq_len, seq_len - 1)
     return _Plan(windows, features, {"tokens": seq_len}, _finalizer(causal_lm_batch, spec), spec.pack)
 

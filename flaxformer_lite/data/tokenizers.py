@@ -60,6 +60,15 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
 
 
+def bos_or_none(tok: "Tokenizer") -> Optional[int]:
+    """The bos id, or None for a tokenizer whose files name none (Qwen's): its documents start
+    with their text, as transformers encodes them."""
+    try:
+        return tok.bos_id
+    except DataError:
+        return None
+
+
 def _with_specials(ids: list[int], tok: Tokenizer, bos: bool, eos: bool) -> list[int]:
     return ([tok.bos_id] if bos else []) + ids + ([tok.eos_id] if eos else [])
 

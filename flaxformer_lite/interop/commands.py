@@ -119,14 +119,15 @@ def _from_hf(args: argparse.Namespace) -> dict:
 
 
 def run_source(workdir, cfg) -> "pathlib.Path | None":
-    """The HF folder a run came from: WORKDIR/hf, else its tokenizer's folder if that is one."""
+    """The folder whose files travel with a run's export: WORKDIR/hf (its HF source), else
+    the folder its tokenizer comes from, if data.tokenizer names one."""
     from flaxformer_lite.interop import hf
 
     kept = pathlib.Path(workdir) / hf.HF_SOURCE_DIR
     if hf.is_hf_folder(kept):
         return kept
     tokenizer = pathlib.Path(cfg.data.tokenizer)
-    return tokenizer if cfg.data.tokenizer != "byte" and tokenizer.is_dir() and hf.is_hf_folder(tokenizer) else None
+    return tokenizer if cfg.data.tokenizer != "byte" and tokenizer.is_dir() else None
 
 
 def _to_peft(args: argparse.Namespace) -> dict:
@@ -137,7 +138,7 @@ def _to_peft(args: argparse.Namespace) -> dict:
     cfg, params = checkpoint.load_params(workdir, args.step)
     source = run_source(workdir, cfg)
     model_type = args.model_type
-    if model_type is None and source is not None:
+    if model_type is None and source is not None and hf.is_hf_folder(source):
         model_type = hf.read_config(source).get("model_type")
     base = str(source.resolve()) if source is not None else None
     peft.save_adapters(cfg.model, params, out, model_type=model_type, base_model=base)
@@ -158,7 +159,7 @@ def _to_hf(args: argparse.Namespace) -> dict:
     cfg, params = checkpoint.load_params(workdir, args.step)
     source = run_source(workdir, cfg)
     model_type = args.model_type
-    if model_type is None and source is not None:
+    if model_type is None and source is not None and hf.is_hf_folder(source):
         model_type = hf.read_config(source).get("model_type")
     if cfg.model.lora.rank:  # a plain model of the same family: W + (alpha / r) A B
         params = lora.merge(params, cfg.model)

@@ -200,7 +200,7 @@ def chat_template(tokenizer_spec: str):
 
 
 def sample_prompts(texts: Iterable[str], count: int, tokenizer: data.Tokenizer) -> list[list[int]]:
-    """bos + the first tokens of `count` held-out documents, preferring ones that read as
+    """bos (if the tokenizer has one) + the first tokens of `count` held-out documents, preferring ones that read as
     prose: those that start with a letter and are at least 4 prompts long come first
     (a table border or a heading makes a poor prompt), then the rest, in corpus order.
     `texts` may be lazy (a store's openings) and only the first 4 prompts of each matter;
@@ -215,7 +215,9 @@ def sample_prompts(texts: Iterable[str], count: int, tokenizer: data.Tokenizer) 
         (chosen if prose(text) else others).append(text)
         del others[count:]
     chosen += others[: count - len(chosen)]
-    return [[tokenizer.bos_id] + tokenizer.encode(text)[: SAMPLE_PROMPT_TOKENS - 1] for text in chosen]
+    bos = data.bos_or_none(tokenizer)
+    start = [] if bos is None else [bos]
+    return [start + tokenizer.encode(text)[: SAMPLE_PROMPT_TOKENS - len(start)] for text in chosen]
 
 
 # ------------------------------------------------------------------------------- state

@@ -187,3 +187,23 @@ def test_bert_roles_are_cls_and_sep(tmp_path):
     ))
     loaded = load_tokenizer(tmp_path)
     assert (loaded.bos_id, loaded.eos_id, loaded.pad_id, loaded.mask_id) == (2, 3, 0, 4)
+
+
+def test_causal_lm_without_bos_or_pad_tokens(tmp_path):
+    """Qwen's files name no bos and no pad: documents are text + eos, padding takes id 0."""
+    import json
+
+    import numpy as np
+
+    from flaxformer_lite.data import make_dataset
+
+    folder = _smol_like(tmp_path / "qwen")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>"}))
+    tok = load_tokenizer(folder)
+    texts = ["a b a", "b b a b a b"]
+    batch = next(iter(make_dataset("causal_lm", texts, tokenizer=tok, batch_size=2, seq_len=16, train=False)))
+    rows = [tok.encode(t) + [tok.eos_id] for t in texts]
+    packed = np.concatenate(rows)
+    segments = batch["segment_ids"][0]
+    np.testing.assert_array_equal(batch["input_ids"][0][segments > 0], packed)
+    assert (batch["input_ids"][0][segments == 0] == 0).all() and (batch["weights"][0][segments == 0] == 0).all()
