@@ -133,9 +133,9 @@ IDENTITY_BYTES = 1 << 16  # hashed at each end of a file
 
 
 def identity(path: pathlib.Path) -> dict:
-    """What tells one version of a file from another without reading it all: size, mtime,
-    and a SHA-256 of its first and last 64 KiB (an edit that keeps the size and restores
-    the mtime in the middle of a large file is the one change it can miss)."""
+    """What tells one version of a file from another without reading it all: its size,
+    mtime and the SHA-256 of its first and last 64 KiB. Only an edit that keeps the size,
+    falls between those ends and puts the old mtime back goes unseen."""
     try:
         stat = path.stat()
         digest = hashlib.sha256()
