@@ -66,7 +66,9 @@ def hf_run_config(hf_dir, model_cfg, *, config=None, overrides=(), tokenizer=Non
     """
     import dataclasses
 
-    from flaxformer_lite.config import FINE_TUNE_TRAIN, DataConfig, build_config, read_config_dict, to_dict
+    from flaxformer_lite.config import (
+        FINE_TUNE_TRAIN, ConfigError, DataConfig, build_config, read_config_dict, to_dict,
+    )
     from flaxformer_lite.interop import hf
 
     hf_dir = pathlib.Path(hf_dir)
@@ -80,9 +82,14 @@ def hf_run_config(hf_dir, model_cfg, *, config=None, overrides=(), tokenizer=Non
         chosen["mlm_head"] = True  # a base encoder (no MLM head) trains with a fresh one
     if tokenizer is None and (hf_dir / hf.TOKENIZER_FILE).is_file():
         tokenizer = hf_dir
+    if tokenizer is None and data.get("tokenizer") in (None, "byte"):
+        raise ConfigError(
+            f"{hf_dir} has no {hf.TOKENIZER_FILE}, and the model needs the tokenizer it was trained with: save "
+            "one there (AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)) or --set data.tokenizer=PATH"
+        )
     data.update(
         objective=objective,
-        tokenizer=str(tokenizer) if tokenizer is not None else data.get("tokenizer", "byte"),
+        tokenizer=str(tokenizer) if tokenizer is not None else data["tokenizer"],
         seq_len=min(data.get("seq_len", DataConfig.seq_len), model_cfg.max_len),
     )
     merged = {

@@ -97,6 +97,18 @@ def test_init_from_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert err.startswith("error: --init-from ") and "whisper" in err and "\n" not in err
     assert cli.main(["train", "--workdir", str(tmp_path / "run")]) == 2
     assert "train needs --config FILE" in capsys.readouterr().err
+    write_llama_chat_folder(tmp_path / "bare")
+    (tmp_path / "bare" / "tokenizer.json").unlink()
+    assert cli.main(["train", "--init-from", str(tmp_path / "bare"), "--workdir", str(tmp_path / "run")]) == 2
+    assert "has no tokenizer.json, and the model needs the tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_run_chats_with_the_kept_template(exported, capsys):
+    run = exported / "run"
+    assert cli.main(["generate", "--workdir", str(run), "--chat", "hello there", "--max-new-tokens", "4"]) == 0
+    reply = capsys.readouterr().out
+    assert "<|im_start|>" not in reply and reply.endswith("\n")
 
 
 def _minilm_folder(folder):
