@@ -21,7 +21,8 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 Family = Literal["encoder", "decoder", "encoder_decoder"]
 Position = Literal["learned", "sinusoidal", "relative", "rope", "alibi", "none"]
 Norm = Literal["layernorm", "rmsnorm"]
-NormPosition = Literal["pre", "post"]
+NormPosition = Literal["pre", "post", "sandwich"]
+AttentionType = Literal["global", "local"]
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "glu", "reglu", "geglu", "swiglu"]
 
 
@@ -54,6 +55,22 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequencies stretched for contexts longer than pre-training (ops.rope_frequencies).
+
+    linear: every inverse frequency divided by `factor` (position interpolation).
+    llama3: Llama 3.1's: wavelengths above original_max_len / low_freq_factor divided by
+    `factor`, below original_max_len / high_freq_factor kept, smoothly blended between.
+    """
+
+    kind: Literal["linear", "llama3"] = "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_len: int = 8192  # llama3 only
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture. `num_layers` is the encoder depth (or the decoder's, decoder-only)."""
 
@@ -69,17 +86,29 @@ class ModelConfig:
     max_len: int = 256
     position: Position = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None  # on global layers (all layers without attention_types)
+    rope_local_theta: Optional[float] = None  # local layers' RoPE base, unscaled (Gemma 3); None: as global
     relative_buckets: int = 32
     relative_max_distance: int = 128
     sliding_window: Optional[int] = None  # keys further back than this are masked
+    # Per-layer attention, a pattern repeated over the layers (layer i: [i % len]): "local"
+    # layers mask keys beyond sliding_window, "global" ones do not (Gemma 2: local, global).
+    # Empty: sliding_window (if any) applies to every layer (Mistral).
+    attention_types: tuple[AttentionType, ...] = ()
     norm: Norm = "layernorm"
     norm_position: NormPosition = "pre"
     norm_eps: float = 1e-5
+    norm_offset: bool = False  # norms multiply by 1 + scale, scale starting at 0 (Gemma)
     embedding_norm: bool = False  # BERT: LayerNorm after the summed embeddings
     final_norm: bool = True  # a norm after the last block (pre-LN stacks need it)
     activation: Activation = "gelu"
     use_bias: bool = True
+    qkv_bias: bool = False  # biases on the query, key and value projections even without use_bias (Qwen2)
+    qk_norm: bool = False  # a norm over each head's queries and keys before RoPE (Qwen3, Gemma 3)
     scale_attention: bool = True  # T5 folds 1/sqrt(H) into its init and does not scale
+    query_scale_dim: Optional[float] = None  # logits times this**-0.5, not H**-0.5 (Gemma's query_pre_attn_scalar)
+    attention_softcap: Optional[float] = None  # attention logits c * tanh(logits / c) (Gemma 2)
+    logits_softcap: Optional[float] = None  # output logits c * tanh(logits / c) (Gemma 2)
     scale_embeddings: bool = False  # 2017 paper: embeddings times sqrt(d_model)
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
@@ -118,6 +147,20 @@ class ModelConfig:
     @property
     def decoder_layers(self) -> int:
         return self.num_decoder_layers or self.num_layers
+
+    @property
+    def attention_scale(self) -> Optional[float]:
+        """What attention logits are multiplied by; None: the default H**-0.5."""
+        if not self.scale_attention:
+            return 1.0
+        return None if self.query_scale_dim is None else self.query_scale_dim**-0.5
+
+    def layer_attention_types(self, num_layers: Optional[int] = None) -> tuple[str, ...]:
+        """Each layer's attention type (attention_types repeated; "local" for all with a bare sliding_window)."""
+        n = self.num_layers if num_layers is None else num_layers
+        if not self.attention_types:
+            return ("global" if self.sliding_window is None else "local",) * n
+        return tuple(self.attention_types[i % len(self.attention_types)] for i in range(n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +353,21 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
         raise ConfigError(
             f"{p}lora.targets has wg, the gate projection, but {p}activation={cfg.activation} has no gate: drop wg"
         )
+    if "local" in cfg.attention_types and cfg.sliding_window is None:
+        raise ConfigError(f"{p}attention_types has local layers but {p}sliding_window is null: set the window")
+    if cfg.attention_types and cfg.family == "encoder_decoder":
+        raise ConfigError(f"{p}attention_types is for single-stack models; set {p}attention_types=[] for encoder_decoder")
+    if (cfg.rope_scaling is not None or cfg.rope_local_theta is not None) and cfg.position != "rope":
+        raise ConfigError(f"{p}rope_scaling / {p}rope_local_theta need {p}position=rope")
+    if cfg.rope_scaling is not None:
+        r = cfg.rope_scaling
+        if r.factor <= 0 or r.original_max_len <= 0:
+            raise ConfigError(f"{p}rope_scaling.factor and .original_max_len must be positive")
+        if r.kind == "llama3" and not 0 < r.low_freq_factor < r.high_freq_factor:
+            raise ConfigError(f"{p}rope_scaling needs 0 < low_freq_factor < high_freq_factor for kind llama3")
+    for key in ("query_scale_dim", "attention_softcap", "logits_softcap", "rope_local_theta"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
+            raise ConfigError(f"{p}{key}={getattr(cfg, key)} must be positive or null")
     if cfg.remat_policy not in _REMAT_NAMED + _REMAT_POLICIES:
         near = difflib.get_close_matches(cfg.remat_policy, _REMAT_NAMED + _REMAT_POLICIES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
@@ -344,6 +402,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(
                 f"train.loss_chunk_size={cfg.train.loss_chunk_size} applies to data.objective=causal_lm or sft only "
                 f"(got {cfg.data.objective}): set train.loss_chunk_size=null"
+            )
+        if cfg.model.logits_softcap is not None:
+            raise ConfigError(
+                f"train.loss_chunk_size={cfg.train.loss_chunk_size} cannot project a chunk at a time through "
+                "model.logits_softcap: set train.loss_chunk_size=null"
             )
     if cfg.data.objective == "dpo":
         positive["train.dpo_beta"] = cfg.train.dpo_beta
@@ -388,6 +451,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] + (" or null" if type(None) in args else ""))
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{key}.")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

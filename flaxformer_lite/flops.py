@@ -13,7 +13,9 @@ multiplication and are left out. The attention term is QK^T and the weighted sum
 2 * T * N * H multiply-adds each per query token and layer. Causal self-attention is
 counted at half (the average query sees half the keys), which is what a flash kernel
 computes; XLA's dense attention computes the masked half too, so on the `xla` path the
-MFU is an under-estimate by that much.
+MFU is an under-estimate by that much. Local (sliding-window) layers count only the keys
+in their window W: W^2/2 + (T - W) W query-key pairs when causal, T (2W - 1) at most when
+not (the same T^2/2 or T^2 once W >= T).
 
 Encoder-decoder models count encoder tokens (S = seq_len) and decoder tokens
 (T = target_len) separately; "per token" divides by S + T. Cross-attention key/value
@@ -58,6 +60,19 @@ def _attention_flops(cfg: ModelConfig, queries: int, keys: int, causal: bool) ->
     return flops / 2 if causal else flops
 
 
+def _self_attention_flops(cfg: ModelConfig, tokens: int, causal: bool) -> float:
+    """Forward self-attention FLOPs of one sequence summed over the layers, windows counted."""
+    W, T = cfg.sliding_window, tokens
+    total = 0.0
+    for kind in cfg.layer_attention_types():
+        if kind == "global" or W >= T:
+            total += _attention_flops(cfg, T, T, causal)
+        else:
+            pairs = W * W / 2 + (T - W) * W if causal else T * min(T, 2 * W - 1)
+            total += 4.0 * pairs * cfg.num_heads * _head_dim(cfg)
+    return total
+
+
 def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int, target_len: Optional[int] = None) -> float:
     """Matmul FLOPs of one forward pass over one sequence (see the module docstring).
 
@@ -69,13 +84,13 @@ def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int, target_len: Optio
     if cfg.family == "decoder":
         T = seq_len
         weights = cfg.num_layers * layer + V * D
-        return 2.0 * weights * T + cfg.num_layers * _attention_flops(cfg, T, T, causal=True)
+        return 2.0 * weights * T + _self_attention_flops(cfg, T, causal=True)
     if cfg.family == "encoder":
         T = seq_len
         weights = cfg.num_layers * layer
         if cfg.mlm_head:
             weights += D * D + V * D
-        flops = 2.0 * weights * T + cfg.num_layers * _attention_flops(cfg, T, T, causal=False)
+        flops = 2.0 * weights * T + _self_attention_flops(cfg, T, causal=False)
         # The pooler and classifier see one token a sequence.
         flops += 2.0 * ((D * D if cfg.pooler else 0) + D * cfg.num_labels)
         return flops

@@ -19,6 +19,14 @@ def test_decoder_hand_count():
     assert flops.training_flops_per_token(cfg, 4) == 3 * forward / 4
 
 
+def test_local_layers_count_only_their_window():
+    cfg = ModelConfig(family="decoder", sliding_window=2, attention_types=("local", "global"), **TINY)
+    # The local layer at T=4, W=2: 2*2/2 + (4-2)*2 = 6 query-key pairs, 4*6*8 = 192; the global one 256.
+    assert flops.forward_flops_per_sequence(cfg, 4) == 2 * 1104 * 4 + 192 + 256
+    wide = ModelConfig(family="decoder", sliding_window=4, attention_types=("local", "global"), **TINY)
+    assert flops.forward_flops_per_sequence(wide, 4) == 2 * 1104 * 4 + 2 * 256  # a window as long as T
+
+
 def test_encoder_decoder_hand_count():
     cfg = ModelConfig(family="encoder_decoder", num_decoder_layers=1, **TINY)
     S, T = 6, 3

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 
-from flaxformer_lite.config import ModelConfig
+from flaxformer_lite.config import ModelConfig, RopeScaling
 from flaxformer_lite.interop.layout import HFError, Map
 
 
@@ -344,34 +344,177 @@ def _gpt2_maps(cfg: ModelConfig, base: str, keys: Optional[set[str]]) -> list[Ma
     return maps
 
 
-# ---------------------------------------------------------------------------------- LLaMA / Mistral
+# ---------------------------------------------------------------------------------- RoPE decoders
+
+# LLaMA, Mistral, Qwen and Gemma are one block with options (DESIGN.md, "Families are data"):
+# what each model_type fixes, beyond what its config.json says.
+_ROPE_DECODERS = {
+    "llama": dict(architecture="LlamaForCausalLM", ids=(None, 1, 2), tied=False),
+    "mistral": dict(architecture="MistralForCausalLM", ids=(None, 1, 2), tied=False),
+    "qwen2": dict(architecture="Qwen2ForCausalLM", ids=(None, None, None), tied=False, qkv_bias=True),
+    "qwen3": dict(architecture="Qwen3ForCausalLM", ids=(None, None, None), tied=False, qk_norm=True),
+    "gemma2": dict(architecture="Gemma2ForCausalLM", ids=(0, 2, 1), tied=True, gemma=True),
+    "gemma3_text": dict(architecture="Gemma3ForCausalLM", ids=(0, 2, 1), tied=True, gemma=True, qk_norm=True),
+}
+# Keys a RoPE parameter set may hold, by rope_type (besides rope_type/type and rope_theta).
+_ROPE_KEYS = {
+    "default": set(),
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+}
+_LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
 
 
-def _rope(hf: dict, model_type: str) -> float:
-    """rope_theta from transformers 5's rope_parameters or the older top-level keys."""
-    params = hf.get("rope_parameters") or {}
-    legacy = hf.get("rope_scaling") or {}
-    for key, rope_type in (("rope_parameters", params.get("rope_type", "default")),
-                           ("rope_scaling", legacy.get("rope_type", legacy.get("type", "default")))):
-        if rope_type != "default":
-            raise HFError(
-                f"config.json {key} has rope type {rope_type!r}, not supported for {model_type}: "
-                "only the default RoPE is implemented here"
-            )
+def _rope_scaling(params: dict, where: str, mt: str) -> Optional[RopeScaling]:
+    """One RoPE parameter set (rope_parameters or the older rope_scaling) -> RopeScaling or None."""
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in _ROPE_KEYS:
+        raise HFError(
+            f"config.json {where} has rope_type {kind!r}, not supported for {mt}: only "
+            f"{', '.join(_ROPE_KEYS)} RoPE are implemented here"
+        )
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise HFError(f"config.json partial_rotary_factor={params['partial_rotary_factor']} is not supported")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        raise HFError(f"config.json {where} partial_rotary_factor={params['partial_rotary_factor']} is not supported")
+    unread = set(params) - _ROPE_KEYS[kind] - {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+    if unread:
+        raise HFError(f"config.json {where} has {', '.join(sorted(unread))}, which {kind} RoPE does not use here")
+    if kind == "default":
+        return None
+    factor = float(_required(params, "factor", f"{mt} {where}"))
+    if kind == "linear":
+        return RopeScaling("linear", factor)
+    return RopeScaling(
+        "llama3", factor, float(_required(params, "low_freq_factor", f"{mt} {where}")),
+        float(_required(params, "high_freq_factor", f"{mt} {where}")),
+        int(_required(params, "original_max_position_embeddings", f"{mt} {where}")),
+    )
+
+
+def _rope_in(hf: dict, mt: str) -> dict:
+    """rope_theta, rope_scaling, rope_local_theta from transformers 5's rope_parameters (one
+    set, or one per layer type as Gemma 3 writes) or the older rope_theta / rope_scaling /
+    rope_local_base_freq keys."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        glob, where = params.get("full_attention") or {}, "rope_parameters.full_attention"
+        local = params.get("sliding_attention") or {}
+    else:
+        # transformers reads an older rope_scaling in place of rope_parameters, when both are there.
+        legacy = hf.get("rope_scaling")
+        if legacy:
+            glob, where = {**{k: v for k, v in params.items() if k == "rope_theta"}, **legacy}, "rope_scaling"
+        else:
+            glob, where = params, "rope_parameters"
+        local = {"rope_theta": hf["rope_local_base_freq"]} if "rope_local_base_freq" in hf else {}
+    gemma3 = mt == "gemma3_text"
+    theta = float(glob.get("rope_theta", hf.get("rope_theta", 1e6 if gemma3 else 10000.0)))
+    scaling = _rope_scaling(glob, where, mt)
+    local_theta = None
+    if gemma3:
+        if _rope_scaling(local, "rope_parameters.sliding_attention", mt) is not None:
+            raise HFError("config.json rope_parameters.sliding_attention: scaled RoPE on local layers is not supported")
+        local_theta = float(local.get("rope_theta", 10000.0))
+        if local_theta == theta and scaling is None:
+            local_theta = None  # the same RoPE on every layer
+    elif local:
+        raise HFError(f"config.json: a separate RoPE for local layers is not part of {mt}; use gemma3_text")
+    return dict(rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta)
+
+
+def _rope_out(cfg: ModelConfig, mt: str) -> dict:
+    glob = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        r = cfg.rope_scaling
+        glob.update(rope_type=r.kind, factor=r.factor)
+        if r.kind == "llama3":
+            glob.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
+                        original_max_position_embeddings=r.original_max_len)
+    if mt == "gemma3_text":
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        return {"rope_parameters": {"full_attention": glob, "sliding_attention": local}}
+    # Both spellings: transformers 5 reads rope_parameters, 4.x rope_theta and rope_scaling.
+    legacy = {k: v for k, v in glob.items() if k != "rope_theta"} if cfg.rope_scaling is not None else None
+    return {"rope_parameters": glob, "rope_theta": cfg.rope_theta, "rope_scaling": legacy}
+
+
+def _pattern(types: tuple[str, ...]) -> tuple[str, ...]:
+    """The shortest prefix whose repetition gives every layer's type."""
+    return next(types[:p] for p in range(1, len(types) + 1)
+                if all(t == types[i % p] for i, t in enumerate(types)))
+
+
+def _attention_types_in(hf: dict, mt: str, num_layers: int) -> dict:
+    """sliding_window and attention_types from layer_types (or each family's default pattern)."""
+    if mt in ("llama", "mistral"):
+        return {"sliding_window": hf.get("sliding_window", 4096) if mt == "mistral" else None}
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if mt.startswith("qwen"):
+        if not hf.get("use_sliding_window", False):
+            window = None
+        if layer_types is None:
+            start = hf.get("max_window_layers", 28)
+            layer_types = ["sliding_attention" if window is not None and i >= start else "full_attention"
+                           for i in range(num_layers)]
+    elif layer_types is None:  # Gemma 2: every other layer local; Gemma 3: 5 local, 1 global
+        period = hf.get("sliding_window_pattern", 2 if mt == "gemma2" else 6)
+        layer_types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]
+    bad = sorted(set(layer_types) - set(_LAYER_TYPES))
+    if bad or len(layer_types) != num_layers:
+        raise HFError(
+            f"config.json layer_types must list one of {', '.join(_LAYER_TYPES)} per layer "
+            f"({num_layers}); got {len(layer_types)} entries{', with ' + ', '.join(map(repr, bad)) if bad else ''}"
+        )
+    types = tuple(_LAYER_TYPES[t] for t in layer_types)
+    if "local" not in types:
+        return {"sliding_window": None}
+    if window is None:
+        raise HFError(f"config.json layer_types has sliding_attention layers but sliding_window is null ({mt})")
+    return {"sliding_window": int(window), "attention_types": () if "global" not in types else _pattern(types)}
+
+
+def _attention_types_out(cfg: ModelConfig, mt: str) -> dict:
+    if mt in ("llama", "mistral"):
+        return {"sliding_window": cfg.sliding_window} if mt == "mistral" else {}
+    types = cfg.layer_attention_types()
+    out = {"layer_types": [{"global": "full_attention", "local": "sliding_attention"}[t] for t in types],
+           "sliding_window": cfg.sliding_window}
+    if mt.startswith("qwen"):
+        out["use_sliding_window"] = "local" in types
+    return out
+
+
+def _gemma_activation(hf: dict) -> str:
+    key = "hidden_activation" if "hidden_activation" in hf else "hidden_act"
+    return _activation(hf, key, "gelu_pytorch_tanh", allowed=("gelu_pytorch_tanh", "gelu_new"))
 
 
 def _llama_config_in(hf: dict, t: Tensors, base: str) -> tuple[ModelConfig, set[str]]:
     mt = hf["model_type"]
-    for key in ("attention_bias", "mlp_bias"):
-        _expect(hf, key, False, (False,), mt, ": projections with biases are not implemented for rope decoders")
+    shape = _ROPE_DECODERS[mt]
+    gemma = shape.get("gemma", False)
+    no_bias = ": projections with biases are not implemented for rope decoders"
+    _expect(hf, "attention_bias", False, (False,), mt, no_bias)
+    _expect(hf, "mlp_bias", False, (False,), mt, no_bias)
+    _expect(hf, "use_bidirectional_attention", None, (None, False), mt, ": only causal attention is implemented here")
     d_model = _required(hf, "hidden_size", mt)
     num_heads = _required(hf, "num_attention_heads", mt)
     head_dim = hf.get("head_dim") or d_model // num_heads
-    act = _activation(hf, "hidden_act", "silu", allowed=("silu", "gelu_pytorch_tanh", "gelu_new"))
-    tied = _lm_head_tied(hf, t, "lm_head.weight", f"{base}embed_tokens.weight", False)
+    num_layers = _required(hf, "num_hidden_layers", mt)
+    if gemma:
+        act = _gemma_activation(hf)
+        scalar = hf.get("query_pre_attn_scalar", 256)
+        default_caps = (50.0, 30.0) if mt == "gemma2" else (None, None)
+        family = dict(
+            norm_offset=True, norm_position="sandwich", scale_embeddings=True,
+            query_scale_dim=None if scalar == head_dim else float(scalar),
+            attention_softcap=hf.get("attn_logit_softcapping", default_caps[0]),
+            logits_softcap=hf.get("final_logit_softcapping", default_caps[1]),
+        )
+    else:
+        act = _activation(hf, "hidden_act", "silu", allowed=("silu", "gelu_pytorch_tanh", "gelu_new"))
+        family = dict(norm_position="pre")
+    tied = _lm_head_tied(hf, t, "lm_head.weight", f"{base}embed_tokens.weight", shape["tied"])
     cfg = ModelConfig(
         family="decoder",
         vocab_size=_required(hf, "vocab_size", mt),
@@ -380,26 +523,30 @@ def _llama_config_in(hf: dict, t: Tensors, base: str) -> tuple[ModelConfig, set[
         num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         head_dim=None if head_dim * num_heads == d_model else head_dim,
         d_ff=_required(hf, "intermediate_size", mt),
-        num_layers=_required(hf, "num_hidden_layers", mt),
+        num_layers=num_layers,
         max_len=hf.get("max_position_embeddings", 2048),
         position="rope",
-        rope_theta=_rope(hf, mt),
-        sliding_window=hf.get("sliding_window", 4096) if mt == "mistral" else None,
+        **_rope_in(hf, mt),
+        **_attention_types_in(hf, mt, num_layers),
         norm="rmsnorm",
-        norm_position="pre",
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         activation="swiglu" if act == "silu" else "geglu",
         use_bias=False,
+        qkv_bias=shape.get("qkv_bias", False),
+        qk_norm=shape.get("qk_norm", False),
         tie_embeddings=tied,
         dropout_rate=0.0,
         attention_dropout_rate=hf.get("attention_dropout", 0.0),
         initializer_range=hf.get("initializer_range", 0.02),
-        **_token_ids(hf, {"pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2}),
+        **family,
+        **_token_ids(hf, dict(zip(("pad_token_id", "bos_token_id", "eos_token_id"), shape["ids"]))),
     )
     return cfg, {"lm_head.weight"} & t.keys() if tied else set()
 
 
 def _llama_config_out(cfg: ModelConfig, model_type: str) -> dict:
+    gemma = _ROPE_DECODERS[model_type].get("gemma", False)
+    act = "silu" if cfg.activation == "swiglu" else "gelu_pytorch_tanh"
     out = {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -410,10 +557,9 @@ def _llama_config_out(cfg: ModelConfig, model_type: str) -> dict:
         "num_hidden_layers": cfg.num_layers,
         "max_position_embeddings": cfg.max_len,
         "rms_norm_eps": cfg.norm_eps,
-        "hidden_act": "silu" if cfg.activation == "swiglu" else "gelu_pytorch_tanh",
-        # Both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta.
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_theta": cfg.rope_theta,
+        **({"hidden_activation": act} if gemma else {"hidden_act": act}),
+        **_rope_out(cfg, model_type),
+        **_attention_types_out(cfg, model_type),
         "attention_bias": False,  # a model with biases fails the round-trip check on use_bias
         "mlp_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings,
@@ -423,8 +569,10 @@ def _llama_config_out(cfg: ModelConfig, model_type: str) -> dict:
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
     }
-    if model_type == "mistral":
-        out["sliding_window"] = cfg.sliding_window
+    if gemma:
+        scalar = cfg.query_scale_dim or cfg.dim_per_head
+        out.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,  # an int in HF
+                   attn_logit_softcapping=cfg.attention_softcap, final_logit_softcapping=cfg.logits_softcap)
     return out
 
 
@@ -436,7 +584,18 @@ def _llama_maps(cfg: ModelConfig, base: str, keys: Optional[set[str]]) -> list[M
         a = f"{h}self_attn."
         maps += _norm(f"{h}input_layernorm", f"{o}self_attention_norm", bias=False)
         maps += _attention(f"{a}q_proj", f"{a}k_proj", f"{a}v_proj", f"{a}o_proj", f"{o}self_attention", bias=False)
-        maps += _norm(f"{h}post_attention_layernorm", f"{o}mlp_norm", bias=False)
+        if cfg.qkv_bias:
+            maps += [_m(f"{a}{x}_proj.bias", f"{o}self_attention/{name}_bias", in_axes=0)
+                     for x, name in (("q", "query"), ("k", "key"), ("v", "value"))]
+        if cfg.qk_norm:
+            maps += _norm(f"{a}q_norm", f"{o}self_attention/query_norm", bias=False)
+            maps += _norm(f"{a}k_norm", f"{o}self_attention/key_norm", bias=False)
+        if cfg.norm_position == "sandwich":  # Gemma: a norm before and after each sublayer
+            maps += _norm(f"{h}post_attention_layernorm", f"{o}self_attention_post_norm", bias=False)
+            maps += _norm(f"{h}pre_feedforward_layernorm", f"{o}mlp_norm", bias=False)
+            maps += _norm(f"{h}post_feedforward_layernorm", f"{o}mlp_post_norm", bias=False)
+        else:
+            maps += _norm(f"{h}post_attention_layernorm", f"{o}mlp_norm", bias=False)
         maps += _linear_ffn(f"{h}mlp.up_proj", f"{h}mlp.down_proj", f"{o}mlp", bias=False, wg=f"{h}mlp.gate_proj")
     if not cfg.tie_embeddings:
         maps.append(_m("lm_head.weight", "lm_head/kernel", "linear"))
@@ -642,14 +801,13 @@ FAMILIES = {
         "transformer.", _gpt2_config_in, _gpt2_config_out, _gpt2_maps, lambda cfg, mt: "GPT2LMHeadModel",
         buffers=r"(^|\.)h\.\d+\.attn\.(masked_)?bias$",  # causal-mask buffers of older checkpoints
     ),
-    "llama": Family(
-        "model.", _llama_config_in, _llama_config_out, _llama_maps, lambda cfg, mt: "LlamaForCausalLM",
-        buffers=r"rotary_emb\.inv_freq$",
-    ),
-    "mistral": Family(
-        "model.", _llama_config_in, _llama_config_out, _llama_maps, lambda cfg, mt: "MistralForCausalLM",
-        buffers=r"rotary_emb\.inv_freq$",
-    ),
+    **{
+        mt: Family(
+            "model.", _llama_config_in, _llama_config_out, _llama_maps,
+            lambda cfg, mt: _ROPE_DECODERS[mt]["architecture"], buffers=r"rotary_emb\.\w*inv_freq$",
+        )
+        for mt in _ROPE_DECODERS
+    },
     "t5": Family(
         "", _t5_config_in, _t5_config_out, _t5_maps, lambda cfg, mt: "T5ForConditionalGeneration",
         export_extras=_t5_export_extras,
@@ -673,6 +831,12 @@ def infer_model_type(cfg: ModelConfig) -> str:
     if cfg.family == "encoder_decoder":
         return "t5"
     if cfg.position == "rope":
+        if cfg.norm_offset or cfg.norm_position == "sandwich":
+            return "gemma3_text" if cfg.qk_norm or cfg.rope_local_theta is not None else "gemma2"
+        if cfg.qk_norm:
+            return "qwen3"
+        if cfg.qkv_bias or cfg.attention_types:
+            return "qwen2"
         return "mistral" if cfg.sliding_window is not None else "llama"
     return "gpt2"
 

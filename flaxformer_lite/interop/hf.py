@@ -1,6 +1,6 @@
 """Read and write HuggingFace model folders: config.json + safetensors, and tokenizer.json.
 
-    cfg, params = ffl.hf.load("path/to/hf_dir")      # BERT, RoBERTa, GPT-2, T5, LLaMA, Mistral
+    cfg, params = ffl.hf.load("path/to/hf_dir")      # BERT, RoBERTa, GPT-2, T5, Llama, Mistral, Qwen, Gemma
     out = model.apply(params, input_ids)              # model = ffl.build_model(cfg)
     ffl.hf.save(cfg, params, "out_dir")               # transformers' from_pretrained loads it
     tok = ffl.hf.load_tokenizer("path/to/hf_dir")     # tokenizer.json, through `tokenizers`
@@ -317,12 +317,13 @@ def _runtime_free(cfg: ModelConfig) -> dict:
     out = dataclasses.asdict(cfg)
     for key in RUNTIME_FIELDS + TRAINING_FIELDS:
         del out[key]
-    out.update(head_dim=cfg.dim_per_head, num_kv_heads=cfg.kv_heads, num_decoder_layers=cfg.decoder_layers)
-    unused = []
+    out.update(head_dim=cfg.dim_per_head, num_kv_heads=cfg.kv_heads, num_decoder_layers=cfg.decoder_layers,
+               attention_types=cfg.layer_attention_types())
+    unused = [] if "local" in out["attention_types"] else ["sliding_window"]
     if cfg.position != "relative":
         unused += ["relative_buckets", "relative_max_distance"]
     if cfg.position != "rope":
-        unused.append("rope_theta")
+        unused += ["rope_theta", "rope_scaling", "rope_local_theta"]
     if cfg.family != "encoder_decoder":
         unused += ["num_decoder_layers", "share_embeddings", "decoder_start_token_id"]
     if cfg.family == "encoder":
@@ -398,9 +399,10 @@ def save(
       cfg, params: a model here; params as init_params/load return them ({'params': ...})
         or the inner tree; scanned or unrolled layers.
       path: output folder (created).
-      model_type: HF family to write ("bert", "roberta", "gpt2", "llama", "mistral", "t5");
-        default: bert for encoders, t5 for encoder-decoders, llama/mistral for RoPE
-        decoders, gpt2 otherwise. A config the family cannot express is an error naming
+      model_type: HF family to write ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2",
+        "qwen3", "gemma2", "gemma3_text", "t5"); default: bert for encoders, t5 for
+        encoder-decoders, for RoPE decoders the family their options name
+        (families.infer_model_type), gpt2 otherwise. A config the family cannot express is an error naming
         the field.
       tokenizer: a tokenizer.json (or a folder holding one) to copy beside the weights.
       max_shard_size: above this many bytes (an int, or "2GB", "500MB", "1GiB"), write

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import pathlib
 import tempfile
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import numpy as np
 
 from flaxformer_lite.config import ModelConfig
 from flaxformer_lite.interop import hf
-from flaxformer_lite.models import build_model
+from flaxformer_lite.models import build_model, count_params
 
 BATCH, LENGTH, TARGET_LENGTH, PADDED = 2, 9, 7, 3
 TOLERANCE = 1e-4  # issue 5: max abs diff in float32
@@ -66,6 +66,68 @@ def _llama_like(config_cls, **kw):
     return config_cls(**{**base, **kw})
 
 
+def spread(model, std: float = 0.15, embed_std: Optional[float] = None, seed: int = 0):
+    """Weights drawn wider than HF's init (norm scales around their identity), so soft caps
+    bite, attention is peaked and greedy paths vary instead of repeating a token.
+
+    embed_std: the input table's (default std): Gemma scales it by sqrt(d_model), and a
+    wide tied table then makes every greedy step repeat the last token.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            centre = 0.0 if p.ndim > 1 or "bias" in name or "gemma" in type(model).__name__.lower() else 1.0
+            width = embed_std if embed_std is not None and "embed_tokens" in name else std
+            p.copy_(centre + width * torch.randn(p.shape, generator=g))
+    return model
+
+
+# Families as options of one block: each case turns on its family's options, with a
+# sliding window of 4 where the family has one (the inputs are longer).
+def _llama3(tr):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    return spread(tr.LlamaForCausalLM(_llama_like(tr.LlamaConfig, head_dim=24, rope_parameters=rope)))
+
+
+def _llama_linear(tr):
+    rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    return spread(tr.LlamaForCausalLM(_llama_like(tr.LlamaConfig, tie_word_embeddings=True, rope_parameters=rope)))
+
+
+def _qwen2(tr):
+    """Biases on q, k, v; layer 1 local (use_sliding_window from max_window_layers)."""
+    cfg = _llama_like(tr.Qwen2Config, use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                      bos_token_id=1, eos_token_id=2)
+    return spread(tr.Qwen2ForCausalLM(cfg))
+
+
+def _qwen3(tr):
+    cfg = _llama_like(tr.Qwen3Config, head_dim=16, num_hidden_layers=3, bos_token_id=1, eos_token_id=2)
+    return spread(tr.Qwen3ForCausalLM(cfg))
+
+
+def _gemma2(tr):
+    cfg = _llama_like(tr.Gemma2Config, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                      num_hidden_layers=3, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+    return spread(tr.Gemma2ForCausalLM(cfg), embed_std=0.02)
+
+
+def _gemma3(tr):
+    """Local layers 0-1 and global layer 2 (Gemma 3's 5:1, shortened), linear RoPE scaling on
+    it; an untied head (Gemma 3 ties it) so that greedy paths vary."""
+    cfg = _llama_like(
+        tr.Gemma3TextConfig, head_dim=16, query_pre_attn_scalar=8, sliding_window=4, num_hidden_layers=3,
+        tie_word_embeddings=False,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 100000.0, "factor": 2.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+    )
+    return spread(tr.Gemma3ForCausalLM(cfg), std=0.3)
+
+
 # name -> (HF class name, what the logits column compares, builder(transformers) -> model)
 CASES: dict[str, tuple[str, str, Callable]] = {
     "bert": ("BertForMaskedLM", "MLM logits", lambda tr: tr.BertForMaskedLM(_bert(tr))),
@@ -88,6 +150,12 @@ CASES: dict[str, tuple[str, str, Callable]] = {
         "MistralForCausalLM", "LM logits",
         lambda tr: tr.MistralForCausalLM(_llama_like(tr.MistralConfig, num_key_value_heads=1, sliding_window=4)),
     ),
+    "llama 3 (llama3 RoPE, head_dim 24)": ("LlamaForCausalLM", "LM logits", _llama3),
+    "llama (linear RoPE, tied)": ("LlamaForCausalLM", "LM logits", _llama_linear),
+    "qwen2 (qkv bias, window 4 on layer 1)": ("Qwen2ForCausalLM", "LM logits", _qwen2),
+    "qwen3 (q/k norms)": ("Qwen3ForCausalLM", "LM logits", _qwen3),
+    "gemma2 (window 4, soft caps)": ("Gemma2ForCausalLM", "LM logits", _gemma2),
+    "gemma3 (q/k norms, local RoPE base)": ("Gemma3ForCausalLM", "LM logits", _gemma3),
     "t5 v1.0": ("T5ForConditionalGeneration", "decoder logits", lambda tr: tr.T5ForConditionalGeneration(_t5(tr))),
     "t5 v1.1": ("T5ForConditionalGeneration", "decoder logits", _t5_v1_1),
     "t5 (own tables, gated-silu)": ("T5ForConditionalGeneration", "decoder logits", _t5_own_tables),
@@ -188,6 +256,7 @@ def measure(name: str, workdir: str | pathlib.Path, scan_layers: bool = False) -
     x = random_inputs(cfg)
     ours = our_outputs(cfg, params, x)
     row = dict(zip(("import_hidden", "import_logits"), max_diffs(ours, hf_outputs(original, cfg, x), x)))
+    row["parameters"] = (count_params(params), original.num_parameters())  # (here, transformers)
     hf.save(cfg, params, workdir / "exported", model_type=hf.read_config(workdir / "hf")["model_type"])
     reloaded = hf_class(name).from_pretrained(workdir / "exported").eval()
     row.update(zip(("export_hidden", "export_logits"), max_diffs(ours, hf_outputs(reloaded, cfg, x), x)))

@@ -1,7 +1,8 @@
-"""Multi-head attention: self or cross, GQA, RoPE, and a KV cache for decoding."""
+"""Multi-head attention: self or cross, GQA, RoPE, q/k norms, soft-capping, and a KV cache for decoding."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
 from flaxformer_lite.layers import lora
+from flaxformer_lite.layers.basic import Norm
 from flaxformer_lite.layers.common import constrain, kernel_init, param
 
 KV_AXES = ("batch", "kv_length", "kv_heads", "head_dim")
@@ -20,6 +22,16 @@ KV_AXES = ("batch", "kv_length", "kv_heads", "head_dim")
 # data*fsdp and the kv heads divide tensor, a device then holds exactly the rows of its
 # batch slice and its heads, as the [B,S,K,H] layout split over batch and kv_heads did.
 CACHE_AXES = ("cache_rows", "kv_length", "head_dim")
+
+
+def rope_frequencies(cfg: ModelConfig, is_local: Optional[jax.Array] = None) -> jax.Array:
+    """[H/2] RoPE inverse frequencies of a layer: the local base on local layers, if it has one."""
+    H = cfg.dim_per_head
+    scaling = {} if cfg.rope_scaling is None else dataclasses.asdict(cfg.rope_scaling)
+    inv_freq_J = ops.rope_frequencies(H, cfg.rope_theta, **scaling)
+    if cfg.rope_local_theta is None or is_local is None:
+        return jnp.asarray(inv_freq_J)
+    return jnp.where(is_local, ops.rope_frequencies(H, cfg.rope_local_theta), inv_freq_J)
 
 
 class MultiHeadAttention(nn.Module):
@@ -33,6 +45,9 @@ class MultiHeadAttention(nn.Module):
         reads them back from the cache when `kv_BSD` is None (each later step).
     The cache holds K (not N) heads, so GQA saves cache memory as well, as B*K rows of
     [S, H] (ops.cache_rows: each decoding step reads them in place).
+
+    `is_local` (a bool, traced under nn.scan) says the layer is a local one, whose RoPE
+    may have its own base (cfg.rope_local_theta); the caller's mask holds its window.
     """
 
     cfg: ModelConfig
@@ -52,6 +67,7 @@ class MultiHeadAttention(nn.Module):
         q_positions_BT: Optional[jax.Array] = None,
         cache_index: Optional[jax.Array] = None,
         return_weights: bool = False,
+        is_local: Optional[jax.Array] = None,
     ):
         cfg = self.cfg
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -59,14 +75,15 @@ class MultiHeadAttention(nn.Module):
         zeros = nn.initializers.zeros
         wq = param(self, "query", init, (D, N, H), ("embed", "heads", "head_dim"), cfg)
         wo = param(self, "out", init, (N, H, D), ("heads", "head_dim", "embed"), cfg)
-        if cfg.use_bias:
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+        if qkv_bias:
             bq = param(self, "query_bias", zeros, (N, H), ("heads", "head_dim"), cfg)
         source_BSD = x_BTD if not self.is_cross else kv_BSD
         k_BSKH = v_BSKH = None
         if source_BSD is not None:
             wk = param(self, "key", init, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
             wv = param(self, "value", init, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
-            if cfg.use_bias:
+            if qkv_bias:
                 bk = param(self, "key_bias", zeros, (K, H), ("kv_heads", "head_dim"), cfg)
                 bv = param(self, "value_bias", zeros, (K, H), ("kv_heads", "head_dim"), cfg)
 
@@ -94,20 +111,25 @@ class MultiHeadAttention(nn.Module):
                 k_BSKH = k_BSKH + d_BSKH
             if (d_BSKH := adapt("value", source_BSD, (K, H))) is not None:
                 v_BSKH = v_BSKH + d_BSKH
-        if cfg.use_bias:
+        if qkv_bias:
             q_BTNH = q_BTNH + bq
             if k_BSKH is not None:
                 k_BSKH, v_BSKH = k_BSKH + bk, v_BSKH + bv
+        if cfg.qk_norm:
+            q_BTNH = Norm(cfg, name="query_norm")(q_BTNH)
+            if k_BSKH is not None:
+                k_BSKH = Norm(cfg, name="key_norm")(k_BSKH)
         if cfg.position == "rope" and not self.is_cross:
-            q_BTNH = ops.rope(q_BTNH, q_positions_BT, cfg.rope_theta)
-            k_BSKH = ops.rope(k_BSKH, q_positions_BT, cfg.rope_theta)
+            inv_freq_J = rope_frequencies(cfg, is_local)
+            q_BTNH = ops.rope(q_BTNH, q_positions_BT, inv_freq_J=inv_freq_J)
+            k_BSKH = ops.rope(k_BSKH, q_positions_BT, inv_freq_J=inv_freq_J)
 
-        scale = None if cfg.scale_attention else 1.0
+        scale = cfg.attention_scale
         if self.decode:
             k_RSH, v_RSH = self._update_cache(k_BSKH, v_BSKH, cache_index)
             out_BTNH, weights_BNTS = ops.cached_dot_product_attention(
                 q_BTNH, constrain(k_RSH, CACHE_AXES), constrain(v_RSH, CACHE_AXES), bias, mask,
-                scale=scale, return_weights=return_weights,
+                scale=scale, return_weights=return_weights, softcap=cfg.attention_softcap,
             )
         else:
             dropout_rng = None
@@ -121,6 +143,7 @@ class MultiHeadAttention(nn.Module):
                 dropout_rate=cfg.attention_dropout_rate,
                 dropout_rng=dropout_rng,
                 causal=self.causal,
+                softcap=cfg.attention_softcap,
             )
         # 'BTNH,NHD->BTD' as a dot_general that contracts (N, H) in that order: jnp.einsum
         # lists them as (H, N), and XLA:CPU then transposes the weight (and the activation)

@@ -16,18 +16,24 @@ from flaxformer_lite.layers.common import constrain, dtype, kernel_init, param, 
 
 
 class Norm(nn.Module):
-    """LayerNorm (scale + bias) or RMSNorm (scale), as the config says."""
+    """LayerNorm (scale + bias) or RMSNorm (scale), as the config says, over the last axis.
+
+    With cfg.norm_offset the scale is stored as an offset from 1 and starts at 0 (Gemma).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BTD):
+        cfg = self.cfg
         D = x_BTD.shape[-1]
-        scale = param(self, "scale", nn.initializers.ones, (D,), ("norm",), self.cfg)
-        if self.cfg.norm == "rmsnorm":
-            return ops.rms_norm(x_BTD, scale, self.cfg.norm_eps)
-        bias = param(self, "bias", nn.initializers.zeros, (D,), ("norm",), self.cfg)
-        return ops.layer_norm(x_BTD, scale, bias, self.cfg.norm_eps)
+        offset = 1.0 if cfg.norm_offset else 0.0
+        init = nn.initializers.zeros if cfg.norm_offset else nn.initializers.ones
+        scale = param(self, "scale", init, (D,), ("norm",), cfg)
+        if cfg.norm == "rmsnorm":
+            return ops.rms_norm(x_BTD, scale, cfg.norm_eps, offset)
+        bias = param(self, "bias", nn.initializers.zeros, (D,), ("norm",), cfg)
+        return ops.layer_norm(x_BTD, scale, bias, cfg.norm_eps, offset)
 
 
 class Dense(nn.Module):

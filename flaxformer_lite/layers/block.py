@@ -6,6 +6,7 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
@@ -20,9 +21,11 @@ class EncoderBlock(nn.Module):
     """Self-attention then FFN, each a residual sub-layer.
 
     Pre-LN: x + f(norm(x)) (GPT-2, T5, LLaMA). Post-LN: norm(x + f(x)) (Vaswani et al.
-    2017, BERT). Residual dropout on each sub-layer's output. The same block is causal or
-    bidirectional by the mask it is given; `causal` says the mask hides later keys, so
-    self-attention may skip them. DecoderBlock adds cross-attention.
+    2017, BERT). Sandwich: x + post_norm(f(norm(x))) (Gemma 2 and 3). Residual dropout on
+    each sub-layer's output. The same block is causal or bidirectional by the mask it is
+    given; `causal` says the mask hides later keys, so self-attention may skip them. A
+    model with local and global layers passes the local layers' `local_mask` too, and
+    each layer its `is_local` flag (traced under nn.scan). DecoderBlock adds cross-attention.
 
     The call signature (carry first, then arrays, returning (carry, per-layer output))
     is what nn.scan needs; flags are attributes so remat and scan see no Python values.
@@ -42,6 +45,9 @@ class EncoderBlock(nn.Module):
         if cfg.norm_position == "pre":
             y, aux = fn(Norm(cfg, name=f"{name}_norm")(x_BTD))
             return x_BTD + drop(y), aux
+        if cfg.norm_position == "sandwich":
+            y, aux = fn(Norm(cfg, name=f"{name}_norm")(x_BTD))
+            return x_BTD + drop(Norm(cfg, name=f"{name}_post_norm")(y)), aux
         y, aux = fn(x_BTD)
         return Norm(cfg, name=f"{name}_norm")(x_BTD + drop(y)), aux
 
@@ -50,13 +56,17 @@ class EncoderBlock(nn.Module):
         self,
         x_BTD: jax.Array,
         mask: Optional[jax.Array],
+        local_mask: Optional[jax.Array],
         bias: Optional[jax.Array],
         positions_BT: Optional[jax.Array],
         encoder_BSD: Optional[jax.Array],
         cross_mask: Optional[jax.Array],
         cache_index: Optional[jax.Array],
+        is_local: Optional[jax.Array],
     ):
         cfg = self.cfg
+        if local_mask is not None:
+            mask = jnp.where(is_local, local_mask, mask)
         attn = lambda cross, name: MultiHeadAttention(  # noqa: E731
             cfg, is_cross=cross, decode=self.decode, deterministic=self.deterministic,
             causal=self.causal and not cross, name=name,
@@ -64,8 +74,8 @@ class EncoderBlock(nn.Module):
         self_attn = attn(False, "self_attention")
         x_BTD, self_w = self._sublayer(
             x_BTD,
-            lambda h: self_attn(h, mask=mask, bias=bias, q_positions_BT=positions_BT,
-                                cache_index=cache_index, return_weights=self.return_weights),
+            lambda h: self_attn(h, mask=mask, bias=bias, q_positions_BT=positions_BT, cache_index=cache_index,
+                                return_weights=self.return_weights, is_local=is_local),
             "self_attention",
         )
         weights = {"self": self_w}

@@ -7,6 +7,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
@@ -80,8 +81,13 @@ class Stack(nn.Module):
             mask = k_valid_BS[:, None, None, :].astype(bool)
         if self.causal:
             mask = mask & ops.causal_mask(q_slots_BT, k_slots_BS)
-        if cfg.sliding_window is not None:
-            mask = mask & ops.sliding_window_mask(q_slots_BT, k_slots_BS, cfg.sliding_window)
+        types = cfg.layer_attention_types(self.num_layers)
+        local_mask = None
+        if "local" in types:
+            local_mask = mask & ops.sliding_window_mask(q_slots_BT, k_slots_BS, cfg.sliding_window)
+            if "global" not in types:  # every layer local (Mistral): one mask
+                mask, local_mask = local_mask, None
+        is_local_L = np.array([t == "local" for t in types])
 
         bias = None
         if cfg.position == "relative":
@@ -115,21 +121,21 @@ class Stack(nn.Module):
         # Decoding attends over cache slots (S != T): the causal block skip is for training.
         flags = dict(deterministic=deterministic, decode=decode, return_weights=return_weights,
                      causal=self.causal and not decode)
-        args = (mask, bias, positions_BT, encoder_BSD, cross_mask, cache_index)
+        args = (mask, local_mask, bias, positions_BT, encoder_BSD, cross_mask, cache_index)
         if cfg.scan_layers:
             scanned = nn.scan(
                 block,
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast,) * len(args),
+                in_axes=(nn.broadcast,) * len(args) + (0,),
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, weights = scanned(cfg, **flags, name="layers")(x_BTD, *args)
+            x_BTD, weights = scanned(cfg, **flags, name="layers")(x_BTD, *args, jnp.asarray(is_local_L))
         else:
             per_layer = []
             for i in range(self.num_layers):
-                x_BTD, w = block(cfg, **flags, name=f"layers_{i}")(x_BTD, *args)
+                x_BTD, w = block(cfg, **flags, name=f"layers_{i}")(x_BTD, *args, is_local_L[i])
                 per_layer.append(w)
             weights = jax.tree.map(lambda *ws: jnp.stack(ws), *per_layer) if return_weights else None
 

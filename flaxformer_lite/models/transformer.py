@@ -62,9 +62,8 @@ def _lm_logits(cfg: ModelConfig, embed: Embed, lm_head: Optional[Dense], h_BTD):
     # T5 v1.0 rescales before the tied projection; HF T5 can also rescale before an untied one.
     if cfg.tied_logits_scale:
         h_BTD = h_BTD * jnp.asarray(cfg.d_model**-0.5, h_BTD.dtype)
-    if lm_head is not None:
-        return lm_head(h_BTD)
-    return embed.attend(h_BTD)
+    logits = embed.attend(h_BTD) if lm_head is None else lm_head(h_BTD)
+    return ops.soft_cap(logits, cfg.logits_softcap)
 
 
 def _attn(prefix, weights):
@@ -308,6 +307,8 @@ def lm_head_inputs(cfg: ModelConfig, params: dict, h_BTD: Array) -> tuple[Array,
     """
     if cfg.family != "decoder":
         raise ValueError(f"lm_head_inputs: family {cfg.family!r}; only a decoder-only model's logits are h @ table.T")
+    if cfg.logits_softcap is not None:
+        raise ValueError("lm_head_inputs: model.logits_softcap caps the logits, which are then not h @ table.T")
     if cfg.tied_logits_scale:
         h_BTD = h_BTD * jnp.asarray(cfg.d_model**-0.5, h_BTD.dtype)
     tree = params["params"]

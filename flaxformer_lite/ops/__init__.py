@@ -10,6 +10,7 @@ from flaxformer_lite.ops.attention import (
     padding_mask,
     segment_mask,
     sliding_window_mask,
+    soft_cap,
 )
 from flaxformer_lite.ops.ffn import ACTIVATIONS, GATED, activate, feed_forward, is_gated
 from flaxformer_lite.ops.gradients import materialize_cotangent
@@ -21,5 +22,6 @@ from flaxformer_lite.ops.positions import (
     relative_position_bias,
     relative_position_bucket,
     rope,
+    rope_frequencies,
     sinusoidal,
 )

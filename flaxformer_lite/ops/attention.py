@@ -38,6 +38,13 @@ def sliding_window_mask(q_positions_BT: Array, k_positions_BS: Array, window: in
     return jnp.abs(dist) < window
 
 
+def soft_cap(x: Array, cap: Optional[float]) -> Array:
+    """cap * tanh(x / cap), computed in float32: bounds logits to (-cap, cap) (Gemma 2); None: x."""
+    if cap is None:
+        return x
+    return (cap * jnp.tanh(x.astype(jnp.float32) / cap)).astype(x.dtype)
+
+
 def lengths_to_valid(lengths_B: Array, length: int) -> Array:
     """[B,length] bool from per-row lengths: the first lengths[b] tokens are real."""
     return jnp.arange(length)[None, :] < lengths_B[:, None]
@@ -81,8 +88,9 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Optional[Array] = None,
     causal: bool = False,
+    softcap: Optional[float] = None,
 ) -> tuple[Array, Optional[Array]]:
-    """softmax(q k^T * scale + bias, masked) v, with grouped K/V heads.
+    """softmax(soft_cap(q k^T * scale) + bias, masked) v, with grouped K/V heads.
 
     Args:
       q_BTNH, k_BSKH, v_BSKH: queries, keys, values; K must divide N (MHA, GQA, MQA).
@@ -94,12 +102,13 @@ def dot_product_attention(
         path on every backend (JAX 0.10); 'cudnn' asks it for cuDNN flash attention
         (NVIDIA GPU, bfloat16 or float16, head dim a multiple of 8 up to 128, 256 on
         Hopper), with `causal` as cuDNN's causal mask type. 'auto' and 'cudnn' fall
-        back to 'xla' when weights or dropout are requested.
+        back to 'xla' when weights, dropout or a soft cap are requested.
       return_weights: also return the [B,N,T,S] attention probabilities.
       causal: also hide every key after the query's own index (self-attention, T == S,
         on top of `mask`). The 'xla' path then runs the queries in up to 8 blocks of at
         least 64 rows, each against the keys up to its last row only: the products and
         softmax skip the hidden upper triangle's whole blocks. Same values.
+      softcap: bound the scaled logits with soft_cap before bias and mask (Gemma 2).
 
     Returns:
       (out_BTNH, weights_BNTS or None). Logits and softmax are computed in float32;
@@ -126,7 +135,7 @@ def dot_product_attention(
 
     if implementation not in ("xla", "auto", "cudnn"):
         raise ValueError(f"implementation={implementation!r}: use 'xla', 'auto' or 'cudnn'")
-    if implementation != "xla" and not return_weights and not dropping:
+    if implementation != "xla" and not return_weights and not dropping and softcap is None:
         library_mask, flags = mask, {}
         if implementation == "cudnn":
             _check_cudnn(q_BTNH)
@@ -144,7 +153,7 @@ def dot_product_attention(
 
     rate = dropout_rate if dropping else 0.0
     if not causal or return_weights:
-        out_BTNH, weights_BKGTS = _attend(q_BTNH, k_BSKH, v_BSKH, bias, mask, scale, rate, dropout_rng)
+        out_BTNH, weights_BKGTS = _attend(q_BTNH, k_BSKH, v_BSKH, bias, mask, scale, rate, dropout_rng, softcap)
         return _zero_dead_rows(out_BTNH, weights_BKGTS, alive_BMT1, return_weights)
     if bias is not None:
         bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
@@ -156,7 +165,7 @@ def dot_product_attention(
         block_rng = jax.random.fold_in(dropout_rng, i) if dropping else None
         out_BCNH, _ = _attend(
             q_BTNH[:, rows], k_BSKH[:, :end], v_BSKH[:, :end], block_bias, mask[:, :, rows, :end],
-            scale, rate, block_rng,
+            scale, rate, block_rng, softcap,
         )
         outs.append(out_BCNH)
         start = end
@@ -197,7 +206,7 @@ def _causal_block_ends(length: int, min_rows: int = 64, max_blocks: int = 8) -> 
     return [length * (i + 1) // blocks for i in range(blocks)]
 
 
-def _attend(q_BTNH, k_BSKH, v_BSKH, bias, mask, scale, dropout_rate, dropout_rng):
+def _attend(q_BTNH, k_BSKH, v_BSKH, bias, mask, scale, dropout_rate, dropout_rng, softcap):
     """(out_BTNH, weights_BKGTS): the einsum reference path, dead rows not yet zeroed."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
@@ -205,7 +214,7 @@ def _attend(q_BTNH, k_BSKH, v_BSKH, bias, mask, scale, dropout_rate, dropout_rng
     logits_BKGTS = jnp.einsum(
         "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
     ) * jnp.float32(scale)
-    weights_BKGTS = _masked_softmax(logits_BKGTS, bias, mask)
+    weights_BKGTS = _masked_softmax(soft_cap(logits_BKGTS, softcap), bias, mask)
     probs_BKGTS = weights_BKGTS
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BKGTS.shape)
@@ -256,6 +265,7 @@ def cached_dot_product_attention(
     *,
     scale: Optional[float] = None,
     return_weights: bool = False,
+    softcap: Optional[float] = None,
 ) -> tuple[Array, Optional[Array]]:
     """dot_product_attention over a KV cache in `cache_rows` layout; same result.
 
@@ -283,7 +293,7 @@ def cached_dot_product_attention(
     q_RQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(R, G * T, H)
     logits_RQS = jnp.einsum("RQH,RSH->RQS", q_RQH, k_RSH, preferred_element_type=jnp.float32)
     logits_BKGTS = logits_RQS.reshape(B, K, G, T, S) * jnp.float32(scale)
-    weights_BKGTS = _masked_softmax(logits_BKGTS, bias, mask)
+    weights_BKGTS = _masked_softmax(soft_cap(logits_BKGTS, softcap), bias, mask)
     probs_RQS = weights_BKGTS.reshape(R, G * T, S).astype(v_RSH.dtype)
     out_RQH = jnp.einsum("RQS,RSH->RQH", probs_RQS, v_RSH)
     out_BTNH = out_RQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)

@@ -7,6 +7,7 @@ per segment) and cached decoding (positions offset by the prompt) need nothing s
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,17 +76,52 @@ def relative_position_bias(
     return jnp.transpose(table_RN[bucket_BTS], (0, 3, 1, 2))
 
 
-def rope(x_BTNH: Array, positions_BT: Array, theta: float = 10000.0) -> Array:
+def rope_frequencies(
+    head_dim: int,
+    theta: float = 10000.0,
+    *,
+    kind: str = "default",
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_len: int = 8192,
+) -> np.ndarray:
+    """[H/2] float32 inverse frequencies of RoPE: pair j turns by theta^(-2j/H) per position.
+
+    kind 'linear' divides them all by `factor` (position interpolation, Chen et al. 2023).
+    kind 'llama3' (Llama 3.1) divides by `factor` those whose wavelength 2 pi / f exceeds
+    original_max_len / low_freq_factor, keeps those under original_max_len /
+    high_freq_factor, and blends linearly in 1 / wavelength between the two.
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    if kind == "default":
+        return inv_freq.astype(np.float32)
+    if kind == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    if kind != "llama3":
+        raise ValueError(f"unknown RoPE scaling kind {kind!r}: default, linear or llama3")
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original_max_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    scaled = np.where(wavelength > original_max_len / low_freq_factor, inv_freq / factor, inv_freq)
+    medium = (wavelength >= original_max_len / high_freq_factor) & (wavelength <= original_max_len / low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope(x_BTNH: Array, positions_BT: Array, theta: float = 10000.0, *, inv_freq_J: Optional[Array] = None) -> Array:
     """Rotary embedding (Su et al. 2021) in the half-split layout used by LLaMA/NeoX.
 
-    Dimension i pairs with i + H/2; pair j rotates by positions * theta^(-2j/H).
-    Computed in float32, returned in x's dtype.
+    Dimension i pairs with i + H/2; pair j rotates by positions * inv_freq_J[j], by default
+    rope_frequencies(H, theta) = theta^(-2j/H). Computed in float32, returned in x's dtype.
     """
     H = x_BTNH.shape[-1]
     if H % 2:
         raise ValueError(f"RoPE needs an even head dim, got {H}")
-    inv_freq = 1.0 / (theta ** (np.arange(0, H, 2, dtype=np.float32) / H))
-    angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    if inv_freq_J is None:
+        inv_freq_J = rope_frequencies(H, theta)
+    angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_J
     cos = jnp.cos(angles_BTh)[:, :, None, :]
     sin = jnp.sin(angles_BTh)[:, :, None, :]
     x = x_BTNH.astype(jnp.float32)

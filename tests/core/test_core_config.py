@@ -25,6 +25,11 @@ PRESETS = sorted(p.stem for p in ffl.config.CONFIG_DIR.glob("*.yaml"))
         (["model.num_kv_heads=3"], "model.num_kv_heads=3 does not divide model.num_heads=4"),
         (["model.position=rope", "model.head_dim=7"], "model.position=rope needs an even head dim, got 7"),
         (["model.sliding_window=0"], "model.sliding_window must be positive or null"),
+        (["model.attention_types=[local, global]"], "model.attention_types has local layers but model.sliding_window"),
+        (["model.attention_types=[local, nearby]"], "model.attention_types[1]='nearby' is not one of 'global' | 'local'"),
+        (["model.rope_scaling={kind: yarn}"], "model.rope_scaling.kind='yarn' is not one of 'linear' | 'llama3'"),
+        (["model.rope_scaling.factor=8"], "model.rope_scaling / model.rope_local_theta need model.position=rope"),
+        (["model.logits_softcap=0"], "model.logits_softcap=0.0 must be positive or null"),
         (["model.remat_policy=dots_saveble"], "(did you mean 'dots_saveable'?)"),
         # A policy factory that needs arguments is not a policy.
         (["model.remat_policy=save_only_these_names"], "model.remat_policy='save_only_these_names' is not none"),

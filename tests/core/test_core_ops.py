@@ -401,6 +401,34 @@ def test_rope_is_a_complex_rotation():
         ops.rope(jnp.asarray(normal(0, 1, 2, 1, 7)), jnp.zeros((1, 2), jnp.int32))
 
 
+def test_rope_frequency_scaling():
+    base = ops.rope_frequencies(16, 10000.0)
+    np.testing.assert_allclose(base, 10000.0 ** (-np.arange(0, 16, 2) / 16), rtol=1e-6)
+    np.testing.assert_allclose(ops.rope_frequencies(16, 10000.0, kind="linear", factor=4.0), base / 4, rtol=1e-6)
+    # Llama 3.1: wavelengths 2 pi / f under 64 / 4 kept, over 64 / 1 divided by 8, blended between.
+    scaled = ops.rope_frequencies(16, 10000.0, kind="llama3", factor=8.0, low_freq_factor=1.0,
+                                  high_freq_factor=4.0, original_max_len=64)
+    wavelength = 2 * np.pi / base
+    short, long = wavelength < 16, wavelength > 64
+    assert short.any() and long.any() and (~short & ~long).any()  # all three regimes present
+    np.testing.assert_allclose(scaled[short], base[short], rtol=1e-6)
+    np.testing.assert_allclose(scaled[long], base[long] / 8, rtol=1e-6)
+    mid = ~short & ~long
+    smooth = (64 / wavelength[mid] - 1.0) / (4.0 - 1.0)
+    np.testing.assert_allclose(scaled[mid], (1 - smooth) * base[mid] / 8 + smooth * base[mid], rtol=1e-5)
+    x, positions = jnp.asarray(normal(0, 2, 5, 3, 16)), jnp.asarray(np.arange(10).reshape(2, 5))
+    np.testing.assert_array_equal(np.asarray(ops.rope(x, positions, inv_freq_J=base)),
+                                  np.asarray(ops.rope(x, positions, 10000.0)))
+
+
+def test_soft_cap_bounds_and_is_near_identity_for_small_values():
+    x = jnp.asarray([-1e4, -30.0, -0.01, 0.0, 0.01, 30.0, 1e4])
+    y = np.asarray(ops.soft_cap(x, 5.0))
+    assert (np.abs(y) < 5.0 + 1e-6).all() and np.all(np.diff(y) > 0)
+    np.testing.assert_allclose(y[2:5], np.asarray(x)[2:5], atol=1e-6)
+    assert ops.soft_cap(x, None) is x
+
+
 def test_rope_scores_depend_only_on_the_position_difference():
     q, k = jnp.asarray(normal(0, 1, 1, 1, 16)), jnp.asarray(normal(1, 1, 1, 1, 16))
 

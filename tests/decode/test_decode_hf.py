@@ -15,7 +15,7 @@ import flaxformer_lite as ffl
 from flaxformer_lite import checkpoint, data
 from flaxformer_lite.cli import main
 from flaxformer_lite.decode import generate
-from flaxformer_lite.interop import hf
+from flaxformer_lite.interop import hf, parity
 from flaxformer_lite.models import build_model
 
 VOCAB = 320  # byte-level BPE: 4 specials + 256 bytes + 60 merges
@@ -57,7 +57,7 @@ def t5_dir(tmp_path_factory):
     return path
 
 
-def _hf_greedy(model, prompts, decoder_only):
+def _hf_greedy(model, prompts, decoder_only, new_tokens=NEW_TOKENS):
     """transformers' greedy generate on prompts padded as HF expects (left for decoders)."""
     P = max(map(len, prompts))
     ids, mask = torch.zeros((len(prompts), P), dtype=torch.long), torch.zeros((len(prompts), P), dtype=torch.long)
@@ -65,7 +65,7 @@ def _hf_greedy(model, prompts, decoder_only):
         cols = slice(P - len(p), P) if decoder_only else slice(0, len(p))
         ids[b, cols], mask[b, cols] = torch.tensor(p), 1
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, num_beams=1)
     return out[:, P:].numpy() if decoder_only else out[:, 1:].numpy()  # T5: drop the start token
 
 
@@ -81,6 +81,24 @@ def test_greedy_tokens_match_transformers(kind, request):
     # transformers stops the batch when every row has ended; the rest is padding here.
     np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)
     assert (ours[:, theirs.shape[1]:] == cfg.pad_token_id).all()
+
+
+# One parity case (interop/parity.py) per HF model_type added with the block's family
+# options, with prompts of 3-14 tokens and 16 new tokens: longer than the windows (4).
+FAMILY_CASES = ["llama 3 (llama3 RoPE, head_dim 24)", "qwen2 (qkv bias, window 4 on layer 1)", "qwen3 (q/k norms)",
+                "gemma2 (window 4, soft caps)", "gemma3 (q/k norms, local RoPE base)"]
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_family_greedy_tokens_match_transformers(case, tmp_path):
+    reference = parity.build_hf(case, tmp_path)
+    cfg, params = hf.load(tmp_path)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in PROMPT_LENGTHS]
+    theirs = _hf_greedy(reference, prompts, decoder_only=True, new_tokens=16)
+    ours = np.asarray(generate(build_model(cfg), params, prompts, max_new_tokens=16).tokens)
+    np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)
+    assert theirs.shape[1] == 16 or (ours[:, theirs.shape[1]:] == cfg.pad_token_id).all()
 
 
 TEXTS = ["The", "Python docs say", "A list is"]

@@ -46,7 +46,12 @@ def variant(folders, case, tmp_path, config=None, tensors=None) -> pathlib.Path:
     "case, change, named",
     [
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
-        ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, "'linear'"),
+        ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "'yarn'"),
+        ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0, "beta_fast": 32}},
+         "beta_fast"),
+        ("llama", {"model_type": "gemma2", "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ("llama", {"model_type": "qwen2", "layer_types": ["full_attention", "chunked_attention"]}, "layer_types"),
+        ("llama", {"model_type": "qwen3", "attention_bias": True}, "attention_bias"),
         ("llama", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic'"),
         ("llama", {"attention_bias": True}, "attention_bias"),
         ("bert", {"position_embedding_type": "relative_key"}, "position_embedding_type"),

@@ -24,7 +24,9 @@ NEVER_READ = {
 
 # scan_layers changes only how layers are stacked, the same for every case of a family:
 # one scanned case per HF model_type keeps the folder fast (each case compiles a model).
-SCANNED = ["bert (MiniLM-shaped)", "roberta (classifier)", "gpt2", "llama", "mistral (window 4, MQA)", "t5 v1.1"]
+SCANNED = ["bert (MiniLM-shaped)", "roberta (classifier)", "gpt2", "llama", "mistral (window 4, MQA)", "t5 v1.1",
+           # per-layer windows and RoPE bases are traced under scan
+           "qwen2 (qkv bias, window 4 on layer 1)", "gemma3 (q/k norms, local RoPE base)"]
 
 
 @pytest.mark.parametrize(
@@ -37,6 +39,9 @@ def test_parity_with_transformers(case, scan_layers, tmp_path):
     for key in ("import_hidden", "import_logits", "export_hidden", "export_logits"):
         assert row[key] <= parity.TOLERANCE, (case, key, row[key])
     assert row["round_trip"] == NEVER_READ.get(case, [])
+    if parity.CASES[case][0].startswith(("GPT2", "Llama", "Mistral", "Qwen", "Gemma")):
+        ours, theirs = row["parameters"]  # the decoders hold exactly transformers' parameters
+        assert ours == theirs, (case, ours, theirs)
 
 
 def test_markdown_table_lists_every_row():
