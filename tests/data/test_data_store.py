@@ -290,6 +290,15 @@ def test_other_options_into_the_same_folder_are_refused(corpus, datadir):
         prepare(corpus, datadir, PrepareOptions(shard_tokens=701), progress=False)
 
 
+def test_a_prepare_started_by_the_format_1_code_is_not_continued(corpus, datadir, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    record = json.loads((datadir / "prepare.json").read_text())
+    (old / "prepare.json").write_text(json.dumps({**record, "version": 1}))
+    with pytest.raises(DataError, match=rf"{old} holds a prepare of store format 1 by another flaxformer_lite .*new --out"):
+        prepare(corpus, old, PrepareOptions(shard_tokens=700), progress=False)
+
+
 def test_empty_corpus(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n\n")
     with pytest.raises(DataError, match=r"empty\.txt: no text found; the corpus is empty"):
