@@ -111,7 +111,7 @@ def _qwen3(tr):
 
 def _gemma2(tr):
     cfg = _llama_like(tr.Gemma2Config, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
-                      num_hidden_layers=3, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+                      num_hidden_layers=3, attn_logit_softcapping=2.0, final_logit_softcapping=0.5)
     return spread(tr.Gemma2ForCausalLM(cfg), embed_std=0.02)
 
 

@@ -26,6 +26,8 @@ CONFIGS = [
     ("transformer_base", (SCAN,)),  # sinusoidal, post-LN, scaled embeddings
     ("transformer_base", ("model.position=learned", SCAN)),
     ("t5_tiny", ("model.position=rope", "model.num_kv_heads=2", SCAN)),
+    # Gemma 3's block, scanned: per-layer windows (4, shorter than the rows) and RoPE bases traced
+    ("gemma3_tiny", ("model.sliding_window=4", "model.attention_types=[local, global]", SCAN)),
 ]
 
 
