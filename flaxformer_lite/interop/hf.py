@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from flaxformer_lite import host
 from flaxformer_lite import parallel as parallel_lib
 from flaxformer_lite.config import ConfigError, ModelConfig, ParallelConfig, validate_model
 from flaxformer_lite.interop import families, weights
@@ -246,7 +247,9 @@ def load(
     if mesh is not None:
         specs = parallel_lib.logical_to_sharding(mesh, parallel or ParallelConfig(), param_logical_axes(cfg))
         shardings = traverse_util.flatten_dict(specs["params"], sep="/")
-    return cfg, {"params": _read_params(ckpt, maps, cfg, shapes, shardings)}
+    params = _read_params(ckpt, maps, cfg, shapes, shardings)
+    host.release_free_memory()  # the tuned malloc keeps freed blocks: the copies made for a mesh's slices
+    return cfg, {"params": params}
 
 
 def _open(folder: pathlib.Path, runtime: dict):
