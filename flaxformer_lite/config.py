@@ -46,8 +46,10 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("query", "key", "value", "out")  # of LORA_PROJECTIONS
-    # Storage dtype of the frozen base (every parameter but the adapters); None: param_dtype.
-    base_dtype: Optional[Literal["float32", "bfloat16"]] = None
+    # Storage of the frozen base: float32/bfloat16 for every parameter but the adapters;
+    # int8 for the projection kernels (weight-only, a float32 scale per output channel,
+    # the rest in param_dtype). None: param_dtype.
+    base_dtype: Optional[Literal["float32", "bfloat16", "int8"]] = None
 
     @property
     def scale(self) -> float:

@@ -70,8 +70,24 @@ def test_fresh_adapters_change_nothing_and_sit_beside_each_target():
     np.testing.assert_array_equal(_logits(cfg, params, ids), _logits(_base(cfg), lora.split(params)[1], ids))
 
 
-def test_training_updates_adapters_only():
-    cfg = _cfg("train.learning_rate=1e-2", "train.warmup_steps=0", "model.lora.dropout=0.1")
+def test_an_int8_base_is_weight_only_per_channel_and_merges_exactly():
+    cfg = _cfg()
+    int8 = dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, base_dtype="int8"))
+    params = _randomised(_init(cfg.model))
+    quantized = lora.quantize_base(params, int8)
+    query = quantized["params"]["decoder"]["layers_0"]["self_attention"]
+    assert query["query"].dtype == np.int8 and query["query_scale"].shape == query["query"].shape[1:]
+    assert int(np.abs(np.asarray(query["query"])).max()) == 127  # each output channel's largest weight
+    ids = jax.random.randint(jax.random.key(2), (2, 16), 3, cfg.model.vocab_size)
+    exact, approx = _logits(cfg.model, params, ids), _logits(int8, quantized, ids)
+    assert 0 < np.abs(np.asarray(exact - approx)).max() < 0.02 * np.abs(np.asarray(exact)).max()
+    np.testing.assert_allclose(approx, _logits(_base(int8), lora.merge(quantized, int8), ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("base_dtype", ["null", "int8"])
+def test_training_updates_adapters_only(base_dtype):
+    cfg = _cfg("train.learning_rate=1e-2", "train.warmup_steps=0", "model.lora.dropout=0.1",
+               f"model.lora.base_dtype={base_dtype}")
     model, optimizer = ffl.build_model(cfg.model), make_optimizer(cfg.train)
     params = _init(cfg.model)
     state = init_train_state(params, optimizer, 0, adapters_only=True)

@@ -18,7 +18,7 @@ def dtype(cfg: ModelConfig):
 def param_dtype(cfg: ModelConfig):
     """Storage dtype of parameters (of the frozen base, under LoRA with lora.base_dtype;
     the adapters themselves are stored in param_dtype, layers/lora.py)."""
-    if cfg.lora.rank and cfg.lora.base_dtype:
+    if cfg.lora.rank and cfg.lora.base_dtype in DTYPES:
         return DTYPES[cfg.lora.base_dtype]
     return DTYPES[cfg.param_dtype]
 
@@ -29,8 +29,12 @@ def kernel_init(cfg: ModelConfig):
 
 
 def param(module: nn.Module, name: str, init, shape: tuple, axes: tuple, cfg: ModelConfig):
-    """A parameter carrying logical axis names, cast to the compute dtype."""
+    """A parameter carrying logical axis names, cast to the compute dtype. An int8 kernel
+    with a `{name}_scale` beside it (lora.base_dtype=int8, layers/lora.py) is dequantized."""
     value = module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype(cfg))
+    if module.has_variable("params", f"{name}_scale"):
+        scale = module.get_variable("params", f"{name}_scale")  # over the output axes, the trailing ones
+        return jnp.asarray(value, dtype(cfg)) * jnp.asarray(scale, dtype(cfg))
     return jnp.asarray(value, dtype(cfg))
 
 

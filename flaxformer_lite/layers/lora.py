@@ -10,6 +10,10 @@ and the projection adds (alpha / R) * dropout(x) A B to x W, computed as two thi
 products: the [in, out] update is never formed while training or decoding. `merge`
 folds adapters into their kernels (export, and the test that both forwards agree);
 `without_adapters` turns them off (DPO's reference model is the base).
+
+With lora.base_dtype=int8, `quantize_base` stores every projection kernel as int8 with
+a float32 scale per output channel (`{name}_scale`, max |w| / 127 over the input axes);
+layers.common.param dequantizes it as it is read.
 """
 
 from __future__ import annotations
@@ -67,6 +71,44 @@ def delta(module: nn.Module, name: str, x: jax.Array, out_shape: tuple[int, ...]
     return jnp.tensordot(h * jnp.asarray(cfg.lora.scale, compute), b.astype(compute), axes=1)
 
 
+def quantize_base(params: Any, cfg: ModelConfig) -> Any:
+    """params with the projection kernels int8 plus `{name}_scale` if cfg.lora.base_dtype is
+    int8 (boxed or plain leaves; kernels that already have a scale are kept); else params."""
+    if not (cfg.lora.rank and cfg.lora.base_dtype == "int8"):
+        return params
+    flat = traverse_util.flatten_dict(params)
+    out = dict(flat)
+    for key, leaf in flat.items():
+        name = str(key[-1])
+        if name not in AXES or key[:-1] + (f"{name}_scale",) in flat:
+            continue
+        boxed = isinstance(leaf, nn.Partitioned)
+        w = jnp.asarray(leaf.value if boxed else leaf, jnp.float32)
+        n_in, n_out = (len(axes) for axes in AXES[name])
+        lead = w.ndim - n_in - n_out  # a scanned stack's layers axis
+        scale = jnp.max(jnp.abs(w), axis=tuple(range(lead, lead + n_in))) / 127.0
+        scale = jnp.where(scale > 0, scale, 1.0)
+        q = jnp.clip(jnp.round(w / jnp.expand_dims(scale, tuple(range(lead, lead + n_in)))), -127, 127).astype(jnp.int8)
+        if boxed:
+            names = leaf.names
+            out[key] = leaf.replace(value=q)
+            out[key[:-1] + (f"{name}_scale",)] = leaf.replace(value=scale, names=names[:lead] + names[lead + n_in:])
+        else:
+            out[key], out[key[:-1] + (f"{name}_scale",)] = q, scale
+    return traverse_util.unflatten_dict(out)
+
+
+def _dequantized(flat: dict, key: tuple) -> jax.Array:
+    """A kernel as float32, int8 ones times their scale."""
+    kernel = jnp.asarray(flat[key], jnp.float32)
+    scale = flat.get(key[:-1] + (f"{key[-1]}_scale",))
+    if scale is None:
+        return kernel
+    n_in, n_out = (len(axes) for axes in AXES[str(key[-1])])
+    lead = kernel.ndim - n_in - n_out
+    return kernel * jnp.expand_dims(jnp.asarray(scale, jnp.float32), tuple(range(lead, lead + n_in)))
+
+
 def is_adapter(path: tuple) -> bool:
     """True for the flattened path (tuple of names) of an adapter parameter."""
     return str(path[-1]).endswith(SUFFIXES)
@@ -97,9 +139,12 @@ def without_adapters(params: Any) -> Any:
 def merge(params: Any, cfg: ModelConfig) -> Any:
     """params with each adapter folded into its kernel (W + (alpha/R) A B, in W's dtype) and
     the adapters dropped: a plain model of cfg without LoRA. Scanned layers (a leading
-    layers axis on both) merge layer by layer."""
+    layers axis on both) merge layer by layer. An int8 base comes out in param_dtype."""
     flat = traverse_util.flatten_dict(params)
-    out = {k: v for k, v in flat.items() if not is_adapter(k)}
+    out = {k: v for k, v in flat.items() if not is_adapter(k) and not str(k[-1]).endswith("_scale")}
+    for key in list(out):
+        if key[:-1] + (f"{key[-1]}_scale",) in flat:
+            out[key] = _dequantized(flat, key).astype(DTYPES[cfg.param_dtype])
     for key, a in flat.items():
         if not str(key[-1]).endswith("_lora_a"):
             continue

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig, validate_model
-from flaxformer_lite.layers import Dense, Embed, Norm
+from flaxformer_lite.layers import Dense, Embed, Norm, lora
 from flaxformer_lite.layers.common import dtype, param_dtype
 from flaxformer_lite.models.stack import Stack
 
@@ -295,7 +295,7 @@ def _boxed_params(model: nn.Module, cfg: ModelConfig, rng: Array) -> dict:
     activation placement; parameter constraints apply when the boxes are unboxed.
     """
     with nn.logical_axis_rules(()):
-        return model.init(rng, *dummy_inputs(cfg))["params"]
+        return lora.quantize_base(model.init(rng, *dummy_inputs(cfg))["params"], cfg)
 
 
 def lm_head_inputs(cfg: ModelConfig, params: dict, h_BTD: Array) -> tuple[Array, Array]:

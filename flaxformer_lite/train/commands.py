@@ -128,6 +128,11 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"{config_path} not found: {workdir} is not a run directory (or pass --config)")
         setup = prepare_data(load_config(config_path, overrides=args.set), train=False)
         cfg = setup.cfg
+        if cfg.data.objective == "dpo" and not cfg.model.lora.rank:
+            raise ConfigError(
+                "eval of a dpo run without LoRA needs its reference model, which only the run holds: "
+                "read eval_* in its metrics.jsonl (a LoRA run's reference is its base, and evaluates here)"
+            )
         check_backend(cfg)
         _, loaded = checkpoint.load_params(workdir, step=args.step)
         abstract = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))

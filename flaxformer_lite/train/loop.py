@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from flaxformer_lite import checkpoint, data, flops, host, parallel
 from flaxformer_lite.config import Config, ConfigError
+from flaxformer_lite.layers import lora
 from flaxformer_lite.models import build_model, count_params, dummy_inputs, init_params
 from flaxformer_lite.train import metrics as metrics_lib
 from flaxformer_lite.train import safety
@@ -234,7 +235,8 @@ def state_shardings(cfg: Config, optimizer, mesh) -> tuple[Any, Any]:
     seed = cfg.train.seed
 
     def boxed_state():
-        boxed = {"params": model.init(jax.random.key(0), *dummy_inputs(cfg.model))["params"]}
+        boxed = model.init(jax.random.key(0), *dummy_inputs(cfg.model))["params"]
+        boxed = {"params": lora.quantize_base(boxed, cfg.model)}  # an int8 base: kernels + scales
         return init_train_state(boxed, optimizer, seed, **options)
 
     specs = nn.get_partition_spec(jax.eval_shape(boxed_state))
@@ -488,10 +490,12 @@ def _load_init(init_from, cfg: Config) -> Any:
     if hf.is_hf_folder(init_from):
         m = cfg.model
         try:
-            return hf.load(init_from, scan_layers=m.scan_layers, param_dtype=m.param_dtype)[1]
+            loaded = hf.load(init_from, scan_layers=m.scan_layers, param_dtype=m.param_dtype)[1]
         except hf.HFError as e:
             raise ConfigError(f"--init-from {e}") from None
-    return checkpoint.load_params(init_from)[1]
+    else:
+        loaded = checkpoint.load_params(init_from)[1]
+    return lora.quantize_base(loaded, cfg.model)  # an int8 base (model.lora.base_dtype) is quantized here
 
 
 def _keep_hf_source(init_from, workdir: pathlib.Path, cfg: Config, main: bool) -> Config:

@@ -170,6 +170,8 @@ def dpo_loss_and_sums(
     rejected answer in the same segment of the same row; both must keep a trained token.
     """
     if ref_params is None:
+        if not cfg.model.lora.rank:
+            raise ValueError("dpo without LoRA needs ref_params, the frozen initial params (TrainState.ref_params)")
         ref_params = lora.without_adapters(params)
     chosen, rejected, chosen_w, rejected_w = _dpo_logps(model, params, batch, deterministic=deterministic, rng=rng)
     ref_chosen, ref_rejected, _, _ = _dpo_logps(model, jax.lax.stop_gradient(ref_params), batch,
