@@ -8,8 +8,8 @@ to fit in host memory twice.
 Reading: `safe_open` checks each file's header (offsets inside the file, sizes matching
 shapes); the bytes are then read with plain reads, in row chunks, into one reused buffer.
 safe_open's own tensors are copied out of a memory map that stays mapped until the file
-is closed, and every page touched counts in the process's resident memory: loading a
-4 GB float32 file that way shows 4 GB more RSS than the parameters need.
+is closed, and every page touched counts in the process's resident memory: reading each
+tensor of a 1 GB file through it added 1 GB of RSS until the file was closed.
 
 Writing: each file's header is computed from shapes and dtypes before any tensor
 exists; then each tensor is made, written and dropped.
