@@ -85,3 +85,23 @@ def test_not_glibc_changes_nothing(monkeypatch):
     monkeypatch.setenv("FLAXFORMER_LITE_TUNE_MALLOC", "1")
     monkeypatch.setattr(host, "_glibc", lambda: None)
     assert host.tune_malloc() is False
+
+
+WAIT_CHILD = """
+import jax, jax.numpy as jnp
+from flaxformer_lite import host
+tuned = host.tune_malloc()
+x = jax.random.normal(jax.random.key(0), (512, 512))
+running = jax.jit(lambda a: jnp.tanh(a @ a) @ a)(x)
+host.one_program_at_a_time(running)
+print(tuned, running.is_ready())
+"""
+
+
+@glibc
+def test_one_program_at_a_time_waits_for_the_program_ahead_on_a_tuned_heap():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(FLAXFORMER_LITE_TUNE_MALLOC="1", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", WAIT_CHILD], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
+    host.one_program_at_a_time(None)  # nothing dispatched yet: nothing to wait for

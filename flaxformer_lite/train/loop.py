@@ -325,10 +325,11 @@ def evaluate(eval_step: Callable, params: Any, batches: list[Batch], mesh, ref_p
     if jax.process_count() > 1:  # shards may differ in length; the rest feed empty batches
         count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
     empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
-    device_sums = [
-        eval_step(params, parallel.shard_batch(mesh, batches[i] if i < len(batches) else empty), ref_params)
-        for i in range(count)
-    ]
+    device_sums = []
+    for i in range(count):
+        batch = parallel.shard_batch(mesh, batches[i] if i < len(batches) else empty)
+        host.one_program_at_a_time(device_sums[-1] if device_sums else None)
+        device_sums.append(eval_step(params, batch, ref_params))
     total: dict[str, float] = {}
     for sums in jax.device_get(device_sums):
         total = metrics_lib.add_sums(total, sums)
@@ -603,13 +604,18 @@ def _run_steps(run: _Run, signals: safety.StopSignals, last_step: int, started: 
     """Train until last_step, the time budget or a reason to stop early (returned).
 
     Between checkpoints the loop waits for the device only at log steps, where it
-    fetches the window's metrics; signals, the preemption sync point and failed saves
-    are checked every step on the host.
+    fetches the window's metrics (and, on a tuned CPU heap, for each step before the
+    next: host.one_program_at_a_time); signals, the preemption sync point and failed
+    saves are checked every step on the host.
     """
     tc = run.cfg.train
+    running = None  # the last step dispatched
     while run.step < last_step:
         batch = parallel.shard_batch(run.mesh, next(run.it))
+        # The batch is made while the last step runs; then the step goes when it is done.
+        host.one_program_at_a_time(running)
         run.state, step_sums = run.prog.train_step(run.state, batch)
+        running = step_sums
         run.step += 1
         step = run.step
         run.window.add(step_sums, compiled=step == run.start_step + 1)
