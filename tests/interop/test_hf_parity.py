@@ -53,3 +53,35 @@ def test_markdown_table_lists_every_row():
     lines = parity.markdown(rows).splitlines()
     assert len(lines) == 2 + len(rows)
     assert "| nothing |" in lines[2] and "| x rows [0] |" in lines[3]
+
+
+@pytest.mark.parametrize("preset, model_type", [
+    ("llama3_tiny", "llama"), ("qwen2_tiny", "qwen2"), ("qwen3_tiny", "qwen3"),
+    ("gemma2_tiny", "gemma2"), ("gemma3_tiny", "gemma3_text"),
+])
+def test_family_presets_export_to_their_hf_family(preset, model_type, tmp_path):
+    """A model made here (2 layers, one local and one global where the family has both)
+    is written as its family, and transformers loads every tensor and computes its logits,
+    on rows longer than the window (32)."""
+    import jax
+    import numpy as np
+    import torch
+
+    import flaxformer_lite as ffl
+    from flaxformer_lite.models import build_model
+
+    overrides = ["model.num_layers=2", "model.d_model=64", "model.d_ff=96", "model.vocab_size=96"]
+    overrides += ["model.attention_types=[local, global]"] if "gemma" in preset else []
+    cfg = ffl.load_config(preset, overrides=overrides).model
+    params = ffl.init_params(cfg, jax.random.key(0))
+    # Norm scales and biases start at 0 or 1: move every parameter off its init.
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)
+    ffl.hf.save(cfg, params, tmp_path)
+    assert ffl.hf.read_config(tmp_path)["model_type"] == model_type
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, 40))
+    with torch.no_grad():
+        theirs = model.eval()(torch.from_numpy(ids)).logits.numpy()
+    ours = jax.jit(build_model(cfg).apply)(params, ids).logits
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=parity.TOLERANCE)
