@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from flaxformer_lite.data.errors import DataError
-from flaxformer_lite.data.sources import JSONL_SUFFIXES, Source, files
+from flaxformer_lite.data.sources import JSONL_SUFFIXES, Source, files, jsonl_objects
 from flaxformer_lite.data.tokenizers import Tokenizer
 
 FIELDS = {"sft": (("messages",), ("prompt", "completion")), "dpo": (("prompt", "chosen", "rejected"),)}
@@ -64,8 +64,6 @@ def _check_value(value: Any, where: str, field: str) -> None:
 
 def load_records(source: Source, objective: str) -> list[Record]:
     """The SFT or DPO records of JSON-lines files (in sorted file order, then line order)."""
-    import json
-
     if objective not in FIELDS:
         raise DataError(f"objective {objective!r} has no fine-tuning records (sft, dpo)")
     if source is None or source == "builtin":
@@ -74,28 +72,16 @@ def load_records(source: Source, objective: str) -> list[Record]:
     for path in files(source, tuple(f"*{s}" for s in JSONL_SUFFIXES)):
         if path.suffix not in JSONL_SUFFIXES:
             raise DataError(f"{path}: {objective} reads JSON lines (.jsonl); one object a line: {EXAMPLE_LINES[objective]}")
-        records.extend(_file_records(path, objective, json))
+        records.extend(_file_records(path, objective))
     if not records:
         raise DataError(f"{source}: no {objective} examples found; the corpus is empty")
     return records
 
 
-def _file_records(path: pathlib.Path, objective: str, json) -> list[Record]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read as UTF-8 JSON lines ({e})") from e
+def _file_records(path: pathlib.Path, objective: str) -> list[Record]:
     out = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in jsonl_objects(path):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg}); expected one object a line") from e
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: JSON line is a {type(record).__name__}, expected an object")
         for names in FIELDS[objective]:
             if all(n in record for n in names):
                 for n in names:

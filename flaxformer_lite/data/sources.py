@@ -287,10 +287,10 @@ def _plain_texts(path: pathlib.Path, unit: Unit, errors: str, stats: ReadStats) 
     yield from (p for p in (p.strip("\n") for p in _PARAGRAPH_BREAK.split(carry + "\n")) if p.strip())
 
 
-def jsonl_records(
-    path: pathlib.Path, fields: Sequence[str], errors: str = "strict", stats: Optional[ReadStats] = None
-) -> Iterator[tuple[int, list]]:
-    """(line number, [record[f] for f in fields]) for each JSON line of the file."""
+def jsonl_objects(
+    path: pathlib.Path, errors: str = "strict", stats: Optional[ReadStats] = None
+) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank JSON line of the file."""
     for number, line in _lines(path, errors, stats or ReadStats()):
         if not line.strip():
             continue
@@ -300,6 +300,14 @@ def jsonl_records(
             raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); expected one object a line") from e
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: JSON line is a {type(record).__name__}, expected an object")
+        yield number, record
+
+
+def jsonl_records(
+    path: pathlib.Path, fields: Sequence[str], errors: str = "strict", stats: Optional[ReadStats] = None
+) -> Iterator[tuple[int, list]]:
+    """(line number, [record[f] for f in fields]) for each JSON line of the file."""
+    for number, record in jsonl_objects(path, errors, stats):
         missing = [f for f in fields if f not in record]
         if missing:
             raise DataError(

@@ -137,16 +137,25 @@ def run_source(workdir, cfg) -> "pathlib.Path | None":
     return tokenizer if cfg.data.tokenizer != "byte" and tokenizer.is_dir() else None
 
 
-def _to_peft(args: argparse.Namespace) -> dict:
+def _exported_run(args: argparse.Namespace):
+    """(cfg, params, HF source folder or None, model_type) of the run --from names."""
     from flaxformer_lite import checkpoint
-    from flaxformer_lite.interop import hf, peft
+    from flaxformer_lite.interop import hf
 
-    workdir, out = pathlib.Path(args.from_workdir), pathlib.Path(args.to_peft)
+    workdir = pathlib.Path(args.from_workdir)
     cfg, params = checkpoint.load_params(workdir, args.step)
     source = run_source(workdir, cfg)
     model_type = args.model_type
     if model_type is None and source is not None and hf.is_hf_folder(source):
         model_type = hf.read_config(source).get("model_type")
+    return cfg, params, source, model_type
+
+
+def _to_peft(args: argparse.Namespace) -> dict:
+    from flaxformer_lite.interop import peft
+
+    out = pathlib.Path(args.to_peft)
+    cfg, params, source, model_type = _exported_run(args)
     base = str(source.resolve()) if source is not None else None
     peft.save_adapters(cfg.model, params, out, model_type=model_type, base_model=base)
     written = json.loads((out / peft.CONFIG_FILE).read_text())
@@ -157,17 +166,12 @@ def _to_peft(args: argparse.Namespace) -> dict:
 def _to_hf(args: argparse.Namespace) -> dict:
     import dataclasses
 
-    from flaxformer_lite import checkpoint
     from flaxformer_lite.config import LoraConfig
     from flaxformer_lite.interop import hf
     from flaxformer_lite.layers import lora
 
-    workdir, out = pathlib.Path(args.from_workdir), pathlib.Path(args.to_hf)
-    cfg, params = checkpoint.load_params(workdir, args.step)
-    source = run_source(workdir, cfg)
-    model_type = args.model_type
-    if model_type is None and source is not None and hf.is_hf_folder(source):
-        model_type = hf.read_config(source).get("model_type")
+    out = pathlib.Path(args.to_hf)
+    cfg, params, source, model_type = _exported_run(args)
     if cfg.model.lora.rank:  # a plain model of the same family: W + (alpha / r) A B
         params = lora.merge(params, cfg.model)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=LoraConfig()))
