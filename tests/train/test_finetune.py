@@ -151,3 +151,23 @@ def test_dpo_learns_a_toy_preference_within_a_few_dozen_steps(tiny):
     assert margins[0] == 0.0  # the reference is a copy of the initial params: no margin yet
     assert np.mean(accuracy[-5:]) > 0.9, accuracy
     jax.tree.map(np.testing.assert_array_equal, state.ref_params, ffl.init_params(cfg.model, jax.random.key(0)))
+
+
+def test_a_resumed_dpo_run_keeps_its_frozen_reference(tiny, tmp_path):
+    from flaxformer_lite import checkpoint
+    from flaxformer_lite.train import loop
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(f'{{"prompt": "q{i}", "chosen": "yes", "rejected": "no"}}\n' for i in range(40)))
+    cfg = tiny("gpt_tiny", "data.objective=dpo", f"data.corpus={prefs}", "train.num_steps=4",
+               "train.checkpoint_every=2", "train.eval_every=4", "train.log_every=2")
+    loop.train(cfg, tmp_path / "run", stop_at=2)
+    assert loop.train(cfg, tmp_path / "run", resume=True)["step"] == 4
+    with checkpoint.manager(tmp_path / "run", read_only=True, best_metric=None) as mngr:
+        _, before, _ = checkpoint.restore(mngr, 2)
+        params, extra, _ = checkpoint.restore(mngr, 4)
+    jax.tree.map(np.testing.assert_array_equal, extra["ref_params"], before["ref_params"])
+    # The initial params (the run's jitted, sharded init rounds like this eager one to 1 ulp).
+    initial = ffl.init_params(cfg.model, jax.random.key(cfg.train.seed))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), extra["ref_params"], initial)
+    assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), params, initial)))
