@@ -362,13 +362,16 @@ def _every(step: int, period: int) -> bool:
 
 
 def _out_of_time(started: float, budget: Optional[float]) -> bool:
-    """True once `budget` seconds have passed since `started`, on any process."""
-    if budget is None:
-        return False
-    over = time.perf_counter() - started > budget
-    if jax.process_count() > 1:
-        over = bool(np.any(multihost_utils.process_allgather(np.bool_(over))))
-    return over
+    """True once `budget` seconds have passed since `started`."""
+    return budget is not None and time.perf_counter() - started > budget
+
+
+def _any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag or-ed over all processes (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return flags
+    gathered = multihost_utils.process_allgather(np.array(flags, dtype=np.bool_))
+    return tuple(bool(x) for x in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
 
 
 def _host_copy(tree: Any) -> Any:
@@ -404,6 +407,7 @@ class _Run:
     eval_record: dict = dataclasses.field(default_factory=dict)
     evaluated_at: int = -1  # the step of eval_record
     over_budget: bool = False
+    write_failure: Optional[safety.SaveFailed] = None  # metrics.jsonl or TensorBoard could not be written
 
 
 def train(
@@ -459,12 +463,16 @@ def train(
         with parallel.use_mesh(mesh, cfg.parallel):
             run = _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, peak, log)
             last_step = cfg.train.num_steps if stop_at is None else min(stop_at, cfg.train.num_steps)
-            stopped = _run_steps(run, signals, last_step, started)
+            try:
+                stopped = _run_steps(run, signals, last_step, started)
+            except BaseException:
+                _abandon(run)
+                raise
             stopped = _wait_for_saves(run, stopped)
             hint = _resume_hint(run, stopped)
             run.bar.close()
             run.it.close()
-            run.mngr.close()
+            _close_manager(run.mngr)
         summary = _finish(run, stopped, peak, cfg.train.peak_flops is None, started)
     if stopped is not None:
         raise type(stopped)(f"{stopped}; {hint}", stopped.step)
@@ -600,6 +608,26 @@ def _set_aside_after(mngr, step: int, log) -> None:
         log(f"--resume {step}: moved checkpoint {later} to {moved}")
 
 
+def _close_manager(mngr) -> None:
+    try:
+        mngr.close()
+    except Exception:  # noqa: BLE001 - orbax re-raises a failed save, which Saves has reported
+        pass
+
+
+def _abandon(run: _Run) -> None:
+    """On an unexpected error: settle the save in flight (safety.Saves.settle) and close
+    the files, so that every complete checkpoint stays usable; never raises."""
+    run.log(f"error at step {run.step}: {run.saves.settle()}")
+    _close_manager(run.mngr)
+    if run.writer:
+        try:
+            run.writer.close()
+        except OSError:
+            pass
+    run.bar.close()
+
+
 def _run_steps(run: _Run, signals: safety.StopSignals, last_step: int, started: float) -> Optional[safety.RunStopped]:
     """Train until last_step, the time budget or a reason to stop early (returned).
 
@@ -622,19 +650,33 @@ def _run_steps(run: _Run, signals: safety.StopSignals, last_step: int, started: 
         stop = signals.stop_requested(step, run.mngr)
         if jax.process_count() == 1:  # several processes learn of a failed save at the next save
             stop = stop or run.saves.poll()
-        # Several processes must agree to stop for time at the same step: they do so at
-        # log steps only, since agreeing is a collective that waits for the step.
+        # Several processes must agree to stop for time, or for process 0's failed metrics
+        # write, at the same step: they do so at log steps only, since agreeing is a
+        # collective that waits for the step.
+        write_failed = False
         if jax.process_count() == 1 or _every(step, tc.log_every):
-            run.over_budget = _out_of_time(started, tc.time_budget_s)
+            run.over_budget, write_failed = _any_process(
+                _out_of_time(started, tc.time_budget_s), run.write_failure is not None
+            )
         if _every(step, tc.log_every) or _every(step, tc.checkpoint_every) or stop or _final(run, last_step):
             # A checkpoint step closes the window too, so the token count it saves is exact.
             nonfinite_stop = _log(run)
             stop = stop or nonfinite_stop
+        if write_failed or (jax.process_count() == 1 and run.write_failure):
+            stop = stop or run.write_failure or safety.SaveFailed(
+                f"process 0 could not write its metrics; stopped at step {step}", step
+            )
         final = stop is not None or _final(run, last_step)
         if _every(step, tc.eval_every) or (final and not isinstance(stop, (safety.Preempted, safety.SaveFailed))):
             _evaluate(run)
         if _every(step, tc.checkpoint_every) or final:
-            stop = _save(run) or stop
+            failed = _save(run)
+            if isinstance(stop, safety.SaveFailed) and failed is not None:
+                # This save was the last attempt after a failed write; if an earlier save
+                # failed instead, the first failure's message names the intact checkpoint.
+                last = f"; the last attempt, at step {step}, failed too" if failed.step == step else ""
+                failed = safety.SaveFailed(f"{stop}{last}", stop.step)
+            stop = failed or stop
         if stop is not None:
             return stop
         if run.over_budget:
@@ -659,9 +701,21 @@ def _log(run: _Run) -> Optional[safety.RunStopped]:
     if "tokens_per_s" in record:
         shown = {"tok_s": f"{record['tokens_per_s']:,.0f}", "mfu": f"{record['mfu']:.1%}"}
         run.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", **shown)
-    if run.writer:
-        run.writer.write(run.step, record)
+    _write_metrics(run, record)
     return run.nonfinite.check(first, flags)
+
+
+def _write_metrics(run: _Run, values: dict) -> None:
+    """A metrics record (process 0); a failed write is kept in run.write_failure."""
+    if run.writer is None or run.writer.failed:
+        return
+    try:
+        run.writer.write(run.step, values)
+    except OSError as e:
+        run.write_failure = safety.SaveFailed(
+            f"could not write {run.writer.path} at step {run.step}: {safety.describe_io_error(e)}; "
+            f"{run.saves.intact()}", run.step,
+        )
 
 
 def _evaluate(run: _Run) -> None:
@@ -669,8 +723,7 @@ def _evaluate(run: _Run) -> None:
     sums = evaluate(run.prog.eval_step, run.state.params, run.setup.eval_batches, run.mesh, run.state.ref_params)
     run.eval_record = metrics_lib.summarize(sums, bytes_are_tokens=run.setup.bytes_are_tokens, prefix="eval_")
     run.evaluated_at = run.step
-    if run.writer:
-        run.writer.write(run.step, run.eval_record)
+    _write_metrics(run, run.eval_record)
     run.log(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in run.eval_record.items()))
     run.window.pause(time.perf_counter() - pause)
 
@@ -733,12 +786,13 @@ def _finish(run: _Run, stopped: Optional[safety.RunStopped], peak: float, measur
     sampling = run.setup.sample_prompts and stopped is None and (run.step == cfg.train.num_steps or run.over_budget)
     host_params = _host_copy(run.state.params) if sampling else None
     if jax.process_index() == 0:
-        run.writer.close()
         try:
+            run.writer.close()
             metrics_lib.plot_loss_curve(workdir)
             if sampling:
                 summary["samples"] = write_samples(build_model(cfg.model), host_params, run.setup, workdir, run.log)
-            (workdir / SUMMARY_FILE).write_text(metrics_lib.dumps(summary, indent=2) + "\n")
+            text = metrics_lib.dumps(summary, indent=2) + "\n"
+            metrics_lib.replace_file(workdir / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
         except OSError as e:  # a full disk: the checkpoint matters, these files do not
             warnings.warn(f"could not write {workdir}'s summary files: {e}", stacklevel=2)
     return metrics_lib.strict(summary)
@@ -763,6 +817,6 @@ def write_samples(model, params, setup: DataSetup, workdir: pathlib.Path, log) -
         for prompt, row, n in zip(setup.sample_prompts, tokens, lengths)
     ]
     text = "".join(f"--- sample {i} (prompt: {tok.decode(p)!r})\n{s}\n" for i, (p, s) in enumerate(zip(setup.sample_prompts, samples)))
-    (workdir / SAMPLES_FILE).write_text(text)
+    metrics_lib.replace_file(workdir / SAMPLES_FILE, lambda tmp: tmp.write_text(text))
     log(text)
     return samples

@@ -163,6 +163,18 @@ def dumps(value: Any, **kwargs) -> str:
     return json.dumps(strict(value), allow_nan=False, **kwargs)
 
 
+def replace_file(path: str | pathlib.Path, write) -> None:
+    """Make `path` by calling write(temporary path), then renaming: a failed write (a full
+    disk) leaves the old file whole and no partial one behind."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
     """The records of WORKDIR/metrics.jsonl (empty if there is none).
 
@@ -191,36 +203,64 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
 class MetricsWriter:
     """Appends {"step": s, name: value, ...} lines to metrics.jsonl and TensorBoard scalars.
 
+    Both are written and flushed in the calling thread, so a full disk or an I/O error
+    raises OSError from `write` at once. (tensorboardX's SummaryWriter writes from a
+    thread that dies on such an error, after which its bounded queue blocks the caller
+    forever.) After an error the writer writes nothing more.
+
     `resume_step`: records after it (written by a run that died before its next
     checkpoint) are dropped, so a resumed run's file reads as one uninterrupted run;
-    TensorBoard is told the same through its purge_step.
+    TensorBoard is told the same with a purge event, as SummaryWriter's purge_step does.
     """
 
     def __init__(self, workdir: str | pathlib.Path, *, resume_step: Optional[int] = None):
-        from tensorboardX import SummaryWriter  # deferred: only the writing process needs it
+        from tensorboardX.event_file_writer import EventsWriter  # deferred: only the writing process needs it
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
 
         self.path = pathlib.Path(workdir) / METRICS_FILE
         if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(dumps(r) + "\n" for r in kept))
-            tmp.replace(self.path)
+            kept = "".join(dumps(r) + "\n" for r in read_metrics(workdir) if r["step"] <= resume_step)
+            replace_file(self.path, lambda tmp: tmp.write_text(kept))
         self._file = self.path.open("a")
-        purge = None if resume_step is None else resume_step + 1
-        self._tb = SummaryWriter(str(pathlib.Path(workdir) / TENSORBOARD_DIR), purge_step=purge)
+        tb_dir = pathlib.Path(workdir) / TENSORBOARD_DIR
+        tb_dir.mkdir(exist_ok=True)
+        self._tb = EventsWriter(str(tb_dir / "events"))
+        self.failed: Optional[OSError] = None
+        if resume_step is not None:
+            self._tb.write_event(Event(step=resume_step + 1, wall_time=time.time(), file_version="brain.Event:2"))
+            self._tb.write_event(Event(step=resume_step + 1, wall_time=time.time(),
+                                       session_log=SessionLog(status=SessionLog.START)))
+        self._tb.flush()
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
-        """One record: a line of JSON (flushed at once) and a TensorBoard scalar per value."""
+        """One record: a line of JSON and a TensorBoard scalar per value, both flushed."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        if self.failed:
+            return
         record = strict({"step": int(step), **{k: float(v) for k, v in values.items()}})
-        self._file.write(dumps(record) + "\n")
-        self._file.flush()
-        for name, value in record.items():
-            if name != "step" and value is not None:
-                self._tb.add_scalar(name, value, int(step))
+        try:
+            self._file.write(dumps(record) + "\n")
+            self._file.flush()
+            for name, value in record.items():
+                if name != "step" and value is not None:
+                    self._tb.write_event(Event(step=int(step), wall_time=time.time(), summary=scalar(name, value)))
+            self._tb.flush()
+        except OSError as e:
+            self.failed = e
+            raise
 
     def close(self) -> None:
-        self._file.close()
-        self._tb.close()
+        """Close both files; raise the first OSError, unless `write` already raised one."""
+        errors = []
+        for f in (self._file, self._tb):
+            try:
+                f.close()
+            except OSError as e:
+                errors.append(e)
+        if errors and not self.failed:
+            raise errors[0]
 
 
 def plot_loss_curve(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -243,6 +283,8 @@ def plot_loss_curve(workdir: str | pathlib.Path) -> pathlib.Path:
     ax.grid(alpha=0.3)
     ax.legend()
     out = pathlib.Path(workdir) / LOSS_CURVE_FILE
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        replace_file(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return out

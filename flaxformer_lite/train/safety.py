@@ -27,7 +27,9 @@ import os
 import pathlib
 import signal
 import socket
+import sys
 import threading
+import traceback
 import warnings
 from typing import Any, Optional
 
@@ -131,10 +133,42 @@ class WorkdirLock:
             self.path.parent.rmdir()  # refused before anything was written: leave nothing
 
 
-class _WithoutTraceback(logging.Filter):
+class _QuietOrbax(logging.Filter):
+    """Orbax's records without their tracebacks, and without its warning at each save
+    that has no metrics (a step that was not evaluated)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname:
+            return True
         record.exc_info, record.exc_text = None, None
-        return True
+        return record.getMessage() != "Requested `tracked_metric`; did not provide metrics."
+
+
+def _quiet_failed_saves() -> None:
+    """Leave the tracebacks of a failed save out of stderr (we report it in one line).
+
+    Orbax logs each of its failed threads with a traceback. It also closes its event loop
+    at the first failed write, and tensorstore reports each of that save's writes that
+    finishes later as an unraisable error: a traceback apiece, over a hundred on a full
+    disk. Both go on after the save is given up, even after the run, so these filters
+    stay installed (once per process): tracebacks of records logged from orbax's files
+    are dropped, as is an unraisable RuntimeError "Event loop is closed" that no object
+    raised and whose every frame is in asyncio (tensorstore's callback, from C).
+    """
+    hook = sys.unraisablehook
+    if getattr(hook, "ffl_quiet", False):
+        return
+    logging.getLogger("absl").addFilter(_QuietOrbax())
+
+    def quiet(unraisable):
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        closed_loop = (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                       and unraisable.object is None and frames and all("asyncio" in f.filename for f in frames))
+        if not closed_loop:
+            hook(unraisable)
+
+    quiet.ffl_quiet = True
+    sys.unraisablehook = quiet
 
 
 def _write_checksums(directory: pathlib.Path) -> None:
@@ -142,6 +176,18 @@ def _write_checksums(directory: pathlib.Path) -> None:
         checkpoint.write_checksums(directory)
     except FileNotFoundError:
         pass  # rotated out by a later save before its checksums were written
+    except OSError as e:  # a full disk: the step is complete, and usable without them
+        warnings.warn(f"could not write {directory / checkpoint.CHECKSUM_FILE} ({describe_io_error(e)}): "
+                      "--resume will trust that step if it loads and is finite", stacklevel=2)
+
+
+def describe_io_error(error: BaseException) -> str:
+    """One line for a failed write; "the disk is full (...)" when it says so, whether as
+    an OSError or as the message of tensorstore's RESOURCE_EXHAUSTED."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    reason = f"{type(error).__name__}: {text[:500]}"
+    full = getattr(error, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(error)
+    return f"the disk is full ({reason})" if full else reason
 
 
 def _describe(owner_json: str) -> str:
@@ -251,9 +297,7 @@ class Saves:
 
     def __init__(self, mngr: ocp.CheckpointManager):
         self.mngr = mngr
-        # We report a failed save in one line; orbax's own error logs carry a traceback.
-        self._quiet = _WithoutTraceback()
-        logging.getLogger("absl").addFilter(self._quiet)
+        _quiet_failed_saves()
         self.pending: Optional[int] = None  # the step being written in the background
         self.last_good: Optional[int] = mngr.latest_step()
         self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ffl-checksums")
@@ -272,7 +316,7 @@ class Saves:
             raise failed from None
         if not checkpoint.all_finite((state.params, state.opt_state)):
             raise NonFiniteStop(
-                f"the state at step {step} is not finite: not saved, so {self._previous()} stays the latest", step
+                f"the state at step {step} is not finite: not saved, so the latest stays as it was ({self.intact()})", step
             )
         extra = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
         if state.ref_params is not None:  # DPO's frozen reference: a resumed run needs it again
@@ -303,9 +347,24 @@ class Saves:
         finally:
             concurrent.futures.wait(self._hashing)
             self._hasher.shutdown()
-            logging.getLogger("absl").removeFilter(self._quiet)
         for f in self._hashing:
             f.result()
+
+    def settle(self) -> str:
+        """After an unexpected error: with one process, wait for the save in flight and its
+        checksums, so that it completes; with several, whose peers may be gone and would
+        hold that wait forever, abandon it (orbax's temporary directory, which resume
+        ignores). Returns, in words, which checkpoint is the latest; never raises."""
+        step, abandoned = self.pending, ""
+        if step is not None and jax.process_count() > 1:
+            self.pending = None
+            abandoned = f"the checkpoint of step {step} in flight was abandoned; "
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001 - reported, not raised: an error is on its way up
+            return str(e) if isinstance(e, SaveFailed) else describe_io_error(e)
+        completed = "the checkpoint in flight was completed; " if step is not None and not abandoned else ""
+        return f"{abandoned}{completed}{self.intact()}"
 
     def _finish(self, *, block: bool) -> None:
         if self.pending is None:
@@ -321,12 +380,10 @@ class Saves:
             self._hashing.append(self._hasher.submit(_write_checksums, directory))
 
     def _failed(self, step: int, error: Exception) -> SaveFailed:
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            reason = f"the disk is full ({reason})"
-        return SaveFailed(f"checkpoint of step {step} failed: {reason}; {self._previous()} is intact", step)
+        return SaveFailed(f"checkpoint of step {step} failed: {describe_io_error(error)}; {self.intact()}", step)
 
-    def _previous(self) -> str:
+    def intact(self) -> str:
+        """Which checkpoint is intact, in words."""
         if self.last_good is None:
-            return "no earlier checkpoint"
-        return f"checkpoint {checkpoint.step_dir(self.mngr, self.last_good)}"
+            return "there is no earlier checkpoint"
+        return f"checkpoint {checkpoint.step_dir(self.mngr, self.last_good)} is intact"

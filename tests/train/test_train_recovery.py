@@ -1,26 +1,28 @@
 """Faults of a longer life, injected for real in `flaxformer-lite train` subprocesses:
 a divergence between resumes, a disk that fills up, an unexpected error mid-save."""
 
-import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import pytest
 
 from flaxformer_lite import checkpoint, cli
-from flaxformer_lite.train import safety
+from flaxformer_lite.train import metrics, safety
 
 
-def _train(workdir, overrides, *extra, resume=False, prelude=""):
+def _train(workdir, overrides, *extra, resume=False, prelude="", env=None):
     """`flaxformer-lite train` in a subprocess (after `prelude`, Python run in it first);
-    (exit status, stderr)."""
+    (exit status, stderr). A hang fails the test after 300 s."""
     args = ["train", "--config", "gpt_tiny", "--workdir", str(workdir), "--set", *overrides, *extra]
     args += ["--resume"] if resume else []
     code = f"{prelude}\nimport sys\nfrom flaxformer_lite import cli\nsys.exit(cli.main({args!r}))\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ))
+                          env={**os.environ, **(env or {})})
     return done.returncode, done.stderr
 
 
@@ -60,3 +62,79 @@ def test_best_checkpoint_survives_a_divergence_and_two_resumes(gpt_overrides, tm
     assert cli.main(argv) == 2
     assert f"--resume 7: {workdir / 'checkpoints'} has no checkpoint of step 7" in capsys.readouterr().err
 
+
+
+# ------------------------------------------------------------------------------- full disk
+
+
+@pytest.fixture(scope="module")
+def full_disk(tmp_path_factory):
+    """Environment that preloads full_disk.c (built here) into a subprocess."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler to build the full-disk injector")
+    library = tmp_path_factory.mktemp("full_disk") / "full_disk.so"
+    source = pathlib.Path(__file__).with_name("full_disk.c")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source), "-ldl"], check=True)
+    return {"LD_PRELOAD": str(library)}
+
+
+# Steps 6-9 wait (a second at most) for the checksums of step 5, which the loop writes
+# once it sees that save complete: so the disk fills between the saves of steps 5 and 10.
+UNTIL_CHECKSUMS = """
+import pathlib, time
+from flaxformer_lite import parallel
+shard_batch, calls = parallel.shard_batch, []
+
+def waiting_shard_batch(*args, **kwargs):
+    calls.append(1)
+    deadline = time.monotonic() + 1
+    while 6 <= len(calls) <= 9 and time.monotonic() < deadline:
+        if pathlib.Path({workdir!r}, "checkpoints", "5", "checksums.json").exists():
+            break
+        time.sleep(0.02)
+    return shard_batch(*args, **kwargs)
+
+parallel.shard_batch = waiting_shard_batch
+"""
+
+
+def _check_stopped_on_full_disk(workdir, code, err, intact):
+    assert code == safety.EXIT_SAVE_FAILED, err[-3000:]
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]
+    (line,) = [l for l in err.splitlines() if l.startswith("stopped: ")]
+    assert "the disk is full" in line and f"checkpoint {workdir / 'checkpoints' / str(intact)} is intact" in line
+    assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")]
+    with checkpoint.manager(workdir, read_only=True, best_metric=None) as mngr:
+        assert mngr.latest_step() == intact
+    assert checkpoint.verify_checksums(workdir / "checkpoints" / str(intact)) == (True, "")
+    return line
+
+
+def test_disk_full_between_saves_stops_at_once(gpt_overrides, full_disk, tmp_path):
+    workdir = tmp_path / "run"
+    # Full once step 5 is complete, with its checksums.
+    env = {**full_disk, "FFL_FULL_DIR": str(workdir), "FFL_FULL_FROM": f"/5/{checkpoint.CHECKSUM_FILE}",
+           "FFL_FULL_BYTES": "0"}
+    code, err = _train(workdir, [*gpt_overrides, "train.num_samples=0"], env=env,
+                       prelude=UNTIL_CHECKSUMS.format(workdir=str(workdir)))
+    line = _check_stopped_on_full_disk(workdir, code, err, intact=5)
+    assert f"could not write {workdir / metrics.METRICS_FILE} at step " in line
+    # What was written before is all there.
+    steps = [r["step"] for r in metrics.read_metrics(workdir) if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1)) and 5 <= len(steps) < 10
+
+
+def test_disk_full_during_a_save_keeps_the_previous(gpt_run, gpt_cfg, gpt_overrides, full_disk, tmp_path):
+    reference, _ = gpt_run
+    workdir = tmp_path / "run"
+    env = {**full_disk, "FFL_FULL_DIR": str(workdir), "FFL_FULL_FROM": "/10.orbax-checkpoint-tmp/",
+           "FFL_FULL_BYTES": "2000"}
+    code, err = _train(workdir, gpt_overrides, env=env)
+    _check_stopped_on_full_disk(workdir, code, err, intact=5)
+
+    # Space freed: the resumed run is the uninterrupted one.
+    from flaxformer_lite.train import loop
+
+    loop.train(gpt_cfg, workdir, resume=True)
+    leaves = [jax.tree.leaves(checkpoint.load_params(w)[1]) for w in (workdir, reference)]
+    assert all(np.array_equal(a, b) for a, b in zip(*leaves))
