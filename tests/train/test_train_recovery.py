@@ -17,13 +17,13 @@ from flaxformer_lite.train import metrics, safety
 
 def _train(workdir, overrides, *extra, resume=False, prelude="", env=None):
     """`flaxformer-lite train` in a subprocess (after `prelude`, Python run in it first);
-    (exit status, stderr). A hang fails the test after 300 s."""
+    (exit status, its output). A hang fails the test after 300 s."""
     args = ["train", "--config", "gpt_tiny", "--workdir", str(workdir), "--set", *overrides, *extra]
     args += ["--resume"] if resume else []
     code = f"{prelude}\nimport sys\nfrom flaxformer_lite import cli\nsys.exit(cli.main({args!r}))\n"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
-    return done.returncode, done.stderr
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+    return done.returncode, done.stdout
 
 
 def _steps(workdir):
@@ -138,3 +138,35 @@ def test_disk_full_during_a_save_keeps_the_previous(gpt_run, gpt_cfg, gpt_overri
     loop.train(gpt_cfg, workdir, resume=True)
     leaves = [jax.tree.leaves(checkpoint.load_params(w)[1]) for w in (workdir, reference)]
     assert all(np.array_equal(a, b) for a, b in zip(*leaves))
+
+
+# ------------------------------------------------------------------------------- unexpected errors
+
+
+# A bug in the data pipeline: the batch after the save of step 10 has started raises.
+DATA_BUG = """
+from flaxformer_lite.train import loop
+prepare_data, batches = loop.prepare_data, []
+
+def count(batch):
+    batches.append(1)
+    if len(batches) == 11:
+        raise RuntimeError("a bug in the data pipeline")
+    return batch
+
+def failing_prepare_data(cfg, **kwargs):
+    setup = prepare_data(cfg, **kwargs)
+    setup.train = setup.train.map(count)
+    return setup
+
+loop.prepare_data = failing_prepare_data
+"""
+
+
+def test_an_unexpected_error_completes_the_save_in_flight(gpt_overrides, tmp_path):
+    workdir = tmp_path / "run"
+    code, err = _train(workdir, [*gpt_overrides, "train.num_samples=0"], prelude=DATA_BUG)
+    assert code == 1 and "RuntimeError: a bug in the data pipeline" in err, err[-3000:]
+    assert "error at step 10: the checkpoint in flight was completed" in err
+    assert _steps(workdir) == [5, 10] and not list((workdir / "checkpoints").glob("*tmp*"))
+    assert checkpoint.verify_checksums(workdir / "checkpoints" / "10") == (True, "")
