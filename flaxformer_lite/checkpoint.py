@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -138,19 +139,21 @@ def restore(
     *,
     params_target: Any = None,
     extra_target: Any = None,
+    params_only: bool = False,
 ) -> tuple[Any, Any, Optional[dict]]:
     """(params, extra, meta) of `step` (default: the latest complete one).
 
     Targets are trees of arrays or jax.ShapeDtypeStruct (with shardings, for a sharded
-    restore); None restores as saved. `extra` is None for a params-only checkpoint.
+    restore); None restores as saved. `extra` is None for a params-only checkpoint, and
+    `extra` and `meta` are None with `params_only`.
     """
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {mngr.directory}")
     items = {"params": ocp.args.StandardRestore(params_target)}
-    if _present(mngr, step, "extra"):
+    if _present(mngr, step, "extra") and not params_only:
         items["extra"] = ocp.args.StandardRestore(extra_target)
-    if _present(mngr, step, "meta"):
+    if _present(mngr, step, "meta") and not params_only:
         items["meta"] = ocp.args.JsonRestore()
     out = mngr.restore(step, args=ocp.args.Composite(**items))
     return out["params"], out.get("extra"), out.get("meta")
@@ -232,6 +235,7 @@ def restore_good(
     params_target: Any = None,
     extra_target: Any = None,
     move_bad: bool = True,
+    params_only: bool = False,
 ) -> tuple[Optional[int], Any, Any, Optional[dict]]:
     """(step, params, extra, meta) of the newest step that passes its checks; step None
     when there is none.
@@ -248,7 +252,8 @@ def restore_good(
         loaded = None
         if verified is not False:
             try:
-                loaded = restore(mngr, step, params_target=params_target, extra_target=extra_target)
+                loaded = restore(mngr, step, params_target=params_target, extra_target=extra_target,
+                                 params_only=params_only)
             except Exception as e:  # noqa: BLE001 - any read failure of an unverified step
                 if verified:
                     raise
@@ -297,7 +302,11 @@ def save_params(workdir: str | pathlib.Path, cfg: Config, params: Any, step: int
 
 
 def load_params(workdir: str | pathlib.Path, step: Optional[int] = None) -> tuple[Config, Any]:
-    """(Config, params) of a run directory: params of `step`, default the latest."""
+    """(Config, params) of a run directory: params of `step`, default the latest.
+
+    Whatever number of processes wrote it, each process gets the whole params, on its
+    first local device.
+    """
     cfg = read_config(workdir)
     directory = pathlib.Path(workdir) / CHECKPOINT_DIR
     if not directory.exists():
@@ -309,8 +318,27 @@ def load_params(workdir: str | pathlib.Path, step: Optional[int] = None) -> tupl
             verified, problem = verify_checksums(step_dir(mngr, step))
             if verified is False:
                 raise FileNotFoundError(f"{step_dir(mngr, step)} is corrupt: {problem}")
-            return cfg, restore(mngr, step)[0]
-        found, params, _, _ = restore_good(mngr, move_bad=False)
-        if found is None:
-            raise FileNotFoundError(f"no usable checkpoint in {directory}")
-    return cfg, params
+            params = restore(mngr, step, params_target=_whole_on_each_process(mngr, step), params_only=True)[0]
+        else:
+            latest = mngr.latest_step()
+            target = _whole_on_each_process(mngr, latest) if latest is not None else None
+            found, params, _, _ = restore_good(mngr, params_target=target, move_bad=False, params_only=True)
+            if found is None:
+                raise FileNotFoundError(f"no usable checkpoint in {directory}")
+    return cfg, jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, params)
+
+
+def _whole_on_each_process(mngr: ocp.CheckpointManager, step: int) -> Any:
+    """Restore target for the params of `step`: the saved shapes and dtypes, replicated
+    over one device of each process. Orbax reads a checkpoint into any such target,
+    whatever the topology that wrote it; without one it insists on that topology."""
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(step_dir(mngr, step) / "params")
+    except Exception:  # noqa: BLE001 - unreadable metadata: restore_good reports the step
+        return None
+    devices = np.array([jax.local_devices(process_index=p)[0] for p in range(jax.process_count())])
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("processes",)), jax.sharding.PartitionSpec())
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), getattr(saved, "tree", saved),
+        is_leaf=lambda a: hasattr(a, "shape"),
+    )

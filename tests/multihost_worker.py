@@ -1,7 +1,10 @@
-"""One process of the multi-host test: joins jax.distributed, runs a sharded forward.
+"""One process of the multi-host tests: joins jax.distributed, runs a sharded forward,
+or runs `flaxformer-lite` commands.
 
-Run by tests/test_multihost.py as `python tests/multihost_worker.py OUT_FILE` with the
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment set.
+Run by tests/test_multihost.py as `python tests/multihost_worker.py OUT_FILE`, or as
+`python tests/multihost_worker.py cli DELAY COMMANDS_JSON` (each training step slowed by
+DELAY seconds, so that a signal can land mid-run), with the JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID environment set.
 """
 
 import json
@@ -48,9 +51,35 @@ def main(out_file):
             json.dump({"loss": loss, "devices": jax.device_count(), "processes": jax.process_count()}, f)
 
 
+def run_commands(delay, commands):
+    """cli.main of each command in turn, in one jax.distributed session; the first
+    nonzero exit status, else 0."""
+    import time
+
+    from flaxformer_lite import cli
+
+    shard_batch = parallel.shard_batch
+
+    def slow_shard_batch(*args, **kwargs):
+        time.sleep(delay)
+        return shard_batch(*args, **kwargs)
+
+    parallel.shard_batch = slow_shard_batch
+    parallel.initialize_distributed()
+    parallel.initialize_distributed = lambda: None  # joined once, for all the commands
+    for argv in commands:
+        code = cli.main(argv)
+        if code:
+            return code
+    return 0
+
+
 if __name__ == "__main__":
     # Only as a script: the test imports this module, and these would change the
     # pytest process's own devices.
     jax.config.update("jax_platforms", "cpu")
+    if sys.argv[1] == "cli":
+        jax.config.update("jax_num_cpu_devices", 1)
+        sys.exit(run_commands(float(sys.argv[2]), json.loads(sys.argv[3])))
     jax.config.update("jax_num_cpu_devices", 2)
     main(sys.argv[1])

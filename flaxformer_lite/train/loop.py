@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import math
 import pathlib
 import time
@@ -374,6 +375,32 @@ def _any_process(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(x) for x in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
 
 
+def _every_process(value: Any) -> list:
+    """[value of process 0, value of process 1, ...] of a JSON value, on every process."""
+    if jax.process_count() == 1:
+        return [value]
+    encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(encoded)))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(encoded)] = encoded
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
+
+
+def _set_data_position(it, meta: dict) -> None:
+    """Put this process's data iterator where it was at the checkpoint. Each process reads
+    its own shard, so each has its own position; a checkpoint of another process count
+    read other shards, and the data starts afresh (with a warning)."""
+    states = meta.get("data_iterators") or [meta["data_iterator"]]  # before: process 0's only
+    if len(states) == jax.process_count():
+        it.set_state(states[jax.process_index()])
+        return
+    warnings.warn(
+        f"the checkpoint was written by {len(states)} process(es) and this run has {jax.process_count()}: "
+        "each reads another shard of the data now, which starts from its beginning", stacklevel=2,
+    )
+
+
 def _host_copy(tree: Any) -> Any:
     """A numpy copy of a (possibly sharded over several processes) tree, on every process."""
     if jax.process_count() > 1:
@@ -538,8 +565,6 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
     """Write config.yaml; the train state (resumed, initialised from `loaded`, or fresh)."""
     prog = programs(cfg, mesh)
     main = jax.process_index() == 0
-    if main:
-        checkpoint.write_config(workdir, cfg)
     mngr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints, best_metric="eval_loss")
     if resume_step is not None:
         _set_aside_after(mngr, resume_step, log)
@@ -551,9 +576,15 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
         extra_target = {"opt_state": abstract.opt_state, "step": abstract.step, "rng": abstract.rng}
         if abstract.ref_params is not None:
             extra_target["ref_params"] = abstract.ref_params
-        found, params, extra, meta = checkpoint.restore_good(
-            mngr, params_target=abstract.params, extra_target=extra_target
-        )
+        try:
+            found, params, extra, meta = checkpoint.restore_good(
+                mngr, params_target=abstract.params, extra_target=extra_target
+            )
+        except Exception as e:  # noqa: BLE001 - a step that passed its checks and does not load
+            raise ConfigError(
+                f"--resume: the checkpoints in {mngr.directory} do not fit this config's model or optimizer "
+                f"({str(e).splitlines()[0][:300]}): resume with the run's own config"
+            ) from None
         restored = None if found is None else (params, extra, meta)
         if found is None:
             log(f"no usable checkpoint in {workdir}: starting at step 0")
@@ -561,7 +592,7 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
         params, extra, meta = restored
         state = TrainState(step=extra["step"], params=params, opt_state=extra["opt_state"], rng=extra["rng"],
                            ref_params=extra.get("ref_params"))
-        it.set_state(meta["data_iterator"])
+        _set_data_position(it, meta)
         start_step, tokens_seen = int(state.step), float(meta["tokens"])
         streak = int(meta.get("nonfinite_streak", 0))
         log(f"resumed {workdir} at step {start_step}")
@@ -573,6 +604,8 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
             f"{len(unused)} unused {unused}")
     else:
         state = prog.init(jax.random.key(cfg.train.seed))
+    if main:  # after the restore: a config that does not fit the checkpoints is not written
+        checkpoint.write_config(workdir, cfg)
     d = cfg.data
     flops_per_token = flops.training_flops_per_token(cfg.model, d.seq_len, d.target_len)
     lora_cfg = cfg.model.lora
@@ -737,7 +770,8 @@ def _save(run: _Run) -> Optional[safety.RunStopped]:
     try:
         run.saves.save(
             run.step, run.state,
-            meta={"data_iterator": run.it.get_state(), "step": run.step, "tokens": run.window.tokens_seen,
+            meta={"data_iterators": _every_process(run.it.get_state()), "step": run.step,
+                  "tokens": run.window.tokens_seen,
                   "nonfinite_streak": run.nonfinite.streak},
             metrics={"eval_loss": eval_loss} if evaluated else None,
         )
@@ -774,6 +808,7 @@ def _finish(run: _Run, stopped: Optional[safety.RunStopped], peak: float, measur
         "num_params": count_params(run.prog.abstract.params),
         "seconds": time.perf_counter() - started,
         **run.eval_record,
+        **({"eval_step": run.evaluated_at} if run.eval_record else {}),
         **metrics_lib.baselines(run.setup.eval_batches, cfg.data.objective),
         **run.window.mean_throughput(),
         "flops_per_token": run.window.flops_per_token,

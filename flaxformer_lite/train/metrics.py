@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from flaxformer_lite import flops
+from flaxformer_lite.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -179,22 +180,26 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
     """The records of WORKDIR/metrics.jsonl (empty if there is none).
 
     A half-written last line, as a process killed mid-write leaves, is skipped with a
-    warning; a damaged line elsewhere is an error naming the file and line.
+    warning; a damaged line elsewhere (not a JSON object with a step) is a ConfigError
+    naming the file and line.
     """
     path = pathlib.Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record")
+            records.append(record)
         except ValueError:
             if number < len(lines):
-                raise ValueError(
-                    f"{path}:{number}: not a JSON record; delete or repair that line"
+                raise ConfigError(
+                    f"{path}:{number}: not a JSON record with a step ({line[:40]!r}); delete or repair that line"
                 ) from None
             warnings.warn(f"{path}:{number}: skipping a half-written last line {line[:40]!r}", stacklevel=2)
     return records

@@ -170,3 +170,31 @@ def test_an_unexpected_error_completes_the_save_in_flight(gpt_overrides, tmp_pat
     assert "error at step 10: the checkpoint in flight was completed" in err
     assert _steps(workdir) == [5, 10] and not list((workdir / "checkpoints").glob("*tmp*"))
     assert checkpoint.verify_checksums(workdir / "checkpoints" / "10") == (True, "")
+
+
+# ------------------------------------------------------------------------------- resume errors
+
+
+def test_resume_errors_are_one_line_and_change_nothing(gpt_run, gpt_overrides, tmp_path, capsys):
+    reference, _ = gpt_run
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    argv = ["train", "--config", "gpt_tiny", "--workdir", str(workdir), "--resume", "--set", *gpt_overrides,
+            "train.num_steps=30"]
+
+    lines = (workdir / metrics.METRICS_FILE).read_text().splitlines()
+    (workdir / metrics.METRICS_FILE).write_text("\n".join([*lines[:2], lines[2][:20], *lines[3:]]) + "\n")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {workdir / metrics.METRICS_FILE}:3: not a JSON record with a step" in err, err
+    assert "Traceback" not in err
+    (workdir / metrics.METRICS_FILE).write_text("\n".join(lines) + "\n")
+
+    # Without config.yaml nothing tells the model's width but the checkpoint itself.
+    (workdir / checkpoint.CONFIG_FILE).unlink()
+    assert cli.main([*argv, "model.d_model=64"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --resume: the checkpoints in" in err and "resume with the run's own config" in err, err
+    assert "Traceback" not in err
+    assert not (workdir / checkpoint.CONFIG_FILE).exists()
+    assert _steps(workdir) == [10, 15, 20]
