@@ -144,21 +144,32 @@ class _QuietOrbax(logging.Filter):
         return record.getMessage() != "Requested `tracked_metric`; did not provide metrics."
 
 
+class _QuietOrbaxTasks(logging.Filter):
+    """asyncio's "exception was never retrieved" records of orbax's abandoned writes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        tb = record.exc_info[2] if record.exc_info else None
+        return not any("orbax" in frame.filename for frame in traceback.extract_tb(tb))
+
+
 def _quiet_failed_saves() -> None:
     """Leave the tracebacks of a failed save out of stderr (we report it in one line).
 
-    Orbax logs each of its failed threads with a traceback. It also closes its event loop
-    at the first failed write, and tensorstore reports each of that save's writes that
-    finishes later as an unraisable error: a traceback apiece, over a hundred on a full
-    disk. Both go on after the save is given up, even after the run, so these filters
-    stay installed (once per process): tracebacks of records logged from orbax's files
-    are dropped, as is an unraisable RuntimeError "Event loop is closed" that no object
-    raised and whose every frame is in asyncio (tensorstore's callback, from C).
+    Orbax logs each of its failed threads with a traceback, and asyncio each of its writes
+    whose error nobody retrieved. Orbax also closes its event loop at the first failed
+    write, and tensorstore reports each of that save's writes that finishes later as an
+    unraisable error: a traceback apiece, over a hundred on a full disk. All go on after
+    the save is given up, even after the run, so these filters stay installed (once per
+    process): tracebacks of records logged from orbax's files are dropped, asyncio's
+    records of exceptions raised through orbax's code, and an unraisable RuntimeError
+    "Event loop is closed" that no object raised and whose every frame is in asyncio
+    (tensorstore's callback, from C).
     """
     hook = sys.unraisablehook
     if getattr(hook, "ffl_quiet", False):
         return
     logging.getLogger("absl").addFilter(_QuietOrbax())
+    logging.getLogger("asyncio").addFilter(_QuietOrbaxTasks())
 
     def quiet(unraisable):
         frames = traceback.extract_tb(unraisable.exc_traceback)
