@@ -46,6 +46,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
                         help="--to-hf: split the weights into shards of at most SIZE (e.g. 2GB, 500MB) with "
                              "model.safetensors.index.json, as transformers does (default: %(default)s)")
+    parser.add_argument("--peft", metavar="ADAPTER_DIR",
+                        help="--from-hf: also load this PEFT LoRA adapter of the model (model.lora from its config)")
     parser.add_argument("--scan-layers", action="store_true", help="--from-hf: stack layers for nn.scan")
     parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="--from-hf: dtype to store parameters in")
@@ -108,6 +110,12 @@ def _from_hf(args: argparse.Namespace) -> dict:
     source, workdir = pathlib.Path(args.from_hf), pathlib.Path(args.to)
     model_cfg, params = hf.load(source, skip=args.skip, scan_layers=args.scan_layers, param_dtype=args.param_dtype)
     hf_config = hf.read_config(source)
+    if args.peft:
+        from flaxformer_lite.interop import peft
+
+        if args.scan_layers:
+            raise hf.HFError("--peft loads adapters onto unrolled layers: drop --scan-layers")
+        model_cfg, params = peft.load_adapters(model_cfg, params, args.peft, model_type=hf_config["model_type"])
     kept = workdir / hf.HF_SOURCE_DIR
     has_tokenizer = (source / hf.TOKENIZER_FILE).is_file()
     if has_tokenizer:

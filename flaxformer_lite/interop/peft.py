@@ -90,3 +90,56 @@ def save_adapters(cfg: ModelConfig, params: Any, path, *, model_type: Optional[s
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+# PEFT options that change what the adapters compute, which model.lora cannot express.
+_REFUSED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
+            "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def load_adapters(cfg: ModelConfig, params: Any, path, *, model_type: Optional[str] = None) -> tuple[ModelConfig, dict]:
+    """(cfg with model.lora from the folder, params with its adapters beside the base's).
+
+    `params` is the base model (hf.load's, unrolled layers); the folder is a PEFT LoRA
+    adapter for that HF family, as `save_adapters` writes or peft's save_pretrained does.
+    Options model.lora cannot express (DoRA, rsLoRA, per-layer ranks, trained biases or
+    extra modules) are refused by name.
+    """
+    from safetensors.numpy import load_file
+
+    folder = pathlib.Path(path)
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except (OSError, ValueError) as e:
+        raise HFError(f"{folder}: not a PEFT adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE}): {e}") from None
+    where = folder / CONFIG_FILE
+    if config.get("peft_type") != "LORA":
+        raise HFError(f"{where}: peft_type={config.get('peft_type')!r}; only LORA adapters load here")
+    for key, plain in _REFUSED.items():
+        if config.get(key, plain) not in (plain, None, {}):
+            raise HFError(f"{where}: {key}={config[key]!r} changes what the adapters compute; model.lora has no such option")
+    model_type = model_type or families.infer_model_type(cfg)
+    family = families.family_for(model_type)
+    by_hf = {m.hf: m for m in family.maps(cfg, family.prefix, None) if m.kind == "linear" and len(m.ours) == 1}
+    tree = params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
+    kernels = traverse_util.flatten_dict(tree, sep="/")
+    rank, adapters, targets = int(config["r"]), {}, set()
+    for name in sorted(tensors):
+        if not name.endswith(".lora_A.weight"):
+            continue
+        hf_weight = name.removeprefix(PREFIX).removesuffix(".lora_A.weight") + ".weight"
+        b_name = name.replace(".lora_A.", ".lora_B.")
+        if hf_weight not in by_hf or b_name not in tensors:
+            raise HFError(f"{folder / WEIGHTS_FILE}: {name} adapts no projection of an HF {model_type} model here")
+        m = by_hf[hf_weight]
+        kernel = m.ours[0]
+        shape = kernels[kernel].shape
+        a = Map(m.hf, (kernel,), "linear", m.in_axes).to_ours(tensors[name], [shape[: m.in_axes] + (rank,)])[0]
+        b = Map(m.hf, (kernel,), "linear", 1).to_ours(tensors[b_name], [(rank,) + shape[m.in_axes:]])[0]
+        adapters[tuple(f"{kernel}_lora_a".split("/"))], adapters[tuple(f"{kernel}_lora_b".split("/"))] = a, b
+        targets.add(kernel.rsplit("/", 1)[-1])
+    lora_cfg = LoraConfig(rank=rank, alpha=float(config.get("lora_alpha", rank)),
+                          dropout=float(config.get("lora_dropout", 0.0)), targets=tuple(t for t in lora.AXES if t in targets))
+    joined = lora.join(traverse_util.unflatten_dict(adapters), tree)
+    return dataclasses.replace(cfg, lora=lora_cfg), ({"params": joined} if tree is not params else joined)

@@ -46,6 +46,11 @@ def test_peft_loads_our_adapters_onto_the_transformers_base(tmp_path):
     theirs = _torch_logits(peft_model, ids)
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     assert np.abs(theirs - _torch_logits(peft_model.get_base_model().__class__.from_pretrained(tmp_path / "src"), ids)).max() > 1e-2
+    # And back: a run directory from the base folder plus the adapter holds the same model.
+    assert cli.main(["convert", "--from-hf", str(tmp_path / "src"), "--peft", str(out), "--to", str(tmp_path / "run")]) == 0
+    run_cfg, run_params = checkpoint.load_params(tmp_path / "run")
+    assert run_cfg.model.lora == cfg.lora
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), run_params, params)
 
 
 def test_a_projection_peft_cannot_hold_is_refused_by_name():
@@ -88,3 +93,13 @@ def test_the_command_line_run_trains_adapters_only_and_exports_both_ways(lora_ru
     ours = jax.jit(lambda p, i: ffl.build_model(cfg.model).apply(p, i).logits)(params, ids)
     np.testing.assert_allclose(with_adapter, ours, atol=1e-4)
     np.testing.assert_allclose(merged, ours, atol=1e-4)
+
+
+def test_a_peft_option_model_lora_cannot_express_is_refused_by_name(tmp_path):
+    from safetensors.numpy import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
+    save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "adapter_model.safetensors"))
+    cfg = ffl.load_config("llama_tiny").model
+    with pytest.raises(hf.HFError, match=r"adapter_config.json: use_dora=True changes what the adapters compute"):
+        ffl_peft.load_adapters(cfg, {}, tmp_path, model_type="llama")
