@@ -43,6 +43,7 @@ CASES = [
     (["generate", "--workdir", "{run}", "--prompt", "hi", "--method", "nope"], "--method"),
     (["generate", "--workdir", "{run}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["generate", "--workdir", "{run}", "--prompt", "hi", "--top-p", "2"], "--top-p"),
+    (["generate", "--workdir", "{run}", "--prompt", "hi", "--method", "sample", "--top-p", "0"], "--top-p"),
     (["generate", "--workdir", "{run}", "--prompt", "hi", "--step", "7"], "7"),
     # embed
     (["embed", "--hf", "{tmp}/nohf", "--text", "hi"], "nohf"),
