@@ -325,6 +325,9 @@ class Saves:
         except SaveFailed as failed:
             self.save(step, state, meta=meta, metrics=metrics)
             raise failed from None
+        # The previous step's checksums go to disk before this save can fill it: every
+        # complete step but the newest is checked on --resume.
+        concurrent.futures.wait(self._hashing)
         if not checkpoint.all_finite((state.params, state.opt_state)):
             raise NonFiniteStop(
                 f"the state at step {step} is not finite: not saved, so the latest stays as it was ({self.intact()})", step
