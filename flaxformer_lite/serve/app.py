@@ -223,6 +223,23 @@ def _failure(events: list[dict]) -> Optional[ApiError]:
     return None
 
 
+async def _collect(run: _Run) -> Optional[tuple[dict, dict]]:
+    """A non-streaming request's results: (token infos, done event) per sequence index;
+    None if the client went away first. Raises the first sequence's failure."""
+    infos, done = {}, {}
+    async for index, event in run.events_until_done():
+        if event["type"] == "token":
+            infos.setdefault(index, []).extend(event["tokens"])
+        else:
+            done[index] = event
+    if len(done) < len(run.handles):
+        return None
+    failure = _failure(list(done.values()))
+    if failure:
+        raise failure
+    return infos, done
+
+
 def _usage(done: list[dict], prompts: list[list[int]]) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(e["completion_tokens"] for e in done)
@@ -317,17 +334,10 @@ async def completions(request: Request) -> Response:
 
         return _Stream(sse(), run)
 
-    infos, done = {}, {}
-    async for index, event in run.events_until_done():
-        if event["type"] == "token":
-            infos.setdefault(index, []).extend(event["tokens"])
-        else:
-            done[index] = event
-    if len(done) < len(run.handles):
+    collected = await _collect(run)
+    if collected is None:
         return Response(status_code=499)  # the client has gone
-    failure = _failure(list(done.values()))
-    if failure:
-        raise failure
+    infos, done = collected
     choices = []
     for index in sorted(done):
         event = done[index]
@@ -424,17 +434,10 @@ async def chat_completions(request: Request) -> Response:
 
         return _Stream(sse(), run)
 
-    infos, done = {}, {}
-    async for index, event in run.events_until_done():
-        if event["type"] == "token":
-            infos.setdefault(index, []).extend(event["tokens"])
-        else:
-            done[index] = event
-    if len(done) < len(run.handles):
-        return Response(status_code=499)
-    failure = _failure(list(done.values()))
-    if failure:
-        raise failure
+    collected = await _collect(run)
+    if collected is None:
+        return Response(status_code=499)  # the client has gone
+    infos, done = collected
     choices = [{
         "index": i, "message": {"role": "assistant", "content": done[i]["text"]},
         "logprobs": chat_logprobs(infos.get(i, [])), "finish_reason": done[i]["finish_reason"],
