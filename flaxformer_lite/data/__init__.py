@@ -23,6 +23,9 @@ _PUBLIC = {
         "BUILTIN", "LabeledCorpus", "builtin_classification", "builtin_documents", "load_labeled",
         "load_pairs", "load_texts", "split",
     )},
+    **{name: ("flaxformer_lite.data.chat", name) for name in (
+        "tokenizer_template",
+    )},
     **{name: ("flaxformer_lite.data.errors", name) for name in (
         "DataError",
     )},
@@ -42,7 +45,7 @@ _PUBLIC = {
         "iter_texts",
     )},
     **{name: ("flaxformer_lite.data.store", name) for name in (
-        "Documents", "Store", "is_store",
+        "Documents", "Store", "chat_template_record", "is_store",
     )},
     **{name: ("flaxformer_lite.data.tokenizers", name) for name in (
         "ByteTokenizer", "HFTokenizer", "Tokenizer", "bos_or_none", "load_tokenizer", "train_tokenizer",

@@ -105,6 +105,15 @@ class ChatTemplate:
         return hash((self.source, tuple(sorted(self.special_tokens.items()))))
 
 
+def tokenizer_template(tokenizer_spec: PathLike) -> Optional[ChatTemplate]:
+    """The chat template of the folder a tokenizer spec (`data.tokenizer`) names, or holds
+    its tokenizer.json; None for the byte tokenizer or a folder without one."""
+    if str(tokenizer_spec) == "byte":
+        return None
+    path = pathlib.Path(tokenizer_spec)
+    return ChatTemplate.from_folder(path if path.is_dir() else path.parent)
+
+
 def _template_source(folder: pathlib.Path) -> Optional[str]:
     if (folder / TEMPLATE_FILE).is_file():
         return (folder / TEMPLATE_FILE).read_text(encoding="utf-8")

@@ -41,6 +41,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     _corpus_arguments(parser, required=False)
     parser.add_argument("--out", required=True, metavar="DATADIR", help="folder of the token store")
     parser.add_argument("--tokenizer", default="byte", help="'byte', or a tokenizer.json (or its folder)")
+    parser.add_argument("--objective", default="text", choices=("text", "sft", "dpo"),
+                        help="text: documents; sft, dpo: JSON lines of fine-tuning examples, rendered with the "
+                             "tokenizer folder's chat template and stored with their loss masks")
     parser.add_argument("--val-fraction", type=fraction, default=0.05, help="documents held out for validation")
     parser.add_argument("--split", default="hash", choices=("hash", "tail"),
                         help="hash: by a seeded content hash; tail: the last documents")
@@ -90,6 +93,7 @@ def run_prepare(args: argparse.Namespace) -> int:
                 options = PrepareOptions(
                     tokenizer=args.tokenizer, text_field=args.text_field, document_unit=args.document_unit,
                     val_fraction=args.val_fraction, split=args.split, seed=args.seed, shard_tokens=args.shard_tokens,
+                    objective=args.objective,
                 )
                 out = prepare(_corpus(args.corpus), args.out, options, workers=args.workers, part=args.part,
                               progress=not args.no_progress)

@@ -264,6 +264,12 @@ def split_hashes(texts: Sequence[str], seed: int = 0) -> np.ndarray:
     return _mix(((crc << _U64(32)) | size) + key)
 
 
+def split_text(item) -> str:
+    """What `split` hashes for an item: a string itself, anything else its JSON (`str` of what
+    JSON cannot hold, e.g. a fine-tuning record's fields)."""
+    return item if isinstance(item, str) else json.dumps(item, default=str)
+
+
 def split(
     items: Sequence[T], val_fraction: float, *, seed: int = 0, method: str = "hash"
 ) -> tuple[list[T], list[T]]:
@@ -287,7 +293,7 @@ def split(
     n_val = min(max(1, round(val_fraction * len(items))), len(items) - 1)
     if method == "tail":
         return list(items[: len(items) - n_val]), list(items[len(items) - n_val :])
-    hashes = split_hashes([i if isinstance(i, str) else json.dumps(i, default=str) for i in items], seed)
+    hashes = split_hashes([split_text(i) for i in items], seed)
     threshold = np.partition(hashes, n_val - 1)[n_val - 1]
     train = [item for item, h in zip(items, hashes) if h > threshold]
     val = [item for item, h in zip(items, hashes) if h <= threshold]

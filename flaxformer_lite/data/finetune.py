@@ -24,8 +24,9 @@ template's own markup); plain strings are encoded as ordinary text.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -43,10 +44,18 @@ EXAMPLE_LINES = {
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One JSON line's fields, and where it came from ("file:line") for error messages."""
+    """One JSON line's fields, and where it came from ("file:line") for error messages.
+
+    `str(record)` is its fields as JSON: what a hash split ranks it by (`corpora.split`
+    here, `prepare`'s store alike), so identical examples land on the same side wherever
+    they are.
+    """
 
     where: str
     fields: dict
+
+    def __str__(self) -> str:
+        return json.dumps(self.fields, sort_keys=True, ensure_ascii=False)
 
 
 def _check_value(value: Any, where: str, field: str) -> None:
@@ -64,52 +73,57 @@ def _check_value(value: Any, where: str, field: str) -> None:
 
 def load_records(source: Source, objective: str) -> list[Record]:
     """The SFT or DPO records of JSON-lines files (in sorted file order, then line order)."""
-    if objective not in FIELDS:
-        raise DataError(f"objective {objective!r} has no fine-tuning records (sft, dpo)")
-    if source is None or source == "builtin":
-        raise DataError(f"{objective} has no built-in corpus: set data.corpus to a .jsonl file of {EXAMPLE_LINES[objective]}")
-    records = []
-    for path in files(source, tuple(f"*{s}" for s in JSONL_SUFFIXES)):
-        if path.suffix not in JSONL_SUFFIXES:
-            raise DataError(f"{path}: {objective} reads JSON lines (.jsonl); one object a line: {EXAMPLE_LINES[objective]}")
-        records.extend(_file_records(path, objective))
+    records = [r for path in record_files(source, objective) for r in file_records(path, objective)]
     if not records:
         raise DataError(f"{source}: no {objective} examples found; the corpus is empty")
     return records
 
 
-def _file_records(path: pathlib.Path, objective: str) -> list[Record]:
-    out = []
+def record_files(source: Source, objective: str) -> list[pathlib.Path]:
+    """The JSON-lines files of an SFT or DPO corpus, in sorted order; DataError for others."""
+    if objective not in FIELDS:
+        raise DataError(f"objective {objective!r} has no fine-tuning records (sft, dpo)")
+    if source is None or source == "builtin":
+        raise DataError(f"{objective} has no built-in corpus: set data.corpus to a .jsonl file of {EXAMPLE_LINES[objective]}")
+    found = files(source, tuple(f"*{s}" for s in JSONL_SUFFIXES))
+    for path in found:
+        if path.suffix not in JSONL_SUFFIXES:
+            raise DataError(f"{path}: {objective} reads JSON lines (.jsonl); one object a line: {EXAMPLE_LINES[objective]}")
+    return found
+
+
+def file_records(path: pathlib.Path, objective: str) -> Iterator[Record]:
+    """The records of one JSON-lines file, streamed in line order."""
     for number, record in jsonl_objects(path):
         where = f"{path}:{number}"
         for names in FIELDS[objective]:
             if all(n in record for n in names):
                 for n in names:
                     _check_value(record[n], where, n)
-                out.append(Record(where, {n: record[n] for n in names}))
+                yield Record(where, {n: record[n] for n in names})
                 break
         else:
             raise DataError(
                 f"{where}: no {objective} fields (has: {', '.join(sorted(record)) or 'none'}); "
                 f"expected {EXAMPLE_LINES[objective]}"
             )
-    return out
 
 
 # ------------------------------------------------------------------------------- tokenizing
 
 
-def _optional_id(tok: Tokenizer, role: str) -> Optional[int]:
+def optional_id(tok: Tokenizer, role: str) -> Optional[int]:
+    """The tokenizer's `role` id ("bos", "eos"), or None where it has none (Qwen has no bos)."""
     try:
-        return getattr(tok, role)  # None (or DataError) where the tokenizer has none: Qwen has no bos
+        return getattr(tok, f"{role}_id")
     except DataError:
         return None
 
 
 def _plain(tok: Tokenizer, prompt: str, reply: str) -> tuple[np.ndarray, np.ndarray]:
-    bos = _optional_id(tok, "bos_id")
+    bos = optional_id(tok, "bos")
     head = ([bos] if bos is not None else []) + tok.encode(prompt)
-    eos = _optional_id(tok, "eos_id")
+    eos = optional_id(tok, "eos")
     if eos is None:
         raise DataError(f"{tok!r} has no eos token to end a completion with; use a tokenizer with one")
     tail = tok.encode(reply) + [eos]

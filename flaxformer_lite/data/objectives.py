@@ -63,7 +63,7 @@ import numpy as np
 from flaxformer_lite.data import corpora, finetune, pipeline
 from flaxformer_lite.data.errors import DataError
 from flaxformer_lite.data.pipeline import Batch, Example
-from flaxformer_lite.data.store import Documents
+from flaxformer_lite.data.store import REJECTED, TRAINED, Documents
 from flaxformer_lite.data.tokenizers import Tokenizer, bos_or_none
 
 OBJECTIVES = (
@@ -574,9 +574,62 @@ def _cut(spec: _Spec, examples: list[tuple[np.ndarray, ...]], what: str) -> list
     return [tuple(a[: spec.seq_len] for a in e) for e in examples]
 
 
-def _finetune_plan(records: Sequence[finetune.Record], spec: _Spec, *, dpo: bool) -> _Plan:
+class _StoredExamples(Sequence):
+    """The sft examples (ids, trained) or dpo pairs (chosen, its mask, rejected, its mask) of a
+    prepared store's documents, read on access and cut to `seq_len`."""
+
+    def __init__(self, docs: Documents, seq_len: int, dpo: bool):
+        self.docs, self.seq_len, self.dpo = docs, seq_len, dpo
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, ...]:
+        ids, mask = self.docs.tokens(i), self.docs.mask(i)
+        trained = (mask & TRAINED) > 0
+        if not self.dpo:
+            return ids[: self.seq_len], trained[: self.seq_len]
+        first_rejected = int(np.argmax((mask & REJECTED) > 0))
+        sides = ((ids[:first_rejected], trained[:first_rejected]), (ids[first_rejected:], trained[first_rejected:]))
+        return tuple(a[: self.seq_len] for side in sides for a in side)
+
+    def cut(self) -> int:
+        """How many examples (pairs: either side) are longer than seq_len; a pair's mask is
+        read only when its two sides together are."""
+        lengths = self.docs.lengths
+        long = np.flatnonzero(lengths > self.seq_len)
+        if not self.dpo:
+            return len(long)
+
+        def longest_side(i: int) -> int:
+            rejected = int(np.count_nonzero(self.docs.mask(i) & REJECTED))
+            return max(int(lengths[i]) - rejected, rejected)
+
+        return sum(longest_side(i) > self.seq_len for i in long)
+
+
+def _stored_finetune_examples(docs: Documents, spec: _Spec, dpo: bool) -> _StoredExamples:
+    if docs.max_id >= spec.vocab_size:
+        pipeline.check_ids(np.array([docs.max_id]), spec.vocab_size, docs.name)
+    examples = _StoredExamples(docs, spec.seq_len, dpo)
+    cut = examples.cut()
+    if cut:
+        warnings.warn(
+            f"{'dpo pairs' if dpo else 'sft examples'}: cut {cut} of {len(docs)} examples longer than "
+            f"seq_len={spec.seq_len} tokens to their first seq_len tokens", stacklevel=5,
+        )
+    return examples
+
+
+def _finetune_plan(records: Sequence[finetune.Record] | Documents, spec: _Spec, *, dpo: bool) -> _Plan:
     if spec.seq_len < 2:
         raise DataError(f"{'dpo' if dpo else 'sft'} needs seq_len >= 2, got {spec.seq_len}")
+    keys = ("chosen", "chosen_mask", "rejected", "rejected_mask") if dpo else ("tokens", "loss_mask")
+    features = functools.partial(_finetune_features, keys=keys)
+    finalize = _finalizer(dpo_batch if dpo else sft_batch, spec)
+    if isinstance(records, Documents):  # a prepared store: tokenized once, read on demand
+        examples = _stored_finetune_examples(records, spec, dpo)
+        return _Plan(examples, features, {k: spec.seq_len for k in keys}, finalize, spec.pack)
     tokens = finetune.dpo_tokens if dpo else finetune.sft_tokens
     examples = []
     for record in records:
@@ -586,9 +639,6 @@ def _finetune_plan(records: Sequence[finetune.Record], spec: _Spec, *, dpo: bool
                 pipeline.check_ids(ids, spec.vocab_size, record.where)
         examples.append(example)
     examples = _cut(spec, examples, "dpo pairs" if dpo else "sft examples")
-    keys = ("chosen", "chosen_mask", "rejected", "rejected_mask") if dpo else ("tokens", "loss_mask")
-    features = functools.partial(_finetune_features, keys=keys)
-    finalize = _finalizer(dpo_batch if dpo else sft_batch, spec)
     return _Plan(examples, features, {k: spec.seq_len for k in keys}, finalize, spec.pack)
 
 
@@ -665,7 +715,8 @@ def make_dataset(
 
     data: what `load_corpus(objective, ...)` returns (ignored by copy/reverse); for
       causal_lm, masked_lm and span_corruption also `Documents`, e.g.
-      `Store.open(DATADIR).documents("train")`, read from the store's shards on demand.
+      `Store.open(DATADIR).documents("train")`, read from the store's shards on demand;
+      for sft and dpo also the Documents of a store prepared with that objective.
     train: endless, reshuffled every epoch, random packing-bin order; else one pass.
     seed: shuffling, masks and noise spans; the same seed gives the same batches.
     target_len: decoder length for the seq2seq family; None: seq_len, except for
@@ -707,7 +758,9 @@ def make_dataset(
         raise DataError(f"{objective} needs data: pass load_corpus({objective!r}, ...) or a split of it")
     elif isinstance(data, corpora.LabeledCorpus):
         data = data.examples
-    if objective in STREAM_OBJECTIVES:
+    if objective in FINETUNE_OBJECTIVES and isinstance(data, Documents):
+        mine = data.shard(shard_index, shard_count)
+    elif objective in STREAM_OBJECTIVES:
         if isinstance(data, Documents):
             mine = data.shard(shard_index, shard_count)
             if mine.max_id >= spec.vocab_size:

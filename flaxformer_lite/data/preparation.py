@@ -10,6 +10,12 @@ Each source file is tokenized on its own by `prepare_source` (the unit a worker
 process, a job-array task, or a Ray/Beam task runs) into chunks of at most
 `shard_tokens` tokens. Memory stays flat: documents stream in, ids stream out.
 
+`objective="sft"` or `"dpo"` prepares JSON lines of fine-tuning examples instead
+(data/finetune.py): each example is rendered with the tokenizer folder's chat template
+and tokenized once, and stored with its loss mask (a DPO pair as one document, chosen
+then rejected); the manifest records the template's hash. Their sources are tokenized
+in the calling process (a chat template renders under the GIL).
+
 Safety: every file is written under a temporary name, flushed to disk and renamed; a
 chunk's .json is written last, and the manifest only when every source is complete. An
 interrupted prepare leaves no manifest, so `train` never reads a half-made store; run
@@ -40,7 +46,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from flaxformer_lite.data import corpora, encoders, sources, store
+from flaxformer_lite.data import corpora, encoders, finetune, sources, store
+from flaxformer_lite.data.chat import ChatTemplate, tokenizer_template
 from flaxformer_lite.data.errors import DataError
 from flaxformer_lite.data.tokenizers import Tokenizer, load_tokenizer
 
@@ -63,10 +70,15 @@ class PrepareOptions:
     # Bytes that are not UTF-8: "replace" (with U+FFFD, counted and reported) or "strict"
     # (a DataError naming the file and line; what `train` on a plain corpus does).
     utf8_errors: str = "replace"
+    # text: documents for the self-supervised objectives; sft, dpo: JSON lines of
+    # fine-tuning examples, rendered with the tokenizer folder's chat template.
+    objective: str = "text"
 
     def check(self) -> None:
         """DataError naming the option that is out of range."""
         sources.check_unit(self.document_unit)
+        if self.objective not in store.OBJECTIVES:
+            raise DataError(f"objective {self.objective!r} is not one of {', '.join(store.OBJECTIVES)}")
         if self.split not in corpora.SPLIT_METHODS:
             raise DataError(f"split {self.split!r} is not one of {', '.join(corpora.SPLIT_METHODS)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -77,8 +89,10 @@ class PrepareOptions:
             raise DataError(f"shard_tokens={self.shard_tokens} must be >= 1")
 
 
-def list_sources(corpus: sources.Source) -> list[dict]:
+def list_sources(corpus: sources.Source, objective: str = "text") -> list[dict]:
     """Each source file's name and identity (`sources.identity`), in reading order."""
+    if objective != "text":
+        return [{"name": str(p), **sources.identity(p)} for p in finetune.record_files(corpus, objective)]
     if sources.is_builtin(corpus):
         return [{"name": sources.BUILTIN, **sources.builtin_identity()}]
     return [{"name": str(p), **sources.identity(p)} for p in sources.files(corpus)]
@@ -92,7 +106,7 @@ def _identity(src: dict) -> dict:
 def _header(srcs: list[dict], options: PrepareOptions, tok: Tokenizer) -> dict:
     opts = dataclasses.asdict(options)
     opts.pop("tokenizer")
-    return {
+    header = {
         "format": store.FORMAT,
         "version": store.VERSION,
         "tokenizer": tok.identity,
@@ -101,6 +115,11 @@ def _header(srcs: list[dict], options: PrepareOptions, tok: Tokenizer) -> dict:
         "options": opts,
         "sources": srcs,
     }
+    if options.objective != "text":  # what rendering and encoding an example depend on besides the ids
+        template = tokenizer_template(options.tokenizer)
+        header["chat_template"] = None if template is None else dataclasses.asdict(template)
+        header["roles"] = {r: finetune.optional_id(tok, r) for r in ("bos", "eos")}
+    return header
 
 
 def _check_same_job(record: pathlib.Path, theirs: dict, ours: dict) -> None:
@@ -162,11 +181,12 @@ def _json_bytes(value: dict) -> bytes:
 class _Chunk:
     """One shard being written: ids and document ends to temporary files, then renamed."""
 
-    def __init__(self, shards: pathlib.Path, source: int, chunk: int, dtype: np.dtype):
+    def __init__(self, shards: pathlib.Path, source: int, chunk: int, dtype: np.dtype, masks: bool = False):
         self.stem = f"{source:05d}-{chunk:04d}"
-        self.final = {k: shards / f"{self.stem}.{k}" for k in ("tokens", "docs")}
+        keys = ("tokens", "docs", "mask") if masks else ("tokens", "docs")
+        self.final = {k: shards / f"{self.stem}.{k}" for k in keys}
         # The pid keeps processes that prepare the same cache entry at once apart.
-        self.tmp = {k: shards / f".{self.stem}.{k}.{os.getpid()}.tmp" for k in ("tokens", "docs")}
+        self.tmp = {k: shards / f".{self.stem}.{k}.{os.getpid()}.tmp" for k in keys}
         self.dtype = dtype
         self.tokens = self.documents = 0
         self.max_id = -1
@@ -187,13 +207,15 @@ class _Chunk:
             raise _write_error(self.final[key], e) from e
         self.sha[key].update(data)
 
-    def add(self, docs: Sequence[np.ndarray], hashes: Sequence[int]) -> None:
-        """Append documents (arrays of ids) and their split hashes."""
+    def add(self, docs: Sequence[np.ndarray], hashes: Sequence[int], masks: Optional[Sequence[np.ndarray]] = None) -> None:
+        """Append documents (arrays of ids), their split hashes and (sft/dpo) mask bytes."""
         lengths = np.fromiter(map(len, docs), np.int64, len(docs))
         flat = np.concatenate(docs)
         if flat.size:
             self.max_id = max(self.max_id, int(flat.max()))
         self._put("tokens", flat.astype(self.dtype).tobytes())
+        if masks is not None:
+            self._put("mask", np.concatenate(masks).astype(np.uint8).tobytes())
         ends = self.tokens + np.cumsum(lengths)
         self._put("docs", np.stack([ends.astype("<u8"), np.asarray(hashes, "<u8")], axis=1).tobytes())
         self.tokens = int(ends[-1])
@@ -228,7 +250,10 @@ class _Chunk:
             self.tmp[key].unlink(missing_ok=True)
 
 
-def _source_texts(name: str, options: PrepareOptions, stats: sources.ReadStats) -> Iterator[str]:
+def _source_items(name: str, options: PrepareOptions, stats: sources.ReadStats) -> Iterator:
+    """The texts of a source, or its fine-tuning records (objective sft or dpo)."""
+    if options.objective != "text":
+        return finetune.file_records(pathlib.Path(name), options.objective)
     if name == sources.BUILTIN:
         return sources.builtin_texts(options.document_unit, stats)
     return sources.file_texts(pathlib.Path(name), text_field=options.text_field, unit=options.document_unit,
@@ -272,41 +297,82 @@ def prepare_source(out, index: int, tokenizer: Optional[Tokenizer] = None,
     for stale in shards.glob(f".{index:05d}-*.tmp"):
         if not _alive(int(stale.name.split(".")[-2])):
             stale.unlink(missing_ok=True)
+    if options.objective != "text":
+        return _tokenize_source(out, header, index, options, _example_tokenizer(header, tok), progress)
     encode = encoders.batch_encoder(tok)[0]
     try:
-        return _tokenize_source(out, header, index, options, tok, encode, progress)
+        return _tokenize_source(out, header, index, options, _text_tokenizer(tok, encode), progress)
     except _EncodersDiffer:
         name = header["sources"][index]["name"]
         print(f"note: tiktoken and HF tokenizers differ on {name}; it is prepared again with HF tokenizers",
               file=sys.stderr)
         for path in shards.glob(f"{index:05d}-*"):
             path.unlink()
-        return _tokenize_source(out, header, index, options, tok, tok.encode_batch, progress)
+        return _tokenize_source(out, header, index, options, _text_tokenizer(tok, tok.encode_batch), progress)
 
 
-def _tokenize_source(out: pathlib.Path, header: dict, index: int, options: PrepareOptions, tok: Tokenizer,
-                     encode: encoders.BatchEncoder, progress: Optional[Progress]) -> list[dict]:
+# A batch of a source's items -> (ids per document, mask bytes per document or None, split texts).
+ItemTokenizer = Callable[[list, int], tuple[list[np.ndarray], Optional[list[np.ndarray]], list[str]]]
+
+
+def _text_tokenizer(tok: Tokenizer, encode: encoders.BatchEncoder) -> ItemTokenizer:
+    """Texts: `encode`, compared with the tokenizer's own on the first batch and 1 in CHECK_EVERY."""
+    def tokenize(batch: list[str], number: int):
+        ids = encode(batch)
+        if encode != tok.encode_batch and number % CHECK_EVERY == 0 and not all(
+                map(np.array_equal, ids, tok.encode_batch(batch))):
+            raise _EncodersDiffer
+        return ids, None, batch
+    return tokenize
+
+
+def _example_tokenizer(header: dict, tok: Tokenizer) -> ItemTokenizer:
+    """Fine-tuning records: rendered and tokenized (finetune.sft_tokens / dpo_tokens) with the
+    template and the bos/eos the prepare started with; a DPO pair is chosen + rejected."""
+    roles = {r: finetune.optional_id(tok, r) for r in ("bos", "eos")}
+    if roles != header["roles"]:
+        raise DataError(f"the tokenizer's bos/eos ids {roles} are not the {header['roles']} this prepare started "
+                        "with; pass the tokenizer (folder) it was started with")
+    template = header["chat_template"] and ChatTemplate(**header["chat_template"])
+    dpo = header["options"]["objective"] == "dpo"
+
+    def tokenize(batch: list[finetune.Record], number: int):
+        ids, masks = [], []
+        for record in batch:
+            if dpo:
+                chosen, chosen_mask, rejected, rejected_mask = finetune.dpo_tokens(record, tok, template)
+                ids.append(np.concatenate([chosen, rejected]))
+                masks.append(np.concatenate([chosen_mask * store.TRAINED,
+                                             rejected_mask * store.TRAINED | store.REJECTED]))
+            else:
+                example, mask = finetune.sft_tokens(record, tok, template)
+                ids.append(example)
+                masks.append(mask * store.TRAINED)
+        return ids, masks, [corpora.split_text(r) for r in batch]
+    return tokenize
+
+
+def _tokenize_source(out: pathlib.Path, header: dict, index: int, options: PrepareOptions,
+                     tokenize: ItemTokenizer, progress: Optional[Progress]) -> list[dict]:
     src, dtype, shards = header["sources"][index], np.dtype(header["dtype"]), out / store.SHARDS
     done = _done_chunks(shards, index, src)
     if done and done[-1]["last"]:
         return done
     skip = sum(d["documents"] for d in done)
     stats = sources.ReadStats()
-    texts = _source_texts(src["name"], options, stats)
-    for _ in zip(range(skip), texts):  # already in finished chunks: read, not tokenized
+    items = _source_items(src["name"], options, stats)
+    for _ in zip(range(skip), items):  # already in finished chunks: read, not tokenized
         pass
-    hashing, checking = options.split == "hash", encode != tok.encode_batch
-    chunk = _Chunk(shards, index, len(done), dtype)
+    hashing, masked = options.split == "hash", options.objective != "text"
+    chunk = _Chunk(shards, index, len(done), dtype, masked)
     first_document, replaced_before, read_before = skip, stats.replaced, stats.bytes_read
     try:
         for number in itertools.count():
-            batch = [t for _, t in zip(range(BATCH_DOCUMENTS), texts)]
+            batch = [t for _, t in zip(range(BATCH_DOCUMENTS), items)]
             if not batch:
                 break
-            ids = encode(batch)
-            if checking and number % CHECK_EVERY == 0 and not all(map(np.array_equal, ids, tok.encode_batch(batch))):
-                raise _EncodersDiffer
-            hashes = corpora.split_hashes(batch, options.seed) if hashing else np.zeros(len(batch), np.uint64)
+            ids, masks, texts = tokenize(batch, number)
+            hashes = corpora.split_hashes(texts, options.seed) if hashing else np.zeros(len(batch), np.uint64)
             ends = np.cumsum([len(i) for i in ids])
             at = 0
             while at < len(batch):
@@ -314,14 +380,14 @@ def _tokenize_source(out: pathlib.Path, header: dict, index: int, options: Prepa
                 room = options.shard_tokens - chunk.tokens + (ends[at - 1] if at else 0)
                 k = max(int(np.searchsorted(ends[at:], room, side="right")), 0 if chunk.documents else 1)
                 if k:
-                    chunk.add(ids[at : at + k], hashes[at : at + k])
+                    chunk.add(ids[at : at + k], hashes[at : at + k], masks and masks[at : at + k])
                     at += k
                 if at < len(batch):
                     meta = _chunk_meta(src, index, chunk, first_document, stats.replaced - replaced_before, False)
                     done.append(chunk.finish(meta))
                     first_document += chunk.documents
                     replaced_before = stats.replaced
-                    chunk = _Chunk(shards, index, len(done), dtype)
+                    chunk = _Chunk(shards, index, len(done), dtype, masked)
             if progress:
                 progress(stats.bytes_read - read_before, len(batch), int(ends[-1]))
             read_before = stats.bytes_read
@@ -366,7 +432,7 @@ def start(corpus: sources.Source, out, options: PrepareOptions, tokenizer: Optio
     """
     options.check()
     tok = tokenizer or load_tokenizer(options.tokenizer)
-    header = _header(list_sources(corpus), options, tok)
+    header = _header(list_sources(corpus, options.objective), options, tok)
     out = pathlib.Path(out)
     record = out / store.PREPARE_FILE
     if record.is_file():
@@ -429,7 +495,7 @@ def prepare(
     header = start(corpus, out, options, tok)
     if (out / store.MANIFEST).is_file():
         return out
-    note = encoders.batch_encoder(tok)[1]
+    note = encoders.batch_encoder(tok)[1] if options.objective == "text" else None
     if note:
         print(f"note: {note}", file=sys.stderr)
     mine = [i for i in range(len(header["sources"])) if part is None or i % part[1] == part[0]]
@@ -437,7 +503,7 @@ def prepare(
                 for s in header["sources"])
     bar = _Bar(sum(header["sources"][i]["size"] for i in mine) if plain else None, progress, f"prepare {out}")
     try:
-        if workers > 1 and len(mine) > 1:
+        if workers > 1 and len(mine) > 1 and options.objective == "text":
             _in_pool(out, mine, workers, bar)
         else:
             for i in mine:
@@ -541,6 +607,7 @@ def merge(out) -> dict:
                       stacklevel=2)
     manifest = {
         **{k: header[k] for k in ("format", "version", "tokenizer", "vocab_size", "dtype", "sources")},
+        "objective": options.get("objective", "text"),
         "document_unit": options["document_unit"],
         "text_field": options["text_field"],
         "split": _split_rule(out, chunks, options, documents),
@@ -550,6 +617,9 @@ def merge(out) -> dict:
         "replaced_utf8_sequences": replaced,
         "shards": [{k: c[k] for k in ("files", "tokens", "documents", "max_id", "sha256")} for c in chunks],
     }
+    if "chat_template" in header:
+        template = header["chat_template"] and store.chat_template_record(ChatTemplate(**header["chat_template"]))
+        manifest["chat_template"] = template
     _write_file(out / store.MANIFEST, _json_bytes(manifest))
     return manifest
 

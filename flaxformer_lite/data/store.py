@@ -13,7 +13,10 @@ On disk (`prepare` writes it; docs/data.md has the whole format):
                                     when the vocabulary fits, else uint32; little-endian)
     DATADIR/shards/SSSSS-CCCC.docs  uint64 pairs per document: (end offset in .tokens,
                                     split hash)
-    DATADIR/shards/SSSSS-CCCC.json  the chunk's counts and checksums (written after both)
+    DATADIR/shards/SSSSS-CCCC.mask  sft/dpo stores only: one byte a token, bit 0 set where
+                                    the loss covers the token, bit 1 on a DPO pair's rejected
+                                    answer (a pair is one document: chosen, then rejected)
+    DATADIR/shards/SSSSS-CCCC.json  the chunk's counts and checksums (written after the rest)
 
 Documents are stored without bos/eos; the objectives add what they need. The split is
 not baked into the files: the manifest records the rule (`hash`: documents whose split
@@ -21,8 +24,14 @@ hash is at most `threshold` are validation; `tail`: documents from `val_start` o
 `documents(split)` applies it, so parts prepared on different machines merge without
 rewriting a byte. The hash is `corpora.split_hashes`, so both give the same split.
 
-Format versions: 2 (this one) keeps `corpora.split_hashes`; 1 kept a keyed BLAKE2b of the
-document's JSON. Both are read: the rule is applied to whatever hashes the files hold.
+A store holds the documents of an `objective`: "text" (any self-supervised objective) or
+"sft"/"dpo" (examples rendered and tokenized once, with their loss masks; the manifest
+records the chat template's hash so a run with another template is refused).
+
+Format versions: 3 (this one) adds the objective, the chat template and the .mask files;
+2 kept `corpora.split_hashes` (text only); 1 kept a keyed BLAKE2b of the document's JSON.
+All are read: the rule is applied to whatever hashes the files hold, and a store without
+an objective holds text.
 """
 
 from __future__ import annotations
@@ -40,12 +49,14 @@ import numpy as np
 from flaxformer_lite.data.errors import DataError
 
 FORMAT = "flaxformer_lite token store"
-VERSION = 2
+VERSION = 3
 MANIFEST = "manifest.json"
 PREPARE_FILE = "prepare.json"
 TOKENIZER_FILE = "tokenizer.json"
 SHARDS = "shards"
 SPLITS = ("train", "val", "all")
+OBJECTIVES = ("text", "sft", "dpo")  # what a store's documents are for
+TRAINED, REJECTED = 1, 2  # bits of a .mask byte
 _CHUNK = 1 << 22  # bytes read at a time when checksumming
 
 
@@ -175,8 +186,9 @@ class Documents:
     """
 
     def __init__(self, arrays: Sequence[np.ndarray], ends: Sequence[np.ndarray], ids=None, *,
-                 max_id: int, name: str):
+                 max_id: int, name: str, masks: Optional[Sequence[np.ndarray]] = None):
         self._arrays, self._ends = list(arrays), list(ends)
+        self._masks = None if masks is None else list(masks)  # a mask byte per token, beside each array
         self._first = np.concatenate([[0], np.cumsum([len(e) for e in self._ends])]).tolist()
         self._ids = range(self._first[-1]) if ids is None else ids
         self.max_id = max_id  # the largest id in any array (-1: none), for the vocab check
@@ -192,12 +204,12 @@ class Documents:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def _span(self, d: int) -> tuple[np.ndarray, int, int]:
-        """(array, start, end) of document d."""
+    def _span(self, d: int) -> tuple[int, int, int]:
+        """(index of its array, start, end) of document d."""
         g = int(self._ids[d])
         a = bisect.bisect_right(self._first, g) - 1
         i, ends = g - self._first[a], self._ends[a]
-        return self._arrays[a], int(ends[i - 1]) if i else 0, int(ends[i])
+        return a, int(ends[i - 1]) if i else 0, int(ends[i])
 
     def length(self, d: int) -> int:
         """Tokens in document d."""
@@ -223,13 +235,20 @@ class Documents:
 
     def tokens(self, d: int) -> np.ndarray:
         """Document d's ids (int32)."""
-        array, start, end = self._span(d)
-        return np.asarray(array[start:end], np.int32)
+        a, start, end = self._span(d)
+        return np.asarray(self._arrays[a][start:end], np.int32)
+
+    def mask(self, d: int) -> np.ndarray:
+        """Document d's mask bytes (uint8; `TRAINED`, `REJECTED` bits), in an sft/dpo store."""
+        if self._masks is None:
+            raise DataError(f"{self.name} holds text documents without loss masks")
+        a, start, end = self._span(d)
+        return np.asarray(self._masks[a][start:end], np.uint8)
 
     def window(self, d: int, start: int, size: int, bos: Optional[int] = None, eos: Optional[int] = None) -> np.ndarray:
         """Ids [start, start + size) of document d as if it were [bos] + ids + [eos] (int32)."""
-        array, first, last = self._span(d)
-        pre, n = int(bos is not None), last - first
+        a, first, last = self._span(d)
+        array, pre, n = self._arrays[a], int(bos is not None), last - first
         total = pre + n + int(eos is not None)
         end = min(start + size, total)
         out = np.empty(max(end - start, 0), np.int32)
@@ -249,7 +268,7 @@ class Documents:
             ids = self._ids[indices.start : indices.stop]
         else:
             ids = np.asarray(self._ids)[np.asarray(indices)]
-        return Documents(self._arrays, self._ends, ids, max_id=self.max_id, name=name or self.name)
+        return Documents(self._arrays, self._ends, ids, max_id=self.max_id, name=name or self.name, masks=self._masks)
 
     def shard(self, index: int, count: int) -> "Documents":
         """Process `index` of `count`'s contiguous block of documents (disjoint, covering all)."""
@@ -308,8 +327,16 @@ class Store:
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
 
+    @property
+    def objective(self) -> str:
+        """What the documents are for: "text" (stores before format 3 too), "sft" or "dpo"."""
+        return self.manifest.get("objective", "text")
+
     def _check_shard(self, shard: dict, verify: bool) -> None:
-        for key, size in (("tokens", shard["tokens"] * self.dtype.itemsize), ("docs", shard["documents"] * 16)):
+        sizes = {"tokens": shard["tokens"] * self.dtype.itemsize, "docs": shard["documents"] * 16}
+        if self.objective != "text":
+            sizes["mask"] = shard["tokens"]
+        for key, size in sizes.items():
             file = self.path / shard["files"][key]
             fix = "prepare the corpus again into a new folder"
             if not file.is_file():
@@ -347,7 +374,8 @@ class Store:
         arrays = [ShardFile(self.path / s["files"]["tokens"], self.dtype) for s in shards]
         ends = [ShardFile(self.path / s["files"]["docs"], np.dtype("<u8"), stride=2) for s in shards]
         max_id = max((s["max_id"] for s in shards), default=-1)
-        return Documents(arrays, ends, ids, max_id=max_id, name=f"{self.path} ({split})")
+        masks = None if self.objective == "text" else [ShardFile(self.path / s["files"]["mask"], np.uint8) for s in shards]
+        return Documents(arrays, ends, ids, max_id=max_id, name=f"{self.path} ({split})", masks=masks)
 
     def _check_rule(self, hashes: Optional[np.ndarray], documents: int) -> None:
         """DataError unless the manifest's split is the rule its own options give (an edit shows)."""
@@ -380,3 +408,32 @@ class Store:
                 f"(model.vocab_size; the tokenizer has {m['vocab_size']}): set model.vocab_size >= "
                 f"{m['max_id'] + 1}, or use a smaller tokenizer"
             )
+
+    def check_objective(self, objective: str, chat_template: Optional[dict]) -> None:
+        """DataError unless the store's documents are for `objective` and, for sft/dpo, were
+        rendered with the run's chat template (`chat_template_record` of it; None: none)."""
+        where, ours = self.path / MANIFEST, self.objective
+        wanted = objective if objective in ("sft", "dpo") else "text"
+        if ours != wanted:
+            what = "text documents" if ours == "text" else f"{ours} examples"
+            fix = f"--objective {wanted}" if wanted != "text" else "without --objective"
+            raise DataError(f"{where}: the store holds {what}, not what data.objective={objective} reads; prepare "
+                            f"the corpus {fix}")
+        theirs = self.manifest.get("chat_template")
+        if ours != "text" and theirs is not None and theirs != chat_template:
+            if chat_template is not None and chat_template["sha256"] == theirs["sha256"]:
+                run = "the same template with other special tokens"
+            else:
+                run = "none" if chat_template is None else f"chat template sha256 {chat_template['sha256'][:12]}"
+            raise DataError(
+                f"{where}: rendered with chat template sha256 {theirs['sha256'][:12]} but data.tokenizer's folder "
+                f"has {run}: set data.tokenizer to the folder the store was prepared with (or {self.path}), "
+                "or prepare the corpus again with this one"
+            )
+
+
+def chat_template_record(template) -> Optional[dict]:
+    """What a store's manifest records of a `data.chat.ChatTemplate` (None for None)."""
+    if template is None:
+        return None
+    return {"sha256": template.sha256, "special_tokens": dict(sorted(template.special_tokens.items()))}

@@ -153,12 +153,22 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
                 open_store()
             multihost_utils.sync_global_devices("flaxformer_lite data cache")
         store = open_store()
+        store.check_objective(d.objective, None)
         cfg = _adopt_store_split(cfg, store) if data.is_store(d.corpus) else cfg
         train_items, val_items = store.documents("train"), store.documents("val")
     elif d.objective in data.FINETUNE_OBJECTIVES:
         check_objective(cfg)
-        records = data.load_corpus(d.objective, d.corpus)
-        train_items, val_items = data.split(records, d.val_fraction, seed=d.seed, method=d.split)
+        template = data.tokenizer_template(d.tokenizer)
+        if data.is_store(d.corpus):  # prepared: rendered and tokenized once, with its masks
+            store = data.Store.open(d.corpus, verify=d.verify_shards)
+            store.check_matches(tokenizer_identity=tokenizer.identity, tokenizer_spec=d.tokenizer,
+                                vocab_size=cfg.model.vocab_size)
+            store.check_objective(d.objective, data.chat_template_record(template))
+            cfg = _adopt_store_split(cfg, store)
+            train_items, val_items = store.documents("train"), store.documents("val")
+        else:
+            records = data.load_corpus(d.objective, d.corpus)
+            train_items, val_items = data.split(records, d.val_fraction, seed=d.seed, method=d.split)
     else:
         corpus = data.load_corpus(
             d.objective, d.corpus, text_field=d.text_field, label_field=d.label_field, document_unit=d.document_unit
@@ -177,7 +187,7 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
         shard_count=jax.process_count(), pack=d.pack, mask_probability=d.mask_probability,
         noise_density=d.noise_density, mean_noise_span_length=d.mean_noise_span_length,
         synthetic_vocab=d.synthetic_vocab, shift_windows=d.shift_windows,
-        chat_template=chat_template(d.tokenizer) if d.objective in data.FINETUNE_OBJECTIVES else None,
+        chat_template=data.tokenizer_template(d.tokenizer) if d.objective in data.FINETUNE_OBJECTIVES else None,
     )
     train_ds = data.make_dataset(d.objective, train_items, train=True, **options) if train else None
     val_iter = iter(data.make_dataset(d.objective, val_items, train=False, **options))
@@ -188,17 +198,6 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
         openings = (tokenizer.decode(val_items.tokens(i)[: 4 * SAMPLE_PROMPT_TOKENS]) for i in range(len(val_items)))
         prompts = sample_prompts(openings, cfg.train.num_samples, tokenizer)
     return DataSetup(cfg, tokenizer, train_ds, eval_batches, prompts)
-
-
-def chat_template(tokenizer_spec: str):
-    """The chat template of the folder data.tokenizer names (or holds its tokenizer.json),
-    or None (the byte tokenizer, a folder without one)."""
-    if tokenizer_spec == "byte":
-        return None
-    from flaxformer_lite.data.chat import ChatTemplate
-
-    path = pathlib.Path(tokenizer_spec)
-    return ChatTemplate.from_folder(path if path.is_dir() else path.parent)
 
 
 def sample_prompts(texts: Iterable[str], count: int, tokenizer: data.Tokenizer) -> list[list[int]]:

@@ -183,9 +183,9 @@ def test_interrupted_prepare_leaves_no_store_and_continues(corpus, datadir, tmp_
 
 
 def _spy(init, calls):
-    def wrapped(self, shards, source, chunk, dtype):
+    def wrapped(self, shards, source, chunk, *rest):
         calls.append((source, chunk))
-        init(self, shards, source, chunk, dtype)
+        init(self, shards, source, chunk, *rest)
 
     return wrapped
 

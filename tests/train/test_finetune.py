@@ -171,3 +171,127 @@ def test_a_resumed_dpo_run_keeps_its_frozen_reference(tiny, tmp_path):
     initial = ffl.init_params(cfg.model, jax.random.key(cfg.train.seed))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), extra["ref_params"], initial)
     assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), params, initial)))
+
+
+# ------------------------------------------------------------------ prepared sft/dpo stores
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    """(folder with a chat template, sft JSONL, dpo JSONL): messages and plain strings mixed."""
+    import json
+
+    from hf_chat_folder import write_tokenizer
+
+    root = tmp_path_factory.mktemp("chat")
+    write_tokenizer(root / "tok")
+    rng = np.random.default_rng(5)
+    words = ["hello", "the answer", "what is", "forty two", "why", "because", "sky", "blue"]
+
+    def say(n):
+        return " ".join(rng.choice(words, n))
+
+    sft, dpo = [], []
+    for i in range(24):
+        if i % 3:
+            sft.append({"messages": [{"role": "user", "content": say(2)}, {"role": "assistant", "content": say(3)},
+                                     {"role": "user", "content": say(1)}, {"role": "assistant", "content": say(2)}]})
+        else:
+            sft.append({"prompt": say(2), "completion": say(4)})
+        prompt = [{"role": "user", "content": say(2)}] if i % 2 else say(2)
+        dpo.append({"prompt": prompt, "chosen": say(2), "rejected": say(3)})
+    for name, lines in (("sft.jsonl", sft), ("dpo.jsonl", dpo)):
+        (root / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root / "tok", root / "sft.jsonl", root / "dpo.jsonl"
+
+
+def _setups(tiny, objective, jsonl, datadir, folder):
+    from flaxformer_lite.train import loop
+
+    cfgs = [tiny("gpt_tiny", f"data.objective={objective}", f"data.corpus={corpus}", f"data.tokenizer={folder}",
+                 "data.val_fraction=0.25", "data.split=hash", "data.seq_len=64", "model.max_len=64",
+                 "data.batch_size=4")
+            for corpus in (jsonl, datadir)]
+    return [loop.prepare_data(cfg) for cfg in cfgs]
+
+
+def _same_batches(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_a_prepared_store_gives_the_batches_and_loss_of_its_jsonl(tiny, chat_data, tmp_path, objective):
+    from flaxformer_lite.data import PrepareOptions, Store, prepare
+    from flaxformer_lite.train.step import loss_and_sums
+
+    folder, sft_jsonl, dpo_jsonl = chat_data
+    jsonl = sft_jsonl if objective == "sft" else dpo_jsonl
+    datadir = prepare(jsonl, tmp_path / "store", PrepareOptions(tokenizer=str(folder), objective=objective,
+                                                                  val_fraction=0.25, shard_tokens=400), progress=False)
+    store = Store.open(datadir)
+    assert store.manifest["objective"] == objective and len(store.manifest["shards"]) > 1
+    assert store.manifest["chat_template"]["sha256"] == ffl.data.tokenizer_template(folder).sha256
+    from_jsonl, from_store = _setups(tiny, objective, jsonl, datadir, folder)
+    assert len(from_jsonl.eval_batches) == len(from_store.eval_batches)
+    for a, b in zip(from_jsonl.eval_batches, from_store.eval_batches):
+        _same_batches(a, b)
+    train_a, train_b = iter(from_jsonl.train), iter(from_store.train)
+    cfg = from_jsonl.cfg
+    model, params = ffl.build_model(cfg.model), ffl.init_params(cfg.model, jax.random.key(1))
+    for _ in range(3):
+        a, b = next(train_a), next(train_b)
+        _same_batches(a, b)
+    assert a[f"{'chosen_' if objective == 'dpo' else ''}weights"].sum() > 0
+    ref = ffl.init_params(cfg.model, jax.random.key(2))  # dpo's reference: another model, so the loss is not log 2
+    losses = [loss_and_sums(model, cfg, params, batch, deterministic=True, rng=None, ref_params=ref)[0]
+              for batch in (a, b)]
+    assert float(losses[0]) == float(losses[1]) and np.isfinite(float(losses[0]))
+
+
+def test_a_store_rendered_with_another_template_is_refused_in_one_line(tiny, chat_data, tmp_path, capsys):
+    import shutil
+
+    from flaxformer_lite import cli
+    from flaxformer_lite.data import PrepareOptions, prepare
+
+    folder, sft_jsonl, _ = chat_data
+    datadir = prepare(sft_jsonl, tmp_path / "store", PrepareOptions(tokenizer=str(folder), objective="sft"),
+                      progress=False)
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    (other / "chat_template.jinja").write_text(ffl.data.tokenizer_template(folder).source.replace("helpful", "terse"))
+    argv = ["train", "--config", "gpt_tiny", "--workdir", str(tmp_path / "run"), "--set", "data.objective=sft",
+            f"data.corpus={datadir}", f"data.tokenizer={other}", "train.num_steps=1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert f"{datadir}/manifest.json: rendered with chat template sha256 " in err and "data.tokenizer's folder" in err
+    assert not (tmp_path / "run").exists()
+    # The objective is checked too: an sft store is not a causal_lm corpus.
+    argv[argv.index("data.objective=sft")] = "data.objective=causal_lm"
+    argv[argv.index(f"data.tokenizer={other}")] = f"data.tokenizer={folder}"
+    assert cli.main(argv) == 2
+    assert "the store holds sft examples, not what data.objective=causal_lm reads" in capsys.readouterr().err
+
+
+def test_prepare_cli_writes_a_dpo_store_whose_pairs_read_back(chat_data, tmp_path, capsys):
+    from flaxformer_lite import cli
+    from flaxformer_lite.data import Store, load_corpus, load_tokenizer
+    from flaxformer_lite.data.finetune import dpo_tokens
+
+    folder, _, dpo_jsonl = chat_data
+    out = tmp_path / "dpo"
+    assert cli.main(["prepare", "--corpus", str(dpo_jsonl), "--out", str(out), "--tokenizer", str(folder),
+                     "--objective", "dpo", "--val-fraction", "0", "--no-progress"]) == 0
+    docs = Store.open(out).documents("all")
+    tok, template = load_tokenizer(str(folder)), ffl.data.tokenizer_template(folder)
+    records = load_corpus("dpo", dpo_jsonl)
+    from flaxformer_lite.data.objectives import _StoredExamples
+
+    stored = _StoredExamples(docs, 10_000, dpo=True)
+    assert len(stored) == len(records)
+    for record, pair in zip(records, stored):
+        for got, want in zip(pair, dpo_tokens(record, tok, template)):
+            np.testing.assert_array_equal(got, want)
