@@ -361,6 +361,21 @@ def _every(step: int, period: int) -> bool:
     return period > 0 and step % period == 0
 
 
+def _closes_window(cfg: Config, step: int) -> bool:
+    """An uninterrupted run writes a training record at this step (log and checkpoint steps)."""
+    return _every(step, cfg.train.log_every) or _every(step, cfg.train.checkpoint_every)
+
+
+def _unwritten_at(cfg: Config, step: int, reopened: bool) -> Callable[[dict], bool]:
+    """Which records at `step`, where a run stopped, an uninterrupted run would not have
+    written: the training record of a log window the resumed run reopens, and an
+    evaluation at a step that is not an eval step."""
+    def unwritten(record: dict) -> bool:
+        evaluation = all(k == "step" or k.startswith("eval_") for k in record)
+        return not _every(step, cfg.train.eval_every) if evaluation else reopened
+    return unwritten
+
+
 def _out_of_time(started: float, budget: Optional[float]) -> bool:
     """True once `budget` seconds have passed since `started`."""
     return budget is not None and time.perf_counter() - started > budget
@@ -434,6 +449,7 @@ class _Run:
     evaluated_at: int = -1  # the step of eval_record
     over_budget: bool = False
     write_failure: Optional[safety.SaveFailed] = None  # metrics.jsonl or TensorBoard could not be written
+    data_position: Any = None  # the training iterator's state after the batch of `step`
 
 
 def train(
@@ -568,7 +584,7 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
     if resume_step is not None:
         _set_aside_after(mngr, resume_step, log)
     it = iter(setup.train)
-    start_step, tokens_seen, streak = 0, 0.0, 0
+    start_step, tokens_seen, streak, reopened = 0, 0.0, 0, []
     restored = None
     if resume and mngr.latest_step() is not None:
         abstract = prog.abstract
@@ -594,6 +610,7 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
         _set_data_position(it, meta)
         start_step, tokens_seen = int(state.step), float(meta["tokens"])
         streak = int(meta.get("nonfinite_streak", 0))
+        reopened = meta.get("log_window", [])
         log(f"resumed {workdir} at step {start_step}")
     elif loaded is not None:
         fresh = _host_copy(prog.init(jax.random.key(cfg.train.seed)).params)
@@ -619,10 +636,13 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
         state=state, it=it, step=start_step, start_step=start_step,
         window=metrics_lib.LogWindow(
             bytes_are_tokens=setup.bytes_are_tokens, flops_per_token=flops_per_token, peak_flops=peak,
-            tokens_seen=tokens_seen,
+            tokens_seen=tokens_seen, reopened=reopened,
         ),
         nonfinite=safety.NonFiniteSteps(tc.nan_policy, tc.max_nonfinite_streak, streak),
-        writer=metrics_lib.MetricsWriter(workdir, resume_step=start_step if resume else None) if main else None,
+        writer=metrics_lib.MetricsWriter(
+            workdir, resume_step=start_step if resume else None,
+            drop_at_resume=_unwritten_at(cfg, start_step, bool(reopened)),
+        ) if main else None,
         bar=tqdm(total=tc.num_steps, initial=start_step, disable=not main, unit="step", dynamic_ncols=True),
         log=log,
     )
@@ -648,9 +668,14 @@ def _close_manager(mngr) -> None:
 
 
 def _abandon(run: _Run) -> None:
-    """On an unexpected error: settle the save in flight (safety.Saves.settle) and close
-    the files, so that every complete checkpoint stays usable; never raises."""
-    run.log(f"error at step {run.step}: {run.saves.settle()}")
+    """On an unexpected error: settle the save in flight (safety.Saves.settle), save a
+    last checkpoint (one process) and close the files, so that every complete checkpoint
+    stays usable; never raises."""
+    run.log(f"error at step {run.step}: {run.saves.settle()}{_last_checkpoint(run)}")
+    try:
+        run.saves.close()
+    except Exception:  # noqa: BLE001 - settle and _last_checkpoint reported it
+        pass
     _close_manager(run.mngr)
     if run.writer:
         try:
@@ -658,6 +683,29 @@ def _abandon(run: _Run) -> None:
         except OSError:
             pass
     run.bar.close()
+
+
+def _last_checkpoint(run: _Run) -> str:
+    """After an unexpected error, with one process: a checkpoint of the last step's state
+    if it is newer than the latest checkpoint, still alive (not given to a step that
+    failed) and finite; what became of it, in words. Several processes do not try: their
+    peers may be gone, and a save is a collective."""
+    if jax.process_count() > 1 or run.step in (run.start_step, run.saves.last_good):
+        return ""
+    if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(run.state)):
+        return f"; the state of step {run.step} went to the step that failed: no last checkpoint"
+    try:
+        if len(run.window):
+            _log(run)  # its tokens and non-finite flags; the resumed run reopens the window
+        failed = _save(run)
+        if failed is None:
+            run.saves.close()
+    except Exception as e:  # noqa: BLE001 - the state itself may be what failed
+        failed = e
+    if failed is not None:
+        why = str(failed) if isinstance(failed, safety.RunStopped) else safety.describe_io_error(failed)
+        return f"; no last checkpoint of step {run.step}: {why}"
+    return f"; a last checkpoint of step {run.step} was saved in {checkpoint.step_dir(run.mngr, run.step)}"
 
 
 def _run_steps(run: _Run, signals: safety.StopSignals, last_step: int, started: float) -> Optional[safety.RunStopped]:
@@ -672,11 +720,12 @@ def _run_steps(run: _Run, signals: safety.StopSignals, last_step: int, started: 
     running = None  # the last step dispatched
     while run.step < last_step:
         batch = parallel.shard_batch(run.mesh, next(run.it))
+        position = run.it.get_state()  # not after a failed next(): a last checkpoint needs this one
         # The batch is made while the last step runs; then the step goes when it is done.
         host.one_program_at_a_time(running)
         run.state, step_sums = run.prog.train_step(run.state, batch)
         running = step_sums
-        run.step += 1
+        run.step, run.data_position = run.step + 1, position
         step = run.step
         run.window.add(step_sums, compiled=step == run.start_step + 1)
         stop = signals.stop_requested(step, run.mngr)
@@ -723,8 +772,8 @@ def _final(run: _Run, last_step: int) -> bool:
 
 def _log(run: _Run) -> Optional[safety.RunStopped]:
     """Close the log window: a metrics record, the progress bar, the non-finite check."""
-    first = run.step - len(run.window) + 1
     record, flags = run.window.close()
+    first = run.step - len(flags) + 1
     # The window's metrics are fetched, so its steps are complete: the bar counts them.
     run.bar.update(run.step - run.bar.n)
     # No step is running: hand back what the window left free (a save's buffers, say) on
@@ -766,12 +815,15 @@ def _save(run: _Run) -> Optional[safety.RunStopped]:
     pause = time.perf_counter()
     eval_loss = run.eval_record.get("eval_loss")
     evaluated = run.evaluated_at == run.step and eval_loss is not None and math.isfinite(eval_loss)
+    # A stop between log steps closed the log window early: the resumed run reopens it.
+    early = not len(run.window) and not _closes_window(run.cfg, run.step)
     try:
         run.saves.save(
             run.step, run.state,
-            meta={"data_iterators": _every_process(run.it.get_state()), "step": run.step,
+            meta={"data_iterators": _every_process(run.data_position), "step": run.step,
                   "tokens": run.window.tokens_seen,
-                  "nonfinite_streak": run.nonfinite.streak},
+                  "nonfinite_streak": run.nonfinite.streak,
+                  "log_window": run.window.closed if early else []},
             metrics={"eval_loss": eval_loss} if evaluated else None,
         )
     except safety.RunStopped as e:

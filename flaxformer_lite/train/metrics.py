@@ -7,7 +7,7 @@ import math
 import pathlib
 import time
 import warnings
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -59,15 +59,25 @@ class LogWindow:
 
     The window of the run's first step (which compiles) is timed from that step's end,
     without its tokens, so throughput and MFU measure steady-state steps only.
+
+    A run that stops between log steps closes its window early; a checkpoint of that
+    step keeps the window's sums (`closed`), and the resumed run passes them back as
+    `reopened`: its first record then covers the same steps as an uninterrupted run's
+    (and its tokens count once), while their non-finite flags, already checked, are
+    not returned again. Their time is not known, so they are left out of the timing.
     """
 
-    def __init__(self, *, bytes_are_tokens: bool, flops_per_token: float, peak_flops: float, tokens_seen: float):
+    def __init__(self, *, bytes_are_tokens: bool, flops_per_token: float, peak_flops: float, tokens_seen: float,
+                 reopened: list[dict[str, float]] = ()):
         self.bytes_are_tokens = bytes_are_tokens
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.tokens_seen = tokens_seen
+        carried = sum(float(s["token_count"]) for s in reopened)
+        self.tokens_seen = tokens_seen - carried  # tokens_seen counts them; close() adds them again
         self.train_seconds = self.train_tokens = 0.0
-        self._sums: list = []
-        self._start, self._untimed_tokens = time.perf_counter(), 0.0
+        self.closed: list[dict[str, float]] = []  # the per-step sums of the window close() closed last
+        self._sums: list = list(reopened)
+        self._reopened = len(reopened)
+        self._start, self._untimed_tokens = time.perf_counter(), carried
 
     def __len__(self) -> int:
         return len(self._sums)
@@ -76,7 +86,7 @@ class LogWindow:
         """One step's sums (device arrays). compiled: this step compiled; do not time it."""
         self._sums.append(step_sums)
         if compiled:
-            self._untimed_tokens = float(jax.device_get(step_sums["token_count"]))
+            self._untimed_tokens += float(jax.device_get(step_sums["token_count"]))
             self._start = time.perf_counter()
 
     def pause(self, seconds: float) -> None:
@@ -84,12 +94,14 @@ class LogWindow:
         self._start += seconds
 
     def close(self) -> tuple[dict[str, float], list[float]]:
-        """(log record, 0/1 non-finite flag of each step in the window); starts a new window.
+        """(log record, 0/1 non-finite flag of each step the window added since it was
+        opened or reopened); starts a new window.
 
         The record's loss, accuracy and grad_norm are over the window's finite steps only
         (absent if it has none); nonfinite_steps counts the others.
         """
         fetched = jax.device_get(self._sums)
+        self.closed = [{k: float(v) for k, v in s.items()} for s in fetched]
         flags = [float(s["nonfinite"]) for s in fetched]
         finite = [s for s, f in zip(fetched, flags) if not f]
         record: dict[str, float] = {}
@@ -113,8 +125,9 @@ class LogWindow:
             record["mfu"] = flops.mfu(record["tokens_per_s"], self.flops_per_token, self.peak_flops)
             self.train_seconds += seconds
             self.train_tokens += timed_tokens
+        checked, self._reopened = self._reopened, 0
         self._sums, self._start, self._untimed_tokens = [], time.perf_counter(), 0.0
-        return record, flags
+        return record, flags[checked:]
 
     def mean_throughput(self) -> dict[str, float]:
         """train_tokens_per_s and train_mfu over every timed window (empty if none)."""
@@ -214,43 +227,61 @@ class MetricsWriter:
     forever.) After an error the writer writes nothing more.
 
     `resume_step`: records after it (written by a run that died before its next
-    checkpoint) are dropped, so a resumed run's file reads as one uninterrupted run;
-    TensorBoard is told the same with a purge event, as SummaryWriter's purge_step does.
+    checkpoint) are dropped, and so are the records at it for which `drop_at_resume`
+    is true (ones an uninterrupted run would not write there: a stop between log steps
+    closed the log window early), so a resumed run's file reads as one uninterrupted
+    run; TensorBoard is told the same with a purge event, as SummaryWriter's purge_step
+    does, and gets the records kept at `resume_step` again if it purged that step.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, *, resume_step: Optional[int] = None):
+    def __init__(self, workdir: str | pathlib.Path, *, resume_step: Optional[int] = None,
+                 drop_at_resume: Callable[[dict], bool] = lambda record: False):
         from tensorboardX.event_file_writer import EventsWriter  # deferred: only the writing process needs it
         from tensorboardX.proto.event_pb2 import Event, SessionLog
 
         self.path = pathlib.Path(workdir) / METRICS_FILE
+        at_resume, purge = [], None if resume_step is None else resume_step + 1
         if resume_step is not None and self.path.exists():
-            kept = "".join(dumps(r) + "\n" for r in read_metrics(workdir) if r["step"] <= resume_step)
-            replace_file(self.path, lambda tmp: tmp.write_text(kept))
+            kept = []
+            for r in read_metrics(workdir):
+                if r["step"] == resume_step and drop_at_resume(r):
+                    purge = resume_step
+                elif r["step"] <= resume_step:
+                    kept.append(r)
+            at_resume = [r for r in kept if r["step"] == resume_step]
+            text = "".join(dumps(r) + "\n" for r in kept)
+            replace_file(self.path, lambda tmp: tmp.write_text(text))
         self._file = self.path.open("a")
         tb_dir = pathlib.Path(workdir) / TENSORBOARD_DIR
         tb_dir.mkdir(exist_ok=True)
         self._tb = EventsWriter(str(tb_dir / "events"))
         self.failed: Optional[OSError] = None
-        if resume_step is not None:
-            self._tb.write_event(Event(step=resume_step + 1, wall_time=time.time(), file_version="brain.Event:2"))
-            self._tb.write_event(Event(step=resume_step + 1, wall_time=time.time(),
+        if purge is not None:
+            self._tb.write_event(Event(step=purge, wall_time=time.time(), file_version="brain.Event:2"))
+            self._tb.write_event(Event(step=purge, wall_time=time.time(),
                                        session_log=SessionLog(status=SessionLog.START)))
+        if purge == resume_step:
+            for record in at_resume:
+                self._write_scalars(record)
         self._tb.flush()
 
-    def write(self, step: int, values: Mapping[str, float]) -> None:
-        """One record: a line of JSON and a TensorBoard scalar per value, both flushed."""
+    def _write_scalars(self, record: Mapping[str, Any]) -> None:
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
 
+        for name, value in record.items():
+            if name != "step" and value is not None:
+                self._tb.write_event(Event(step=record["step"], wall_time=time.time(), summary=scalar(name, value)))
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        """One record: a line of JSON and a TensorBoard scalar per value, both flushed."""
         if self.failed:
             return
         record = strict({"step": int(step), **{k: float(v) for k, v in values.items()}})
         try:
             self._file.write(dumps(record) + "\n")
             self._file.flush()
-            for name, value in record.items():
-                if name != "step" and value is not None:
-                    self._tb.write_event(Event(step=int(step), wall_time=time.time(), summary=scalar(name, value)))
+            self._write_scalars(record)
             self._tb.flush()
         except OSError as e:
             self.failed = e

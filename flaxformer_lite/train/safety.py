@@ -368,13 +368,15 @@ class Saves:
         """After an unexpected error: with one process, wait for the save in flight and its
         checksums, so that it completes; with several, whose peers may be gone and would
         hold that wait forever, abandon it (orbax's temporary directory, which resume
-        ignores). Returns, in words, which checkpoint is the latest; never raises."""
+        ignores). Returns, in words, which checkpoint is the latest; never raises. A last
+        `save` (one process) and `close` may follow."""
         step, abandoned = self.pending, ""
         if step is not None and jax.process_count() > 1:
             self.pending = None
             abandoned = f"the checkpoint of step {step} in flight was abandoned; "
         try:
-            self.close()
+            self._finish(block=True)
+            concurrent.futures.wait(self._hashing)
         except Exception as e:  # noqa: BLE001 - reported, not raised: an error is on its way up
             return str(e) if isinstance(e, SaveFailed) else describe_io_error(e)
         completed = "the checkpoint in flight was completed; " if step is not None and not abandoned else ""

@@ -3,7 +3,7 @@
 import pytest
 
 import flaxformer_lite as ffl
-from flaxformer_lite.train import loop
+from flaxformer_lite.train import loop, metrics
 
 # Small enough that a step takes milliseconds; batch 8 splits over the 8 simulated devices.
 TINY = (
@@ -39,3 +39,34 @@ def gpt_run(gpt_cfg, tmp_path_factory):
     """(workdir, summary) of one uninterrupted 20-step run."""
     workdir = tmp_path_factory.mktemp("gpt") / "run"
     return workdir, loop.train(gpt_cfg, workdir)
+
+
+@pytest.fixture
+def on_batch(monkeypatch):
+    """on_batch(n, action): from now on, loop.train calls action() as its training stream
+    draws the n-th batch (counted over the runs of the test; once), in the loop's thread:
+    a signal, or an error in the data pipeline, at a chosen step."""
+    def install(n, action):
+        real, drawn = loop.prepare_data, []
+
+        def count(batch):
+            drawn.append(1)
+            if len(drawn) == n:
+                action()
+            return batch
+
+        def prepare(cfg, **kwargs):
+            setup = real(cfg, **kwargs)
+            setup.train = setup.train.map(count)
+            return setup
+
+        monkeypatch.setattr(loop, "prepare_data", prepare)
+    return install
+
+
+@pytest.fixture(scope="session")
+def records():
+    """records(workdir) -> its metrics.jsonl without each record's timing (tokens_per_s,
+    mfu), which no two runs share."""
+    return lambda workdir: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}
+                            for r in metrics.read_metrics(workdir)]

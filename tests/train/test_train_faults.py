@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -309,6 +310,27 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 # ------------------------------------------------------------------------------- small things
+
+
+def test_a_stop_between_log_steps_resumes_into_the_uninterrupted_records(gpt_overrides, on_batch, records, tmp_path):
+    cfg = ffl.load_config("gpt_tiny", overrides=[*gpt_overrides, "train.log_every=4", "train.num_samples=0"])
+    loop.train(cfg, tmp_path / "reference")
+    workdir = tmp_path / "run"
+    assert threading.current_thread() is threading.main_thread()  # where StopSignals catches it
+    on_batch(11, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(safety.Preempted, match=r"^stopped by SIGTERM at step 11; checkpoint saved in "):
+        loop.train(cfg, workdir)
+    # Its last evaluation was at step 10: summary.json says so beside the step it stopped at.
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert (summary["step"], summary["eval_step"]) == (11, 10)
+    (evaluated,) = [r for r in metrics.read_metrics(workdir) if "eval_loss" in r]
+    assert (evaluated["step"], evaluated["eval_loss"]) == (10, summary["eval_loss"])
+    assert [r["step"] for r in metrics.read_metrics(workdir)][-1] == 11  # the window closed early
+
+    loop.train(cfg, workdir, resume=True)
+    # One record a step and kind, as without the stop: the window of steps 9-12 is reopened.
+    assert records(workdir) == records(tmp_path / "reference")
+    assert _same_params(workdir, tmp_path / "reference")
 
 
 def test_metrics_reader_names_a_damaged_line(tmp_path):

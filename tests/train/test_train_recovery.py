@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flaxformer_lite import checkpoint, cli
-from flaxformer_lite.train import metrics, safety
+from flaxformer_lite.train import loop, metrics, safety
 
 
 def _train(workdir, overrides, *extra, resume=False, prelude="", env=None):
@@ -133,8 +133,6 @@ def test_disk_full_during_a_save_keeps_the_previous(gpt_run, gpt_cfg, gpt_overri
     _check_stopped_on_full_disk(workdir, code, err, intact=5)
 
     # Space freed: the resumed run is the uninterrupted one.
-    from flaxformer_lite.train import loop
-
     loop.train(gpt_cfg, workdir, resume=True)
     leaves = [jax.tree.leaves(checkpoint.load_params(w)[1]) for w in (workdir, reference)]
     assert all(np.array_equal(a, b) for a, b in zip(*leaves))
@@ -143,33 +141,32 @@ def test_disk_full_during_a_save_keeps_the_previous(gpt_run, gpt_cfg, gpt_overri
 # ------------------------------------------------------------------------------- unexpected errors
 
 
-# A bug in the data pipeline: the batch after the save of step 10 has started raises.
-DATA_BUG = """
-from flaxformer_lite.train import loop
-prepare_data, batches = loop.prepare_data, []
-
-def count(batch):
-    batches.append(1)
-    if len(batches) == 11:
-        raise RuntimeError("a bug in the data pipeline")
-    return batch
-
-def failing_prepare_data(cfg, **kwargs):
-    setup = prepare_data(cfg, **kwargs)
-    setup.train = setup.train.map(count)
-    return setup
-
-loop.prepare_data = failing_prepare_data
-"""
-
-
-def test_an_unexpected_error_completes_the_save_in_flight(gpt_overrides, tmp_path):
+@pytest.mark.parametrize("bad_batch", [11, 13])
+def test_an_unexpected_error_keeps_every_step_and_resume_is_bit_exact(bad_batch, gpt_run, gpt_cfg, on_batch, records,
+                                                                       tmp_path, capsys):
+    reference, _ = gpt_run
     workdir = tmp_path / "run"
-    code, err = _train(workdir, [*gpt_overrides, "train.num_samples=0"], prelude=DATA_BUG)
-    assert code == 1 and "RuntimeError: a bug in the data pipeline" in err, err[-3000:]
-    assert "error at step 10: the checkpoint in flight was completed" in err
-    assert _steps(workdir) == [5, 10] and not list((workdir / "checkpoints").glob("*tmp*"))
-    assert checkpoint.verify_checksums(workdir / "checkpoints" / "10") == (True, "")
+
+    def bug():
+        raise RuntimeError("a bug in the data pipeline")
+
+    on_batch(bad_batch, bug)
+    with pytest.raises(RuntimeError, match="a bug in the data pipeline"):
+        loop.train(gpt_cfg, workdir)
+    out = capsys.readouterr().out
+    last = bad_batch - 1
+    if last == 10:  # the batch after the save of step 10 began: that save is completed
+        assert "error at step 10: the checkpoint in flight was completed" in out, out
+    else:  # and a last checkpoint keeps the steps after it
+        assert f"error at step {last}: " in out, out
+        assert f"a last checkpoint of step {last} was saved in {workdir / 'checkpoints' / str(last)}" in out, out
+    assert _steps(workdir) == sorted({5, 10, last}) and not list((workdir / "checkpoints").glob("*tmp*"))
+    assert checkpoint.verify_checksums(workdir / "checkpoints" / str(last)) == (True, "")
+
+    loop.train(gpt_cfg, workdir, resume=True)
+    leaves = [jax.tree.leaves(checkpoint.load_params(w)[1]) for w in (workdir, reference)]
+    assert all(np.array_equal(a, b) for a, b in zip(*leaves))
+    assert records(workdir) == records(reference)
 
 
 # ------------------------------------------------------------------------------- resume errors
