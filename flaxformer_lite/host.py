@@ -14,8 +14,10 @@ buffer is then faulted in once and reused. The cost is memory: freed blocks stay
 so the process would keep the high-water mark of whatever ran before; after every XLA
 compilation (the biggest transient user of host memory) `release_free_memory()` (glibc
 `malloc_trim`) hands the heap's free pages back to the system. Programs dispatched back
-to back would each take a buffer of their own, which the heap then keeps:
-`one_program_at_a_time()` waits for the one ahead.
+to back would each take a buffer of their own, which the heap then keeps: single-device
+programs run in the calling thread (JAX's `jax_cpu_enable_async_dispatch` off), so a
+call returns once its buffer is free, and `one_program_at_a_time()` waits for the
+program ahead where dispatch stays asynchronous (programs over several devices).
 
 The settings must be made before JAX starts its threads: the command line does it
 first thing for the commands that run programs (train, eval, generate, embed, bench).
@@ -126,6 +128,11 @@ def tune_malloc() -> bool:
     _tuned = True
     import jax  # after mallopt: importing JAX starts a thread
 
+    # A program's outputs are ready a moment before its thread frees the temporary
+    # buffer, so a next program dispatched at once took a second buffer (and the heap
+    # kept it): run single-device programs in the calling thread, which returns only
+    # once the buffer is free. Read when the CPU client is made, so before JAX runs.
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     jax.monitoring.register_event_duration_secs_listener(_release_after_compile)
     return True
 
@@ -147,8 +154,12 @@ def one_program_at_a_time(running: Any) -> None:
     frees it as it ends. Programs dispatched back to back (a training loop's steps,
     evaluation batches) start before the one ahead has freed its buffer, so each takes a
     new one; on the tuned heap those stay mapped, and `gpt_tiny` kept four 255 MiB step
-    buffers. Waiting for the program ahead before dispatching the next keeps one; make
-    the next inputs before the wait, so the host's work still overlaps the device's.
+    buffers. Waiting for the program ahead keeps fewer: its outputs are ready a moment
+    before its thread frees the buffer, which is why tune_malloc() also makes
+    single-device programs run in the calling thread (they have ended when the call
+    returns, and this wait costs nothing); the wait matters for programs over several
+    devices, which are still dispatched asynchronously. Make the next inputs before the
+    wait, so the host's work still overlaps the device's.
     Nothing is waited for with glibc's defaults or on an accelerator.
     """
     if _tuned and running is not None:

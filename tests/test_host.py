@@ -105,3 +105,36 @@ def test_one_program_at_a_time_waits_for_the_program_ahead_on_a_tuned_heap():
     out = subprocess.run([sys.executable, "-c", WAIT_CHILD], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
     host.one_program_at_a_time(None)  # nothing dispatched yet: nothing to wait for
+
+
+# A program with a temporary buffer several times its output: when the call returns
+# (no wait), the program has run and its buffer is back in the heap, so the next one
+# reuses it rather than taking another that the tuned heap would keep.
+RETURN_CHILD = """
+import ctypes, jax, jax.numpy as jnp
+from flaxformer_lite import host
+tuned = host.tune_malloc()
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+step = jax.jit(lambda a: jnp.tanh(jnp.tanh(a @ a) @ a) @ a)
+x = jax.random.normal(jax.random.key(0), (1024, 1024))
+temp = step.lower(x).compile().memory_analysis().temp_size_in_bytes
+jax.block_until_ready(step(x))
+before = libc.mallinfo2().uordblks
+y = step(x)
+print(tuned, y.is_ready(), temp, libc.mallinfo2().uordblks - before - y.nbytes)
+"""
+
+
+@glibc
+@pytest.mark.skipif(not hasattr(host._glibc(), "mallinfo2"), reason="glibc 2.33 or later (mallinfo2)")
+def test_on_a_tuned_heap_a_program_has_freed_its_buffer_when_its_call_returns():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(FLAXFORMER_LITE_TUNE_MALLOC="1", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", RETURN_CHILD], env=env, capture_output=True, text=True, check=True)
+    tuned, ready, temp, held = out.stdout.split()
+    assert (tuned, ready) == ("True", "True"), out.stdout + out.stderr
+    assert int(temp) >= 4 * 2**20 and int(held) < int(temp) // 4, out.stdout
