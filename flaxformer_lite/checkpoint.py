@@ -229,6 +229,33 @@ def quarantine(mngr: ocp.CheckpointManager, step: int, folder: str = QUARANTINE_
     return target
 
 
+def _misfit(mngr: ocp.CheckpointManager, step: int, item: str, target: Any) -> Optional[str]:
+    """What keeps `target` (a tree of arrays or jax.ShapeDtypeStruct) from taking item
+    `item` of `step`, by the saved metadata: a name one side lacks, or a shape that
+    differs. None if they fit, or if there is no target or no readable metadata."""
+    if target is None or not _present(mngr, step, item):
+        return None
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(step_dir(mngr, step) / item)
+    except Exception:  # noqa: BLE001 - unreadable metadata is damage, not a misfit
+        return None
+
+    def shapes(tree) -> dict[str, tuple]:
+        leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda a: hasattr(a, "shape"))[0]
+        return {"/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path):
+                tuple(leaf.shape) for path, leaf in leaves}
+
+    have, want = shapes(getattr(saved, "tree", saved)), shapes(target)
+    for name in sorted(have.keys() | want.keys()):
+        if name not in have:
+            return f"{item}/{name} is not in checkpoint {step}"
+        if name not in want:
+            return f"{item}/{name} of checkpoint {step} is not in this model or optimizer"
+        if have[name] != want[name]:
+            return f"{item}/{name} has shape {have[name]} in checkpoint {step}, {want[name]} here"
+    return None
+
+
 def restore_good(
     mngr: ocp.CheckpointManager,
     *,
@@ -244,8 +271,10 @@ def restore_good(
     process killed right after the save) and does not load, or when a value is not
     finite. Each failed step is reported with a warning that names it and, with
     `move_bad`, moved to WORKDIR/corrupt_checkpoints/; the previous step is tried next.
-    A step whose checksums match but which does not load raises: that is a mismatch
-    with the targets (the config), not a damaged file.
+    A step that does not load because the targets do not fit it (a name or shape its
+    metadata has otherwise) raises ValueError naming the difference, and so does a step
+    whose checksums match but which does not load: that is a mismatch with the targets
+    (the config), not a damaged file, and nothing is moved.
     """
     for step in sorted(mngr.all_steps(), reverse=True):
         verified, problem = _shared_verdict(mngr, step)
@@ -255,6 +284,10 @@ def restore_good(
                 loaded = restore(mngr, step, params_target=params_target, extra_target=extra_target,
                                  params_only=params_only)
             except Exception as e:  # noqa: BLE001 - any read failure of an unverified step
+                misfit = _misfit(mngr, step, "params", params_target) or (
+                    None if params_only else _misfit(mngr, step, "extra", extra_target))
+                if misfit:  # the targets (the config) do not fit: no damage, nothing to move
+                    raise ValueError(misfit) from None
                 if verified:
                     raise
                 problem = f"{problem}, and it does not load: {str(e).splitlines()[0][:200]}"

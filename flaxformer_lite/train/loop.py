@@ -522,16 +522,39 @@ def train(
 
 
 def _resume_hint(run: _Run, stopped: Optional[safety.RunStopped]) -> str:
-    """How to go on: resume from the latest checkpoint, or after a divergence from the
-    best one (by eval_loss) when later ones exist."""
+    """How to go on: resume from the latest checkpoint; after non-finite steps, from the
+    best healthy one, or afresh.
+
+    A checkpoint is healthy when its eval_loss is finite and no higher than the run's
+    first logged training loss (the model near its initialisation): a divergence raises
+    the loss above that before it turns non-finite. Without a healthy evaluated
+    checkpoint, the newest one saved before the non-finite steps is named (not
+    evaluated); without one, a new run.
+    """
     command = f"flaxformer-lite train --config {run.workdir / checkpoint.CONFIG_FILE} --workdir {run.workdir} --resume"
-    best = run.mngr.best_step() if isinstance(stopped, safety.NonFiniteStop) else None
-    if best is None or best == run.mngr.latest_step():
+    if not isinstance(stopped, safety.NonFiniteStop):
         return f"resume with: {command}"
-    loss = run.mngr.metrics(best)["eval_loss"]
-    return (f"the best checkpoint is {checkpoint.step_dir(run.mngr, best)} (eval_loss {loss:.4g}); the later ones "
-            f"may hold the state that diverged: go on from the best with a lower train.learning_rate: "
-            f"{command} {best} --set train.learning_rate=...")
+    since = min(stopped.step, run.nonfinite.since or stopped.step)
+    losses = [r["loss"] for r in metrics_lib.read_metrics(run.workdir) if r.get("loss") is not None]
+    ceiling = losses[0] if losses else math.inf
+    steps = run.mngr.all_steps()
+    healthy = {s: loss for s in steps if (loss := (run.mngr.metrics(s) or {}).get("eval_loss")) is not None
+               and loss <= ceiling}
+    if healthy:
+        best = min(healthy, key=healthy.get)
+        if best == run.mngr.latest_step():
+            return f"resume with: {command}"
+        what = f"the best checkpoint is {checkpoint.step_dir(run.mngr, best)} (eval_loss {healthy[best]:.4g})"
+    elif [s for s in steps if s < since]:
+        best = max(s for s in steps if s < since)
+        what = (f"no checkpoint was evaluated below the run's first training loss ({ceiling:.4g}); "
+                f"{checkpoint.step_dir(run.mngr, best)} is the newest saved before the non-finite steps")
+    else:
+        return (f"no checkpoint was evaluated below the run's first training loss ({ceiling:.4g}) or saved before "
+                f"the non-finite steps (from step {since}), so they may all hold the state that diverged: start a "
+                f"new run (another --workdir) with a lower train.learning_rate")
+    return (f"{what}; the later ones may hold the state that diverged: go on from it with a lower "
+            f"train.learning_rate: {command} {best} --set train.learning_rate=...")
 
 
 def _load_init(init_from, cfg: Config) -> Any:

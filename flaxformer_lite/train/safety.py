@@ -259,7 +259,10 @@ class StopSignals:
         stop = mngr.reached_preemption(step) if jax.process_count() > 1 else self.received is not None
         if not stop:
             return None
-        return Preempted(f"stopped by {self.received or 'a preemption notice'} at step {step}", step)
+        # Several processes: one that got no signal itself learns of the stop from JAX's
+        # preemption service, which a SIGTERM to any process (SIGINT passed on) starts.
+        return Preempted(f"stopped by {self.received or 'a preemption notice (SIGTERM to one of the processes)'} "
+                         f"at step {step}", step)
 
 
 # ------------------------------------------------------------------------------- non-finite
@@ -276,6 +279,7 @@ class NonFiniteSteps:
 
     def __init__(self, policy: str, max_streak: int, streak: int = 0):
         self.policy, self.max_streak, self.streak = policy, max_streak, streak
+        self.since: Optional[int] = None  # once stopped: the first of the non-finite steps it stopped for
 
     def check(self, first_step: int, flags: list[float]) -> Optional[NonFiniteStop]:
         """Account for steps first_step, first_step+1, ... with these flags."""
@@ -287,8 +291,10 @@ class NonFiniteSteps:
         steps = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
         what = f"non-finite loss or gradient at step {steps}"
         if self.policy == "stop":
+            self.since = bad[0]
             return NonFiniteStop(f"{what}: update skipped and run stopped (train.nan_policy=stop)", bad[0])
         if self.streak >= self.max_streak:
+            self.since = first_step + len(flags) - self.streak
             return NonFiniteStop(
                 f"{what}: {self.streak} non-finite steps in a row up to step {first_step + len(flags) - 1} "
                 f"(train.max_nonfinite_streak={self.max_streak}): lower train.learning_rate or check the data",

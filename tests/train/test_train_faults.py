@@ -171,6 +171,23 @@ def test_nan_policy_stop_halts_at_the_bad_step_with_a_finite_checkpoint(tiny, mo
     assert all(np.all(np.isfinite(x)) for x in _leaves(tmp_path / "run"))
 
 
+def test_a_state_that_is_not_finite_is_not_saved(gpt_run, gpt_overrides, tmp_path):
+    reference, _ = gpt_run
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    # A learning rate past float32's range: the first update makes the params non-finite
+    # (its loss and gradient were finite, so the step's own check lets it through).
+    cfg = ffl.load_config("gpt_tiny", overrides=[*gpt_overrides, "train.learning_rate=1e39", "train.num_steps=25"])
+    with pytest.raises(safety.NonFiniteStop, match=r"the state at step 25 is not finite: not saved") as stop:
+        loop.train(cfg, workdir, resume=True)
+    assert f"checkpoint {workdir / 'checkpoints' / '20'} is intact" in str(stop.value)
+    with checkpoint.manager(workdir, read_only=True, best_metric=None) as mngr:
+        assert mngr.latest_step() == 20
+    # What is lost is steps 21-25, whose state is worth nothing; step 20 is as it was.
+    assert checkpoint.verify_checksums(workdir / "checkpoints" / "20") == (True, "")
+    assert _same_params(workdir, reference)
+
+
 def test_divergence_stops_after_the_streak_limit_with_strict_json(gpt_overrides, tmp_path, capsys):
     workdir = tmp_path / "run"
     # The issue's recipe for a diverging run: the loss is NaN from a few steps in.
@@ -180,6 +197,10 @@ def test_divergence_stops_after_the_streak_limit_with_strict_json(gpt_overrides,
     assert code == safety.EXIT_NONFINITE, err[-2000:]
     assert "Traceback" not in err
     assert "3 non-finite steps in a row up to step" in err and "train.max_nonfinite_streak=3" in err
+    # Every checkpoint holds the diverged state (none was evaluated below the first loss,
+    # none saved before the non-finite steps): the hint is a new run, not --resume.
+    (line,) = [l for l in err.splitlines() if l.startswith("stopped: ")]
+    assert "so they may all hold the state that diverged: start a new run" in line and "--resume" not in line, line
     strict = dict(parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))
     summary = json.loads((workdir / "summary.json").read_text(), **strict)
     assert summary["stopped"].startswith("NonFiniteStop")
@@ -203,27 +224,31 @@ def _largest_file(step_dir, item):
     return max((p for p in (step_dir / item).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-def test_corrupt_checkpoints_are_set_aside_and_resume_falls_back(gpt_run, gpt_cfg, tmp_path):
+def test_corrupt_checkpoints_are_set_aside_and_resume_falls_back(gpt_run, gpt_cfg, records, tmp_path):
     reference, _ = gpt_run
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     ckpts = workdir / "checkpoints"
     assert sorted(int(p.name) for p in ckpts.iterdir()) == [10, 15, 20]
-    _damage(_largest_file(ckpts / "20", "params"), "garbage")  # same size, other bytes
-    _damage(_largest_file(ckpts / "15", "extra"), "truncate")
+    _damage(_largest_file(ckpts / "15", "extra"), "garbage")  # same size, other bytes
+    # Step 20 has no checksums (killed right after its save), and a file cut short.
+    (ckpts / "20" / checkpoint.CHECKSUM_FILE).unlink()
+    _damage(_largest_file(ckpts / "20", "params"), "truncate")
     # Killed mid-write: a half line at the end of metrics.jsonl.
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write('{"step": 21, "loss": 1.2')
     with pytest.warns(UserWarning) as warned:
         loop.train(gpt_cfg, workdir, resume=True)
     messages = [str(w.message) for w in warned]
-    assert any(f"checkpoint {ckpts / '20'} is unusable" in m and "does not match its checksum" in m for m in messages)
-    assert any(f"checkpoint {ckpts / '15'} is unusable" in m and "truncated" in m for m in messages)
+    assert any(f"checkpoint {ckpts / '20'} is unusable" in m and "no readable checksums.json" in m
+               and "does not load" in m for m in messages)
+    assert any(f"checkpoint {ckpts / '15'} is unusable" in m and "does not match its checksum" in m for m in messages)
     assert any("half-written last line" in m for m in messages)
     assert sorted(p.name for p in (workdir / "corrupt_checkpoints").iterdir()) == ["15", "20"]
-    # Resumed from step 10, it trained steps 11-20 again to the same values.
+    # Resumed from step 10, it trained steps 11-20 again to the same values: nothing is
+    # lost in the result, only the time of those steps.
     assert _same_params(workdir, reference)
-    assert _losses(workdir) == _losses(reference)
+    assert records(workdir) == records(reference)
 
 
 def test_unverifiable_or_non_finite_checkpoints_are_skipped(tmp_path):
@@ -363,13 +388,15 @@ def test_two_hosts_stop_at_the_same_step_when_one_is_preempted(gpt_overrides, tm
         )
         children.append(child)
     _wait_for_step(children[0], workdir, 3, tmp_path / "host0.log")
-    children[1].send_signal(signal.SIGTERM)  # only one host gets the notice
+    # Only one host gets Ctrl-C, which it passes on to JAX's preemption service as a SIGTERM.
+    children[1].send_signal(signal.SIGINT)
     codes = [c.wait(timeout=300) for c in children]
     logs = [(tmp_path / f"host{i}.log").read_text() for i in range(2)]
     assert codes == [safety.EXIT_PREEMPTED] * 2, logs
     steps = []
-    for log in logs:
+    for log, by in zip(logs, ["a preemption notice (SIGTERM to one of the processes)", "SIGINT"]):
         (line,) = [l for l in log.splitlines() if l.startswith("stopped: ")]
+        assert f"stopped by {by} at step" in line, line
         steps.append(int(line.split(" at step ")[1].split(";")[0]))
     assert steps[0] == steps[1] and 3 <= steps[0] < 20
     with checkpoint.manager(workdir, read_only=True, best_metric=None) as mngr:
