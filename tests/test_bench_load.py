@@ -17,4 +17,8 @@ def test_bench_load_runs_and_reports(tmp_path, capsys):
     for run in results["runs"].values():
         assert run["param_bytes"] == results["param_bytes"]
         assert run["load_cold_s"] > 0 and run["read_cold_s"] > 0 and run["peak_above_baseline_bytes"] > 0
-    assert "peak RSS added" in capsys.readouterr().out
+        for when in ("cold", "warm"):
+            parts = run[f"load_{when}_parts"]
+            assert parts["read"] > 0 and parts["convert"] > 0 and 0 < parts["read_wall"] <= run[f"load_{when}_s"]
+    printed = capsys.readouterr().out
+    assert "peak RSS added" in printed and "CPU s by part" in printed

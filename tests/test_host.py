@@ -2,10 +2,15 @@
 allocated again (XLA:CPU's step buffer) costs no page faults; settings are left alone where
 the user or the platform says so."""
 
+import mmap
 import os
+import resource
 import subprocess
 import sys
 
+import jax
+import ml_dtypes
+import numpy as np
 import pytest
 
 from flaxformer_lite import host
@@ -138,3 +143,21 @@ def test_on_a_tuned_heap_a_program_has_freed_its_buffer_when_its_call_returns():
     tuned, ready, temp, held = out.stdout.split()
     assert (tuned, ready) == ("True", "True"), out.stdout + out.stderr
     assert int(temp) >= 4 * 2**20 and int(held) < int(temp) // 4, out.stdout
+
+
+def test_empty_is_aligned_adopted_by_jax_and_mapped_in_before_it_is_written():
+    rng = np.random.default_rng(0)
+    small = host.empty((3, 5), np.float32)
+    big = host.empty((4, host.POPULATE_MIN_BYTES), ml_dtypes.bfloat16)  # 8 MiB
+    assert (small.shape, small.dtype, big.shape, big.dtype) == ((3, 5), np.float32, (4, host.POPULATE_MIN_BYTES),
+                                                                ml_dtypes.bfloat16)
+    assert small.ctypes.data % 64 == 0 and big.ctypes.data % 64 == 0
+    values = rng.standard_normal(big.shape).astype(big.dtype)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    big[...] = values
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    if hasattr(mmap, "MAP_POPULATE"):
+        assert faults < big.nbytes // mmap.PAGESIZE // 100, faults
+    placed = jax.device_put(big)
+    assert placed.unsafe_buffer_pointer() == big.ctypes.data  # adopted, not copied
+    np.testing.assert_array_equal(np.asarray(placed), values)

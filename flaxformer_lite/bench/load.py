@@ -12,18 +12,20 @@ as glibc sets it, so baseline and peak are that process's own; the peak (VmHWM) 
 through /proc/self/clear_refs right before the load. Cold: the files' pages are first
 dropped from the page cache (posix_fadvise DONTNEED on those files only), so reading and
 loading both start from the disk; warm: again, from the page cache. The read is plain
-reads of every file's bytes into one 16 MiB buffer. Last, the time to map and touch as
-much fresh memory as the parameters take: a cost the load pays and the read does not,
-which on a virtual machine under memory pressure can exceed the read itself.
+reads of every file's bytes into one 16 MiB buffer. Each load is split into its parts, by
+the CPU seconds (of all threads) spent in the functions doing them: setup (config.json,
+the model's shapes), read (the reading thread's reads), allocate (mapping the parameters'
+memory in), convert (`Map.rows_into`: transposes and casts), place (handing the buffers to
+JAX); the parts overlap in time, so only their CPU seconds add up.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import math
-import mmap
 import os
 import pathlib
 import resource
@@ -31,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -144,13 +147,44 @@ def _read(files: list[pathlib.Path]) -> None:
                 pass
 
 
-def _touch(nbytes: int) -> None:
-    """Map nbytes of fresh memory and write to every page of it (then unmap): what any
-    loader pays to bring that much new memory into the process."""
-    pages = mmap.mmap(-1, nbytes)
-    for offset in range(0, nbytes, mmap.PAGESIZE):
-        pages[offset] = 1
-    pages.close()
+class _Parts:
+    """CPU seconds of all threads in each part of hf.load, from wrappers around the
+    functions that do each part (in the measuring process only)."""
+
+    def __init__(self):
+        from flaxformer_lite.interop import hf, layout, weights
+
+        self.cpu: collections.Counter = collections.Counter()
+        self.read_wall = 0.0
+        self._lock = threading.Lock()
+        self._wrap(weights.Checkpoint, "read", "read")
+        self._wrap(host, "empty", "allocate")
+        self._wrap(layout.Map, "rows_into", "convert")
+        self._wrap(hf, "_place", "place")
+
+    def _wrap(self, owner, attr: str, part: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.cpu[part] += time.thread_time() - cpu
+                    if part == "read":
+                        self.read_wall += time.perf_counter() - wall
+
+        setattr(owner, attr, timed)
+
+    def take(self, load_cpu: float) -> dict:
+        """The parts since the last take; 'other': the rest of the load's CPU seconds."""
+        parts = {k: round(self.cpu[k], 4) for k in ("read", "allocate", "convert", "place")}
+        parts["other"] = round(load_cpu - sum(self.cpu.values()), 4)
+        parts["read_wall"] = round(self.read_wall, 4)
+        self.cpu.clear()
+        self.read_wall = 0.0
+        return parts
 
 
 def _measure(spec: dict) -> dict:
@@ -169,6 +203,7 @@ def _measure(spec: dict) -> dict:
     def load():
         return hf.load(spec["folder"], param_dtype=spec["param_dtype"], mesh=mesh, parallel=pcfg)[1]
 
+    parts = _Parts()
     out = {"malloc_tuned": tuned, "devices": len(jax.devices())}
     _drop_cached(files)
     _, out["read_cold_s"], out["read_cold_cpu_s"] = _timed(lambda: _read(files))
@@ -178,6 +213,7 @@ def _measure(spec: dict) -> dict:
         f.write("5")  # resets VmHWM to the current RSS
     baseline = _status_bytes("VmRSS")
     params, out["load_cold_s"], out["load_cold_cpu_s"] = _timed(load)
+    out["load_cold_parts"] = parts.take(out["load_cold_cpu_s"])
     out["baseline_rss_bytes"] = baseline
     out["peak_above_baseline_bytes"] = _status_bytes("VmHWM") - baseline
     out["after_above_baseline_bytes"] = _status_bytes("VmRSS") - baseline
@@ -186,7 +222,7 @@ def _measure(spec: dict) -> dict:
     gc.collect()
     _, out["read_warm_s"], out["read_warm_cpu_s"] = _timed(lambda: _read(files))
     _, out["load_warm_s"], out["load_warm_cpu_s"] = _timed(load)
-    _, out["touch_s"], out["touch_cpu_s"] = _timed(lambda: _touch(out["param_bytes"]))
+    out["load_warm_parts"] = parts.take(out["load_warm_cpu_s"])
     return out
 
 
@@ -241,8 +277,11 @@ def run_load(args: argparse.Namespace) -> dict:
         print(f"{name:7} {r['load_average_1m']:5.1f} {cells[0]:>13} {cells[1]:>14} {cells[2]:>6} {cells[3]:>13} "
               f"{cells[4]:>14} {cells[5]:>6} {r['peak_above_baseline_bytes'] / 1e9:12.2f} GB "
               f"{r['peak_ratio']:8.2f}x {r['after_above_baseline_bytes'] / 1e9:6.2f} GB")
-        print(f"{'':13} new memory: mapping and touching {param_bytes / 1e9:.2f} GB took {r['touch_s']:.1f} s "
-              f"({r['touch_cpu_s']:.1f} s CPU), which every load pays and a read does not")
+        for when in ("cold", "warm"):
+            p = r[f"load_{when}_parts"]
+            print(f"{'':13} {when} load, CPU s by part: read {p['read']:.1f} (the reading went on {p['read_wall']:.1f} s "
+                  f"of the load's {r[f'load_{when}_s']:.1f}), allocate {p['allocate']:.1f}, convert {p['convert']:.1f}, "
+                  f"place {p['place']:.1f}, other (setup, JAX) {p['other']:.1f}")
     print("goals: peak RSS added at most 1.3x the parameters' bytes; load at most 2x the read")
     return {"model": {"layers": args.layers, "d_model": args.d_model, "d_ff": args.d_ff, "heads": args.heads,
                       "kv_heads": args.kv_heads, "vocab": args.vocab, "param_dtype": args.param_dtype},

@@ -17,6 +17,7 @@ import json
 import math
 import pathlib
 import shutil
+import threading
 import warnings
 from typing import Any, Iterable, Optional
 
@@ -128,54 +129,68 @@ def _layer_slots(paths: list[str]) -> dict[str, tuple[str, Optional[int]]]:
     return slots
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """np.empty at a 64-byte boundary: jax.device_put then adopts it on a CPU device
-    without a copy (numpy's own large arrays start 16 bytes into a page, and are copied)."""
-    size = math.prod(shape) * dtype.itemsize
-    raw = np.empty(size + 64, np.uint8)
-    start = -raw.ctypes.data % 64
-    return raw[start : start + size].view(dtype).reshape(shape)
+def _place(values: np.ndarray, sharding: Optional[jax.sharding.Sharding]) -> jax.Array:
+    """A parameter's host buffer on its sharding, or on the default device, once there."""
+    if sharding is None:  # a CPU device adopts an aligned buffer as it is
+        placed = jax.device_put(values)
+    else:  # each device (of this host) gets only its slice
+        placed = jax.make_array_from_callback(values.shape, sharding, values.__getitem__)
+    return placed.block_until_ready()  # before the host buffer goes
 
 
 def _read_params(ckpt: weights.Checkpoint, maps: list, cfg: ModelConfig, shapes: dict, shardings: Optional[dict]) -> dict:
     """Our parameters, filled tensor by tensor from the checkpoint, cast to param_dtype and
     placed (on `shardings`, flat paths -> Sharding, else the default device) as each is done.
 
-    One parameter (a whole layer stack when layers are scanned) is in host memory at a time,
-    beside a read buffer of weights.CHUNK_BYTES.
+    The checkpoint's reader converts a few chunks at once (one per core), so the parameters
+    in host memory beyond those placed are the few being filled (a whole layer stack when
+    layers are scanned), beside the read buffers.
     """
     dtype = np.dtype(jnp.dtype(cfg.param_dtype))
     slots = _layer_slots(list(shapes)) if cfg.scan_layers else {p: (p, None) for p in shapes}
     pending = collections.Counter(path for path, _ in slots.values())
     final_shapes = {path: shapes[p] if layer is None else (pending[path],) + shapes[p]
                     for p, (path, layer) in slots.items()}
-    host, params = {}, {}
-    # All layers of a stacked parameter one after another, so each is finished and freed early.
-    maps = {m.hf: m for m in sorted(maps, key=lambda m: [slots[p][0] for p in m.ours])}
-    outs = {}
-    for name, start, rows in ckpt.stream(list(maps)):
-        m = maps[name]
-        if not start:
-            outs[name] = []
-            for p in m.ours:
-                path, layer = slots[p]
-                if path not in host:
-                    host[path] = _aligned_empty(final_shapes[path], dtype)
-                outs[name].append(host[path] if layer is None else host[path][layer])
-        m.rows_into(rows, start, outs[name])
-        if start + len(rows) < ckpt.rows(name):
-            continue
-        del outs[name]
+    # In the files' order, so a cold read goes through each file front to back; all layers
+    # of a stacked parameter one after another, so each is finished and freed early.
+    order = {name: i for i, name in enumerate(ckpt.file_order(m.hf for m in maps))}
+    first = {}  # stacked path -> where its first tensor lies
+    for m in maps:
         for p in m.ours:
-            pending[slots[p][0]] -= 1
-        for path in dict.fromkeys(slots[p][0] for p in m.ours):
-            if not pending[path]:
-                values = host.pop(path)
-                if shardings is None:  # a CPU device adopts the aligned buffer as it is
-                    params[path] = jax.device_put(values)
-                else:  # each device (of this host) gets only its slice
-                    params[path] = jax.make_array_from_callback(values.shape, shardings[path], values.__getitem__)
-                params[path].block_until_ready()  # before the host copy goes
+            first[slots[p][0]] = min(first.get(slots[p][0], len(order)), order[m.hf])
+    maps = {m.hf: m for m in sorted(maps, key=lambda m: (min(first[slots[p][0]] for p in m.ours), order[m.hf]))}
+    lock = threading.Lock()
+    buffers, outs, rows_left, params = {}, {}, {}, {}
+
+    def targets(name: str) -> list[np.ndarray]:
+        with lock:
+            if name not in outs:
+                for path in dict.fromkeys(slots[p][0] for p in maps[name].ours):
+                    if path not in buffers:
+                        buffers[path] = host.empty(final_shapes[path], dtype)
+                outs[name] = [buffers[path] if layer is None else buffers[path][layer]
+                              for path, layer in (slots[p] for p in maps[name].ours)]
+                rows_left[name] = ckpt.rows(name)
+            return outs[name]
+
+    def consume(name: str, start: int, rows: np.ndarray) -> None:
+        m = maps[name]
+        m.rows_into(rows, start, targets(name))
+        done = []
+        with lock:
+            rows_left[name] -= len(rows)
+            if rows_left[name]:
+                return
+            del outs[name]
+            for p in m.ours:
+                pending[slots[p][0]] -= 1
+            for path in dict.fromkeys(slots[p][0] for p in m.ours):
+                if not pending[path]:
+                    done.append((path, buffers.pop(path)))
+        for path, values in done:
+            params[path] = _place(values, None if shardings is None else shardings[path])
+
+    ckpt.read(list(maps), consume)
     return traverse_util.unflatten_dict(params, sep="/")
 
 

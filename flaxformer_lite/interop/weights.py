@@ -21,9 +21,11 @@ import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import queue
 import re
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -109,24 +111,42 @@ class Checkpoint:
     def get(self, name: str) -> np.ndarray:
         """The whole tensor, in its file's dtype."""
         out = np.empty(self.shape(name) or (1,), self._numpy_dtype(name))
-        for _, start, rows in self.stream([name]):
+
+        def copy(_, start: int, rows: np.ndarray) -> None:
             out[start : start + len(rows)] = rows
+
+        self.read([name], copy)
         return out.reshape(self.shape(name))
 
     def rows(self, name: str) -> int:
-        """Length of the tensor's first axis (1 for a 0-d tensor): what stream() goes along."""
+        """Length of the tensor's first axis (1 for a 0-d tensor): what read() goes along."""
         return (self.shape(name) or (1,))[0]
 
-    def stream(self, names: Sequence[str], chunk_bytes: Optional[int] = None) -> Iterator[tuple[str, int, np.ndarray]]:
-        """(name, first row, rows) of each tensor in turn, along its first axis, about
-        chunk_bytes (default CHUNK_BYTES) at a time.
+    def file_order(self, names: Iterable[str]) -> list[str]:
+        """names in the order their bytes lie on disk: read so, each file goes front to back."""
+        return sorted(names, key=lambda n: (self._entries[n].file.name, self._entries[n].offset))
 
-        A background thread reads the next chunk while the caller uses this one, so
-        reading from disk and converting overlap. Each chunk is a view of one of two
-        buffers, valid until the next is asked for: copy what you keep. A 0-d tensor
-        comes as one row of shape (1,).
+    def read(
+        self,
+        names: Sequence[str],
+        consume: Callable[[str, int, np.ndarray], None],
+        *,
+        workers: Optional[int] = None,
+        chunk_bytes: Optional[int] = None,
+    ) -> None:
+        """Call consume(name, first row, rows) on each tensor in turn, along its first axis,
+        about chunk_bytes (default CHUNK_BYTES) of rows at a time.
+
+        This thread reads the chunks in order while `workers` threads (default: one per
+        CPU this process may use) run `consume` on those already read, several at once:
+        reading and converting overlap, and conversion uses every core. `consume` must
+        therefore be safe to run for different chunks at the same time. Each chunk is a
+        view of a reused buffer, valid only during its call: copy what you keep. A 0-d
+        tensor comes as one row of shape (1,). The first error, in reading or in
+        `consume`, stops the reading and is raised once the calls under way return.
         """
         chunk_bytes = chunk_bytes or CHUNK_BYTES
+        workers = workers or _cpu_count()
         plan = []  # (name, entry, dtype, shape, first row, rows, byte offset)
         for name in names:
             entry, dtype = self._entries[name], self._numpy_dtype(name)
@@ -137,37 +157,46 @@ class Checkpoint:
                 count = min(step, shape[0] - start)
                 plan.append((name, entry, dtype, shape, start, count, entry.offset + start * row_bytes))
         size = max((c[2].itemsize * math.prod(c[3][1:]) * c[5] for c in plan), default=0)
-        buffers = [np.empty(size, np.uint8), np.empty(size, np.uint8)]
-        files = {}
-
-        def read(k: int) -> np.ndarray:
-            name, entry, dtype, shape, _, count, offset = plan[k]
-            if entry.file not in files:
-                files[entry.file] = open(entry.file, "rb", buffering=0)
-            f = files[entry.file]
-            f.seek(offset)
-            nbytes = dtype.itemsize * math.prod(shape[1:]) * count
-            view = memoryview(buffers[k % 2])[:nbytes]
-            while view:  # a read may return less than asked
-                done = f.readinto(view)
-                if not done:
-                    raise HFError(f"{entry.file}: ends inside tensor {name}; the file is truncated")
-                view = view[done:]
-            return buffers[k % 2][:nbytes].view(dtype).reshape((count,) + shape[1:])
-
-        with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        # One buffer per worker, one being read, one read ahead.
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(min(workers + 2, len(plan))):
+            free.put(np.empty(size, np.uint8))
+        files, running = {}, []
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="checkpoint") as pool:
             try:
-                ahead = reader.submit(read, 0) if plan else None
-                for k, (name, _, _, _, start, _, _) in enumerate(plan):
-                    rows = ahead.result()
-                    ahead = reader.submit(read, k + 1) if k + 1 < len(plan) else None
-                    yield name, start, rows
+                for name, entry, dtype, shape, start, count, offset in plan:
+                    buffer = free.get()
+                    running = [f for f in running if not f.done() or f.exception()]  # the failed stay
+                    if any(f.done() and f.exception() for f in running):
+                        break
+                    if entry.file not in files:
+                        files[entry.file] = open(entry.file, "rb", buffering=0)
+                    f = files[entry.file]
+                    f.seek(offset)
+                    nbytes = dtype.itemsize * math.prod(shape[1:]) * count
+                    view = memoryview(buffer)[:nbytes]
+                    while view:  # a read may return less than asked
+                        done = f.readinto(view)
+                        if not done:
+                            raise HFError(f"{entry.file}: ends inside tensor {name}; the file is truncated")
+                        view = view[done:]
+                    rows = buffer[:nbytes].view(dtype).reshape((count,) + shape[1:])
+                    future = pool.submit(consume, name, start, rows)
+                    future.add_done_callback(lambda _, buffer=buffer: free.put(buffer))
+                    running.append(future)
             finally:
-                if ahead is not None:
-                    ahead.cancel()
-                    concurrent.futures.wait([ahead])
                 for f in files.values():
                     f.close()
+                concurrent.futures.wait(running)
+        for future in running:
+            future.result()  # the first error raised in a worker, if any
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def open_checkpoint(folder: pathlib.Path) -> Checkpoint:

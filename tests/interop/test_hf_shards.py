@@ -53,6 +53,24 @@ def test_transformers_shards_load_as_the_whole_file(folders, monkeypatch):
         np.testing.assert_array_equal(b[path], a[path], err_msg=path)
 
 
+def test_an_error_converting_a_chunk_stops_the_reading_and_is_raised(folders):
+    _, root = folders
+    ckpt = weights.open_checkpoint(root / "two")
+    names = ckpt.file_order(ckpt.keys())
+    seen = []
+    ckpt.read(names, lambda *chunk: seen.append(chunk[0]), chunk_bytes=200)
+    chunks, seen = len(seen), []
+
+    def consume(name, start, rows):
+        seen.append(name)
+        if name == names[1]:
+            raise ValueError(f"cannot convert {name}")
+
+    with pytest.raises(ValueError, match=f"cannot convert {names[1]}"):
+        ckpt.read(names, consume, workers=2, chunk_bytes=200)
+    assert len(seen) < chunks // 2
+
+
 def test_our_shards_are_what_transformers_writes_and_reads(folders, tmp_path):
     model, root = folders
     cfg, params = hf.load(root / "whole")
