@@ -1,4 +1,5 @@
-"""The host process's memory allocator: keep XLA:CPU's per-step buffers mapped.
+"""The host process's memory: keep XLA:CPU's per-step buffers mapped; large host arrays
+JAX adopts, mapped in at once (`empty`).
 
 On the CPU, every call of a compiled XLA program allocates its temporary buffer (all
 intermediate activations of a training step: 405 MiB for the `bench train` GPT-2) and
@@ -192,15 +193,16 @@ POPULATE_MIN_BYTES = 1 << 20
 
 
 def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """np.empty in memory of its own, 64-byte aligned and already mapped in.
+    """np.empty, 64-byte aligned, and mapped in before it is written.
 
     Aligned, a CPU device adopts the array without a copy (`jax.device_put`; numpy's own
     large arrays start 16 bytes into a page, and are copied). Mapped in: an array of
-    POPULATE_MIN_BYTES or more is a fresh mapping made with MAP_POPULATE, so the kernel
-    provides all its pages in one call instead of one page fault per 4 KiB when they are
-    first written. On the 2-core VM of BENCHMARKS.md the faults cost 1.9 CPU seconds a
-    GB, MAP_POPULATE 0.44. The memory is unmapped when the array (or whatever adopted
-    it) is freed. Elsewhere than Linux, only the alignment.
+    POPULATE_MIN_BYTES or more is a mapping of its own made with MAP_POPULATE, so the
+    kernel provides all its pages in one call instead of one page fault per 4 KiB as they
+    are first written: on the 2-core VM of BENCHMARKS.md 0.36 to 0.44 CPU seconds a GB
+    against 0.7 to 1.9 (docs/performance-notes.md, "Loading a checkpoint"). The mapping
+    goes back to the system when the array (or whatever adopted it) is freed, whatever
+    the malloc settings. Elsewhere than Linux, only the alignment.
     """
     import numpy as np  # here: numpy's BLAS starts threads, and tune_malloc() must come before any
 
