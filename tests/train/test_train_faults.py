@@ -338,7 +338,8 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_a_stop_between_log_steps_resumes_into_the_uninterrupted_records(gpt_overrides, on_batch, records, tmp_path):
-    cfg = ffl.load_config("gpt_tiny", overrides=[*gpt_overrides, "train.log_every=4", "train.num_samples=0"])
+    cfg = ffl.load_config("gpt_tiny", overrides=[*gpt_overrides, "train.log_every=4", "train.num_samples=0",
+                                                 "train.num_steps=12"])
     loop.train(cfg, tmp_path / "reference")
     workdir = tmp_path / "run"
     assert threading.current_thread() is threading.main_thread()  # where StopSignals catches it
@@ -353,7 +354,8 @@ def test_a_stop_between_log_steps_resumes_into_the_uninterrupted_records(gpt_ove
     assert [r["step"] for r in metrics.read_metrics(workdir)][-1] == 11  # the window closed early
 
     loop.train(cfg, workdir, resume=True)
-    # One record a step and kind, as without the stop: the window of steps 9-12 is reopened.
+    # One record a step and kind, as without the stop: the window of steps 9-12 is reopened
+    # (the records at 11 are gone; the one at 12 covers steps 9-12).
     assert records(workdir) == records(tmp_path / "reference")
     assert _same_params(workdir, tmp_path / "reference")
 
