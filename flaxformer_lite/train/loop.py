@@ -535,7 +535,10 @@ def _resume_hint(run: _Run, stopped: Optional[safety.RunStopped]) -> str:
     if not isinstance(stopped, safety.NonFiniteStop):
         return f"resume with: {command}"
     since = min(stopped.step, run.nonfinite.since or stopped.step)
-    losses = [r["loss"] for r in metrics_lib.read_metrics(run.workdir) if r.get("loss") is not None]
+    try:
+        losses = [r["loss"] for r in metrics_lib.read_metrics(run.workdir) if r.get("loss") is not None]
+    except (ConfigError, OSError):  # a damaged metrics.jsonl: no first loss to compare with
+        losses = []
     ceiling = losses[0] if losses else math.inf
     steps = run.mngr.all_steps()
     healthy = {s: loss for s in steps if (loss := (run.mngr.metrics(s) or {}).get("eval_loss")) is not None
@@ -545,14 +548,14 @@ def _resume_hint(run: _Run, stopped: Optional[safety.RunStopped]) -> str:
         if best == run.mngr.latest_step():
             return f"resume with: {command}"
         what = f"the best checkpoint is {checkpoint.step_dir(run.mngr, best)} (eval_loss {healthy[best]:.4g})"
-    elif [s for s in steps if s < since]:
-        best = max(s for s in steps if s < since)
-        what = (f"no checkpoint was evaluated below the run's first training loss ({ceiling:.4g}); "
-                f"{checkpoint.step_dir(run.mngr, best)} is the newest saved before the non-finite steps")
     else:
-        return (f"no checkpoint was evaluated below the run's first training loss ({ceiling:.4g}) or saved before "
-                f"the non-finite steps (from step {since}), so they may all hold the state that diverged: start a "
-                f"new run (another --workdir) with a lower train.learning_rate")
+        none = "no checkpoint was evaluated" + (f" below the run's first training loss ({ceiling:.4g})" if losses else "")
+        before = [s for s in steps if s < since]
+        if not before:
+            return (f"{none} or saved before the non-finite steps (from step {since}), so they may all hold the "
+                    f"state that diverged: start a new run (another --workdir) with a lower train.learning_rate")
+        best = max(before)
+        what = f"{none}; {checkpoint.step_dir(run.mngr, best)} is the newest saved before the non-finite steps"
     return (f"{what}; the later ones may hold the state that diverged: go on from it with a lower "
             f"train.learning_rate: {command} {best} --set train.learning_rate=...")
 
