@@ -342,10 +342,13 @@ def test_a_stop_between_log_steps_resumes_into_the_uninterrupted_records(gpt_ove
                                                  "train.num_steps=12"])
     loop.train(cfg, tmp_path / "reference")
     workdir = tmp_path / "run"
+    # First a stop at step 7, as train.time_budget_s makes one: it evaluates there too.
+    loop.train(cfg, workdir, stop_at=7)
+    assert [r["step"] for r in metrics.read_metrics(workdir)][-2:] == [7, 7]
     assert threading.current_thread() is threading.main_thread()  # where StopSignals catches it
-    on_batch(11, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    on_batch(4, lambda: os.kill(os.getpid(), signal.SIGTERM))  # the resumed run's 4th: step 11
     with pytest.raises(safety.Preempted, match=r"^stopped by SIGTERM at step 11; checkpoint saved in "):
-        loop.train(cfg, workdir)
+        loop.train(cfg, workdir, resume=True)
     # Its last evaluation was at step 10: summary.json says so beside the step it stopped at.
     summary = json.loads((workdir / "summary.json").read_text())
     assert (summary["step"], summary["eval_step"]) == (11, 10)
@@ -354,8 +357,8 @@ def test_a_stop_between_log_steps_resumes_into_the_uninterrupted_records(gpt_ove
     assert [r["step"] for r in metrics.read_metrics(workdir)][-1] == 11  # the window closed early
 
     loop.train(cfg, workdir, resume=True)
-    # One record a step and kind, as without the stop: the window of steps 9-12 is reopened
-    # (the records at 11 are gone; the one at 12 covers steps 9-12).
+    # One record a step and kind, as without the stops: their windows were reopened (the
+    # records at 7 and 11 are gone; the ones at 8 and 12 cover steps 5-8 and 9-12).
     assert records(workdir) == records(tmp_path / "reference")
     assert _same_params(workdir, tmp_path / "reference")
 
