@@ -555,7 +555,8 @@ def _resume_hint(run: _Run, stopped: Optional[safety.RunStopped]) -> str:
             return (f"{none} or saved before the non-finite steps (from step {since}), so they may all hold the "
                     f"state that diverged: start a new run (another --workdir) with a lower train.learning_rate")
         best = max(before)
-        what = f"{none}; {checkpoint.step_dir(run.mngr, best)} is the newest saved before the non-finite steps"
+        what = (f"{none}; {checkpoint.step_dir(run.mngr, best)} is the newest saved before the non-finite steps "
+                "(not evaluated: it may hold a diverging state too)")
     return (f"{what}; the later ones may hold the state that diverged: go on from it with a lower "
             f"train.learning_rate: {command} {best} --set train.learning_rate=...")
 

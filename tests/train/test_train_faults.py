@@ -188,19 +188,30 @@ def test_a_state_that_is_not_finite_is_not_saved(gpt_run, gpt_overrides, tmp_pat
     assert _same_params(workdir, reference)
 
 
-def test_divergence_stops_after_the_streak_limit_with_strict_json(gpt_overrides, tmp_path, capsys):
+@pytest.mark.parametrize("checkpoint_every", [5, 2])
+def test_divergence_stops_after_the_streak_limit_with_strict_json(checkpoint_every, gpt_overrides, tmp_path, capsys):
     workdir = tmp_path / "run"
     # The recipe for a diverging run: the loss is NaN from a few steps in.
     code = cli.main(["train", "--config", "gpt_tiny", "--workdir", str(workdir), "--set", *gpt_overrides,
-                     "train.learning_rate=1e3", "train.warmup_steps=1", "train.max_nonfinite_streak=3"])
+                     "train.learning_rate=1e3", "train.warmup_steps=1", "train.max_nonfinite_streak=3",
+                     f"train.checkpoint_every={checkpoint_every}"])
     err = capsys.readouterr().err
     assert code == safety.EXIT_NONFINITE, err[-2000:]
     assert "Traceback" not in err
     assert "3 non-finite steps in a row up to step" in err and "train.max_nonfinite_streak=3" in err
-    # Every checkpoint holds the diverged state (none was evaluated below the first loss,
-    # none saved before the non-finite steps): the hint is a new run, not --resume.
+    # No checkpoint was evaluated below the first loss (only the last, diverged one was
+    # evaluated): the hint names the newest saved before the 3 non-finite steps, or, with
+    # none (every 5 steps), a new run; never --resume of the diverged state.
     (line,) = [l for l in err.splitlines() if l.startswith("stopped: ")]
-    assert "so they may all hold the state that diverged: start a new run" in line and "--resume" not in line, line
+    since = [r["step"] for r in metrics.read_metrics(workdir) if r.get("nonfinite_steps")][-3]
+    with checkpoint.manager(workdir, read_only=True, best_metric=None) as mngr:
+        before = [s for s in mngr.all_steps() if s < since]
+    assert bool(before) == (checkpoint_every == 2), (since, before)
+    if before:
+        assert f"{workdir / 'checkpoints' / str(max(before))} is the newest saved before the non-finite steps" in line
+        assert f"--resume {max(before)} --set train.learning_rate=..." in line, line
+    else:
+        assert "so they may all hold the state that diverged: start a new run" in line and "--resume" not in line
     strict = dict(parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))
     summary = json.loads((workdir / "summary.json").read_text(), **strict)
     assert summary["stopped"].startswith("NonFiniteStop")
