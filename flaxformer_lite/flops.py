@@ -21,6 +21,14 @@ Encoder-decoder models count encoder tokens (S = seq_len) and decoder tokens
 (T = target_len) separately; "per token" divides by S + T. Cross-attention key/value
 projections run over the S encoder outputs.
 
+With LoRA (model.lora.rank > 0) the base is frozen: its weight gradients are never
+computed, so a step costs the forward, the input gradients (one more pass over the
+weights) and the attention backward, plus three passes over the adapters:
+
+    LoRA training FLOPs = 4 * N_matmul + 3 * attention + 6 * N_adapter
+
+where N_adapter counts R * (in + out) for each adapted projection a token goes through.
+
 MFU = achieved model FLOP/s / peak FLOP/s. The peak is `train.peak_flops` from the config,
 or a square matmul timed once per process on the default device (`matmul_peak_flops`).
 """
@@ -73,34 +81,53 @@ def _self_attention_flops(cfg: ModelConfig, tokens: int, causal: bool) -> float:
     return total
 
 
+def _forward_parts(cfg: ModelConfig, seq_len: int, target_len: Optional[int]) -> tuple[float, float, float]:
+    """Forward FLOPs of one sequence: (weight matmuls, attention, LoRA adapters)."""
+    D, V = cfg.d_model, cfg.vocab_size
+    layer = _qo_weights(cfg) + _kv_weights(cfg) + _ffn_weights(cfg)
+    qo, kv, ffn = (_adapter_weights(cfg, names) for names in (("query", "out"), ("key", "value"), ("wi", "wg", "wo")))
+    if cfg.family == "decoder":
+        T = seq_len
+        weights = cfg.num_layers * layer + V * D
+        return 2.0 * weights * T, _self_attention_flops(cfg, T, causal=True), 2.0 * cfg.num_layers * (qo + kv + ffn) * T
+    if cfg.family == "encoder":
+        T = seq_len
+        weights = cfg.num_layers * layer
+        if cfg.mlm_head:
+            weights += D * D + V * D
+        # The pooler and classifier see one token a sequence.
+        matmuls = 2.0 * weights * T + 2.0 * ((D * D if cfg.pooler else 0) + D * cfg.num_labels)
+        return matmuls, _self_attention_flops(cfg, T, causal=False), 2.0 * cfg.num_layers * (qo + kv + ffn) * T
+    S, T = seq_len, target_len or seq_len
+    dec_layers = cfg.num_decoder_layers or cfg.num_layers
+    # Decoder layer: self-attention and FFN over T, cross-attention Q/O over T, K/V over S.
+    matmuls = 2.0 * cfg.num_layers * layer * S + 2.0 * V * D * T
+    matmuls += 2.0 * dec_layers * ((layer + _qo_weights(cfg)) * T + _kv_weights(cfg) * S)
+    attention = cfg.num_layers * _attention_flops(cfg, S, S, causal=False)
+    attention += dec_layers * (_attention_flops(cfg, T, T, causal=True) + _attention_flops(cfg, T, S, causal=False))
+    adapters = 2.0 * cfg.num_layers * (qo + kv + ffn) * S
+    adapters += 2.0 * dec_layers * ((2 * qo + kv + ffn) * T + kv * S)
+    return matmuls, attention, adapters
+
+
+def _adapter_weights(cfg: ModelConfig, names: tuple[str, ...]) -> int:
+    """R * (in + out) summed over the projections among `names` that carry a LoRA adapter."""
+    if not cfg.lora.rank:
+        return 0
+    D, F, H = cfg.d_model, cfg.d_ff, _head_dim(cfg)
+    sizes = {"query": D + cfg.num_heads * H, "key": D + (cfg.num_kv_heads or cfg.num_heads) * H,
+             "out": D + cfg.num_heads * H, "wi": D + F, "wg": D + F if is_gated(cfg.activation) else 0, "wo": D + F}
+    sizes["value"] = sizes["key"]
+    return cfg.lora.rank * sum(sizes[n] for n in names if n in cfg.lora.targets)
+
+
 def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int, target_len: Optional[int] = None) -> float:
     """Matmul FLOPs of one forward pass over one sequence (see the module docstring).
 
     seq_len: tokens of the (only) stack, or the encoder's for encoder_decoder.
     target_len: decoder tokens of an encoder_decoder (None: = seq_len).
     """
-    D, V = cfg.d_model, cfg.vocab_size
-    layer = _qo_weights(cfg) + _kv_weights(cfg) + _ffn_weights(cfg)
-    if cfg.family == "decoder":
-        T = seq_len
-        weights = cfg.num_layers * layer + V * D
-        return 2.0 * weights * T + _self_attention_flops(cfg, T, causal=True)
-    if cfg.family == "encoder":
-        T = seq_len
-        weights = cfg.num_layers * layer
-        if cfg.mlm_head:
-            weights += D * D + V * D
-        flops = 2.0 * weights * T + _self_attention_flops(cfg, T, causal=False)
-        # The pooler and classifier see one token a sequence.
-        flops += 2.0 * ((D * D if cfg.pooler else 0) + D * cfg.num_labels)
-        return flops
-    S, T = seq_len, target_len or seq_len
-    dec_layers = cfg.num_decoder_layers or cfg.num_layers
-    encoder = 2.0 * cfg.num_layers * layer * S + cfg.num_layers * _attention_flops(cfg, S, S, causal=False)
-    # Decoder layer: self-attention and FFN over T, cross-attention Q/O over T, K/V over S.
-    decoder = 2.0 * dec_layers * ((layer + _qo_weights(cfg)) * T + _kv_weights(cfg) * S)
-    decoder += dec_layers * (_attention_flops(cfg, T, T, causal=True) + _attention_flops(cfg, T, S, causal=False))
-    return encoder + decoder + 2.0 * V * D * T
+    return sum(_forward_parts(cfg, seq_len, target_len))
 
 
 def tokens_per_sequence(cfg: ModelConfig, seq_len: int, target_len: Optional[int] = None) -> int:
@@ -111,8 +138,11 @@ def tokens_per_sequence(cfg: ModelConfig, seq_len: int, target_len: Optional[int
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int, target_len: Optional[int] = None) -> float:
-    """Model FLOPs of one training step per token: 3x the forward pass (PaLM convention)."""
-    return 3.0 * forward_flops_per_sequence(cfg, seq_len, target_len) / tokens_per_sequence(cfg, seq_len, target_len)
+    """Model FLOPs of one training step per token: 3x the forward pass (PaLM convention);
+    with LoRA, the frozen base's weight gradients left out (see the module docstring)."""
+    matmuls, attention, adapters = _forward_parts(cfg, seq_len, target_len)
+    step = (2.0 if cfg.lora.rank else 3.0) * matmuls + 3.0 * (attention + adapters)
+    return step / tokens_per_sequence(cfg, seq_len, target_len)
 
 
 def matmul_timer(dtype: str = "float32", size: int = 2048) -> Callable[[], float]:

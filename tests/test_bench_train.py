@@ -54,6 +54,41 @@ def test_bench_train_runs_and_reports(tmp_path, capsys):
     assert "| flaxformer_lite (jit, optax) |" in capsys.readouterr().out
 
 
+def test_bench_train_lora_reports_its_three_figures_and_computes_no_base_weight_gradient(tmp_path, capsys):
+    out = tmp_path / "lora.json"
+    D, F, V, T, B, R = 32, 64, 64, 16, 2, 2
+    assert main(["bench", "train", "--lora", str(R), "--json", str(out), "--layers", "1", "--d-model", str(D),
+                 "--heads", "2", "--kv-heads", "2", "--d-ff", str(F), "--vocab", str(V), "--seq-len", str(T),
+                 "--batch", str(B), "--steps", "1", "--rounds", "1", "--warmup", "1", "--peak-size", "64",
+                 "--rss-steps", "1", "--profile", str(tmp_path / "trace")]) == 0
+    r = json.loads(out.read_text())
+    m, o = r["model"], r["optimizer_state"]
+    # AdamW keeps two float32 moments a trained parameter (and its step counts): the adapters',
+    # against the plain model's.
+    assert o["lora"]["optimizer_state_bytes"] - 8 == 2 * 4 * m["adapter_parameters"]
+    assert o["full"]["optimizer_state_bytes"] - 8 == 2 * 4 * m["parameters"]
+    assert m["adapter_parameters"] == R * (4 * 2 * D + 3 * (D + F))  # one layer
+    assert o["ratio"] == o["lora"]["optimizer_state_bytes"] / o["full"]["optimizer_state_bytes"]
+    for mode in ("lora", "full"):
+        run = r["peak_rss"][mode]
+        assert run["peak_rss_bytes"] > run["baseline_rss_bytes"] > 0 and "load_average_1m" in run
+    assert r["peak_rss"]["full"]["optimizer_state_bytes"] == o["full"]["optimizer_state_bytes"]
+    ours, theirs = r["steps"]["ours"], r["steps"]["transformers"]
+    assert r["speedup"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    assert ours["mfu"] == pytest.approx(ours["tokens_per_s"] * m["flops_per_token"] / r["matmul_peak"]["flops_per_s"])
+    # Every product the compiled step runs, by hand: the forward (base weights, dense attention,
+    # adapters), the input gradients of the base and the attention's backward, the adapters'
+    # gradients; no [in, out] gradient of a base weight. The first layer's q/k/v input gradients
+    # (base and adapters) are left out by XLA: nothing trained lies below them.
+    weights = 4 * D * D + 3 * D * F + D * V  # a token's base matrices: q, k, v, o, wi, wg, wo, the head
+    adapters = R * (4 * 2 * D + 3 * (D + F))
+    attention = 4 * T * T * D * B  # per step, both products, dense
+    unneeded = 2 * B * T * 3 * (D * D + R * D)
+    expected = 2 * (2 * weights * B * T) + 3 * attention + 3 * (2 * adapters * B * T) - unneeded
+    assert sum(x["flops_per_step"] for x in r["profile"]["matmuls"]) == expected
+    assert "ours / transformers + peft" in capsys.readouterr().out
+
+
 def test_matmul_flops_are_counted_from_the_compiled_module():
     rng = np.random.default_rng(0)
     x, w = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32), jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)

@@ -74,3 +74,21 @@ def test_matmul_peak_is_positive_and_cached():
     peak = flops.matmul_peak_flops("float32", size=128, repeats=2)
     assert peak > 0
     assert flops.matmul_peak_flops("float32", size=128, repeats=2) == peak
+
+
+def test_lora_skips_the_base_weight_gradients_and_counts_its_adapters():
+    import dataclasses
+
+    from flaxformer_lite.config import LoraConfig
+
+    base = ModelConfig(family="decoder", tie_embeddings=False, activation="swiglu", num_kv_heads=1, **TINY)
+    cfg = dataclasses.replace(base, lora=LoraConfig(rank=2, targets=("query", "key", "value", "out", "wi", "wg", "wo")))
+    shapes = jax.eval_shape(lambda: ffl.init_params(cfg, jax.random.key(0)))
+    adapters = sum(leaf.size for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
+                   if "lora" in jax.tree_util.keystr(path))
+    T = 4
+    # Full: 3 forwards. LoRA: less the base's weight gradients (one pass over its matrices),
+    # plus forward and both gradients of every adapter.
+    full = flops.training_flops_per_token(base, T) * T
+    expected = full - 2 * _matmul_weights(base) * T + 6 * adapters * T
+    assert flops.training_flops_per_token(cfg, T) * T == pytest.approx(expected, rel=1e-12)

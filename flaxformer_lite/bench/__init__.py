@@ -119,6 +119,15 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_bytes(key: str) -> int:
+    """A byte count of this process's /proc/self/status (VmRSS, VmHWM, ...; Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
 def median_seconds(fn, repeats: int) -> float:
     """Median wall time of `fn()` over `repeats` calls (fn blocks until its result exists)."""
     times = []

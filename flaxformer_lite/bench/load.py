@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 from flaxformer_lite import host
+from flaxformer_lite.bench import status_bytes
 
 READ_BUFFER_BYTES = 16 << 20
 
@@ -111,14 +112,6 @@ def _write_checkpoint(folder: pathlib.Path, args: argparse.Namespace) -> list[pa
 
 
 # ---------------------------------------------------------------------------------- measuring (child process)
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
 def _drop_cached(files: list[pathlib.Path]) -> None:
@@ -211,12 +204,12 @@ def _measure(spec: dict) -> dict:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    baseline = _status_bytes("VmRSS")
+    baseline = status_bytes("VmRSS")
     params, out["load_cold_s"], out["load_cold_cpu_s"] = _timed(load)
     out["load_cold_parts"] = parts.take(out["load_cold_cpu_s"])
     out["baseline_rss_bytes"] = baseline
-    out["peak_above_baseline_bytes"] = _status_bytes("VmHWM") - baseline
-    out["after_above_baseline_bytes"] = _status_bytes("VmRSS") - baseline
+    out["peak_above_baseline_bytes"] = status_bytes("VmHWM") - baseline
+    out["after_above_baseline_bytes"] = status_bytes("VmRSS") - baseline
     out["param_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
     del params
     gc.collect()

@@ -60,6 +60,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the process on one CPU, torch with one thread (Linux); the matmul peak is then "
                              "one CPU's too")
     parser.add_argument("--seed", type=int, default=0)
+    from flaxformer_lite.bench.lora import add_lora_arguments
+
+    add_lora_arguments(parser)
 
 
 def _shape(args: argparse.Namespace) -> dict:
@@ -103,8 +106,9 @@ def _torch_step(model, cfg, batch: dict, device, dtype: str):
     import torch
 
     tc = cfg.train
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices and tables, as train.optim
-    rest = [p for p in model.parameters() if p.ndim < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]  # all of them, or peft's adapters
+    decay = [p for p in trained if p.ndim >= 2]  # matrices and tables, as train.optim
+    rest = [p for p in trained if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
         lr=tc.learning_rate, betas=(tc.b1, tc.b2), eps=tc.eps, foreach=True,
@@ -118,7 +122,7 @@ def _torch_step(model, cfg, batch: dict, device, dtype: str):
             logits = model(ids).logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+        torch.nn.utils.clip_grad_norm_(trained, tc.clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -148,6 +152,25 @@ def _train_parts(model_cfg, shape: dict):
     optimizer = make_optimizer(cfg.train)
     step = jax.jit(make_train_step(build_model(model_cfg), cfg, optimizer), donate_argnums=0)
     return cfg, step, optimizer
+
+
+def compiled_steps(step, state, batch):
+    """(compiled step, seconds to compile it, run(n): n steps from the state it holds, blocking)."""
+    import jax
+
+    start = time.perf_counter()
+    step_c = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def run(n):
+        state = holder["state"]
+        for _ in range(n):
+            state, metrics = step_c(state, batch)
+        jax.block_until_ready(metrics["loss_sum"])
+        holder["state"] = state
+
+    return step_c, compile_s, run
 
 
 def _compile_seconds(model_cfg, shape: dict, layers: int, scan: bool) -> float:
@@ -186,7 +209,12 @@ def _temp_memory(model_cfg, shape: dict, policy: str, scan: bool, loss_chunk_siz
 
 
 def run_train(args: argparse.Namespace) -> dict:
-    """Time both training steps side by side; compile time vs depth; temp memory per remat policy."""
+    """Time both training steps side by side; compile time vs depth; temp memory per remat policy.
+    With --lora: the LoRA figures instead (bench.lora)."""
+    if args.lora:
+        from flaxformer_lite.bench.lora import run_lora
+
+        return run_lora(args)
     import jax
 
     from flaxformer_lite import flops
@@ -224,18 +252,7 @@ def run_train(args: argparse.Namespace) -> dict:
 
     cfg, step, optimizer = _train_parts(model_cfg, shape)
     batch = jax.device_put(_batch(shape, args.seed))
-    holder = {"state": init_train_state(params, optimizer, args.seed)}
-    start = time.perf_counter()
-    step_c = step.lower(holder["state"], batch).compile()
-    compile_s = time.perf_counter() - start
-
-    def ours(n):
-        state = holder["state"]
-        for _ in range(n):
-            state, metrics = step_c(state, batch)
-        jax.block_until_ready(metrics["loss_sum"])
-        holder["state"] = state
-
+    step_c, compile_s, ours = compiled_steps(step, init_train_state(params, optimizer, args.seed), batch)
     rounds = {"ours": []}
     ours(args.warmup)
     theirs_step = theirs_sync = None
