@@ -12,7 +12,8 @@ as glibc sets it, so baseline and peak are that process's own; the peak (VmHWM) 
 through /proc/self/clear_refs right before the load. Cold: the files' pages are first
 dropped from the page cache (posix_fadvise DONTNEED on those files only), so reading and
 loading both start from the disk; warm: again, from the page cache. The read is plain
-reads of every file's bytes into one 16 MiB buffer. Each load is split into its parts, by
+reads of every file's bytes into one 16 MiB buffer; the cold one is also timed past the
+page cache (O_DIRECT), the way hf.load reads what the cache lacks. Each load is split into its parts, by
 the CPU seconds (of all threads) spent in the functions doing them: setup (config.json,
 the model's shapes), read (the reading thread's reads), allocate (mapping the parameters'
 memory in), convert (`Map.rows_into`: transposes and casts), place (handing the buffers to
@@ -140,6 +141,18 @@ def _read(files: list[pathlib.Path]) -> None:
                 pass
 
 
+def _read_direct(files: list[pathlib.Path]) -> None:
+    """The same bytes read past the page cache, as hf.load reads what the cache lacks."""
+    from flaxformer_lite.interop.weights import _File
+
+    buffer = _File.buffer(READ_BUFFER_BYTES)
+    for path in files:
+        file, size = _File(path), path.stat().st_size
+        for offset in range(0, size, READ_BUFFER_BYTES):
+            file.read(buffer, offset, min(READ_BUFFER_BYTES, size - offset), "-")
+        file.close()
+
+
 class _Parts:
     """CPU seconds of all threads in each part of hf.load, from wrappers around the
     functions that do each part (in the measuring process only)."""
@@ -201,6 +214,8 @@ def _measure(spec: dict) -> dict:
     _drop_cached(files)
     _, out["read_cold_s"], out["read_cold_cpu_s"] = _timed(lambda: _read(files))
     _drop_cached(files)
+    _, out["read_direct_s"], out["read_direct_cpu_s"] = _timed(lambda: _read_direct(files))
+    _drop_cached(files)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -213,6 +228,7 @@ def _measure(spec: dict) -> dict:
     out["param_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
     del params
     gc.collect()
+    _read(files)  # the cold load read past the page cache: fill it
     _, out["read_warm_s"], out["read_warm_cpu_s"] = _timed(lambda: _read(files))
     _, out["load_warm_s"], out["load_warm_cpu_s"] = _timed(load)
     out["load_warm_parts"] = parts.take(out["load_warm_cpu_s"])
@@ -270,6 +286,8 @@ def run_load(args: argparse.Namespace) -> dict:
         print(f"{name:7} {r['load_average_1m']:5.1f} {cells[0]:>13} {cells[1]:>14} {cells[2]:>6} {cells[3]:>13} "
               f"{cells[4]:>14} {cells[5]:>6} {r['peak_above_baseline_bytes'] / 1e9:12.2f} GB "
               f"{r['peak_ratio']:8.2f}x {r['after_above_baseline_bytes'] / 1e9:6.2f} GB")
+        print(f"{'':13} read cold past the page cache (O_DIRECT, as the load reads): {r['read_direct_s']:.1f} s "
+              f"({r['read_direct_cpu_s']:.1f} CPU): the cold load took {r['load_cold_s'] / r['read_direct_s']:.2f}x that")
         for when in ("cold", "warm"):
             p = r[f"load_{when}_parts"]
             print(f"{'':13} {when} load, CPU s by part: read {p['read']:.1f} (the reading went on {p['read_wall']:.1f} s "

@@ -6,8 +6,10 @@ writes them. Reading and writing both go tensor by tensor, so a checkpoint never
 to fit in host memory twice.
 
 Reading: `safe_open` checks each file's header (offsets inside the file, sizes matching
-shapes); the bytes are then read with plain reads, in row chunks, into one reused buffer.
-safe_open's own tensors are copied out of a memory map that stays mapped until the file
+shapes); the bytes are then read in row chunks into a few reused buffers (`_File`): what
+the page cache holds is copied from it, the rest read straight from the disk (O_DIRECT)
+where the file system allows, so a cold read neither fills the page cache nor pays for
+it. safe_open's own tensors are copied out of a memory map that stays mapped until the file
 is closed, and every page touched counts in the process's resident memory: reading each
 tensor of a 1 GB file through it added 1 GB of RSS until the file was closed.
 
@@ -18,9 +20,12 @@ exists; then each tensor is made, written and dropped.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
+import functools
 import json
 import math
+import mmap
 import os
 import pathlib
 import queue
@@ -60,6 +65,98 @@ class _Entry:
     dtype: str
     shape: tuple[int, ...]
     offset: int  # of the tensor's first byte in the file
+
+
+@functools.cache
+def _libc() -> Optional[ctypes.CDLL]:
+    """The C library's mmap, mincore and munmap, where there are such (not on Windows)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+class _File:
+    """Reads of one file at any offset, into buffers from `buffer()`: a range the page
+    cache holds entirely is copied from it; any other is read straight from the disk
+    (O_DIRECT), which neither fills the page cache nor pays for it: a cold 4.94 GB read
+    took 0.1 to 0.2 CPU seconds so, against 1.4 to 8.3 with plain reads
+    (docs/performance-notes.md, "Loading a checkpoint"). Plain reads where the platform or
+    the file system has no O_DIRECT."""
+
+    ALIGN = 4096  # O_DIRECT: offsets, sizes and addresses in multiples of the disk's block
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.file = open(path, "rb", buffering=0)
+        self.direct_fd: Optional[int] = None
+        self.direct = hasattr(os, "O_DIRECT") and hasattr(os, "preadv") and _libc() is not None
+
+    @classmethod
+    def buffer(cls, nbytes: int) -> np.ndarray:
+        """A buffer for reads of up to nbytes, aligned for O_DIRECT."""
+        raw = np.empty(nbytes + 3 * cls.ALIGN, np.uint8)
+        start = -raw.ctypes.data % cls.ALIGN
+        return raw[start : start + nbytes + 2 * cls.ALIGN]
+
+    def read(self, buffer: np.ndarray, offset: int, nbytes: int, tensor: str) -> np.ndarray:
+        """The file's bytes [offset, offset + nbytes), as a view of `buffer`."""
+        base = offset - offset % self.ALIGN  # the file offset at buffer[0]
+        done, end = offset, offset + nbytes
+        if self.direct and not self._cached(base, end):
+            done = self._direct(buffer, base, end)
+        while done < end:
+            self.file.seek(done)
+            got = self.file.readinto(buffer[done - base : end - base])
+            if not got:
+                raise HFError(f"{self.path}: ends inside tensor {tensor}; the file is truncated")
+            done += got
+        return buffer[offset - base : end - base]
+
+    def _cached(self, base: int, end: int) -> bool:
+        """Whether the page cache holds every page of [base, end): mincore on a mapping of
+        the range, which reads nothing (a read that fails when it would wait, RWF_NOWAIT,
+        starts reading ahead into the cache first)."""
+        libc, size = _libc(), end - base
+        if not size:
+            return True
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, self.file.fileno(), base)
+        if address in (None, ctypes.c_void_p(-1).value):
+            return True  # cannot tell: plain reads
+        try:
+            pages = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+            if libc.mincore(address, size, pages):
+                return True
+            return all(byte & 1 for byte in pages.raw)
+        finally:
+            libc.munmap(address, size)
+
+    def _direct(self, buffer: np.ndarray, base: int, end: int) -> int:
+        """Read [base, end) past the page cache, whole disk blocks at a time; returns where
+        the read got to (base, where O_DIRECT fails: plain reads take it from there)."""
+        start, stop = base, end + -end % self.ALIGN
+        try:
+            if self.direct_fd is None:
+                self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            while start < end and not start % self.ALIGN:
+                got = os.preadv(self.direct_fd, [buffer[start - base : stop - base]], start)
+                if not got:
+                    break
+                start += got
+        except OSError:  # no O_DIRECT here (tmpfs, some network file systems): plain reads
+            self.direct = False
+            return base
+        return min(start, end)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
 
 
 def _header(file: pathlib.Path) -> dict[str, _Entry]:
@@ -160,7 +257,7 @@ class Checkpoint:
         # One buffer per worker, one being read, one read ahead.
         free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(min(workers + 2, len(plan))):
-            free.put(np.empty(size, np.uint8))
+            free.put(_File.buffer(size))
         files, running = {}, []
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="checkpoint") as pool:
             try:
@@ -170,17 +267,10 @@ class Checkpoint:
                     if any(f.done() and f.exception() for f in running):
                         break
                     if entry.file not in files:
-                        files[entry.file] = open(entry.file, "rb", buffering=0)
-                    f = files[entry.file]
-                    f.seek(offset)
+                        files[entry.file] = _File(entry.file)
                     nbytes = dtype.itemsize * math.prod(shape[1:]) * count
-                    view = memoryview(buffer)[:nbytes]
-                    while view:  # a read may return less than asked
-                        done = f.readinto(view)
-                        if not done:
-                            raise HFError(f"{entry.file}: ends inside tensor {name}; the file is truncated")
-                        view = view[done:]
-                    rows = buffer[:nbytes].view(dtype).reshape((count,) + shape[1:])
+                    data = files[entry.file].read(buffer, offset, nbytes, name)
+                    rows = data.view(dtype).reshape((count,) + shape[1:])
                     future = pool.submit(consume, name, start, rows)
                     future.add_done_callback(lambda _, buffer=buffer: free.put(buffer))
                     running.append(future)

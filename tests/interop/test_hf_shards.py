@@ -1,6 +1,7 @@
 """Sharded safetensors folders: read tensor by tensor (onto a mesh too), written as transformers writes them."""
 
 import json
+import os
 import shutil
 
 import jax
@@ -51,6 +52,43 @@ def test_transformers_shards_load_as_the_whole_file(folders, monkeypatch):
     assert a.keys() == b.keys()
     for path in a:
         np.testing.assert_array_equal(b[path], a[path], err_msg=path)
+
+
+def _drop_from_page_cache(files):
+    for file in files:
+        with open(file, "rb+") as f:
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+@pytest.mark.parametrize("cached, direct", [(True, True), (False, True), (False, False)],
+                         ids=["page-cache", "direct", "plain"])
+def test_a_file_reads_at_any_offset(tmp_path, cached, direct):
+    data = np.random.default_rng(0).integers(0, 256, 3 * 4096 + 123, np.uint8).tobytes()
+    path = tmp_path / "bytes"
+    path.write_bytes(data)
+    _drop_from_page_cache([path])
+    file = weights._File(path)
+    if cached:
+        path.read_bytes()
+    assert file._cached(0, len(data)) == cached
+    file.direct &= direct
+    for offset, size in [(0, 10), (5, 4096), (4000, 5000), (len(data) - 7, 7), (0, len(data))]:
+        got = file.read(weights._File.buffer(size), offset, size, "t")
+        assert got.tobytes() == data[offset : offset + size], (offset, size)
+    with pytest.raises(hf.HFError, match=f"{path}: ends inside tensor t; the file is truncated"):
+        file.read(weights._File.buffer(10), len(data) - 3, 10, "t")
+    file.close()
+
+
+def test_shards_out_of_the_page_cache_load_the_same(folders, tmp_path, monkeypatch):
+    _, root = folders
+    shutil.copytree(root / "two", tmp_path / "cold")
+    _, warm = hf.load(root / "two")
+    _drop_from_page_cache((tmp_path / "cold").glob("*.safetensors"))
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 200)  # reads that start and end inside disk blocks
+    _, cold = hf.load(tmp_path / "cold")
+    jax.tree.map(np.testing.assert_array_equal, cold, warm)
 
 
 def test_an_error_converting_a_chunk_stops_the_reading_and_is_raised(folders):
