@@ -85,7 +85,7 @@ class _File:
     """Reads of one file at any offset, into buffers from `buffer()`: a range the page
     cache holds entirely is copied from it; any other is read straight from the disk
     (O_DIRECT), which neither fills the page cache nor pays for it: a cold 4.94 GB read
-    took 0.1 to 0.2 CPU seconds so, against 1.4 to 8.3 with plain reads
+    took 0.1 to 0.4 CPU seconds so, against 1.4 to 8.7 with plain reads
     (docs/performance-notes.md, "Loading a checkpoint"). Plain reads where the platform or
     the file system has no O_DIRECT."""
 
