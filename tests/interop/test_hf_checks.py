@@ -272,3 +272,14 @@ def test_published_configs_map_to_published_parameter_counts(name, hf_config, ta
     model = build_model(cfg)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(cfg)))["params"]
     assert ffl.count_params(nn.unbox(shapes)) == count
+
+
+@pytest.mark.parametrize("preset", ["gemma3_tiny", "t5_tiny", "bert_tiny"])
+def test_shapes_traced_with_scanned_layers_are_the_unrolled_models(preset):
+    cfg = ffl.load_config(preset).model
+    unrolled = dataclasses.replace(cfg, scan_layers=False)
+    model = build_model(unrolled)
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(unrolled)))["params"]
+    flat = jax.tree_util.tree_flatten_with_path(nn.unbox(tree))[0]
+    expected = {"/".join(k.key for k in path): tuple(x.shape) for path, x in flat}
+    assert hf._expected_shapes(cfg) == expected
