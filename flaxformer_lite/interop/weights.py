@@ -45,6 +45,9 @@ SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"  # transformers' nam
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
 CHUNK_BYTES = 16 << 20  # read size: large enough for full-speed reads, small beside any model
+# Converting threads by default: each holds a read buffer (two more are read into), so 8
+# keep the buffers at 160 MiB on a large host, where memory bandwidth bounds the copies.
+MAX_WORKERS = 8
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -235,15 +238,15 @@ class Checkpoint:
         about chunk_bytes (default CHUNK_BYTES) of rows at a time.
 
         This thread reads the chunks in order while `workers` threads (default: one per
-        CPU this process may use) run `consume` on those already read, several at once:
-        reading and converting overlap, and conversion uses every core. `consume` must
-        therefore be safe to run for different chunks at the same time. Each chunk is a
-        view of a reused buffer, valid only during its call: copy what you keep. A 0-d
-        tensor comes as one row of shape (1,). The first error, in reading or in
-        `consume`, stops the reading and is raised once the calls under way return.
+        CPU this process may use, at most MAX_WORKERS) run `consume` on those already read,
+        several at once: reading and converting overlap, and conversion uses the cores.
+        `consume` must therefore be safe to run for different chunks at the same time.
+        Each chunk is a view of a reused buffer, valid only during its call: copy what you
+        keep. A 0-d tensor comes as one row of shape (1,). The first error, in reading or
+        in `consume`, stops the reading and is raised once the calls under way return.
         """
         chunk_bytes = chunk_bytes or CHUNK_BYTES
-        workers = workers or _cpu_count()
+        workers = workers or min(_cpu_count(), MAX_WORKERS)
         plan = []  # (name, entry, dtype, shape, first row, rows, byte offset)
         for name in names:
             entry, dtype = self._entries[name], self._numpy_dtype(name)
