@@ -274,7 +274,9 @@ def make_train_step(
             (grads, sums), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), microbatches))
         if axis_name is not None:
             grads, sums = jax.lax.psum((grads, sums), axis_name)
-        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
+        # Each gradient keeps its parameter's dtype (the float32 weight sum would promote
+        # bfloat16 ones), so the optimizer state keeps the dtypes it was made with.
+        grads = jax.tree.map(lambda g: (g / jnp.maximum(sums["weight_sum"], 1.0)).astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
         # A non-finite loss or gradient leaves params and optimizer state as they were
         # (the step count still advances: the batch is consumed). The flag goes out with

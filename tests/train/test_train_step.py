@@ -92,6 +92,25 @@ def test_chunked_loss_makes_the_same_update(lm, tiny, overrides):
     np.testing.assert_allclose(eval_chunked["loss_sum"], eval_whole["loss_sum"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("lora", [[], ["model.lora.rank=4"]], ids=["full", "lora"])
+def test_bfloat16_params_train_in_bfloat16(lm, tiny, lora):
+    """model.param_dtype=bfloat16 under AdamW: the step keeps every parameter's and moment's
+    dtype (a float32 gradient would make the skip-on-non-finite branches disagree) and moves
+    what it trains."""
+    cfg = tiny("llama_tiny" if lora else "gpt_tiny", "model.dropout_rate=0.0", "model.param_dtype=bfloat16", *lora)
+    model, optimizer = ffl.build_model(cfg.model), make_optimizer(cfg.train)
+    params = ffl.init_params(cfg.model, jax.random.key(3))
+    state = init_train_state(params, optimizer, 0, adapters_only=bool(lora))
+    batch = {k: v for k, v in lm[3].items()}
+    new, sums = jax.jit(make_train_step(model, cfg, optimizer))(state, batch)
+    assert np.isfinite(sums["loss_sum"]) and sums["nonfinite"] == 0
+    dtypes = lambda tree: [x.dtype for x in jax.tree.leaves(tree)]  # noqa: E731
+    assert dtypes(new.params) == dtypes(state.params) and dtypes(new.opt_state) == dtypes(state.opt_state)
+    assert {d for d in dtypes(new.params) if jnp.issubdtype(d, jnp.floating)} == {jnp.dtype(jnp.bfloat16)}
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))]
+    assert any(moved) and (not lora or not all(moved))  # LoRA: the base stays as it was
+
+
 def test_loss_chunk_size_needs_causal_lm(tiny):
     with pytest.raises(ConfigError, match="train.loss_chunk_size=64 applies to data.objective=causal_lm"):
         tiny("t5_tiny", "train.loss_chunk_size=64")
