@@ -27,6 +27,7 @@ import numpy as np
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
+from flaxformer_lite.layers.attention import rope_frequencies
 from flaxformer_lite.models import build_model, init_params
 
 # Which token row each attention kind's queries and keys come from.
@@ -252,7 +253,7 @@ def position_arrays(
         table_PD = _computed(lambda: ops.sinusoidal(jnp.arange(P)[None], cfg.d_model)[0])
         out["sinusoidal"] = {"table_PD": table_PD, "similarity_PP": _cosine_similarity(table_PD)}
     elif cfg.position == "rope":
-        out["rope"] = _computed(lambda: _rope_arrays(P, cfg.dim_per_head, cfg.rope_theta))
+        out["rope"] = _computed(lambda: _rope_arrays(P, cfg.dim_per_head, rope_frequencies(cfg)))
     elif cfg.position == "alibi":
         M = P - 1
         X = 2 * M + 1 if cfg.family != "decoder" else M + 1  # decoders see only the past
@@ -291,14 +292,14 @@ def _computed(fn) -> dict:
     return jax.tree.map(np.asarray, jax.jit(fn)())
 
 
-def _rope_arrays(P: int, H: int, theta: float) -> dict:
+def _rope_arrays(P: int, H: int, inv_freq_J: jax.Array) -> dict:
     J = H // 2
     positions_1P = jnp.arange(P)[None]
     # Head j of the input is the unit vector of pair j's first dimension; after the
     # rotation that dimension holds cos(angle), its partner j + H/2 holds sin(angle).
-    rotated_PJH = ops.rope(jnp.broadcast_to(jnp.eye(J, H), (1, P, J, H)), positions_1P, theta)[0]
+    rotated_PJH = ops.rope(jnp.broadcast_to(jnp.eye(J, H), (1, P, J, H)), positions_1P, inv_freq_J=inv_freq_J)[0]
     # Position 0 is not rotated, so this is q(p) . k(0): RoPE's score at distance p.
-    score_X = ops.rope(jnp.ones((1, P, 1, H)), positions_1P, theta)[0, :, 0].sum(-1) / H
+    score_X = ops.rope(jnp.ones((1, P, 1, H)), positions_1P, inv_freq_J=inv_freq_J)[0, :, 0].sum(-1) / H
     return {
         "cos_PJ": rotated_PJH[:, jnp.arange(J), jnp.arange(J)],
         "sin_PJ": rotated_PJH[:, jnp.arange(J), jnp.arange(J) + J],
@@ -365,7 +366,8 @@ def _draw_position_plot(plt, name: str, a: dict, cfg: ModelConfig, source: str):
         right.axhline(0, color="0.7", lw=0.8)
         right.set(title="q.k / H for all-ones q, k: a function of distance", xlabel="key - query position",
                   ylabel="score")
-        title = f"RoPE, head dim {cfg.dim_per_head}, theta={cfg.rope_theta:g} (fixed: no parameters)"
+        scaled = "" if cfg.rope_scaling is None else f", {cfg.rope_scaling.kind} scaling x{cfg.rope_scaling.factor:g}"
+        title = f"RoPE, head dim {cfg.dim_per_head}, theta={cfg.rope_theta:g}{scaled} (fixed: no parameters)"
     elif name.startswith("relative_"):
         stack = name.split("_", 1)[1]
         left.step(a["distance_X"], a["bucket_X"], where="mid")

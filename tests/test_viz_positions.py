@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import flaxformer_lite as ffl
-from flaxformer_lite import checkpoint, viz
+from flaxformer_lite import checkpoint, ops, viz
 from flaxformer_lite.cli import main
 
 TINY = ["model.num_layers=1", "model.d_model=32", "model.d_ff=64", "model.num_heads=4",
@@ -130,6 +130,20 @@ def test_rope_rotates_each_pair_at_its_own_frequency(tmp_path):
     np.testing.assert_allclose(a["sin_PJ"], np.sin(angle_PJ), atol=1e-5)
     np.testing.assert_allclose(a["score_X"], np.cos(angle_PJ).mean(1), atol=1e-5)
     assert a["score_X"][0] == pytest.approx(1.0)
+    (path,) = viz.plot_positions(cfg, tmp_path, length=30)
+    _assert_picture(path)
+
+
+def test_rope_plot_follows_the_configs_frequency_scaling(tmp_path):
+    """Llama 3's rope_scaling stretches the long wavelengths: the plotted angles are the
+    model's (ops.rope_frequencies with the scaling), not plain theta^(-2j/H)."""
+    cfg = _model("llama3_tiny")
+    assert cfg.rope_scaling is not None and cfg.rope_scaling.factor != 1
+    a = viz.position_arrays(cfg, length=30)["rope"]
+    inv_freq_J = np.asarray(ops.rope_frequencies(cfg.dim_per_head, cfg.rope_theta, **vars(cfg.rope_scaling)))
+    plain_J = cfg.rope_theta ** (-np.arange(0, cfg.dim_per_head, 2) / cfg.dim_per_head)
+    assert not np.allclose(inv_freq_J, plain_J)
+    np.testing.assert_allclose(a["cos_PJ"], np.cos(np.arange(30)[:, None] * inv_freq_J), atol=1e-5)
     (path,) = viz.plot_positions(cfg, tmp_path, length=30)
     _assert_picture(path)
 
