@@ -228,7 +228,7 @@ class TrainConfig:
     eval_batches: int = 20
     checkpoint_every: int = 200
     keep_checkpoints: int = 3  # the newest N (>= 1, so the last good one stays) plus the best
-    # A step with a non-finite loss or gradient never updates the state. skip: warn and go
+    # A step with a non-finite loss, gradient or learning rate never updates the state. skip: warn and go
     # on, but stop after max_nonfinite_streak such steps in a row; stop: stop at once.
     nan_policy: Literal["skip", "stop"] = "skip"
     max_nonfinite_streak: int = 10

@@ -5,17 +5,22 @@ file, line or key, and exits with status 2 before anything is written; so does a
 that another live run holds. A run that stops early prints one `stopped: ...` line
 saying where its checkpoint is and how to resume, and exits with (train/safety.py):
 
-    3   train.nan_policy stopped it (non-finite loss or gradient)
+    3   train.nan_policy stopped it (non-finite loss, gradient or learning rate)
     74  a checkpoint could not be written (a full disk...)
     75  SIGTERM or SIGINT (preemption): resume with --resume
+
+An unexpected error exits with 1 and its traceback; with several processes at once,
+without waiting at JAX's shutdown barrier for peers that may be dead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
+import traceback
 
 from flaxformer_lite.cli import non_negative_int
 
@@ -88,6 +93,8 @@ def _run_config(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     """Train; print the final evaluation (and samples, for language models)."""
+    import jax
+
     from flaxformer_lite import parallel
     from flaxformer_lite.train.loop import train
     from flaxformer_lite.train.safety import RunStopped
@@ -104,6 +111,16 @@ def run_train(args: argparse.Namespace) -> int:
     except RunStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception:
+        if jax.process_count() > 1:
+            # At exit JAX's shutdown barrier waits for every process: a dead peer would hold
+            # it for jax.distributed's heartbeat timeout (100 s), then abort. The run has
+            # settled its checkpoints (loop.train), so this process leaves now.
+            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        raise
     shown = {k: v for k, v in summary.items() if k != "samples"}
     print(json.dumps(shown, indent=2))
     return 0

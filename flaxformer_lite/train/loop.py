@@ -721,6 +721,10 @@ def _last_checkpoint(run: _Run) -> str:
         return ""
     if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(run.state)):
         return f"; the state of step {run.step} went to the step that failed: no last checkpoint"
+    try:  # dispatched ahead, it may be the failed step's own (unreadable) output
+        jax.block_until_ready(run.state)
+    except Exception:  # noqa: BLE001 - the error on its way up says what failed
+        return f"; the state of step {run.step} is the output of the step that failed: no last checkpoint"
     try:
         if len(run.window):
             _log(run)  # its tokens and non-finite flags; the resumed run reopens the window

@@ -269,7 +269,7 @@ class StopSignals:
 
 
 class NonFiniteSteps:
-    """Host-side account of the steps whose loss or gradient was not finite.
+    """Host-side account of the steps whose loss, gradient or learning rate was not finite.
 
     The jitted step never applies such an update (step.py); it reports a 0/1 flag per
     step, which the loop reads at log steps together with the other metrics, so this
@@ -289,7 +289,7 @@ class NonFiniteSteps:
         if not bad:
             return None
         steps = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        what = f"non-finite loss or gradient at step {steps}"
+        what = f"non-finite loss, gradient or learning rate at step {steps}"
         if self.policy == "stop":
             self.since = bad[0]
             return NonFiniteStop(f"{what}: update skipped and run stopped (train.nan_policy=stop)", bad[0])
@@ -379,7 +379,11 @@ class Saves:
         step, abandoned = self.pending, ""
         if step is not None and jax.process_count() > 1:
             self.pending = None
-            abandoned = f"the checkpoint of step {step} in flight was abandoned; "
+            if checkpoint.step_dir(self.mngr, step).is_dir():  # renamed from its temporary name: complete
+                self.last_good = step
+                abandoned = f"the checkpoint of step {step} had completed; "
+            else:
+                abandoned = f"the checkpoint of step {step} in flight was abandoned; "
         try:
             self._finish(block=True)
             concurrent.futures.wait(self._hashing)

@@ -235,9 +235,10 @@ def make_train_step(
 
     Gradients of grad_accum_steps microbatches are summed and divided by the batch's
     total weight, so accumulation computes the same update as one large batch. A step
-    whose loss or gradient is not finite changes nothing but the step count and reports
-    `nonfinite` = 1 (hand-written rather than optax.apply_if_finite, which checks only
-    the gradient and lets updates through after a number of failures). With
+    whose loss, gradient or learning rate is not finite changes nothing but the step
+    count and reports `nonfinite` = 1 (hand-written rather than optax.apply_if_finite,
+    which checks only the gradient and lets updates through after a number of
+    failures). With
     `axis_name` (under pmap or shard_map) gradients and sums are also summed over it.
     """
     accum = cfg.train.grad_accum_steps
@@ -278,10 +279,13 @@ def make_train_step(
         # bfloat16 ones), so the optimizer state keeps the dtypes it was made with.
         grads = jax.tree.map(lambda g: (g / jnp.maximum(sums["weight_sum"], 1.0)).astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
-        # A non-finite loss or gradient leaves params and optimizer state as they were
+        # A non-finite step leaves params and optimizer state as they were
         # (the step count still advances: the batch is consumed). The flag goes out with
         # the metrics, so the host learns of it at its next log step, without a sync.
-        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+        # A learning rate past float32's range turns finite gradients into a non-finite
+        # update: it counts as a non-finite step too.
+        learning_rate = schedule(state.step)
+        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm) & jnp.isfinite(learning_rate)
         # lax.cond, not a select over the trees: the optimizer tail of the benchmark's
         # step takes 16 ms instead of 31 (docs/performance-notes.md).
         def update(operands):
@@ -296,7 +300,7 @@ def make_train_step(
         metrics = {
             **sums,
             "grad_norm": grad_norm,
-            "learning_rate": schedule(state.step),
+            "learning_rate": learning_rate,
             "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,6 +1,10 @@
 """Shared tiny runs: a 1-layer d=32 GPT trained 20 steps once per session."""
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.experimental import io_callback
 
 import flaxformer_lite as ffl
 from flaxformer_lite.train import loop, metrics
@@ -70,3 +74,44 @@ def records():
     mfu), which no two runs share."""
     return lambda workdir: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}
                             for r in metrics.read_metrics(workdir)]
+
+
+@pytest.fixture
+def step_fault(monkeypatch):
+    """step_fault(n, kind): once, while the compiled train step computes step n, after its
+    state was donated to it, a host callback inside the program either raises ("raise":
+    as a bug or a device fault would) or turns one parameter non-finite ("poison": as a
+    flipped bit would). The run's cached programs are rebuilt around it, and again after."""
+    def install(n, kind):
+        real, fired = loop.make_train_step, []
+
+        def hit(step):
+            if int(step) != n - 1 or fired:
+                return False
+            fired.append(step)
+            return True
+
+        def fail(step, _):
+            if hit(step):
+                raise RuntimeError("a fault inside the step")
+
+        def poison(step):
+            return np.float32(np.inf if hit(step) else 0.0)
+
+        def make(*args, **kwargs):
+            step_fn = real(*args, **kwargs)
+
+            def train_step(state, batch):
+                new, sums = step_fn(state, batch)
+                if kind == "raise":  # after the gradients' all-reduce: no device waits for a failed one
+                    io_callback(fail, None, state.step, sums["grad_norm"])
+                    return new, sums
+                leaves, tree = jax.tree.flatten(new.params)
+                leaves[0] = leaves[0] + io_callback(poison, jax.ShapeDtypeStruct((), jnp.float32), state.step)
+                return new.replace(params=jax.tree.unflatten(tree, leaves)), sums
+            return train_step
+
+        monkeypatch.setattr(loop, "make_train_step", make)
+        loop.programs.cache_clear()
+    yield install
+    loop.programs.cache_clear()

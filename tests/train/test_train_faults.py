@@ -147,7 +147,7 @@ def test_nan_batch_is_skipped_and_the_run_equals_one_without_it(tiny, monkeypatc
            "train.checkpoint_every=100")
     cfg = tiny(*run, "train.num_steps=9")
     _poisoned_data(monkeypatch, cfg, bad_index=4, drop=False)
-    with pytest.warns(UserWarning, match=r"non-finite loss or gradient at step 5: update skipped"):
+    with pytest.warns(UserWarning, match=r"non-finite loss, gradient or learning rate at step 5: update skipped"):
         loop.train(cfg, tmp_path / "skip")
     records = [r for r in metrics.read_metrics(tmp_path / "skip") if "tokens" in r]
     assert [r["nonfinite_steps"] for r in records] == [0, 1, 0]
@@ -171,21 +171,32 @@ def test_nan_policy_stop_halts_at_the_bad_step_with_a_finite_checkpoint(tiny, mo
     assert all(np.all(np.isfinite(x)) for x in _leaves(tmp_path / "run"))
 
 
-def test_a_state_that_is_not_finite_is_not_saved(gpt_run, gpt_overrides, tmp_path):
+def test_a_learning_rate_past_float32s_range_is_a_skipped_step(gpt_run, gpt_overrides, tmp_path):
     reference, _ = gpt_run
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
-    # A learning rate past float32's range: the first update makes the params non-finite
-    # (its loss and gradient were finite, so the step's own check lets it through).
+    # Finite loss and gradients, but the update would not be: the step changes nothing.
     cfg = ffl.load_config("gpt_tiny", overrides=[*gpt_overrides, "train.learning_rate=1e39", "train.num_steps=25"])
-    with pytest.raises(safety.NonFiniteStop, match=r"the state at step 25 is not finite: not saved") as stop:
+    with pytest.warns(UserWarning, match=r"non-finite loss, gradient or learning rate at step 21: update skipped"):
         loop.train(cfg, workdir, resume=True)
-    assert f"checkpoint {workdir / 'checkpoints' / '20'} is intact" in str(stop.value)
-    with checkpoint.manager(workdir, read_only=True, best_metric=None) as mngr:
-        assert mngr.latest_step() == 20
-    # What is lost is steps 21-25, whose state is worth nothing; step 20 is as it was.
-    assert checkpoint.verify_checksums(workdir / "checkpoints" / "20") == (True, "")
+    assert sum(r.get("nonfinite_steps", 0) for r in metrics.read_metrics(workdir) if r["step"] > 20) == 5
     assert _same_params(workdir, reference)
+
+
+def test_a_state_that_is_not_finite_is_not_saved(gpt_run, gpt_cfg, step_fault, tmp_path):
+    reference, _ = gpt_run
+    workdir = tmp_path / "run"
+    step_fault(13, "poison")  # one parameter turns infinite in step 13, once
+    with pytest.raises(safety.NonFiniteStop, match=r"the state at step 15 is not finite: not saved") as stop:
+        loop.train(gpt_cfg, workdir)
+    assert f"checkpoint {workdir / 'checkpoints' / '10'} is intact" in str(stop.value)
+    with checkpoint.manager(workdir, read_only=True, best_metric=None) as mngr:
+        assert mngr.latest_step() == 10
+    assert checkpoint.verify_checksums(workdir / "checkpoints" / "10") == (True, "")
+    # The fault was transient: the steps after 10 are trained again to the uninterrupted state.
+    loop.train(gpt_cfg, workdir, resume=True)
+    assert _same_params(workdir, reference)
+    assert _losses(workdir) == _losses(reference)
 
 
 @pytest.mark.parametrize("checkpoint_every", [5, 2])

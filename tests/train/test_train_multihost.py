@@ -78,14 +78,26 @@ def two_process_run(run_args, tmp_path_factory):
     return workdir
 
 
-def test_two_process_resume_after_sigterm_is_bit_exact(two_process_run, run_args, tmp_path):
-    workdir = tmp_path / "run"
-    train = ["train", "--config", "gpt_tiny", "--workdir", str(workdir), "--set", *run_args]
-    procs = _two_processes(tmp_path, "stopped", [train], delay=0.3)
+def _start_until(tmp_path, name, train, step):
+    """Two processes training; returned once step `step` is in metrics.jsonl."""
+    procs = _two_processes(tmp_path, name, [train], delay=0.3)
     deadline = time.monotonic() + 300
-    while not [r for r in metrics.read_metrics(workdir) if r["step"] >= 3]:
+    while not [r for r in metrics.read_metrics(pathlib.Path(train[4])) if r["step"] >= step]:
         assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
         time.sleep(0.05)
+    return procs
+
+
+def _resume_equals(tmp_path, train, reference):
+    codes, logs = _wait(_two_processes(tmp_path, "resumed", [[*train, "--resume"]]), tmp_path, "resumed")
+    assert codes == [0, 0], logs
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(train[4]), _leaves(reference)))
+    assert _losses(train[4]) == _losses(reference)
+
+
+def test_two_process_resume_after_sigterm_is_bit_exact(two_process_run, run_args, tmp_path):
+    train = ["train", "--config", "gpt_tiny", "--workdir", str(tmp_path / "run"), "--set", *run_args]
+    procs = _start_until(tmp_path, "stopped", train, 3)
     procs[1].send_signal(signal.SIGTERM)  # one host gets the notice
     codes, logs = _wait(procs, tmp_path, "stopped")
     assert codes == [safety.EXIT_PREEMPTED] * 2, logs
@@ -94,11 +106,23 @@ def test_two_process_resume_after_sigterm_is_bit_exact(two_process_run, run_args
     # JAX's preemption service owns SIGTERM here: the process that got it names no other signal.
     (line,) = [l for l in logs[1].splitlines() if l.startswith("stopped: ")]
     assert "stopped by a preemption notice (SIGTERM to one of the processes) at step" in line, line
+    _resume_equals(tmp_path, train, two_process_run)
 
-    codes, logs = _wait(_two_processes(tmp_path, "resumed", [[*train, "--resume"]]), tmp_path, "resumed")
-    assert codes == [0, 0], logs
-    assert all(np.array_equal(a, b) for a, b in zip(_leaves(workdir), _leaves(two_process_run)))
-    assert _losses(workdir) == _losses(two_process_run)
+
+def test_a_dead_peer_loses_nothing_in_the_result(two_process_run, run_args, tmp_path):
+    """One process is killed mid-run: the other exits at once (not after JAX's heartbeat
+    timeout), naming the intact checkpoint, and resuming both reaches the uninterrupted
+    run bit for bit."""
+    workdir = tmp_path / "run"
+    train = ["train", "--config", "gpt_tiny", "--workdir", str(workdir), "--set", *run_args]
+    procs = _start_until(tmp_path, "killed", train, 6)
+    procs[1].kill()
+    killed = time.monotonic()
+    codes, logs = _wait(procs, tmp_path, "killed")
+    assert codes[0] == 1 and time.monotonic() - killed < 60, logs[0][-3000:]
+    (line,) = [l for l in logs[0].splitlines() if "error at step " in l]
+    assert f"checkpoint {workdir / 'checkpoints'}" in line and "is intact" in line, line
+    _resume_equals(tmp_path, train, two_process_run)
 
 
 def test_a_two_process_checkpoint_serves_one_process(two_process_run, run_args, tmp_path, capsys):

@@ -169,6 +169,24 @@ def test_an_unexpected_error_keeps_every_step_and_resume_is_bit_exact(bad_batch,
     assert records(workdir) == records(reference)
 
 
+def test_an_error_inside_the_step_loses_nothing_in_the_result(gpt_run, gpt_cfg, step_fault, records, tmp_path, capsys):
+    reference, _ = gpt_run
+    workdir = tmp_path / "run"
+    step_fault(13, "raise")
+    with pytest.raises(Exception, match="a fault inside the step"):
+        loop.train(gpt_cfg, workdir)
+    out = capsys.readouterr().out
+    (line,) = [l for l in out.splitlines() if l.startswith("error at step ")]
+    assert f"checkpoint {workdir / 'checkpoints' / '10'} is intact" in line, line
+    assert "the step that failed: no last checkpoint" in line, line
+    assert _steps(workdir) == [5, 10] and not list((workdir / "checkpoints").glob("*tmp*"))
+
+    loop.train(gpt_cfg, workdir, resume=True)
+    leaves = [jax.tree.leaves(checkpoint.load_params(w)[1]) for w in (workdir, reference)]
+    assert all(np.array_equal(a, b) for a, b in zip(*leaves))
+    assert records(workdir) == records(reference)
+
+
 # ------------------------------------------------------------------------------- resume errors
 
 
