@@ -234,16 +234,22 @@ def test_divergence_stops_after_the_streak_limit_with_strict_json(checkpoint_eve
 # ------------------------------------------------------------------------------- checkpoints
 
 
-def _damage(path, how):
-    data = path.read_bytes()
-    if how == "garbage":
-        path.write_bytes(np.random.default_rng(0).integers(0, 256, len(data), dtype=np.uint8).tobytes())
-    else:
-        path.write_bytes(data[: len(data) // 2])
+def _garble(path):
+    """Same size, other bytes."""
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, path.stat().st_size, dtype=np.uint8).tobytes())
 
 
 def _largest_file(step_dir, item):
     return max((p for p in (step_dir / item).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _cut_short(step_dir, item):
+    """Halve every array data file of `item` (OCDBT's d/ folders): which of them a restore
+    reads varies from save to save, and a file it does not read loads fine when cut."""
+    cut = [p for p in (step_dir / item).rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert cut
+    for path in cut:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def test_corrupt_checkpoints_are_set_aside_and_resume_falls_back(gpt_run, gpt_cfg, records, tmp_path):
@@ -252,10 +258,10 @@ def test_corrupt_checkpoints_are_set_aside_and_resume_falls_back(gpt_run, gpt_cf
     shutil.copytree(reference, workdir)
     ckpts = workdir / "checkpoints"
     assert sorted(int(p.name) for p in ckpts.iterdir()) == [10, 15, 20]
-    _damage(_largest_file(ckpts / "15", "extra"), "garbage")  # same size, other bytes
-    # Step 20 has no checksums (killed right after its save), and a file cut short.
+    _garble(_largest_file(ckpts / "15", "extra"))
+    # Step 20 has no checksums (killed right after its save), and its data cut short.
     (ckpts / "20" / checkpoint.CHECKSUM_FILE).unlink()
-    _damage(_largest_file(ckpts / "20", "params"), "truncate")
+    _cut_short(ckpts / "20", "params")
     # Killed mid-write: a half line at the end of metrics.jsonl.
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write('{"step": 21, "loss": 1.2')
@@ -279,9 +285,9 @@ def test_unverifiable_or_non_finite_checkpoints_are_skipped(tmp_path):
         for step, p in ((1, params), (2, {"w": params["w"] * np.nan}), (3, params)):
             checkpoint.save(mngr, step, params=p)
             checkpoint.write_checksums(checkpoint.step_dir(mngr, step))
-        # Step 3 lost its checksums (killed right after the save) and a file: it cannot load.
+        # Step 3 lost its checksums (killed right after the save) and half its data: it cannot load.
         (checkpoint.step_dir(mngr, 3) / checkpoint.CHECKSUM_FILE).unlink()
-        _damage(_largest_file(checkpoint.step_dir(mngr, 3), "params"), "truncate")
+        _cut_short(checkpoint.step_dir(mngr, 3), "params")
         with pytest.warns(UserWarning) as warned:
             step, restored, _, _ = checkpoint.restore_good(mngr)
     assert step == 1 and np.array_equal(restored["w"], params["w"])
