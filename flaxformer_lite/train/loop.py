@@ -279,7 +279,8 @@ def programs(cfg: Config, mesh) -> Programs:
             lambda key: init_train_state(init_params(cfg.model, key), optimizer, seed, **options),
             out_shardings=shardings,
         ),
-        init_with=jax.jit(lambda p: init_train_state(p, optimizer, seed, **options), out_shardings=shardings),
+        init_with=jax.jit(lambda p: init_train_state(p, optimizer, seed, **options), out_shardings=shardings,
+                         donate_argnums=0),  # the given params become the state's: no second copy
         train_step=jax.jit(
             make_train_step(model, cfg, optimizer),
             in_shardings=(shardings, batch), out_shardings=(shardings, None), donate_argnums=0,
@@ -309,7 +310,9 @@ def merge_params(fresh: Any, loaded: Any, source: str) -> tuple[Any, list[str], 
                 f"{tuple(x.shape)} in this model: make the model section match that run's config.yaml"
             )
         used.add(name)
-        return np.asarray(y).astype(x.dtype)
+        if jax.process_count() > 1 and isinstance(y, jax.Array) and len(y.sharding.device_set) == 1:
+            y = np.asarray(y)  # a run's params, whole on one device of each process: placed from the host
+        return y if y.dtype == x.dtype else y.astype(x.dtype)  # no copy where none is needed
 
     merged = jax.tree_util.tree_map_with_path(pick, fresh)
     return merged, kept_fresh, sorted(set(flat_loaded) - used)
@@ -495,7 +498,7 @@ def train(
         _check_batch_split(cfg, mesh)
         loaded = None
         if init_from is not None:
-            loaded = _load_init(init_from, cfg)
+            loaded = _load_init(init_from, cfg, mesh)
             shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
             merge_params(shapes, loaded, f"--init-from {init_from}")  # shape errors before any output
             cfg = _keep_hf_source(init_from, workdir, cfg, main)
@@ -561,19 +564,38 @@ def _resume_hint(run: _Run, stopped: Optional[safety.RunStopped]) -> str:
             f"train.learning_rate: {command} {best} --set train.learning_rate=...")
 
 
-def _load_init(init_from, cfg: Config) -> Any:
+def _load_init(init_from, cfg: Config, mesh) -> Any:
     """Params to start from: an HF folder's (hf.load, in the run's layout and dtype) or a run's."""
     from flaxformer_lite.interop import hf
 
     if hf.is_hf_folder(init_from):
         m = cfg.model
         try:
-            loaded = hf.load(init_from, scan_layers=m.scan_layers, param_dtype=m.param_dtype)[1]
+            loaded = hf.load(init_from, mesh=mesh, parallel=cfg.parallel,  # placed sharded, tensor by tensor
+                             scan_layers=m.scan_layers, param_dtype=m.param_dtype)[1]
         except hf.HFError as e:
             raise ConfigError(f"--init-from {e}") from None
     else:
         loaded = checkpoint.load_params(init_from)[1]
     return lora.quantize_base(loaded, cfg.model)  # an int8 base (model.lora.base_dtype) is quantized here
+
+
+def _fresh_params(cfg: Config, prog: Programs, names: list[str]) -> dict[str, jax.Array]:
+    """The named params (new heads, LoRA adapters) as a fresh run initialises them, on the
+    run's shardings; only these are computed (XLA drops the rest of the initialisation),
+    so a large loaded model is not initialised a second time beside itself."""
+    if not names:
+        return {}
+    wanted = set(names)
+    shardings = {jax.tree_util.keystr(path): s
+                 for path, s in jax.tree_util.tree_flatten_with_path(prog.shardings.params)[0]}
+
+    def init(key):
+        flat = jax.tree_util.tree_flatten_with_path(init_params(cfg.model, key))[0]
+        return {name: x for name, x in ((jax.tree_util.keystr(path), x) for path, x in flat) if name in wanted}
+
+    out_shardings = {name: shardings[name] for name in wanted}
+    return jax.jit(init, out_shardings=out_shardings)(jax.random.key(cfg.train.seed))
 
 
 def _keep_hf_source(init_from, workdir: pathlib.Path, cfg: Config, main: bool) -> Config:
@@ -640,8 +662,9 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
         reopened = meta.get("log_window", [])
         log(f"resumed {workdir} at step {start_step}")
     elif loaded is not None:
-        fresh = _host_copy(prog.init(jax.random.key(cfg.train.seed)).params)
-        params, kept_fresh, unused = merge_params(fresh, loaded, f"--init-from {init_from}")
+        params, kept_fresh, unused = merge_params(prog.abstract.params, loaded, f"--init-from {init_from}")
+        fresh = _fresh_params(cfg, prog, kept_fresh)
+        params = jax.tree_util.tree_map_with_path(lambda path, x: fresh.get(jax.tree_util.keystr(path), x), params)
         state = prog.init_with(jax.device_put(params, prog.shardings.params))
         log(f"initialised from {init_from}: {len(kept_fresh)} new parameter arrays {kept_fresh}, "
             f"{len(unused)} unused {unused}")
