@@ -56,9 +56,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=DECODE_METHODS, default="greedy")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--min-new-tokens", type=non_negative_int, default=0)
-    parser.add_argument("--temperature", type=non_negative_float, default=1.0)
-    parser.add_argument("--top-k", type=non_negative_int, default=0)
-    parser.add_argument("--top-p", type=probability, default=1.0)
+    sampling = "with --method sample (default: the folder's generation_config.json, else {})"
+    parser.add_argument("--temperature", type=non_negative_float, help=sampling.format(1.0))
+    parser.add_argument("--top-k", type=non_negative_int, help=sampling.format("0, off"))
+    parser.add_argument("--top-p", type=probability, help=sampling.format("1.0, off"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-beams", type=positive_int, default=4)
     parser.add_argument("--length-penalty", type=float, default=1.0)
@@ -112,6 +113,17 @@ def _load_for_cli(args):
 def _tokenizer_folder(spec: str) -> Optional[pathlib.Path]:
     """The folder a run's tokenizer comes from (its chat template's home), if it is one."""
     return pathlib.Path(spec) if spec != "byte" and pathlib.Path(spec).is_dir() else None
+
+
+def _sampling_flags(args, folder: Optional[pathlib.Path]) -> dict:
+    """temperature, top_k, top_p: the flag where given, else the checkpoint's
+    generation_config.json (data.sampling_defaults), else off (temperature 1)."""
+    from flaxformer_lite.data import sampling_defaults
+
+    chosen = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    if folder is not None:
+        chosen.update(sampling_defaults(folder).applied)
+    return {key: chosen[key] if getattr(args, key) is None else getattr(args, key) for key in chosen}
 
 
 def _chat_prompt(args, tokenizer, folder: Optional[pathlib.Path]) -> list[int]:
@@ -210,7 +222,7 @@ def run_generate(args: argparse.Namespace) -> int:
             build_model(model_cfg), params, prompts,
             max_new_tokens=args.max_new_tokens, method=args.method, min_new_tokens=args.min_new_tokens,
             ignore_eos=args.ignore_eos, stop_tokens=_stop_ids(args.stop, tokenizer) + eos_ids,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            **_sampling_flags(args, folder), seed=args.seed,
             num_beams=args.num_beams, length_penalty=args.length_penalty,
             stream=stream if args.stream else None,
         )

@@ -22,7 +22,7 @@ import json
 import os
 import pathlib
 import threading
-from typing import Iterable, Literal, Mapping, Optional, Protocol, Sequence, Union
+from typing import Iterable, Literal, Mapping, NamedTuple, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import tokenizers as hf
@@ -155,7 +155,51 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 _ROLE_NAMES = {"pad": ("pad_token",), "bos": ("bos_token", "cls_token"), "eos": ("eos_token", "sep_token"),
                "mask": ("mask_token",)}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-MODEL_ID_FILES = ("generation_config.json", "config.json")  # where *_token_id live, first says
+GENERATION_CONFIG_FILE = "generation_config.json"
+MODEL_ID_FILES = (GENERATION_CONFIG_FILE, "config.json")  # where *_token_id live, first says
+# generation_config.json's sampling settings this library applies, each with its rule.
+SAMPLING_RULES = {
+    "temperature": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, ">= 0"),
+    "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: off)"),
+    "top_p": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "in (0, 1]"),
+}
+# Settings it does not apply, with their neutral values: a caller names the others rather
+# than drop them unseen.
+UNAPPLIED_SAMPLING = {"repetition_penalty": 1.0, "min_p": 0.0, "typical_p": 1.0, "no_repeat_ngram_size": 0,
+                      "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
+class SamplingDefaults(NamedTuple):
+    """A checkpoint's sampling settings (`sampling_defaults`): `applied` are the
+    temperature/top_k/top_p it sets, `unapplied` the ones it sets that this library lacks."""
+
+    applied: dict
+    unapplied: dict
+
+
+def sampling_defaults(folder: PathLike) -> SamplingDefaults:
+    """The sampling settings a checkpoint's generation_config.json sets (temperature, top_k,
+    top_p), for a request that leaves them out; empty without the file.
+
+    As vLLM does by default (its `--generation-config auto`), only the keys the file holds
+    are taken, and `do_sample` is not read: OpenAI-style requests sample unless their
+    temperature is 0. A value out of range is a DataError naming the file and key.
+    """
+    config = read_folder_json(folder, GENERATION_CONFIG_FILE) or {}
+    applied = {}
+    for key, (valid, rule) in SAMPLING_RULES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not valid(value):
+            raise DataError(
+                f"{pathlib.Path(folder) / GENERATION_CONFIG_FILE}: {key}={value!r} must be {rule}; fix it there, "
+                "or remove the key to sample with the usual default"
+            )
+        applied[key] = float(value) if key != "top_k" else value
+    unapplied = {key: config[key] for key, neutral in UNAPPLIED_SAMPLING.items()
+                 if config.get(key) not in (None, neutral)}
+    return SamplingDefaults(applied, unapplied)
 
 
 def _sentinel_token(i: int) -> str:

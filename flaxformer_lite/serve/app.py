@@ -67,6 +67,7 @@ class Served:
     embedder: Any = None  # serve.embeddings.Embedder
     chat_template: Any = None  # data.chat.ChatTemplate or None
     add_bos: bool = False
+    sampling: dict = dataclasses.field(default_factory=dict)  # the checkpoint's defaults (data.sampling_defaults)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     compilations: Callable[[], int] = lambda: 0
 
@@ -107,20 +108,22 @@ def _unsupported(body: dict) -> None:
             raise ApiError(400, f"'{key}' is not supported by this server; leave it out (or at {neutral!r})", key)
 
 
-def _sampling(body: dict, *, logprobs: Optional[int], echo_logprobs: bool) -> tuple[SamplingParams, int]:
-    """(SamplingParams, n) from the request body."""
+def _sampling(body: dict, defaults: dict, *, logprobs: Optional[int], echo_logprobs: bool
+              ) -> tuple[SamplingParams, int]:
+    """(SamplingParams, n) from the request body; temperature, top_p and top_k it leaves out
+    come from `defaults` (the checkpoint's generation_config.json), else OpenAI's."""
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a non-empty string or a list of them", "stop")
-    top_k = _get(body, "top_k", int, 0)
+    top_k = _get(body, "top_k", int, defaults.get("top_k", 0))
     seed = _get(body, "seed", int, None)
     max_tokens = _get(body, "max_completion_tokens", int, None)
     max_tokens = _get(body, "max_tokens", int, 16 if max_tokens is None else max_tokens)
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_get(body, "temperature", float, 1.0),
-        top_p=_get(body, "top_p", float, 1.0),
+        temperature=_get(body, "temperature", float, defaults.get("temperature", 1.0)),
+        top_p=_get(body, "top_p", float, defaults.get("top_p", 1.0)),
         top_k=0 if top_k == -1 else top_k,  # vLLM spells "off" as -1
         seed=secrets.randbits(32) if seed is None else seed,
         stop=tuple(stop),
@@ -291,7 +294,7 @@ async def completions(request: Request) -> Response:
     prompts = _prompts(served, body.get("prompt"))
     echo = _get(body, "echo", bool, False)
     logprobs = _get(body, "logprobs", int, None)
-    params, n = _sampling(body, logprobs=logprobs, echo_logprobs=echo and logprobs is not None)
+    params, n = _sampling(body, served.sampling, logprobs=logprobs, echo_logprobs=echo and logprobs is not None)
     stream = _get(body, "stream", bool, False)
     run = _Run(served, request)
     run.submit(prompts, params, n)
@@ -392,7 +395,7 @@ async def chat_completions(request: Request) -> Response:
     prompt = _chat_prompt(served, body)
     want_logprobs = _get(body, "logprobs", bool, False)
     top = _get(body, "top_logprobs", int, 0) if want_logprobs else None
-    params, n = _sampling(body, logprobs=top, echo_logprobs=False)
+    params, n = _sampling(body, served.sampling, logprobs=top, echo_logprobs=False)
     stream = _get(body, "stream", bool, False)
     run = _Run(served, request)
     run.submit([prompt], params, n)

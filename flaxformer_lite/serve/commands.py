@@ -56,6 +56,7 @@ def _load(args):
     from flaxformer_lite import model_commands
     from flaxformer_lite.config import ConfigError, load_config
     from flaxformer_lite.data.chat import ChatTemplate
+    from flaxformer_lite.data.tokenizers import GENERATION_CONFIG_FILE, sampling_defaults
     from flaxformer_lite.models import build_model, init_params
     from flaxformer_lite.serve.app import Served
 
@@ -73,11 +74,18 @@ def _load(args):
         model_cfg, params, tokenizer, folder = model_commands._load_for_cli(args)
         name = pathlib.Path(args.hf or args.workdir).resolve().name
     template = ChatTemplate.from_folder(folder) if folder is not None else None
+    sampling = sampling_defaults(folder) if folder is not None else None
+    if sampling is not None and (sampling.applied or sampling.unapplied):
+        applied = ", ".join(f"{k} {v}" for k, v in sampling.applied.items()) or "none"
+        unapplied = "".join(f"; not applied: {k} {v}" for k, v in sampling.unapplied.items())
+        print(f"sampling defaults from {folder / GENERATION_CONFIG_FILE}: {applied} (a request's own values win)"
+              f"{unapplied}", file=sys.stderr)
     params = jax.tree.map(jax.numpy.asarray, params)
     model = build_model(model_cfg)
     max_len = args.max_len or min(model_cfg.max_len, 2048)
     served = Served(name=args.name or name, tokenizer=tokenizer, max_len=max_len, chat_template=template,
-                    add_bos=(not args.hf) if args.bos is None else args.bos)
+                    add_bos=(not args.hf) if args.bos is None else args.bos,
+                    sampling=sampling.applied if sampling is not None else {})
     if model_cfg.family == "encoder":
         from flaxformer_lite.serve.embeddings import Embedder
 

@@ -166,3 +166,23 @@ def test_chat_errors(chat_dir, tmp_path, capsys, args, message):
     assert main(["generate", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
+
+
+def test_sampling_defaults_come_from_generation_config_and_flags_win(chat_dir, tmp_path, capsys):
+    """--method sample takes temperature/top_k/top_p from the folder's generation_config.json
+    where no flag gives them: top_k 1 there makes sampling greedy, --top-k 0 undoes it."""
+    import shutil
+
+    folder = tmp_path / "chat"
+    shutil.copytree(chat_dir, folder)
+    config_file = folder / "generation_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "do_sample": True, "top_k": 1}))
+
+    def reply(*flags):
+        assert main(["generate", "--hf", str(folder), "--chat", "the quick brown fox", "--max-new-tokens", "8",
+                     *flags]) == 0
+        return capsys.readouterr().out
+
+    greedy = reply()
+    assert all(reply("--method", "sample", "--seed", str(seed)) == greedy for seed in range(3))
+    assert any(reply("--method", "sample", "--seed", str(seed), "--top-k", "0") != greedy for seed in range(3))

@@ -114,3 +114,32 @@ def test_sources_set_name_bos_and_chat_template(tmp_path, hf_dir):
     assert (served.name, served.add_bos, served.chat_template, engine.max_len) == ("run", True, None, 64)
     served, engine = _load(parser.parse_args(["--hf", str(hf_dir), "--max-len", "64"]))
     assert not served.add_bos and served.chat_template is not None and served.engine is engine
+
+
+def test_a_request_that_leaves_sampling_out_gets_the_checkpoints(hf_dir, tmp_path, capsys):
+    """serve reads the folder's generation_config.json (data.sampling_defaults) and a request
+    without temperature/top_p/top_k gets those; its own values win; what the library does
+    not apply is named at start-up."""
+    import argparse
+    import json
+    import shutil
+
+    from flaxformer_lite.serve import app, commands
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_dir, folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1}))
+    parser = argparse.ArgumentParser()
+    commands.add_serve_arguments(parser)
+    served, _ = commands._load(parser.parse_args(["--hf", str(folder), "--max-batch", "1", "--max-len", "32"]))
+    assert served.sampling == {"temperature": 0.6, "top_p": 0.9}
+    assert ("generation_config.json: temperature 0.6, top_p 0.9 (a request's own values win); "
+            "not applied: repetition_penalty 1.1") in capsys.readouterr().err
+    left_out, _ = app._sampling({}, served.sampling, logprobs=None, echo_logprobs=False)
+    assert (left_out.temperature, left_out.top_p, left_out.top_k) == (0.6, 0.9, 0)
+    given, _ = app._sampling({"temperature": 0, "top_p": 1}, served.sampling, logprobs=None, echo_logprobs=False)
+    assert (given.temperature, given.top_p) == (0.0, 1.0)
+    served, _ = commands._load(parser.parse_args(["--hf", str(hf_dir), "--max-batch", "1", "--max-len", "32"]))
+    assert served.sampling == {}  # no generation_config.json: OpenAI's defaults
+    assert app._sampling({}, served.sampling, logprobs=None, echo_logprobs=False)[0].temperature == 1.0
