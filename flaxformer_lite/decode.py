@@ -37,8 +37,8 @@ class GenerateOutput:
 
     tokens: [B,T] int32, T = max_new_tokens; pad_token_id after a row's stop token.
     lengths: [B] new tokens per row, the stop token included.
-    scores: [B] greedy/sample: sum of log p(token | prefix) under the model (temperature
-      and filters not applied); beam: the best hypothesis' length-penalised score.
+    scores: [B] greedy/sample: sum of log p(token | prefix) under the model (temperature,
+      filters and repetition penalty not applied); beam: the best hypothesis' length-penalised score.
     logits: [B,T,V] float32 model logits at each step (return_logits=True only).
     beam_tokens / beam_lengths / beam_scores: [B,W,T] / [B,W] / [B,W], every kept
       hypothesis, best first (beam only).
@@ -62,6 +62,7 @@ class _Static:
     num_beams: int
     return_logits: bool
     stream: Optional[Callable] = None
+    repetition: bool = False  # a repetition penalty is applied (it keeps a seen-token table)
 
 
 # ------------------------------------------------------------------------ logits filters
@@ -83,6 +84,18 @@ def filter_top_k_top_p(logits_BV: Array, k: Array, p: Array) -> Array:
     keep_BV = in_top_k_V & ((mass_before_BV < p) | (p >= 1.0))
     cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+
+
+def repetition_penalty(logits_BV: Array, seen_BV: Array, penalty) -> Array:
+    """The repetition penalty of CTRL (Keskar et al. 2019) as transformers applies it: the
+    logit of a token already seen is divided by `penalty` where positive and multiplied
+    by it where negative, so penalty > 1 discourages repeats and 1 changes nothing.
+
+    seen_BV: bool, the tokens of each row so far; penalty: a scalar or [B].
+    """
+    penalty_B1 = jnp.broadcast_to(jnp.asarray(penalty, logits_BV.dtype), logits_BV.shape[:1])[:, None]
+    penalized_BV = jnp.where(logits_BV < 0, logits_BV * penalty_B1, logits_BV / penalty_B1)
+    return jnp.where(seen_BV, penalized_BV, logits_BV)
 
 
 def _block_stops(logits_BV: Array, stop_ids: Array, step: Array, min_new_tokens: Array) -> Array:
@@ -198,6 +211,10 @@ def _generate(model, static: _Static, params, prompt_BP, valid_BP, rng, dyn):
         choose = functools.partial(_beam_choose, dyn=dyn)
     else:
         state = _token_init(B, T, logits_BV.shape[-1] if static.return_logits else 0)
+        if static.repetition:  # what each row has seen: its prompt (decoder) or start token
+            counts_BV = jnp.zeros(logits_BV.shape, jnp.int32).at[jnp.arange(B)[:, None], first_BT].add(
+                first_valid_BT.astype(jnp.int32))
+            state["seen"] = counts_BV > 0
         choose = functools.partial(_token_choose, static=static, dyn=dyn, rng=rng)
 
     def cond(carry):
@@ -244,7 +261,10 @@ def _token_choose(state, logits_BV, i, *, static, dyn, rng):
 
     Returns the new state, None (rows keep their cache) and the tokens [B].
     """
-    allowed_BV = _block_stops(logits_BV, dyn["stop_ids"], i, dyn["min_new_tokens"])
+    allowed_BV = logits_BV
+    if "seen" in state:
+        allowed_BV = repetition_penalty(allowed_BV, state["seen"], dyn["repetition_penalty"])
+    allowed_BV = _block_stops(allowed_BV, dyn["stop_ids"], i, dyn["min_new_tokens"])
     if static.method == "greedy":
         token_B = jnp.argmax(allowed_BV, axis=-1).astype(jnp.int32)
     else:
@@ -261,6 +281,8 @@ def _token_choose(state, logits_BV, i, *, static, dyn, rng):
     }
     if "logits" in state:
         new["logits"] = state["logits"].at[:, i].set(logits_BV)
+    if "seen" in state:
+        new["seen"] = state["seen"].at[jnp.arange(token_B.shape[0]), token_B].set(True)
     if static.stream is not None:
         jax.debug.callback(static.stream, i, token_B, ordered=True)
     return new, None, token_B
@@ -435,6 +457,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
     seed: Union[int, Array] = 0,
     num_beams: int = 4,
     length_penalty: float = 1.0,
@@ -453,6 +476,9 @@ def generate(
         Encoder-decoder: the encoder input; the decoder starts from decoder_start_token_id.
       method: 'greedy', 'sample' (temperature, then top_k, then top_p, seeded by `seed`)
         or 'beam' (num_beams, length_penalty, early_stopping).
+      repetition_penalty: greedy/sample: tokens already in the row (prompt or generated;
+        encoder-decoder: generated) have their logits penalised (`repetition_penalty`
+        below; 1 is off; 1.1 to 1.3 is usual), as transformers' argument of that name.
       min_new_tokens: stop tokens are blocked until this many tokens exist.
       eos_token_id: default the model's (none if that lies outside the vocabulary);
         `ignore_eos=True` never stops on it.
@@ -494,6 +520,10 @@ def generate(
         raise ValueError(f"generate: num_beams={num_beams} must be >= 1")
     if method == "beam" and (return_logits or stream is not None):
         raise ValueError("generate: return_logits and stream are for method='greedy' or 'sample', not 'beam'")
+    if not repetition_penalty > 0:
+        raise ValueError(f"generate: repetition_penalty={repetition_penalty} must be > 0 (1 turns it off)")
+    if method == "beam" and repetition_penalty != 1:
+        raise ValueError("generate: repetition_penalty is for method='greedy' or 'sample', not 'beam'")
     if pad_to_multiple < 1:
         raise ValueError(f"generate: pad_to_multiple={pad_to_multiple} must be >= 1")
 
@@ -543,10 +573,12 @@ def generate(
     static = _Static(
         method=method, max_new_tokens=max_new_tokens,
         num_beams=num_beams if method == "beam" else 1, return_logits=return_logits, stream=stream,
+        repetition=repetition_penalty != 1,
     )
     dyn = {
         "temperature": jnp.float32(temperature),
         "top_p": jnp.float32(top_p),
+        "repetition_penalty": jnp.float32(repetition_penalty),
         "min_new_tokens": jnp.int32(min_new_tokens),
         # Padded with the id V, which no token has, so 0 to 8 stop ids share one program.
         "stop_ids": jnp.asarray(stops + (V,) * (8 * -(-max(len(stops), 1) // 8) - len(stops)), jnp.int32),

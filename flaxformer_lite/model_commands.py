@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from flaxformer_lite.cli import non_negative_float, non_negative_int, positive_int, probability
+from flaxformer_lite.cli import non_negative_float, non_negative_int, positive_float, positive_int, probability
 
 EXIT_BAD_INPUT = 2  # the command's status for bad input, as train/eval/convert
 # decode.METHODS and embeddings.POOLINGS, spelled out so that `--help` does not import JAX
@@ -60,6 +60,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=non_negative_float, help=sampling.format(1.0))
     parser.add_argument("--top-k", type=non_negative_int, help=sampling.format("0, off"))
     parser.add_argument("--top-p", type=probability, help=sampling.format("1.0, off"))
+    parser.add_argument("--repetition-penalty", type=positive_float,
+                        help="greedy and sample: seen tokens' logits divided by it, as transformers' (default: the "
+                        "folder's generation_config.json, else 1.0, off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-beams", type=positive_int, default=4)
     parser.add_argument("--length-penalty", type=float, default=1.0)
@@ -116,13 +119,16 @@ def _tokenizer_folder(spec: str) -> Optional[pathlib.Path]:
 
 
 def _sampling_flags(args, folder: Optional[pathlib.Path]) -> dict:
-    """temperature, top_k, top_p: the flag where given, else the checkpoint's
-    generation_config.json (data.sampling_defaults), else off (temperature 1)."""
+    """temperature, top_k, top_p, repetition_penalty: the flag where given, else the
+    checkpoint's generation_config.json (data.sampling_defaults), else off (temperature 1).
+    Beam search takes no repetition penalty from the folder (it has none)."""
     from flaxformer_lite.data import sampling_defaults
 
-    chosen = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    chosen = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
     if folder is not None:
         chosen.update(sampling_defaults(folder).applied)
+        if args.method == "beam":
+            chosen["repetition_penalty"] = 1.0
     return {key: chosen[key] if getattr(args, key) is None else getattr(args, key) for key in chosen}
 
 

@@ -162,16 +162,18 @@ SAMPLING_RULES = {
     "temperature": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, ">= 0"),
     "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: off)"),
     "top_p": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "in (0, 1]"),
+    "repetition_penalty": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                           "> 0 (1: off)"),
 }
 # Settings it does not apply, with their neutral values: a caller names the others rather
 # than drop them unseen.
-UNAPPLIED_SAMPLING = {"repetition_penalty": 1.0, "min_p": 0.0, "typical_p": 1.0, "no_repeat_ngram_size": 0,
+UNAPPLIED_SAMPLING = {"min_p": 0.0, "typical_p": 1.0, "no_repeat_ngram_size": 0,
                       "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
 class SamplingDefaults(NamedTuple):
     """A checkpoint's sampling settings (`sampling_defaults`): `applied` are the
-    temperature/top_k/top_p it sets, `unapplied` the ones it sets that this library lacks."""
+    settings of SAMPLING_RULES it sets, `unapplied` the ones it sets that this library lacks."""
 
     applied: dict
     unapplied: dict
@@ -179,7 +181,7 @@ class SamplingDefaults(NamedTuple):
 
 def sampling_defaults(folder: PathLike) -> SamplingDefaults:
     """The sampling settings a checkpoint's generation_config.json sets (temperature, top_k,
-    top_p), for a request that leaves them out; empty without the file.
+    top_p, repetition_penalty), for a request that leaves them out; empty without the file.
 
     As vLLM does by default (its `--generation-config auto`), only the keys the file holds
     are taken, and `do_sample` is not read: OpenAI-style requests sample unless their

@@ -37,7 +37,7 @@ RETRY_AFTER_S = 1
 DISCONNECT_CHECK_S = 1.0  # how often a request looks for its client having gone
 # Sampling knobs OpenAI defines that this server does not implement: any value but the
 # neutral one is refused by name rather than ignored.
-_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "logit_bias": {}, "suffix": ""}
+_NEUTRAL = {"best_of": 1, "logit_bias": {}, "suffix": ""}
 
 
 class ApiError(Exception):
@@ -110,8 +110,9 @@ def _unsupported(body: dict) -> None:
 
 def _sampling(body: dict, defaults: dict, *, logprobs: Optional[int], echo_logprobs: bool
               ) -> tuple[SamplingParams, int]:
-    """(SamplingParams, n) from the request body; temperature, top_p and top_k it leaves out
-    come from `defaults` (the checkpoint's generation_config.json), else OpenAI's."""
+    """(SamplingParams, n) from the request body; temperature, top_p, top_k and
+    repetition_penalty it leaves out come from `defaults` (the checkpoint's
+    generation_config.json), else OpenAI's (vLLM's for its extensions)."""
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -125,6 +126,9 @@ def _sampling(body: dict, defaults: dict, *, logprobs: Optional[int], echo_logpr
         temperature=_get(body, "temperature", float, defaults.get("temperature", 1.0)),
         top_p=_get(body, "top_p", float, defaults.get("top_p", 1.0)),
         top_k=0 if top_k == -1 else top_k,  # vLLM spells "off" as -1
+        repetition_penalty=_get(body, "repetition_penalty", float, defaults.get("repetition_penalty", 1.0)),
+        presence_penalty=_get(body, "presence_penalty", float, 0.0),
+        frequency_penalty=_get(body, "frequency_penalty", float, 0.0),
         seed=secrets.randbits(32) if seed is None else seed,
         stop=tuple(stop),
         stop_token_ids=tuple(_get(body, "stop_token_ids", list, [])),

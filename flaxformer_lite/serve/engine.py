@@ -19,7 +19,8 @@ Two compiled programs serve every request:
     prompt tokens' log-probs (for `echo` + `logprobs`) and leaving the last position's
     logits in the slot;
   - `step`: for every slot, pick a token from its logits (greedy, or seeded sampling with
-    temperature, top-k, top-p), then run the model on it: one new token per slot.
+    temperature, top-k, top-p, after the repetition, presence and frequency penalties),
+    then run the model on it: one new token per slot.
 A long prompt is prefilled one chunk per engine iteration, between decode steps, so the
 running streams wait at most one chunk's time for their next token.
 
@@ -75,13 +76,21 @@ class SamplingParams:
     text whatever else the engine is running. `stop` strings end the text before their
     first occurrence; `stop_token_ids` end it after such a token (EOS included unless
     `ignore_eos`). `logprobs` (0 to 5 alternatives, None: off) returns each new token's
-    log-probability; `echo_logprobs` also the prompt's.
+    log-probability under the model; `echo_logprobs` also the prompt's.
+
+    Penalties act on the logits before the choice, as vLLM's: `repetition_penalty`
+    (`decode.repetition_penalty`; 1 is off) on every token of the prompt and the output,
+    and OpenAI's `presence_penalty` and `frequency_penalty` (in [-2, 2]; 0 is off)
+    subtracted once per token present in the output and once per occurrence there.
     """
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int = 0
     choice: int = 0
     stop: tuple[str, ...] = ()
@@ -204,27 +213,51 @@ def _apply_one(model, params, cache, ids_T, valid_T, positions_T):
     return out.logits[0].astype(jnp.float32), mutated["cache"]
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV"))
-def _prefill(model, params, pool, logits_BV, slot, start, ids_C, targets_C, n_valid):
-    """One prompt chunk into slot `slot` at cache position `start`."""
+def _penalize(logits_BV, seen, repetition_B, presence_B, frequency_B):
+    """The logits each slot chooses from: its penalties applied (see SamplingParams)."""
+    prompt_BV, output_BV = seen
+
+    def penalized():
+        out_BV = decode.repetition_penalty(logits_BV, prompt_BV | (output_BV > 0), repetition_B)
+        return out_BV - frequency_B[:, None] * output_BV - presence_B[:, None] * (output_BV > 0)
+
+    used = jnp.any((repetition_B != 1) | (presence_B != 0) | (frequency_B != 0))
+    return jax.lax.cond(used, penalized, lambda: logits_BV)
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV", "seen"))
+def _prefill(model, params, pool, logits_BV, seen, slot, start, ids_C, targets_C, n_valid):
+    """One prompt chunk into slot `slot` at cache position `start`; `seen` (the prompt's
+    tokens [B,V] bool, the output's counts [B,V]) starts afresh with a prompt's first chunk."""
     C = ids_C.shape[0]
     cache = _with_length(jax.tree.map(lambda x: x[slot], pool), start)
     valid_C = jnp.arange(C) < n_valid
     logits_CV, cache = _apply_one(model, params, cache, ids_C, valid_C, start + jnp.arange(C, dtype=jnp.int32))
     pool = jax.tree.map(lambda p, x: p.at[slot].set(x), pool, cache)
     logits_BV = logits_BV.at[slot].set(logits_CV[n_valid - 1])
-    return pool, logits_BV, _logprob_summary(logits_CV, targets_C)
+    prompt_BV, output_BV = seen
+    fresh = start == 0
+    chunk_V = jnp.zeros(prompt_BV.shape[1], bool).at[jnp.where(valid_C, ids_C, prompt_BV.shape[1])].set(
+        True, mode="drop")
+    prompt_BV = prompt_BV.at[slot].set(chunk_V | (prompt_BV[slot] & ~fresh))
+    output_BV = output_BV.at[slot].set(jnp.where(fresh, 0, output_BV[slot]))
+    return pool, logits_BV, (prompt_BV, output_BV), _logprob_summary(logits_CV, targets_C)
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV"))
-def _step(model, params, pool, logits_BV, length_B, temperature_B, top_k_B, top_p_B, seed_B, choice_B, step_B):
-    """Pick every slot's next token from its logits, then run the model on it.
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV", "seen"))
+def _step(model, params, pool, logits_BV, seen, decoding_B, length_B, temperature_B, top_k_B, top_p_B,
+          repetition_B, presence_B, frequency_B, seed_B, choice_B, step_B):
+    """Pick every slot's next token from its penalised logits, then run the model on it.
 
-    Returns (pool, next logits, tokens [B], (log p [B], top ids [B,5], top log p [B,5],
-    finite [B])). Slots not in use compute too (fixed shapes); the host ignores them.
+    Returns (pool, next logits, seen, tokens [B], (log p [B], top ids [B,5], top log p
+    [B,5], finite [B]), log-probs under the model's own logits). Slots not in use compute
+    too (fixed shapes); the host ignores them, and only `decoding_B` slots count their token.
     """
-    token_B = _pick(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, choice_B, step_B)
+    chosen_BV = _penalize(logits_BV, seen, repetition_B, presence_B, frequency_B)
+    token_B = _pick(chosen_BV, temperature_B, top_k_B, top_p_B, seed_B, choice_B, step_B)
     summary = _logprob_summary(logits_BV, token_B)
+    prompt_BV, output_BV = seen
+    output_BV = output_BV.at[jnp.arange(token_B.shape[0]), token_B].add(decoding_B.astype(output_BV.dtype))
 
     def one(cache, token, length):
         cache = _with_length(cache, length)
@@ -234,7 +267,7 @@ def _step(model, params, pool, logits_BV, length_B, temperature_B, top_k_B, top_
         return logits_TV[0], cache
 
     logits_BV, pool = jax.vmap(one)(pool, token_B, length_B)
-    return pool, logits_BV, token_B, summary
+    return pool, logits_BV, (prompt_BV, output_BV), token_B, summary
 
 
 # ------------------------------------------------------------------------ the engine
@@ -276,6 +309,8 @@ class Engine:
         one, _ = decode._empty_cache(shape_model, 1, self.slots, 0)
         self._pool = jax.tree.map(lambda x: jnp.zeros((max_batch, *x.shape), x.dtype), one)
         self._logits = jnp.zeros((max_batch, cfg.vocab_size), jnp.float32)
+        # Each slot's prompt tokens and output token counts, for the penalties.
+        self._seen = (jnp.zeros((max_batch, cfg.vocab_size), bool), jnp.zeros((max_batch, cfg.vocab_size), jnp.int32))
         self._free = list(range(max_batch))
         self._running: dict[int, _Seq] = {}  # slot -> sequence
         self._waiting: collections.deque = collections.deque()
@@ -340,6 +375,12 @@ class Engine:
                 f"temperature={params.temperature} must be >= 0, top_p={params.top_p} in (0, 1], "
                 f"top_k={params.top_k} >= 0"
             )
+        if not params.repetition_penalty > 0 or not all(
+                -2 <= v <= 2 for v in (params.presence_penalty, params.frequency_penalty)):
+            raise EngineError(
+                f"repetition_penalty={params.repetition_penalty} must be > 0 (1: off), presence_penalty="
+                f"{params.presence_penalty} and frequency_penalty={params.frequency_penalty} in [-2, 2] (0: off)"
+            )
         if params.logprobs is not None and not 0 <= params.logprobs <= TOP_LOGPROBS:
             raise EngineError(f"logprobs={params.logprobs} must be in [0, {TOP_LOGPROBS}]")
 
@@ -372,7 +413,7 @@ class Engine:
         self._running[seq.slot] = seq
         self._prefill_chunk(seq)
         self._decode_step()
-        jax.block_until_ready((self._pool, self._logits))
+        jax.block_until_ready((self._pool, self._logits, self._seen))
         self.stats.clear()
 
     def _iteration(self) -> None:
@@ -404,8 +445,8 @@ class Engine:
         ids_C = np.zeros(C, np.int32)
         targets_C = np.zeros(C, np.int32)
         ids_C[:n], targets_C[:len(targets)] = ids, targets
-        self._pool, self._logits, summary = _prefill(
-            self.model, self.params, self._pool, self._logits, np.int32(seq.slot), np.int32(start),
+        self._pool, self._logits, self._seen, summary = _prefill(
+            self.model, self.params, self._pool, self._logits, self._seen, np.int32(seq.slot), np.int32(start),
             ids_C, targets_C, np.int32(n),
         )
         self.stats["prefill_chunks"] += 1
@@ -434,10 +475,12 @@ class Engine:
     def _decode_step(self) -> None:
         B = self.max_batch
         length = np.zeros(B, np.int32)
-        temperature, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
+        temperature, top_p, repetition = np.zeros(B, np.float32), np.ones(B, np.float32), np.ones(B, np.float32)
+        presence, frequency = np.zeros(B, np.float32), np.zeros(B, np.float32)
         top_k, seed, choice, step = (np.zeros(B, np.int32) for _ in range(4))
         seed = seed.astype(np.uint32)
         decoding = [s for s in self._running.values() if s.filled == len(s.prompt)]
+        decoding_B = np.zeros(B, bool)
         for s in self._running.values():
             # Every slot runs; one still being prefilled keeps its length, so the token
             # written past it is overwritten by its next chunk.
@@ -446,9 +489,12 @@ class Engine:
             p = s.params
             length[s.slot] = len(s.prompt) + len(s.tokens)
             temperature[s.slot], top_p[s.slot], top_k[s.slot] = p.temperature, p.top_p, p.top_k
+            repetition[s.slot], presence[s.slot] = p.repetition_penalty, p.presence_penalty
+            frequency[s.slot], decoding_B[s.slot] = p.frequency_penalty, True
             seed[s.slot], choice[s.slot], step[s.slot] = p.seed % 2**32, p.choice, len(s.tokens)
-        self._pool, self._logits, token_B, summary = _step(
-            self.model, self.params, self._pool, self._logits, length, temperature, top_k, top_p, seed, choice, step,
+        self._pool, self._logits, self._seen, token_B, summary = _step(
+            self.model, self.params, self._pool, self._logits, self._seen, decoding_B, length, temperature, top_k,
+            top_p, repetition, presence, frequency, seed, choice, step,
         )
         self.stats["steps"] += 1
         token_B, (lp_B, top_ids, top_lp, finite_B) = np.asarray(token_B), (np.asarray(a) for a in summary)

@@ -183,16 +183,17 @@ def test_sampling_defaults_are_the_generation_configs_keys(tmp_path):
 
     assert sampling_defaults(tmp_path) == ({}, {})  # no generation_config.json
     config = tmp_path / "generation_config.json"
-    # Qwen2.5-Instruct's settings: the ones this library applies, and one it names as not.
+    # Qwen2.5-Instruct's settings, and one this library names as not applied.
     config.write_text(json.dumps({"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8,
-                                  "top_k": 20, "min_p": 0.0, "eos_token_id": [2, 0]}))
-    assert sampling_defaults(tmp_path) == ({"temperature": 0.7, "top_k": 20, "top_p": 0.8},
-                                           {"repetition_penalty": 1.05})
+                                  "top_k": 20, "min_p": 0.0, "typical_p": 0.9, "eos_token_id": [2, 0]}))
+    assert sampling_defaults(tmp_path) == ({"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05},
+                                           {"typical_p": 0.9})  # min_p 0 is neutral: nothing to name
     config.write_text(json.dumps({"temperature": 1, "top_p": None}))  # ints are floats; null is absent
     applied = sampling_defaults(tmp_path).applied
     assert applied == {"temperature": 1.0} and isinstance(applied["temperature"], float)
     for bad, rule in (({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"), ({"top_k": 2.5}, "top_k=2.5 must be an integer"),
-                      ({"temperature": -1}, "temperature=-1 must be >= 0")):
+                      ({"temperature": -1}, "temperature=-1 must be >= 0"),
+                      ({"repetition_penalty": 0}, r"repetition_penalty=0 must be > 0 \(1: off\)")):
         config.write_text(json.dumps(bad))
         with pytest.raises(DataError, match=f"generation_config.json: {rule}.*fix it there"):
             sampling_defaults(tmp_path)

@@ -169,20 +169,23 @@ def test_chat_errors(chat_dir, tmp_path, capsys, args, message):
 
 
 def test_sampling_defaults_come_from_generation_config_and_flags_win(chat_dir, tmp_path, capsys):
-    """--method sample takes temperature/top_k/top_p from the folder's generation_config.json
-    where no flag gives them: top_k 1 there makes sampling greedy, --top-k 0 undoes it."""
+    """generate takes temperature/top_k/top_p (--method sample) and repetition_penalty from
+    the folder's generation_config.json where no flag gives them: top_k 1 there makes
+    sampling greedy, --top-k 0 undoes it; its repetition penalty applies to greedy too."""
     import shutil
 
     folder = tmp_path / "chat"
     shutil.copytree(chat_dir, folder)
     config_file = folder / "generation_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "do_sample": True, "top_k": 1}))
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "do_sample": True, "top_k": 1,
+                                       "repetition_penalty": 2.0}))
 
     def reply(*flags):
-        assert main(["generate", "--hf", str(folder), "--chat", "the quick brown fox", "--max-new-tokens", "8",
-                     *flags]) == 0
+        assert main(["generate", "--hf", str(folder), "--chat", "the quick brown fox", "--max-new-tokens", "12",
+                     "--ignore-eos", *flags]) == 0
         return capsys.readouterr().out
 
     greedy = reply()
+    assert greedy == reply("--repetition-penalty", "2") != reply("--repetition-penalty", "1")
     assert all(reply("--method", "sample", "--seed", str(seed)) == greedy for seed in range(3))
     assert any(reply("--method", "sample", "--seed", str(seed), "--top-k", "0") != greedy for seed in range(3))

@@ -25,6 +25,8 @@ from flaxformer_lite.decode import generate
         ([[5, 6]], {"method": "sample", "top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"),
         ([[5, 6]], {"method": "beam", "num_beams": 0}, "num_beams=0 must be >= 1"),
         ([[5, 6]], {"method": "beam", "return_logits": True}, "not 'beam'"),
+        ([[5, 6]], {"repetition_penalty": 0.0}, "repetition_penalty=0.0 must be > 0 .1 turns it off"),
+        ([[5, 6]], {"method": "beam", "repetition_penalty": 1.2}, "repetition_penalty is for method='greedy' or 'sample'"),
         ([[5, 6]], {"attention_mask": np.ones((1, 2))}, "attention_mask is only for a \\[B,P\\] prompt_ids array"),
         (np.array([[0.5, 1.0]]), {}, "prompt_ids must be token ids"),
     ],

@@ -83,6 +83,27 @@ def test_greedy_tokens_match_transformers(kind, request):
     assert (ours[:, theirs.shape[1]:] == cfg.pad_token_id).all()
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_repetition_penalty_matches_transformers(kind, request):
+    """Greedy with repetition_penalty 1.8: the same tokens as transformers', which penalises
+    the prompt (decoder-only) or the start token (T5) and every token generated. Rows of
+    one length: transformers also penalises a left-padded row's pad id."""
+    folder = request.getfixturevalue(f"{kind}_dir")
+    reference = transformers.AutoModelForPreTraining.from_pretrained(folder)
+    cfg, params = hf.load(folder)
+    rng = np.random.default_rng(2)
+    prompts = rng.integers(3, VOCAB, (3, 12))
+    with torch.no_grad():
+        out = reference.generate(torch.tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                                 max_new_tokens=16, do_sample=False, num_beams=1, repetition_penalty=1.8)
+    theirs = out[:, 12:].numpy() if kind == "gpt2" else out[:, 1:].numpy()
+    model = build_model(cfg)
+    ours = np.asarray(generate(model, params, prompts.tolist(), max_new_tokens=16, repetition_penalty=1.8).tokens)
+    np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)
+    plain = np.asarray(generate(model, params, prompts.tolist(), max_new_tokens=16).tokens)
+    assert (plain != ours).any()  # the penalty changed the text
+
+
 # One parity case (interop/parity.py) per HF model_type added with the block's family
 # options, with prompts of 3-14 tokens and 16 new tokens: longer than the windows (4).
 FAMILY_CASES = ["llama 3 (llama3 RoPE, head_dim 24)", "qwen2 (qkv bias, window 4 on layer 1)", "qwen3 (q/k norms)",

@@ -113,6 +113,11 @@ def test_sampling_is_seeded_and_stays_in_the_top_k(decoder):
     greedy = run(model, params, ignore_eos=True)
     nucleus = run(model, params, seed=3, **{**kw, "top_p": 1e-6})  # only the top token left
     np.testing.assert_array_equal(nucleus.tokens, greedy.tokens)
+    # The repetition penalty acts before the filters: the one token left is greedy's under it.
+    penalised = run(model, params, ignore_eos=True, repetition_penalty=1.5)
+    assert (penalised.tokens != greedy.tokens).any()
+    nucleus = run(model, params, seed=3, repetition_penalty=1.5, **{**kw, "top_p": 1e-6})
+    np.testing.assert_array_equal(nucleus.tokens, penalised.tokens)
 
 
 @pytest.mark.parametrize("k", [0, 1, 7])

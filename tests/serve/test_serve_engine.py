@@ -3,6 +3,7 @@ request whose logits are not finite fails alone, stop-string bookkeeping."""
 
 import queue
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,11 +25,13 @@ def engine(hf_dir):
     engine.stop()
 
 
-def _run(engine, prompts):
-    """Each prompt's (new token ids, done event), all submitted at once."""
+def _run(engine, prompts, settings=None):
+    """Each prompt's (new token ids, done event), all submitted at once; `settings`, one
+    dict of SamplingParams fields per prompt, adds to greedy decoding."""
     events = queue.SimpleQueue()
     for i, p in enumerate(prompts):
-        engine.submit(p, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=0),
+        extra = settings[i] if settings else {}
+        engine.submit(p, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=0, **extra),
                       lambda e, i=i: events.put((i, e)))
     tokens, done = [[] for _ in prompts], [None] * len(prompts)
     while any(d is None for d in done):
@@ -47,6 +50,42 @@ def test_greedy_tokens_equal_generate_across_prefill_chunks(engine):
     out = generate(engine.model, engine.params, prompts, max_new_tokens=NEW, ignore_eos=True)
     assert tokens == np.asarray(out.tokens).tolist()
     assert [d["completion_tokens"] for d in done] == [NEW, NEW]
+
+
+def _greedy_reference(engine, prompt, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0):
+    """Greedy tokens with the penalties, in NumPy over the model's uncached logits."""
+    V, width = engine.vocab_size, len(prompt) + NEW
+    ids, out = list(prompt), []
+    forward = jax.jit(lambda ids: engine.model.apply(engine.params, ids).logits)
+    for _ in range(NEW):
+        # Right-padded to one width (one compilation): causal, so the padding changes nothing before it.
+        logits = np.asarray(forward(jnp.asarray([ids + [0] * (width - len(ids))]))[0, len(ids) - 1], np.float64)
+        counts = np.bincount(out, minlength=V)
+        seen = (np.bincount(prompt, minlength=V) > 0) | (counts > 0)
+        logits = np.where(seen, np.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty), logits)
+        logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0)
+        out.append(int(np.argmax(logits)))
+        ids.append(out[-1])
+    return out
+
+
+def test_penalties_act_per_slot_on_prompt_and_output(engine):
+    """Two requests in one batch, each with its own penalties, get the tokens a NumPy
+    greedy loop with those penalties gives; the repetition penalty's equal
+    ffl.generate's; a slot used again starts its counts afresh."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(4, 320, 6).tolist(), rng.integers(4, 320, 21).tolist()]  # 21: two chunks
+    settings = [{"repetition_penalty": 1.3, "frequency_penalty": 1.5}, {"presence_penalty": 2.0}]
+    plain, _ = _run(engine, prompts)
+    tokens, _ = _run(engine, prompts, settings)
+    assert tokens == [_greedy_reference(engine, p, **kw) for p, kw in zip(prompts, settings)]
+    assert tokens != plain
+    again, _ = _run(engine, prompts[::-1], settings[::-1])  # each in the other's slot
+    assert again == tokens[::-1]
+    (repeated,), _ = _run(engine, prompts[:1], [{"repetition_penalty": 1.8}])
+    out = generate(engine.model, engine.params, prompts[:1], max_new_tokens=NEW, ignore_eos=True,
+                   repetition_penalty=1.8)
+    assert repeated == np.asarray(out.tokens)[0].tolist()
 
 
 def test_non_finite_logits_fail_only_their_request(engine):
@@ -129,17 +168,21 @@ def test_a_request_that_leaves_sampling_out_gets_the_checkpoints(hf_dir, tmp_pat
     folder = tmp_path / "hf"
     shutil.copytree(hf_dir, folder)
     (folder / "generation_config.json").write_text(json.dumps(
-        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1}))
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1, "min_p": 0.05}))
     parser = argparse.ArgumentParser()
     commands.add_serve_arguments(parser)
     served, _ = commands._load(parser.parse_args(["--hf", str(folder), "--max-batch", "1", "--max-len", "32"]))
-    assert served.sampling == {"temperature": 0.6, "top_p": 0.9}
-    assert ("generation_config.json: temperature 0.6, top_p 0.9 (a request's own values win); "
-            "not applied: repetition_penalty 1.1") in capsys.readouterr().err
+    assert served.sampling == {"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1}
+    assert ("generation_config.json: temperature 0.6, top_p 0.9, repetition_penalty 1.1 (a request's own values "
+            "win); not applied: min_p 0.05") in capsys.readouterr().err
     left_out, _ = app._sampling({}, served.sampling, logprobs=None, echo_logprobs=False)
-    assert (left_out.temperature, left_out.top_p, left_out.top_k) == (0.6, 0.9, 0)
-    given, _ = app._sampling({"temperature": 0, "top_p": 1}, served.sampling, logprobs=None, echo_logprobs=False)
-    assert (given.temperature, given.top_p) == (0.0, 1.0)
+    assert (left_out.temperature, left_out.top_p, left_out.top_k, left_out.repetition_penalty) == (0.6, 0.9, 0, 1.1)
+    given, _ = app._sampling({"temperature": 0, "top_p": 1, "repetition_penalty": 1}, served.sampling,
+                             logprobs=None, echo_logprobs=False)
+    assert (given.temperature, given.top_p, given.repetition_penalty) == (0.0, 1.0, 1.0)
+    openai_penalties, _ = app._sampling({"presence_penalty": 1, "frequency_penalty": 0.5}, served.sampling,
+                                        logprobs=None, echo_logprobs=False)
+    assert (openai_penalties.presence_penalty, openai_penalties.frequency_penalty) == (1.0, 0.5)
     served, _ = commands._load(parser.parse_args(["--hf", str(hf_dir), "--max-batch", "1", "--max-len", "32"]))
     assert served.sampling == {}  # no generation_config.json: OpenAI's defaults
     assert app._sampling({}, served.sampling, logprobs=None, echo_logprobs=False)[0].temperature == 1.0

@@ -132,6 +132,8 @@ def test_chat_completion_and_stream(servers):
     ({"prompt": "", "max_tokens": 4}, 400),
     ({"prompt": "word " * 200, "max_tokens": 4}, 400),  # longer than the 128-token context
     ({"prompt": "hello", "temperature": -1}, 400),
+    ({"prompt": "hello", "presence_penalty": 2.5}, 400),
+    ({"prompt": "hello", "extra_body": {"repetition_penalty": 0}}, 400),
     ({"prompt": "hello", "model": "gpt-4"}, 404),
 ])
 def test_bad_requests_get_openai_errors(servers, kwargs, status):
