@@ -128,7 +128,7 @@ def _from_hf(args: argparse.Namespace) -> dict:
     )
     cfg = validate(Config(name=f"hf-{source.resolve().name}", model=model_cfg, data=data))
     checkpoint.save_params(workdir, cfg, params)
-    copied = hf.copy_source_files(source, kept, with_config=True)
+    copied = hf.keep_source(source, kept)
     return {"workdir": str(workdir), "model_type": hf_config["model_type"], "family": model_cfg.family,
             "parameters": count_params(params), "tokenizer": data.tokenizer, "kept": copied}
 
@@ -160,11 +160,11 @@ def _exported_run(args: argparse.Namespace):
 
 
 def _to_peft(args: argparse.Namespace) -> dict:
-    from flaxformer_lite.interop import peft
+    from flaxformer_lite.interop import hf, peft
 
     out = pathlib.Path(args.to_peft)
     cfg, params, source, model_type = _exported_run(args)
-    base = str(source.resolve()) if source is not None else None
+    base = (hf.base_model(source) or str(source.resolve())) if source is not None else None
     peft.save_adapters(cfg.model, params, out, model_type=model_type, base_model=base)
     written = json.loads((out / peft.CONFIG_FILE).read_text())
     return {"peft_dir": str(out), "r": written["r"], "lora_alpha": written["lora_alpha"],

@@ -53,6 +53,8 @@ SOURCE_DIRS = ("additional_chat_templates",)
 # A run directory keeps its HF source's config.json and SOURCE_FILES here, so exports
 # write the same family and tokenizer back (and its tokenizer loads from here).
 HF_SOURCE_DIR = "hf"
+# In a run's HF_SOURCE_DIR: where the weights it started from live (`base_model`).
+SOURCE_RECORD = "source.json"
 # config.json keys an export writes only where the source had them (BERT has no bos/eos:
 # its ids 1 and 2 are [unused0] and [unused1]).
 TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
@@ -518,6 +520,37 @@ def copy_source_files(source, out, *, with_config: bool = False) -> list[str]:
             shutil.copytree(source / name, out / name, dirs_exist_ok=True, symlinks=False)
             names.append(name + "/")
     return names
+
+
+def keep_source(source, kept) -> list[str]:
+    """A run's copy of its HF source in `kept` (WORKDIR/hf): copy_source_files with
+    config.json, and SOURCE_RECORD naming the weights' folder (carried over when `source`
+    is itself a run's copy), so that an adapter export can point at its base."""
+    names = copy_source_files(source, kept, with_config=True)
+    record = {"base_model": base_model(source) or _model_id(pathlib.Path(source))}
+    (pathlib.Path(kept) / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return names
+
+
+def base_model(folder) -> Optional[str]:
+    """The base model a run's HF_SOURCE_DIR records (`keep_source`), None if none."""
+    path = pathlib.Path(folder) / SOURCE_RECORD
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("base_model")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise HFError(f"{path}: not a JSON object with base_model ({e}); delete it to export without one") from None
+    return value if isinstance(value, str) else None
+
+
+def _model_id(folder: pathlib.Path) -> str:
+    """The Hub id of a folder in the HF cache (.../models--ORG--NAME/snapshots/REV), else
+    the folder's absolute path: what transformers and peft load a base from."""
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name[len("models--"):].replace("--", "/")
+    return str(folder)
 
 
 def _source_ids(hf_config: dict, source, cfg: ModelConfig) -> dict:

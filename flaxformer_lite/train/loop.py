@@ -600,7 +600,8 @@ def _fresh_params(cfg: Config, prog: Programs, names: list[str]) -> dict[str, ja
 
 def _keep_hf_source(init_from, workdir: pathlib.Path, cfg: Config, main: bool) -> Config:
     """Copy the HF source's config.json and tokenizer files into WORKDIR/hf (from an HF folder,
-    or from a run that kept one), so exports write the same family and tokenizer back; a
+    or from a run that kept one), with a record of where its weights are (hf.keep_source),
+    so exports write the same family and tokenizer back and adapters name their base; a
     tokenizer read from the source folder is then read from the copy."""
     from flaxformer_lite.interop import hf
 
@@ -610,7 +611,7 @@ def _keep_hf_source(init_from, workdir: pathlib.Path, cfg: Config, main: bool) -
         return cfg
     kept = workdir / hf.HF_SOURCE_DIR
     if main:
-        hf.copy_source_files(source, kept, with_config=True)
+        hf.keep_source(source, kept)
     if cfg.data.tokenizer != "byte" and pathlib.Path(cfg.data.tokenizer).resolve() == source.resolve():
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(kept)))
     return cfg

@@ -93,6 +93,29 @@ def test_the_command_line_run_trains_adapters_only_and_exports_both_ways(lora_ru
     ours = jax.jit(lambda p, i: ffl.build_model(cfg.model).apply(p, i).logits)(params, ids)
     np.testing.assert_allclose(with_adapter, ours, atol=1e-4)
     np.testing.assert_allclose(merged, ours, atol=1e-4)
+    # The adapter names its base's folder (not the run's copy of its config), so peft loads
+    # base and adapter from the adapter alone.
+    config = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(src.resolve())
+    alone = _torch_logits(peft.AutoPeftModelForCausalLM.from_pretrained(lora_run / "adapter").eval(), ids)
+    np.testing.assert_allclose(alone, with_adapter, atol=1e-6)
+
+
+def test_a_run_records_its_base_through_runs_and_the_hf_cache(tmp_path):
+    """keep_source records where the weights are: an HF cache snapshot by its Hub id, a
+    plain folder by its path, and a run started from a run inherits its record."""
+    snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "0123abc"
+    plain = tmp_path / "plain"
+    for folder in (snapshot, plain):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    hf.keep_source(snapshot, tmp_path / "run1" / "hf")
+    hf.keep_source(tmp_path / "run1" / "hf", tmp_path / "run2" / "hf")  # train --init-from run1
+    hf.keep_source(plain, tmp_path / "run3" / "hf")
+    assert hf.base_model(tmp_path / "run1" / "hf") == hf.base_model(tmp_path / "run2" / "hf") == (
+        "HuggingFaceTB/SmolLM2-135M")
+    assert hf.base_model(tmp_path / "run3" / "hf") == str(plain.resolve())
+    assert hf.base_model(plain) is None
 
 
 def test_a_peft_option_model_lora_cannot_express_is_refused_by_name(tmp_path):
