@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from flaxformer_lite.serve import tools as tool_calls
 from flaxformer_lite.serve.engine import EngineError, SamplingParams
 
 RETRY_AFTER_S = 1
@@ -68,6 +69,7 @@ class Served:
     chat_template: Any = None  # data.chat.ChatTemplate or None
     add_bos: bool = False
     sampling: dict = dataclasses.field(default_factory=dict)  # the checkpoint's defaults (data.sampling_defaults)
+    tool_parser: Optional[str] = None  # serve.tools.PARSERS: how the model writes tool calls
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     compilations: Callable[[], int] = lambda: 0
 
@@ -365,7 +367,40 @@ async def completions(request: Request) -> Response:
 # ------------------------------------------------------------------------ chat
 
 
-def _chat_prompt(served: Served, body: dict) -> list[int]:
+def _tools(served: Served, body: dict) -> tuple[Optional[list], bool]:
+    """(the request's `tools` for the template, whether to parse tool calls from the reply)."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
+        return None, False
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        raise ApiError(400, "'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\", "
+                       "\"description\", \"parameters\"}}", "tools")
+    if choice == "none":
+        return tools, False
+    if choice not in (None, "auto"):
+        raise ApiError(400, f"tool_choice={choice!r} is not supported: use 'auto' or 'none' (forcing a call needs "
+                       "constrained decoding, which this server lacks)", "tool_choice")
+    if served.tool_parser is None:
+        raise ApiError(400, "this server reads no tool calls from replies: start it with --tool-call-parser "
+                       f"({' or '.join(tool_calls.PARSERS)}, the model's format), or send tool_choice 'none'", "tools")
+    return tools, True
+
+
+def _tool_reply(served: Served, done: dict) -> tuple[Optional[str], list, str]:
+    """(content, OpenAI tool_calls, finish_reason) of a finished reply that may hold calls."""
+    content, calls = tool_calls.parse(served.tool_parser, done["text"])
+    if not calls:
+        return done["text"], [], done["finish_reason"]
+    return content, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": c.name, "arguments": c.arguments}} for c in calls], "tool_calls"
+
+
+def _chat_prompt(served: Served, body: dict, tools: Optional[list] = None) -> list[int]:
     from flaxformer_lite.data.chat import ChatTemplateError
 
     messages = body.get("messages")
@@ -380,9 +415,12 @@ def _chat_prompt(served: Served, body: dict) -> list[int]:
     if served.chat_template is None:
         raise ApiError(400, f"'{served.name}' has no chat template (chat_template.jinja or tokenizer_config.json's "
                        "chat_template): use /v1/completions", "messages")
+    extra = dict(body.get("chat_template_kwargs") or {})
+    if tools is not None:
+        extra["tools"] = tools
     try:
-        text = served.chat_template.render(messages, add_generation_prompt=True,
-                                           **(body.get("chat_template_kwargs") or {}))
+        text = served.chat_template.render(tool_calls.template_messages(messages), add_generation_prompt=True,
+                                           **extra)
     except ChatTemplateError as e:
         raise ApiError(400, str(e), "messages") from None
     if not text:
@@ -396,7 +434,8 @@ async def chat_completions(request: Request) -> Response:
     if served.engine is None:
         raise ApiError(400, f"'{served.name}' is an encoder: it serves /v1/embeddings, not chat", "model")
     _unsupported(body)
-    prompt = _chat_prompt(served, body)
+    tools, parse_calls = _tools(served, body)
+    prompt = _chat_prompt(served, body, tools)
     want_logprobs = _get(body, "logprobs", bool, False)
     top = _get(body, "top_logprobs", int, 0) if want_logprobs else None
     params, n = _sampling(body, served.sampling, logprobs=top, echo_logprobs=False)
@@ -418,12 +457,18 @@ async def chat_completions(request: Request) -> Response:
 
         async def sse():
             chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
-            started, done_events = set(), []
+            started, done_events, held = set(), [], {}
             async for index, event in run.events_until_done():
                 delta = {} if index in started else {"role": "assistant", "content": ""}
                 started.add(index)
                 choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-                if event["type"] == "token":
+                if event["type"] == "token" and parse_calls:
+                    # A tool call is told from text only once the reply is complete: the
+                    # reply is sent whole with its end (below); now only the role, once.
+                    held.setdefault(index, []).extend(event["tokens"])
+                    if not delta:
+                        continue
+                elif event["type"] == "token":
                     delta["content"] = event["text"]
                     choice["logprobs"] = chat_logprobs(event["tokens"])
                 else:
@@ -434,6 +479,13 @@ async def chat_completions(request: Request) -> Response:
                         return
                     done_events.append(event)
                     choice["finish_reason"] = event["finish_reason"]
+                    if parse_calls:
+                        content, calls, choice["finish_reason"] = _tool_reply(served, event)
+                        if content:
+                            delta["content"] = content
+                        if calls:
+                            delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+                        choice["logprobs"] = chat_logprobs(held.pop(index, []))
                 yield _sse({**chunk, "choices": [choice]})
             if include_usage:
                 yield _sse({**chunk, "choices": [], "usage": _usage(done_events, [prompt])})
@@ -445,10 +497,16 @@ async def chat_completions(request: Request) -> Response:
     if collected is None:
         return Response(status_code=499)  # the client has gone
     infos, done = collected
-    choices = [{
-        "index": i, "message": {"role": "assistant", "content": done[i]["text"]},
-        "logprobs": chat_logprobs(infos.get(i, [])), "finish_reason": done[i]["finish_reason"],
-    } for i in sorted(done)]
+    choices = []
+    for i in sorted(done):
+        message = {"role": "assistant", "content": done[i]["text"]}
+        finish_reason = done[i]["finish_reason"]
+        if parse_calls:
+            message["content"], calls, finish_reason = _tool_reply(served, done[i])
+            if calls:
+                message["tool_calls"] = calls
+        choices.append({"index": i, "message": message, "logprobs": chat_logprobs(infos.get(i, [])),
+                        "finish_reason": finish_reason})
     return JSONResponse({
         "id": rid, "object": "chat.completion", "created": created, "model": served.name,
         "choices": choices, "usage": _usage(list(done.values()), [prompt]),

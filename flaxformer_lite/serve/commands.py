@@ -17,6 +17,7 @@ import sys
 import time
 
 from flaxformer_lite.cli import non_negative_float, non_negative_int, positive_int
+from flaxformer_lite.serve.tools import PARSERS as TOOL_CALL_PARSERS
 
 EXIT_BAD_INPUT = 2
 
@@ -46,6 +47,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prepend BOS to text prompts (default: yes for --workdir/--config runs, which train "
                         "on bos+text+eos; no for --hf, whose chat template writes its own)")
     parser.add_argument("--seed", type=int, default=0, help="--config: the random initialisation's seed")
+    parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
+                        help="how the model writes tool calls, to return a chat request's calls as tool_calls: "
+                        "hermes (Qwen 2.5 and 3, Hermes), llama3_json (Llama 3.1 to 3.3); docs/serving.md")
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level (info logs every request)")
 
 
@@ -85,7 +89,7 @@ def _load(args):
     max_len = args.max_len or min(model_cfg.max_len, 2048)
     served = Served(name=args.name or name, tokenizer=tokenizer, max_len=max_len, chat_template=template,
                     add_bos=(not args.hf) if args.bos is None else args.bos,
-                    sampling=sampling.applied if sampling is not None else {})
+                    sampling=sampling.applied if sampling is not None else {}, tool_parser=args.tool_call_parser)
     if model_cfg.family == "encoder":
         from flaxformer_lite.serve.embeddings import Embedder
 

@@ -1,0 +1,151 @@
+"""Tool calls in chat completions: the parsers on model text, and the app in-process over
+an engine that replies with a scripted text (a random model writes no tool calls), so
+the request's tools reaching the template and the reply's calls coming back as
+OpenAI's tool_calls are checked exactly, streamed and not."""
+
+import asyncio
+import json
+import re
+
+import httpx2
+import pytest
+
+from flaxformer_lite import data
+from flaxformer_lite.data.chat import ChatTemplate
+from flaxformer_lite.serve import app, tools
+
+# Qwen 2.5's way with tools, cut down: the tool list in a system turn, calls as
+# <tool_call> blocks whose arguments are rendered as JSON objects, results as user turns.
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools>"
+    "<|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{% for call in message.tool_calls %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", \"arguments\": "
+    "{{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>{{ message.content }}</tool_response>"
+    "<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_parsers_read_calls_and_leave_other_text_as_content():
+    content, calls = tools.parse("hermes", REPLY + '<tool_call>{"name": "f", "arguments": "{\\"x\\": [1, 2]}"}</tool_call>')
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("f", {"x": [1, 2]})]
+    assert tools.parse("hermes", "<tool_call>{not json}</tool_call>") == ("<tool_call>{not json}</tool_call>", [])
+    assert tools.parse("hermes", "No tools needed.") == ("No tools needed.", [])
+    content, calls = tools.parse(
+        "llama3_json", '<|python_tag|>{"name": "f", "parameters": {"s": "a;b"}}; {"name": "g", "parameters": {}}')
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"s": "a;b"}), ("g", {})]
+    assert tools.parse("llama3_json", '{"answer": 42}') == ('{"answer": 42}', [])  # no name: not a call
+    assert tools.parse("llama3_json", "It is {warm}.") == ("It is {warm}.", [])
+    with pytest.raises(ValueError, match="unknown tool-call parser 'xml'"):
+        tools.parse("xml", "")
+
+
+class _Scripted:
+    """The engine's interface, replying to every sequence with `text` as one token event."""
+
+    draining = False
+
+    def __init__(self, text):
+        self.text, self.prompts = text, []
+
+    def check(self, prompt, params):
+        pass
+
+    def submit(self, prompt, params, sink):
+        self.prompts.append(prompt)
+        sink({"type": "token", "text": self.text, "tokens": []})
+        sink({"type": "done", "finish_reason": "stop", "text": self.text, "error": None, "prompt_logprobs": None,
+              "prompt_tokens": len(prompt), "completion_tokens": 7})
+        return self
+
+    def cancel(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    data.train_tokenizer(data.builtin_documents()[:20], kind="bpe", vocab_size=300, out_path=folder, num_sentinels=0)
+    return data.load_tokenizer(folder)
+
+
+def _post(served, body):
+    """(status, JSON body or the list of server-sent events) of one chat request, in-process."""
+    async def go():
+        transport = httpx2.ASGITransport(app=app.build_app(served))
+        async with httpx2.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/chat/completions", json=body)
+
+    response = asyncio.run(go())
+    if body.get("stream") and response.status_code == 200:
+        lines = [line[len("data: "):] for line in response.text.split("\n") if line.startswith("data: ")]
+        return 200, [json.loads(line) for line in lines if line != "[DONE]"]
+    return response.status_code, response.json()
+
+
+def _served(tokenizer, text, parser="hermes"):
+    return app.Served(name="m", tokenizer=tokenizer, max_len=512, engine=_Scripted(text),
+                      chat_template=ChatTemplate(source=HERMES_TEMPLATE, special_tokens={}), tool_parser=parser)
+
+
+CONVERSATION = [
+    {"role": "user", "content": "Weather in Lyon?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    {"role": "user", "content": "And Paris?"},
+]
+
+
+def test_tools_reach_the_template_and_calls_come_back_as_tool_calls(tokenizer):
+    served = _served(tokenizer, REPLY)
+    status, body = _post(served, {"messages": CONVERSATION, "tools": [WEATHER]})
+    assert status == 200, body
+    prompt = tokenizer.decode(served.engine.prompts[0])
+    assert json.dumps(WEATHER) in prompt  # the tool list, as the template writes it
+    assert '"arguments": {"city": "Lyon"}' in prompt  # OpenAI's string arguments, as an object
+    assert "<tool_response>sunny</tool_response>" in prompt
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Let me check."
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+    status, events = _post(served, {"messages": CONVERSATION, "tools": [WEATHER], "stream": True})
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert "".join(d.get("content", "") for d in deltas) == "Let me check."
+    (streamed,) = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert streamed["index"] == 0 and streamed["function"] == call["function"]
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+    # A reply without a call is plain content; tool_choice 'none' renders the tools, parses nothing.
+    status, body = _post(_served(tokenizer, "It is sunny."), {"messages": CONVERSATION, "tools": [WEATHER]})
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "It is sunny."}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    status, body = _post(served, {"messages": CONVERSATION, "tools": [WEATHER], "tool_choice": "none"})
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": REPLY}
+
+
+@pytest.mark.parametrize("request_body, parser, message", [
+    ({"tools": [WEATHER]}, None, "start it with --tool-call-parser .hermes or llama3_json"),
+    ({"tools": [WEATHER], "tool_choice": "required"}, "hermes", "tool_choice='required' is not supported"),
+    ({"tools": [{"type": "function"}]}, "hermes", "'tools' must be a list of"),
+    ({"tool_choice": "auto", "tools": None, "parallel_tool_calls": True}, "hermes", None),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "hermes", "'tool_choice' needs 'tools'"),
+])
+def test_tool_requests_the_server_cannot_honour_are_400s(tokenizer, request_body, parser, message):
+    status, body = _post(_served(tokenizer, "ok", parser), {"messages": CONVERSATION[:1], **request_body})
+    if message is None:
+        assert status == 200 and body["choices"][0]["message"]["content"] == "ok"
+    else:
+        assert status == 400 and body["error"]["param"] in ("tools", "tool_choice")
+        assert re.search(message, body["error"]["message"]), body
