@@ -108,6 +108,15 @@ def _unsupported(body: dict) -> None:
         value = body.get(key)
         if value is not None and value != neutral:
             raise ApiError(400, f"'{key}' is not supported by this server; leave it out (or at {neutral!r})", key)
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise ApiError(400, f"response_format={json.dumps(response_format)[:80]} needs constrained decoding, which "
+                       "this server lacks: leave it out (or {\"type\": \"text\"}), ask for JSON in the prompt and "
+                       "parse the reply", "response_format")
+    for legacy in ("functions", "function_call"):
+        if body.get(legacy) is not None:
+            raise ApiError(400, f"'{legacy}' is OpenAI's deprecated form of tools: send 'tools' (and 'tool_choice')",
+                           legacy)
 
 
 def _sampling(body: dict, defaults: dict, *, logprobs: Optional[int], echo_logprobs: bool

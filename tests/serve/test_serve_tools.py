@@ -141,11 +141,14 @@ def test_tools_reach_the_template_and_calls_come_back_as_tool_calls(tokenizer):
     ({"tools": [{"type": "function"}]}, "hermes", "'tools' must be a list of"),
     ({"tool_choice": "auto", "tools": None, "parallel_tool_calls": True}, "hermes", None),
     ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "hermes", "'tool_choice' needs 'tools'"),
+    ({"functions": [WEATHER["function"]]}, "hermes", "deprecated form of tools: send 'tools'"),
+    ({"response_format": {"type": "json_object"}}, "hermes", "needs constrained decoding"),
+    ({"response_format": {"type": "text"}}, "hermes", None),
 ])
-def test_tool_requests_the_server_cannot_honour_are_400s(tokenizer, request_body, parser, message):
+def test_requests_the_server_cannot_honour_are_400s(tokenizer, request_body, parser, message):
     status, body = _post(_served(tokenizer, "ok", parser), {"messages": CONVERSATION[:1], **request_body})
     if message is None:
         assert status == 200 and body["choices"][0]["message"]["content"] == "ok"
     else:
-        assert status == 400 and body["error"]["param"] in ("tools", "tool_choice")
+        assert status == 400 and body["error"]["param"] in ("tools", "tool_choice", "functions", "response_format")
         assert re.search(message, body["error"]["message"]), body
