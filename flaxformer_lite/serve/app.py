@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from flaxformer_lite.serve import reasoning
 from flaxformer_lite.serve import tools as tool_calls
 from flaxformer_lite.serve.engine import EngineError, SamplingParams
 
@@ -70,6 +71,7 @@ class Served:
     add_bos: bool = False
     sampling: dict = dataclasses.field(default_factory=dict)  # the checkpoint's defaults (data.sampling_defaults)
     tool_parser: Optional[str] = None  # serve.tools.PARSERS: how the model writes tool calls
+    reasoning_parser: Optional[str] = None  # serve.reasoning.PARSERS: how it marks its thinking
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     compilations: Callable[[], int] = lambda: 0
 
@@ -400,13 +402,51 @@ def _tools(served: Served, body: dict) -> tuple[Optional[list], bool]:
     return tools, True
 
 
-def _tool_reply(served: Served, done: dict) -> tuple[Optional[str], list, str]:
-    """(content, OpenAI tool_calls, finish_reason) of a finished reply that may hold calls."""
-    content, calls = tool_calls.parse(served.tool_parser, done["text"])
-    if not calls:
-        return done["text"], [], done["finish_reason"]
-    return content, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": c.name, "arguments": c.arguments}} for c in calls], "tool_calls"
+class _Reply:
+    """One chat choice's text as the client gets it: the thinking split off into
+    `reasoning_content` (--reasoning-parser) and tool calls read out (--tool-call-parser),
+    the same whether the text comes in deltas or whole."""
+
+    def __init__(self, served: Served, parse_calls: bool):
+        self.splitter = reasoning.Splitter(served.reasoning_parser) if served.reasoning_parser else None
+        self.parser = served.tool_parser if parse_calls else None
+        self.held = ""  # with tool calls to read: the content, until the reply is complete
+
+    def feed(self, text: str) -> dict:
+        """Delta fields to send for this piece of text."""
+        thought, content = self.splitter.feed(text) if self.splitter else ("", text)
+        fields = {"reasoning_content": thought} if thought else {}
+        if self.parser:
+            self.held += content
+        elif content or not self.splitter:
+            fields["content"] = content
+        return fields
+
+    def finish(self, finish_reason: str) -> tuple[dict, str]:
+        """(the last delta fields, the finish reason: 'tool_calls' where the reply made some)."""
+        thought, content = self.splitter.finish() if self.splitter else ("", "")
+        fields = {"reasoning_content": thought} if thought else {}
+        if self.parser:
+            content, calls = tool_calls.parse(self.parser, self.held + content)
+            if calls:
+                fields["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                         "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+                finish_reason = "tool_calls"
+        if content:
+            fields["content"] = content
+        return fields, finish_reason
+
+    def message(self, text: str, finish_reason: str) -> tuple[dict, str]:
+        """A whole reply's (message, finish reason)."""
+        first = self.feed(text)
+        last, finish_reason = self.finish(finish_reason)
+        message = {"role": "assistant", "content": first.get("content", "") + last.get("content", "")}
+        if self.splitter:
+            message["reasoning_content"] = first.get("reasoning_content", "") + last.get("reasoning_content", "") or None
+        if "tool_calls" in last:
+            message["content"] = message["content"] or None
+            message["tool_calls"] = last["tool_calls"]
+        return message, finish_reason
 
 
 def _chat_prompt(served: Served, body: dict, tools: Optional[list] = None) -> list[int]:
@@ -466,19 +506,21 @@ async def chat_completions(request: Request) -> Response:
 
         async def sse():
             chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
-            started, done_events, held = set(), [], {}
+            replies, done_events, held = {}, [], {}
             async for index, event in run.events_until_done():
-                delta = {} if index in started else {"role": "assistant", "content": ""}
-                started.add(index)
+                delta = {} if index in replies else {"role": "assistant", "content": ""}
+                reply = replies.setdefault(index, _Reply(served, parse_calls))
                 choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
                 if event["type"] == "token" and parse_calls:
                     # A tool call is told from text only once the reply is complete: the
-                    # reply is sent whole with its end (below); now only the role, once.
+                    # content is sent whole with its end (below); now the role, once, and
+                    # the reasoning as it comes.
+                    delta.update(reply.feed(event["text"]))
                     held.setdefault(index, []).extend(event["tokens"])
                     if not delta:
                         continue
                 elif event["type"] == "token":
-                    delta["content"] = event["text"]
+                    delta.update(reply.feed(event["text"]))
                     choice["logprobs"] = chat_logprobs(event["tokens"])
                 else:
                     failure = _failure([event])
@@ -487,13 +529,11 @@ async def chat_completions(request: Request) -> Response:
                         run.cancel()
                         return
                     done_events.append(event)
-                    choice["finish_reason"] = event["finish_reason"]
+                    last, choice["finish_reason"] = reply.finish(event["finish_reason"])
+                    if "tool_calls" in last:
+                        last["tool_calls"] = [{"index": k, **call} for k, call in enumerate(last["tool_calls"])]
+                    delta.update(last)
                     if parse_calls:
-                        content, calls, choice["finish_reason"] = _tool_reply(served, event)
-                        if content:
-                            delta["content"] = content
-                        if calls:
-                            delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
                         choice["logprobs"] = chat_logprobs(held.pop(index, []))
                 yield _sse({**chunk, "choices": [choice]})
             if include_usage:
@@ -508,12 +548,7 @@ async def chat_completions(request: Request) -> Response:
     infos, done = collected
     choices = []
     for i in sorted(done):
-        message = {"role": "assistant", "content": done[i]["text"]}
-        finish_reason = done[i]["finish_reason"]
-        if parse_calls:
-            message["content"], calls, finish_reason = _tool_reply(served, done[i])
-            if calls:
-                message["tool_calls"] = calls
+        message, finish_reason = _Reply(served, parse_calls).message(done[i]["text"], done[i]["finish_reason"])
         choices.append({"index": i, "message": message, "logprobs": chat_logprobs(infos.get(i, [])),
                         "finish_reason": finish_reason})
     return JSONResponse({

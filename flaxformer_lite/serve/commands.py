@@ -17,6 +17,7 @@ import sys
 import time
 
 from flaxformer_lite.cli import non_negative_float, non_negative_int, positive_int
+from flaxformer_lite.serve.reasoning import PARSERS as REASONING_PARSERS
 from flaxformer_lite.serve.tools import PARSERS as TOOL_CALL_PARSERS
 
 EXIT_BAD_INPUT = 2
@@ -50,6 +51,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
                         help="how the model writes tool calls, to return a chat request's calls as tool_calls: "
                         "hermes (Qwen 2.5 and 3, Hermes), llama3_json (Llama 3.1 to 3.3); docs/serving.md")
+    parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS,
+                        help="how a thinking model marks its reasoning, to return it as reasoning_content apart from "
+                        "the answer: qwen3 (<think> ... </think> when it thinks), deepseek_r1 (the reply opens "
+                        "inside <think>); docs/serving.md")
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level (info logs every request)")
 
 
@@ -89,7 +94,8 @@ def _load(args):
     max_len = args.max_len or min(model_cfg.max_len, 2048)
     served = Served(name=args.name or name, tokenizer=tokenizer, max_len=max_len, chat_template=template,
                     add_bos=(not args.hf) if args.bos is None else args.bos,
-                    sampling=sampling.applied if sampling is not None else {}, tool_parser=args.tool_call_parser)
+                    sampling=sampling.applied if sampling is not None else {}, tool_parser=args.tool_call_parser,
+                    reasoning_parser=args.reasoning_parser)
     if model_cfg.family == "encoder":
         from flaxformer_lite.serve.embeddings import Embedder
 

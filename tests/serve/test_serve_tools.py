@@ -1,7 +1,8 @@
-"""Tool calls in chat completions: the parsers on model text, and the app in-process over
-an engine that replies with a scripted text (a random model writes no tool calls), so
-the request's tools reaching the template and the reply's calls coming back as
-OpenAI's tool_calls are checked exactly, streamed and not."""
+"""Tool calls and reasoning in chat completions: the parsers on model text, and the app
+in-process over an engine that replies with a scripted text (a random model writes no
+tool calls and no thinking), so the request's tools reaching the template, the reply's
+calls coming back as OpenAI's tool_calls and its thinking as reasoning_content are
+checked exactly, streamed and not."""
 
 import asyncio
 import json
@@ -12,7 +13,7 @@ import pytest
 
 from flaxformer_lite import data
 from flaxformer_lite.data.chat import ChatTemplate
-from flaxformer_lite.serve import app, tools
+from flaxformer_lite.serve import app, reasoning, tools
 
 # Qwen 2.5's way with tools, cut down: the tool list in a system turn, calls as
 # <tool_call> blocks whose arguments are rendered as JSON objects, results as user turns.
@@ -49,19 +50,21 @@ def test_parsers_read_calls_and_leave_other_text_as_content():
 
 
 class _Scripted:
-    """The engine's interface, replying to every sequence with `text` as one token event."""
+    """The engine's interface, replying to every sequence with `text`, in token events of
+    `piece` characters."""
 
     draining = False
 
-    def __init__(self, text):
-        self.text, self.prompts = text, []
+    def __init__(self, text, piece=1000):
+        self.text, self.piece, self.prompts = text, piece, []
 
     def check(self, prompt, params):
         pass
 
     def submit(self, prompt, params, sink):
         self.prompts.append(prompt)
-        sink({"type": "token", "text": self.text, "tokens": []})
+        for start in range(0, len(self.text), self.piece):
+            sink({"type": "token", "text": self.text[start:start + self.piece], "tokens": []})
         sink({"type": "done", "finish_reason": "stop", "text": self.text, "error": None, "prompt_logprobs": None,
               "prompt_tokens": len(prompt), "completion_tokens": 7})
         return self
@@ -91,9 +94,10 @@ def _post(served, body):
     return response.status_code, response.json()
 
 
-def _served(tokenizer, text, parser="hermes"):
-    return app.Served(name="m", tokenizer=tokenizer, max_len=512, engine=_Scripted(text),
-                      chat_template=ChatTemplate(source=HERMES_TEMPLATE, special_tokens={}), tool_parser=parser)
+def _served(tokenizer, text, parser="hermes", thinking=None, piece=1000):
+    return app.Served(name="m", tokenizer=tokenizer, max_len=512, engine=_Scripted(text, piece),
+                      chat_template=ChatTemplate(source=HERMES_TEMPLATE, special_tokens={}), tool_parser=parser,
+                      reasoning_parser=thinking)
 
 
 CONVERSATION = [
@@ -152,3 +156,53 @@ def test_requests_the_server_cannot_honour_are_400s(tokenizer, request_body, par
     else:
         assert status == 400 and body["error"]["param"] in ("tools", "tool_choice", "functions", "response_format")
         assert re.search(message, body["error"]["message"]), body
+
+
+THOUGHT = "<think>\nThe user wants the weather; a tool gives it.\n</think>\n\n"
+
+
+@pytest.mark.parametrize("parser, text, expected", [
+    ("qwen3", THOUGHT + "It is sunny.", ("\nThe user wants the weather; a tool gives it.\n", "It is sunny.")),
+    ("qwen3", "It is sunny.", ("", "It is sunny.")),  # thinking off: no <think> in the reply
+    ("qwen3", "<thi", ("", "<thi")),
+    ("deepseek_r1", "Weather needs a tool.</think>\n\nIt is sunny.", ("Weather needs a tool.", "It is sunny.")),
+    ("deepseek_r1", "<think>x</think>y", ("x", "y")),
+    ("deepseek_r1", "cut off while thinking", ("cut off while thinking", "")),
+])
+def test_reasoning_splits_alike_whole_and_in_any_pieces(parser, text, expected):
+    assert reasoning.split(parser, text) == expected
+    for piece in (1, 2, 3, 7):
+        splitter, parts = reasoning.Splitter(parser), []
+        for start in range(0, len(text), piece):
+            parts.append(splitter.feed(text[start:start + piece]))
+        parts.append(splitter.finish())
+        assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == expected
+
+
+def test_reasoning_comes_back_apart_and_tool_calls_are_read_after_it(tokenizer):
+    served = _served(tokenizer, THOUGHT + "It is sunny.", parser=None, thinking="qwen3", piece=3)
+    status, body = _post(served, {"messages": CONVERSATION[:1]})
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "It is sunny.",
+                                             "reasoning_content": "\nThe user wants the weather; a tool gives it.\n"}
+    status, events = _post(served, {"messages": CONVERSATION[:1], "stream": True})
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == body["choices"][0]["message"]["reasoning_content"]
+    assert "".join(d.get("content", "") for d in deltas) == "It is sunny."
+    # The reasoning streams as it comes: it arrives over several chunks, before the answer.
+    first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert sum("reasoning_content" in d for d in deltas[:first_content]) > 3
+
+    served = _served(tokenizer, THOUGHT + REPLY, thinking="qwen3", piece=3)
+    for stream in (False, True):
+        status, out = _post(served, {"messages": CONVERSATION, "tools": [WEATHER], "stream": stream})
+        if stream:
+            deltas = [e["choices"][0]["delta"] for e in out]
+            thought = "".join(d.get("reasoning_content", "") for d in deltas)
+            (call,) = [c for d in deltas for c in d.get("tool_calls", [])]
+            finish = out[-1]["choices"][0]["finish_reason"]
+        else:
+            thought = out["choices"][0]["message"]["reasoning_content"]
+            (call,) = out["choices"][0]["message"]["tool_calls"]
+            finish = out["choices"][0]["finish_reason"]
+        assert thought == "\nThe user wants the weather; a tool gives it.\n" and finish == "tool_calls"
+        assert call["function"]["name"] == "get_weather"
