@@ -41,6 +41,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("model (one of --workdir, --hf, --config)")
     source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
     source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, tokenizer.json")
+    add_peft_argument(source)
     source.add_argument(
         "--config",
         help="with --workdir: use this config instead of the run's (its model section must match); "
@@ -75,6 +76,19 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print tokens as they are generated (one prompt, greedy/sample); the output is the same")
 
 
+def add_peft_argument(group) -> None:
+    """--peft ADAPTER, for commands that load a model from --hf."""
+    group.add_argument("--peft", metavar="ADAPTER", help="with --hf: a PEFT LoRA adapter folder (adapter_config.json, "
+                       "adapter_model.safetensors) for that base, used unmerged")
+
+
+def check_peft(args) -> None:
+    from flaxformer_lite.config import ConfigError
+
+    if args.peft and not args.hf:
+        raise ConfigError("--peft ADAPTER goes with --hf BASE_DIR, the model the adapter was trained on")
+
+
 def _load_for_cli(args):
     """(ModelConfig, params, tokenizer, tokenizer folder or None) for the chosen source."""
     from flaxformer_lite import data
@@ -84,10 +98,16 @@ def _load_for_cli(args):
     chosen = [name for name in ("workdir", "hf") if getattr(args, name)]
     if len(chosen) > 1 or (args.hf and args.config):
         raise ConfigError("generate: pass one model source: --workdir DIR, --hf DIR, or --config FILE")
+    check_peft(args)
     if args.hf:
         from flaxformer_lite.interop import hf
 
         model_cfg, params = hf.load(args.hf)
+        if args.peft:
+            from flaxformer_lite.interop import peft
+
+            model_type = hf.read_config(args.hf).get("model_type")
+            model_cfg, params = peft.load_adapters(model_cfg, params, args.peft, model_type=model_type)
         return model_cfg, params, hf.load_tokenizer(args.hf), pathlib.Path(args.hf)
     if args.workdir:
         from flaxformer_lite import checkpoint

@@ -17,6 +17,7 @@ import sys
 import time
 
 from flaxformer_lite.cli import non_negative_float, non_negative_int, positive_int
+from flaxformer_lite import model_commands
 from flaxformer_lite.serve.reasoning import PARSERS as REASONING_PARSERS
 from flaxformer_lite.serve.tools import PARSERS as TOOL_CALL_PARSERS
 
@@ -29,6 +30,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
     source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, "
                         "tokenizer files, chat template (encoders serve /v1/embeddings)")
+    model_commands.add_peft_argument(source)
     source.add_argument("--config", help="alone: a randomly initialised model of this config, to try the server")
     source.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="with --config: override config keys, e.g. --set model.num_layers=4")
@@ -62,13 +64,13 @@ def _load(args):
     """(Served, engine-or-embedder) for the chosen model source."""
     import jax
 
-    from flaxformer_lite import model_commands
     from flaxformer_lite.config import ConfigError, load_config
     from flaxformer_lite.data.chat import ChatTemplate
     from flaxformer_lite.data.tokenizers import GENERATION_CONFIG_FILE, sampling_defaults
     from flaxformer_lite.models import build_model, init_params
     from flaxformer_lite.serve.app import Served
 
+    model_commands.check_peft(args)
     if args.set and not args.config:
         raise ConfigError("--set overrides --config keys: add --config, or drop --set")
     if args.config and not (args.workdir or args.hf):
@@ -81,7 +83,7 @@ def _load(args):
         folder = model_commands._tokenizer_folder(cfg.data.tokenizer)
     else:
         model_cfg, params, tokenizer, folder = model_commands._load_for_cli(args)
-        name = pathlib.Path(args.hf or args.workdir).resolve().name
+        name = pathlib.Path(args.peft or args.hf or args.workdir).resolve().name
     template = ChatTemplate.from_folder(folder) if folder is not None else None
     sampling = sampling_defaults(folder) if folder is not None else None
     if sampling is not None and (sampling.applied or sampling.unapplied):

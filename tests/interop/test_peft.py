@@ -101,6 +101,26 @@ def test_the_command_line_run_trains_adapters_only_and_exports_both_ways(lora_ru
     np.testing.assert_allclose(alone, with_adapter, atol=1e-6)
 
 
+def test_an_adapter_generates_and_serves_on_its_base_folder(lora_run, capsys):
+    """generate/serve --hf BASE --peft ADAPTER: the replies of the run the adapter came from."""
+    import argparse
+
+    from flaxformer_lite.serve import commands as serve_commands
+
+    chat = ["--chat", "the number 5", "--max-new-tokens", "8", "--ignore-eos"]
+    assert cli.main(["generate", "--workdir", str(lora_run / "run"), *chat]) == 0
+    from_run = capsys.readouterr().out
+    assert cli.main(["generate", "--hf", str(lora_run / "src"), "--peft", str(lora_run / "adapter"), *chat]) == 0
+    assert capsys.readouterr().out == from_run
+    assert cli.main(["generate", "--peft", str(lora_run / "adapter"), "--prompt", "x"]) == 2
+    assert "--peft ADAPTER goes with --hf BASE_DIR" in capsys.readouterr().err
+    parser = argparse.ArgumentParser()
+    serve_commands.add_serve_arguments(parser)
+    served, engine = serve_commands._load(parser.parse_args(
+        ["--hf", str(lora_run / "src"), "--peft", str(lora_run / "adapter"), "--max-batch", "1", "--max-len", "64"]))
+    assert served.name == "adapter" and engine.model.cfg.lora.rank == 4
+
+
 def test_a_run_records_its_base_through_runs_and_the_hf_cache(tmp_path):
     """keep_source records where the weights are: an HF cache snapshot by its Hub id, a
     plain folder by its path, and a run started from a run inherits its record."""
