@@ -410,14 +410,17 @@ class _Reply:
     def __init__(self, served: Served, parse_calls: bool):
         self.splitter = reasoning.Splitter(served.reasoning_parser) if served.reasoning_parser else None
         self.parser = served.tool_parser if parse_calls else None
-        self.held = ""  # with tool calls to read: the content, until the reply is complete
+        self.content, self.sent = "", 0  # with tool calls to read: the content so far, and how much went out
 
     def feed(self, text: str) -> dict:
         """Delta fields to send for this piece of text."""
         thought, content = self.splitter.feed(text) if self.splitter else ("", text)
         fields = {"reasoning_content": thought} if thought else {}
         if self.parser:
-            self.held += content
+            self.content += content
+            ready = tool_calls.streamable(self.parser, self.content)
+            if ready > self.sent:
+                fields["content"], self.sent = self.content[self.sent:ready], ready
         elif content or not self.splitter:
             fields["content"] = content
         return fields
@@ -427,7 +430,8 @@ class _Reply:
         thought, content = self.splitter.finish() if self.splitter else ("", "")
         fields = {"reasoning_content": thought} if thought else {}
         if self.parser:
-            content, calls = tool_calls.parse(self.parser, self.held + content)
+            content, calls = tool_calls.parse(self.parser, self.content + content)
+            content = (content or "")[self.sent:]  # what was streamed is the text before the first call
             if calls:
                 fields["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                                          "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
@@ -444,7 +448,7 @@ class _Reply:
         if self.splitter:
             message["reasoning_content"] = first.get("reasoning_content", "") + last.get("reasoning_content", "") or None
         if "tool_calls" in last:
-            message["content"] = message["content"] or None
+            message["content"] = message["content"] if message["content"].strip() else None
             message["tool_calls"] = last["tool_calls"]
         return message, finish_reason
 
@@ -512,9 +516,8 @@ async def chat_completions(request: Request) -> Response:
                 reply = replies.setdefault(index, _Reply(served, parse_calls))
                 choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
                 if event["type"] == "token" and parse_calls:
-                    # A tool call is told from text only once the reply is complete: the
-                    # content is sent whole with its end (below); now the role, once, and
-                    # the reasoning as it comes.
+                    # What may be a tool call waits for the reply's end (below); the role,
+                    # the reasoning and the content before it go out as they come.
                     delta.update(reply.feed(event["text"]))
                     held.setdefault(index, []).extend(event["tokens"])
                     if not delta:

@@ -48,6 +48,7 @@ import numpy as np
 
 from flaxformer_lite import decode
 from flaxformer_lite.models import build_model
+from flaxformer_lite.serve.text import held_back
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit for completions)
 Sink = Callable[[dict], None]
@@ -145,17 +146,6 @@ def _stop_cut(text: str, stops: Sequence[str], start: int) -> int:
         if i >= 0 and (cut < 0 or i < cut):
             cut = i
     return cut
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters could start a stop string (not yet safe to send)."""
-    held = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), held, -1):
-            if s.startswith(text[-n:]):
-                held = n
-                break
-    return held
 
 
 # ------------------------------------------------------------------------ the programs
@@ -537,7 +527,7 @@ class Engine:
             return
         # A trailing U+FFFD is a character split between tokens; text that may start a
         # stop string waits until the next tokens decide it.
-        ready = len(text) - (_held_back(text, p.stop) if p.stop else 0)
+        ready = len(text) - (held_back(text, p.stop) if p.stop else 0)
         if text.endswith("\ufffd"):
             ready = min(ready, len(text.rstrip("\ufffd")))
         if ready > seq.sent or p.logprobs is not None:

@@ -18,16 +18,10 @@ Text that might be the start of a tag is held back until the next delta decides 
 
 from __future__ import annotations
 
+from flaxformer_lite.serve.text import held_back
+
 PARSERS = ("qwen3", "deepseek_r1")
 OPEN, CLOSE = "<think>", "</think>"
-
-
-def _partial_tail(text: str, tag: str) -> int:
-    """How many trailing characters of `text` could begin `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class Splitter:
@@ -56,7 +50,7 @@ class Splitter:
         if self.state == "reasoning":
             end = self.pending.find(CLOSE)
             if end < 0:
-                cut = len(self.pending) - _partial_tail(self.pending, CLOSE)
+                cut = len(self.pending) - held_back(self.pending, [CLOSE])
                 reasoning, self.pending = self.pending[:cut], self.pending[cut:]
                 return reasoning, ""
             reasoning, self.pending = self.pending[:end], self.pending[end + len(CLOSE):]

@@ -12,6 +12,8 @@ Models write tool calls as text, each family its own way, and the server is told
     `name` and `parameters` (Llama 3.1 to 3.3's JSON tool calling; a leading
     `<|python_tag|>` is allowed).
 A reply whose would-be call is not valid JSON with a name is kept as plain content.
+Streamed, the content before a call goes out as it comes (`streamable`): only text that
+may be a call waits for the reply's end.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ import json
 import re
 from typing import Any, Optional
 
+from flaxformer_lite.serve.text import held_back
+
 PARSERS = ("hermes", "llama3_json")
+HERMES_OPEN = "<tool_call>"
+PYTHON_TAG = "<|python_tag|>"
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -69,9 +75,21 @@ def _objects(text: str) -> Optional[list]:
         values.append(value)
 
 
+def streamable(parser: str, text: str) -> int:
+    """How many leading characters of a reply's text so far are content for certain, to be
+    streamed before the reply ends: all but what is or may become a tool call."""
+    if parser == "hermes":
+        start = text.find(HERMES_OPEN)
+        return start if start >= 0 else len(text) - held_back(text, [HERMES_OPEN])
+    head = text.lstrip()
+    if not head or head.startswith("{") or head.startswith(PYTHON_TAG) or PYTHON_TAG.startswith(head):
+        return 0  # a llama3_json call is the whole reply: it may be one
+    return len(text)
+
+
 def parse(parser: str, text: str) -> tuple[Optional[str], list[ToolCall]]:
-    """(content, tool calls) of a reply's text under `parser` (see PARSERS); content is None
-    when the reply holds only calls."""
+    """(content, tool calls) of a reply's text under `parser` (see PARSERS): the content is
+    the text without its calls, as written (None when only whitespace is left)."""
     calls: list = []
     content = text
     if parser == "hermes":
@@ -79,14 +97,14 @@ def parse(parser: str, text: str) -> tuple[Optional[str], list[ToolCall]]:
             calls.append(_call(_decoded(match.group(1)), ("arguments", "parameters")))
         content = _HERMES_CALL.sub("", text)
     elif parser == "llama3_json":
-        body = text.strip().removeprefix("<|python_tag|>").strip()
+        body = text.strip().removeprefix(PYTHON_TAG).strip()
         values = _objects(body) if body.startswith("{") else None
         calls, content = [_call(v, ("parameters", "arguments")) for v in values or []], ""
     else:
         raise ValueError(f"unknown tool-call parser {parser!r}: use one of {', '.join(PARSERS)}")
     if not calls or not all(calls):
         return text, []
-    return (content.strip() or None), calls
+    return (content if content.strip() else None), calls
 
 
 def template_messages(messages: list) -> list:

@@ -11,7 +11,8 @@ import pytest
 from flaxformer_lite.decode import generate
 from flaxformer_lite.interop import hf
 from flaxformer_lite.models import build_model
-from flaxformer_lite.serve.engine import Engine, SamplingParams, _held_back, _stop_cut
+from flaxformer_lite.serve.engine import Engine, SamplingParams, _stop_cut
+from flaxformer_lite.serve.text import held_back
 
 NEW = 12
 
@@ -128,8 +129,8 @@ def test_a_long_prompt_is_prefilled_between_the_running_streams_steps(engine):
 def test_stop_strings_and_held_back_text():
     assert _stop_cut("hello world", ["lo w", "xyz"], 0) == 3
     assert _stop_cut("hello world", ["hello"], 6) == -1  # ended before the new text
-    assert _held_back("the end", ["ending", "d."]) == 3  # "end" may start "ending"
-    assert _held_back("the end", ["xyz"]) == 0
+    assert held_back("the end", ["ending", "d."]) == 3  # "end" may start "ending"
+    assert held_back("the end", ["xyz"]) == 0
 
 
 def test_sources_set_name_bos_and_chat_template(tmp_path, hf_dir):

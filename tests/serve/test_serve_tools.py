@@ -34,9 +34,21 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
+@pytest.mark.parametrize("parser, text, ready", [
+    ("hermes", "Let me check.\n<tool_", len("Let me check.\n")),  # may be a call's start
+    ("hermes", "Let me check.\n<tool_call>{\"na", len("Let me check.\n")),
+    ("hermes", "a < b", len("a < b")),
+    ("llama3_json", "  {\"name\"", 0),
+    ("llama3_json", "<|python", 0),
+    ("llama3_json", "It is warm.", len("It is warm.")),
+])
+def test_only_what_may_be_a_call_waits_when_streamed(parser, text, ready):
+    assert tools.streamable(parser, text) == ready
+
+
 def test_parsers_read_calls_and_leave_other_text_as_content():
     content, calls = tools.parse("hermes", REPLY + '<tool_call>{"name": "f", "arguments": "{\\"x\\": [1, 2]}"}</tool_call>')
-    assert content == "Let me check."
+    assert content == "Let me check.\n"  # the text around the calls, as written
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("f", {"x": [1, 2]})]
     assert tools.parse("hermes", "<tool_call>{not json}</tool_call>") == ("<tool_call>{not json}</tool_call>", [])
     assert tools.parse("hermes", "No tools needed.") == ("No tools needed.", [])
@@ -110,7 +122,7 @@ CONVERSATION = [
 
 
 def test_tools_reach_the_template_and_calls_come_back_as_tool_calls(tokenizer):
-    served = _served(tokenizer, REPLY)
+    served = _served(tokenizer, REPLY, piece=2)
     status, body = _post(served, {"messages": CONVERSATION, "tools": [WEATHER]})
     assert status == 200, body
     prompt = tokenizer.decode(served.engine.prompts[0])
@@ -118,15 +130,18 @@ def test_tools_reach_the_template_and_calls_come_back_as_tool_calls(tokenizer):
     assert '"arguments": {"city": "Lyon"}' in prompt  # OpenAI's string arguments, as an object
     assert "<tool_response>sunny</tool_response>" in prompt
     choice = body["choices"][0]
-    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Let me check."
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Let me check.\n"
     (call,) = choice["message"]["tool_calls"]
     assert call["type"] == "function" and call["id"].startswith("call_")
     assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
 
     status, events = _post(served, {"messages": CONVERSATION, "tools": [WEATHER], "stream": True})
     deltas = [e["choices"][0]["delta"] for e in events]
-    assert deltas[0] == {"role": "assistant", "content": ""}
-    assert "".join(d.get("content", "") for d in deltas) == "Let me check."
+    assert deltas[0]["role"] == "assistant"
+    assert "".join(d.get("content", "") for d in deltas) == "Let me check.\n"
+    # The content before the call streamed as it came (2 characters a token); the call
+    # waited for the end.
+    assert sum(bool(d.get("content")) for d in deltas[:-1]) >= 6 and "tool_calls" not in deltas[-2]
     (streamed,) = [c for d in deltas for c in d.get("tool_calls", [])]
     assert streamed["index"] == 0 and streamed["function"] == call["function"]
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
