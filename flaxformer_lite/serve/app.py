@@ -39,7 +39,7 @@ RETRY_AFTER_S = 1
 DISCONNECT_CHECK_S = 1.0  # how often a request looks for its client having gone
 # Sampling knobs OpenAI defines that this server does not implement: any value but the
 # neutral one is refused by name rather than ignored.
-_NEUTRAL = {"best_of": 1, "logit_bias": {}, "suffix": ""}
+_NEUTRAL = {"best_of": 1, "suffix": ""}
 
 
 class ApiError(Exception):
@@ -121,6 +121,17 @@ def _unsupported(body: dict) -> None:
                            legacy)
 
 
+def _logit_bias(body: dict) -> tuple:
+    """OpenAI's {"token id": bias} as (id, bias) pairs; the engine checks their ranges."""
+    pairs = []
+    for key, value in _get(body, "logit_bias", dict, {}).items():
+        if not str(key).isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ApiError(400, f"'logit_bias' maps token ids (as strings) to numbers, e.g. {{\"50256\": -100}}; got "
+                           f"{key!r}: {value!r}", "logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
+
+
 def _sampling(body: dict, defaults: dict, *, logprobs: Optional[int], echo_logprobs: bool
               ) -> tuple[SamplingParams, int]:
     """(SamplingParams, n) from the request body; temperature, top_p, top_k and
@@ -142,6 +153,7 @@ def _sampling(body: dict, defaults: dict, *, logprobs: Optional[int], echo_logpr
         repetition_penalty=_get(body, "repetition_penalty", float, defaults.get("repetition_penalty", 1.0)),
         presence_penalty=_get(body, "presence_penalty", float, 0.0),
         frequency_penalty=_get(body, "frequency_penalty", float, 0.0),
+        logit_bias=_logit_bias(body),
         seed=secrets.randbits(32) if seed is None else seed,
         stop=tuple(stop),
         stop_token_ids=tuple(_get(body, "stop_token_ids", list, [])),

@@ -51,6 +51,7 @@ from flaxformer_lite.models import build_model
 from flaxformer_lite.serve.text import held_back
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit for completions)
+MAX_LOGIT_BIAS = 300  # entries of a request's logit_bias (OpenAI's limit); a fixed shape for prefill
 Sink = Callable[[dict], None]
 
 
@@ -79,7 +80,8 @@ class SamplingParams:
     `ignore_eos`). `logprobs` (0 to 5 alternatives, None: off) returns each new token's
     log-probability under the model; `echo_logprobs` also the prompt's.
 
-    Penalties act on the logits before the choice, as vLLM's: `repetition_penalty`
+    `logit_bias` ((token id, bias in [-100, 100]) pairs, OpenAI's) is added to the
+    logits before the choice; then the penalties act, as vLLM's: `repetition_penalty`
     (`decode.repetition_penalty`; 1 is off) on every token of the prompt and the output,
     and OpenAI's `presence_penalty` and `frequency_penalty` (in [-2, 2]; 0 is off)
     subtracted once per token present in the output and once per occurrence there.
@@ -92,6 +94,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int = 0
     choice: int = 0
     stop: tuple[str, ...] = ()
@@ -203,50 +206,56 @@ def _apply_one(model, params, cache, ids_T, valid_T, positions_T):
     return out.logits[0].astype(jnp.float32), mutated["cache"]
 
 
-def _penalize(logits_BV, seen, repetition_B, presence_B, frequency_B):
-    """The logits each slot chooses from: its penalties applied (see SamplingParams)."""
-    prompt_BV, output_BV = seen
+def _penalize(logits_BV, tables, biased_B, repetition_B, presence_B, frequency_B):
+    """The logits each slot chooses from: its logit bias and penalties applied (see
+    SamplingParams); `tables` are the slots' prompt tokens, output counts and biases [B,V]."""
+    prompt_BV, output_BV, bias_BV = tables
 
     def penalized():
-        out_BV = decode.repetition_penalty(logits_BV, prompt_BV | (output_BV > 0), repetition_B)
+        out_BV = logits_BV + bias_BV
+        out_BV = decode.repetition_penalty(out_BV, prompt_BV | (output_BV > 0), repetition_B)
         return out_BV - frequency_B[:, None] * output_BV - presence_B[:, None] * (output_BV > 0)
 
-    used = jnp.any((repetition_B != 1) | (presence_B != 0) | (frequency_B != 0))
+    used = jnp.any(biased_B | (repetition_B != 1) | (presence_B != 0) | (frequency_B != 0))
     return jax.lax.cond(used, penalized, lambda: logits_BV)
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV", "seen"))
-def _prefill(model, params, pool, logits_BV, seen, slot, start, ids_C, targets_C, n_valid):
-    """One prompt chunk into slot `slot` at cache position `start`; `seen` (the prompt's
-    tokens [B,V] bool, the output's counts [B,V]) starts afresh with a prompt's first chunk."""
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV", "tables"))
+def _prefill(model, params, pool, logits_BV, tables, slot, start, ids_C, targets_C, n_valid, bias_ids_K, bias_K):
+    """One prompt chunk into slot `slot` at cache position `start`. The slot's `tables`
+    (its prompt's tokens [B,V] bool, its output's counts [B,V], its logit bias [B,V], set
+    from `bias_ids_K`, `bias_K`; ids past the vocabulary pad) start afresh with a prompt's
+    first chunk."""
     C = ids_C.shape[0]
     cache = _with_length(jax.tree.map(lambda x: x[slot], pool), start)
     valid_C = jnp.arange(C) < n_valid
     logits_CV, cache = _apply_one(model, params, cache, ids_C, valid_C, start + jnp.arange(C, dtype=jnp.int32))
     pool = jax.tree.map(lambda p, x: p.at[slot].set(x), pool, cache)
     logits_BV = logits_BV.at[slot].set(logits_CV[n_valid - 1])
-    prompt_BV, output_BV = seen
+    prompt_BV, output_BV, bias_BV = tables
     fresh = start == 0
-    chunk_V = jnp.zeros(prompt_BV.shape[1], bool).at[jnp.where(valid_C, ids_C, prompt_BV.shape[1])].set(
-        True, mode="drop")
+    V = prompt_BV.shape[1]
+    chunk_V = jnp.zeros(V, bool).at[jnp.where(valid_C, ids_C, V)].set(True, mode="drop")
     prompt_BV = prompt_BV.at[slot].set(chunk_V | (prompt_BV[slot] & ~fresh))
     output_BV = output_BV.at[slot].set(jnp.where(fresh, 0, output_BV[slot]))
-    return pool, logits_BV, (prompt_BV, output_BV), _logprob_summary(logits_CV, targets_C)
+    bias_V = jnp.zeros(V, bias_BV.dtype).at[bias_ids_K].set(bias_K, mode="drop")
+    bias_BV = bias_BV.at[slot].set(jnp.where(fresh, bias_V, bias_BV[slot]))
+    return pool, logits_BV, (prompt_BV, output_BV, bias_BV), _logprob_summary(logits_CV, targets_C)
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV", "seen"))
-def _step(model, params, pool, logits_BV, seen, decoding_B, length_B, temperature_B, top_k_B, top_p_B,
-          repetition_B, presence_B, frequency_B, seed_B, choice_B, step_B):
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV", "tables"))
+def _step(model, params, pool, logits_BV, tables, decoding_B, length_B, temperature_B, top_k_B, top_p_B,
+          biased_B, repetition_B, presence_B, frequency_B, seed_B, choice_B, step_B):
     """Pick every slot's next token from its penalised logits, then run the model on it.
 
-    Returns (pool, next logits, seen, tokens [B], (log p [B], top ids [B,5], top log p
+    Returns (pool, next logits, tables, tokens [B], (log p [B], top ids [B,5], top log p
     [B,5], finite [B]), log-probs under the model's own logits). Slots not in use compute
     too (fixed shapes); the host ignores them, and only `decoding_B` slots count their token.
     """
-    chosen_BV = _penalize(logits_BV, seen, repetition_B, presence_B, frequency_B)
+    chosen_BV = _penalize(logits_BV, tables, biased_B, repetition_B, presence_B, frequency_B)
     token_B = _pick(chosen_BV, temperature_B, top_k_B, top_p_B, seed_B, choice_B, step_B)
     summary = _logprob_summary(logits_BV, token_B)
-    prompt_BV, output_BV = seen
+    prompt_BV, output_BV, bias_BV = tables
     output_BV = output_BV.at[jnp.arange(token_B.shape[0]), token_B].add(decoding_B.astype(output_BV.dtype))
 
     def one(cache, token, length):
@@ -257,7 +266,7 @@ def _step(model, params, pool, logits_BV, seen, decoding_B, length_B, temperatur
         return logits_TV[0], cache
 
     logits_BV, pool = jax.vmap(one)(pool, token_B, length_B)
-    return pool, logits_BV, (prompt_BV, output_BV), token_B, summary
+    return pool, logits_BV, (prompt_BV, output_BV, bias_BV), token_B, summary
 
 
 # ------------------------------------------------------------------------ the engine
@@ -299,8 +308,9 @@ class Engine:
         one, _ = decode._empty_cache(shape_model, 1, self.slots, 0)
         self._pool = jax.tree.map(lambda x: jnp.zeros((max_batch, *x.shape), x.dtype), one)
         self._logits = jnp.zeros((max_batch, cfg.vocab_size), jnp.float32)
-        # Each slot's prompt tokens and output token counts, for the penalties.
-        self._seen = (jnp.zeros((max_batch, cfg.vocab_size), bool), jnp.zeros((max_batch, cfg.vocab_size), jnp.int32))
+        # Each slot's prompt tokens, output token counts and logit bias, for the penalties.
+        shape = (max_batch, cfg.vocab_size)
+        self._tables = (jnp.zeros(shape, bool), jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32))
         self._free = list(range(max_batch))
         self._running: dict[int, _Seq] = {}  # slot -> sequence
         self._waiting: collections.deque = collections.deque()
@@ -371,6 +381,12 @@ class Engine:
                 f"repetition_penalty={params.repetition_penalty} must be > 0 (1: off), presence_penalty="
                 f"{params.presence_penalty} and frequency_penalty={params.frequency_penalty} in [-2, 2] (0: off)"
             )
+        if len(params.logit_bias) > MAX_LOGIT_BIAS or not all(
+                0 <= t < self.vocab_size and -100 <= b <= 100 for t, b in params.logit_bias):
+            raise EngineError(
+                f"logit_bias holds at most {MAX_LOGIT_BIAS} token ids in [0, {self.vocab_size}), each with a bias in "
+                "[-100, 100]"
+            )
         if params.logprobs is not None and not 0 <= params.logprobs <= TOP_LOGPROBS:
             raise EngineError(f"logprobs={params.logprobs} must be in [0, {TOP_LOGPROBS}]")
 
@@ -403,7 +419,7 @@ class Engine:
         self._running[seq.slot] = seq
         self._prefill_chunk(seq)
         self._decode_step()
-        jax.block_until_ready((self._pool, self._logits, self._seen))
+        jax.block_until_ready((self._pool, self._logits, self._tables))
         self.stats.clear()
 
     def _iteration(self) -> None:
@@ -435,9 +451,13 @@ class Engine:
         ids_C = np.zeros(C, np.int32)
         targets_C = np.zeros(C, np.int32)
         ids_C[:n], targets_C[:len(targets)] = ids, targets
-        self._pool, self._logits, self._seen, summary = _prefill(
-            self.model, self.params, self._pool, self._logits, self._seen, np.int32(seq.slot), np.int32(start),
-            ids_C, targets_C, np.int32(n),
+        bias_ids_K = np.full(MAX_LOGIT_BIAS, self.vocab_size, np.int32)
+        bias_K = np.zeros(MAX_LOGIT_BIAS, np.float32)
+        for k, (token, bias) in enumerate(seq.params.logit_bias):
+            bias_ids_K[k], bias_K[k] = token, bias
+        self._pool, self._logits, self._tables, summary = _prefill(
+            self.model, self.params, self._pool, self._logits, self._tables, np.int32(seq.slot), np.int32(start),
+            ids_C, targets_C, np.int32(n), bias_ids_K, bias_K,
         )
         self.stats["prefill_chunks"] += 1
         seq.filled += n
@@ -470,7 +490,7 @@ class Engine:
         top_k, seed, choice, step = (np.zeros(B, np.int32) for _ in range(4))
         seed = seed.astype(np.uint32)
         decoding = [s for s in self._running.values() if s.filled == len(s.prompt)]
-        decoding_B = np.zeros(B, bool)
+        decoding_B, biased_B = np.zeros(B, bool), np.zeros(B, bool)
         for s in self._running.values():
             # Every slot runs; one still being prefilled keeps its length, so the token
             # written past it is overwritten by its next chunk.
@@ -480,11 +500,11 @@ class Engine:
             length[s.slot] = len(s.prompt) + len(s.tokens)
             temperature[s.slot], top_p[s.slot], top_k[s.slot] = p.temperature, p.top_p, p.top_k
             repetition[s.slot], presence[s.slot] = p.repetition_penalty, p.presence_penalty
-            frequency[s.slot], decoding_B[s.slot] = p.frequency_penalty, True
+            frequency[s.slot], decoding_B[s.slot], biased_B[s.slot] = p.frequency_penalty, True, bool(p.logit_bias)
             seed[s.slot], choice[s.slot], step[s.slot] = p.seed % 2**32, p.choice, len(s.tokens)
-        self._pool, self._logits, self._seen, token_B, summary = _step(
-            self.model, self.params, self._pool, self._logits, self._seen, decoding_B, length, temperature, top_k,
-            top_p, repetition, presence, frequency, seed, choice, step,
+        self._pool, self._logits, self._tables, token_B, summary = _step(
+            self.model, self.params, self._pool, self._logits, self._tables, decoding_B, length, temperature, top_k,
+            top_p, biased_B, repetition, presence, frequency, seed, choice, step,
         )
         self.stats["steps"] += 1
         token_B, (lp_B, top_ids, top_lp, finite_B) = np.asarray(token_B), (np.asarray(a) for a in summary)

@@ -53,14 +53,17 @@ def test_greedy_tokens_equal_generate_across_prefill_chunks(engine):
     assert [d["completion_tokens"] for d in done] == [NEW, NEW]
 
 
-def _greedy_reference(engine, prompt, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0):
-    """Greedy tokens with the penalties, in NumPy over the model's uncached logits."""
+def _greedy_reference(engine, prompt, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                      logit_bias=()):
+    """Greedy tokens with the logit bias and penalties, in NumPy over the model's uncached logits."""
     V, width = engine.vocab_size, len(prompt) + NEW
     ids, out = list(prompt), []
     forward = jax.jit(lambda ids: engine.model.apply(engine.params, ids).logits)
     for _ in range(NEW):
         # Right-padded to one width (one compilation): causal, so the padding changes nothing before it.
         logits = np.asarray(forward(jnp.asarray([ids + [0] * (width - len(ids))]))[0, len(ids) - 1], np.float64)
+        for token, bias in logit_bias:
+            logits[token] += bias
         counts = np.bincount(out, minlength=V)
         seen = (np.bincount(prompt, minlength=V) > 0) | (counts > 0)
         logits = np.where(seen, np.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty), logits)
@@ -87,6 +90,20 @@ def test_penalties_act_per_slot_on_prompt_and_output(engine):
     out = generate(engine.model, engine.params, prompts[:1], max_new_tokens=NEW, ignore_eos=True,
                    repetition_penalty=1.8)
     assert repeated == np.asarray(out.tokens)[0].tolist()
+
+
+def test_logit_bias_acts_per_slot_and_leaves_with_its_request(engine):
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(4, 320, 9).tolist(), rng.integers(4, 320, 18).tolist()]
+    plain, _ = _run(engine, prompts)
+    forced = int(rng.integers(4, 320))
+    settings = [{"logit_bias": ((forced, 100.0),)},  # this token, every time
+                {"logit_bias": ((plain[1][0], -100.0), (plain[1][1], 5.0)), "repetition_penalty": 1.2}]
+    (always, steered), _ = _run(engine, prompts, settings)
+    assert always == [forced] * NEW
+    assert steered == _greedy_reference(engine, prompts[1], **settings[1]) and steered[0] != plain[1][0]
+    again, _ = _run(engine, prompts)  # the slots' biases went with their requests
+    assert again == plain
 
 
 def test_non_finite_logits_fail_only_their_request(engine):

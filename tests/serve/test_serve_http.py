@@ -134,6 +134,8 @@ def test_chat_completion_and_stream(servers):
     ({"prompt": "hello", "temperature": -1}, 400),
     ({"prompt": "hello", "presence_penalty": 2.5}, 400),
     ({"prompt": "hello", "extra_body": {"repetition_penalty": 0}}, 400),
+    ({"prompt": "hello", "logit_bias": {"5": 101}}, 400),
+    ({"prompt": "hello", "logit_bias": {"five": 1}}, 400),
     ({"prompt": "hello", "model": "gpt-4"}, 404),
 ])
 def test_bad_requests_get_openai_errors(servers, kwargs, status):
