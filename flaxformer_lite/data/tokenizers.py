@@ -157,13 +157,18 @@ _ROLE_NAMES = {"pad": ("pad_token",), "bos": ("bos_token", "cls_token"), "eos": 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 GENERATION_CONFIG_FILE = "generation_config.json"
 MODEL_ID_FILES = (GENERATION_CONFIG_FILE, "config.json")  # where *_token_id live, first says
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 # generation_config.json's sampling settings this library applies, each with its rule.
 SAMPLING_RULES = {
-    "temperature": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, ">= 0"),
-    "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: off)"),
-    "top_p": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "in (0, 1]"),
-    "repetition_penalty": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                           "> 0 (1: off)"),
+    "temperature": (lambda v: _number(v) and v >= 0, ">= 0"),
+    "top_k": (lambda v: _number(v) and isinstance(v, int) and v >= 0, "an integer >= 0 (0: off)"),
+    "top_p": (lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
+    "repetition_penalty": (lambda v: _number(v) and v > 0, "> 0 (1: off)"),
 }
 # Settings it does not apply, with their neutral values: a caller names the others rather
 # than drop them unseen.

@@ -522,19 +522,12 @@ async def chat_completions(request: Request) -> Response:
 
         async def sse():
             chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
-            replies, done_events, held = {}, [], {}
+            replies, done_events = {}, []
             async for index, event in run.events_until_done():
                 delta = {} if index in replies else {"role": "assistant", "content": ""}
                 reply = replies.setdefault(index, _Reply(served, parse_calls))
                 choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-                if event["type"] == "token" and parse_calls:
-                    # What may be a tool call waits for the reply's end (below); the role,
-                    # the reasoning and the content before it go out as they come.
-                    delta.update(reply.feed(event["text"]))
-                    held.setdefault(index, []).extend(event["tokens"])
-                    if not delta:
-                        continue
-                elif event["type"] == "token":
+                if event["type"] == "token":  # what may be a tool call waits for the end (below)
                     delta.update(reply.feed(event["text"]))
                     choice["logprobs"] = chat_logprobs(event["tokens"])
                 else:
@@ -548,8 +541,6 @@ async def chat_completions(request: Request) -> Response:
                     if "tool_calls" in last:
                         last["tool_calls"] = [{"index": k, **call} for k, call in enumerate(last["tool_calls"])]
                     delta.update(last)
-                    if parse_calls:
-                        choice["logprobs"] = chat_logprobs(held.pop(index, []))
                 yield _sse({**chunk, "choices": [choice]})
             if include_usage:
                 yield _sse({**chunk, "choices": [], "usage": _usage(done_events, [prompt])})

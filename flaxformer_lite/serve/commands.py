@@ -16,8 +16,8 @@ import signal
 import sys
 import time
 
-from flaxformer_lite.cli import non_negative_float, non_negative_int, positive_int
 from flaxformer_lite import model_commands
+from flaxformer_lite.cli import non_negative_float, non_negative_int, positive_int
 from flaxformer_lite.serve.reasoning import PARSERS as REASONING_PARSERS
 from flaxformer_lite.serve.tools import PARSERS as TOOL_CALL_PARSERS
 

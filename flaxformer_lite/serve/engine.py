@@ -249,8 +249,9 @@ def _step(model, params, pool, logits_BV, tables, decoding_B, length_B, temperat
     """Pick every slot's next token from its penalised logits, then run the model on it.
 
     Returns (pool, next logits, tables, tokens [B], (log p [B], top ids [B,5], top log p
-    [B,5], finite [B]), log-probs under the model's own logits). Slots not in use compute
-    too (fixed shapes); the host ignores them, and only `decoding_B` slots count their token.
+    [B,5], finite [B])), the log-probs under the model's own logits (before bias and
+    penalties). Slots not in use compute too (fixed shapes); the host ignores them, and
+    only `decoding_B` slots count their token.
     """
     chosen_BV = _penalize(logits_BV, tables, biased_B, repetition_B, presence_B, frequency_B)
     token_B = _pick(chosen_BV, temperature_B, top_k_B, top_p_B, seed_B, choice_B, step_B)
