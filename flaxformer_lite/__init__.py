@@ -19,10 +19,10 @@ _PUBLIC = {
         "ModelOutput", "build_model", "count_params", "init_params",
     )},
     "hf": ("flaxformer_lite.interop.hf", None),
-    "generate": ("flaxformer_lite.decode", "generate"),
+    "generate": ("flaxformer_lite.inference.decode", "generate"),
     "viz": ("flaxformer_lite.viz", None),
-    "embed": ("flaxformer_lite.embeddings", "embed"),
-    "summary": ("flaxformer_lite.model_summary", "summary"),
+    "embed": ("flaxformer_lite.inference.embeddings", "embed"),
+    "summary": ("flaxformer_lite.models.summary", "summary"),
 }
 
 __all__ = sorted(_PUBLIC)

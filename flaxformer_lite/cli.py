@@ -5,12 +5,13 @@ only the chosen command's module is imported, so `--help` stays fast.
 
 Bad input, a flag's value or a file's content, prints one `... error: ...` line naming
 the argument, file or key, and exits with status 2 before anything is written: argparse's
-errors through `Parser`, the library's (ConfigError, DataError, HFError, a missing file)
-through `main`. Flags take the checked types below (`positive_int`, ...).
+errors through `Parser`, the library's (every `errors.UserError`: ConfigError, DataError,
+HFError, ...; a missing file) through `main`, which imports no room of the package to
+know them. Flags take the checked types of runtime/flags.py (`positive_int`, ...).
 
 The commands that compile a model (train, eval, generate, embed, serve) keep XLA's compiled
 programs in a persistent cache, so a resumed or repeated run skips the compile. Those and
-`bench` first tune the host's malloc to keep XLA:CPU's step buffers mapped (host.py).
+`bench` first tune the host's malloc to keep XLA:CPU's step buffers mapped (runtime/host.py).
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ import importlib
 import os
 import sys
 
+from flaxformer_lite.errors import BAD_INPUT, EXIT_BAD_INPUT
+
 COMMANDS = {
     "train": ("flaxformer_lite.train.commands", "train", "train a model from a config"),
     "eval": ("flaxformer_lite.train.commands", "eval", "evaluate a run's checkpoint"),
-    "generate": ("flaxformer_lite.model_commands", "generate", "generate text from a run or an HF folder"),
-    "embed": ("flaxformer_lite.model_commands", "embed", "sentence embeddings from an HF encoder folder"),
-    "summary": ("flaxformer_lite.model_commands", "summary", "parameters, FLOPs and memory of a config"),
+    "generate": ("flaxformer_lite.inference.commands", "generate", "generate text from a run or an HF folder"),
+    "embed": ("flaxformer_lite.inference.commands", "embed", "sentence embeddings from an HF encoder folder"),
+    "summary": ("flaxformer_lite.models.commands", "summary", "parameters, FLOPs and memory of a config"),
     "convert": ("flaxformer_lite.interop.commands", "convert", "convert HF <-> flaxformer_lite"),
-    "viz": ("flaxformer_lite.model_commands", "viz", "plot attention weights or position encodings"),
+    "viz": ("flaxformer_lite.viz.commands", "viz", "plot attention weights or position encodings"),
     "bench": ("flaxformer_lite.bench", "bench", "run benchmarks"),
     "serve": ("flaxformer_lite.serve.commands", "serve", "an OpenAI-compatible HTTP server with continuous batching"),
     "prepare": ("flaxformer_lite.data.commands", "prepare", "tokenize a corpus once into shards of token ids"),
@@ -40,9 +43,9 @@ CACHED_COMMANDS = ("train", "eval", "generate", "embed", "serve")
 # Commands that run compiled programs: the host's malloc is tuned before JAX starts.
 TUNED_MALLOC_COMMANDS = CACHED_COMMANDS + ("bench",)
 COMPILATION_CACHE_ENV = "FLAXFORMER_LITE_COMPILATION_CACHE"
+COMPILATION_CACHE_MAX_BYTES = 2 * 2**30
 DESCRIPTION = ("flaxformer_lite: train, evaluate, decode, convert and inspect Transformers (BERT, GPT-2, "
                "LLaMA-style, T5) in JAX/Flax. Run flaxformer-lite COMMAND --help for a command's flags.")
-EXIT_BAD_INPUT = 2
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,38 +53,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _checked(convert, test, what: str):
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not test(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    parse.__name__ = what  # argparse names the type in its own messages
-    return parse
-
-
-positive_int = _checked(int, lambda v: v > 0, "a positive integer")
-non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _checked(float, lambda v: v > 0, "a positive number")
-non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
-fraction = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
-probability = _checked(float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
-
-
-def _bad_input_errors() -> tuple:
-    """The library's exceptions for bad input (not bugs): shown as one line, exit 2."""
-    from flaxformer_lite.config import ConfigError
-    from flaxformer_lite.data.errors import DataError
-    from flaxformer_lite.interop.layout import HFError
-
-    return ConfigError, DataError, HFError, FileNotFoundError, NotADirectoryError, IsADirectoryError
-COMPILATION_CACHE_MAX_BYTES = 2 * 2**30
 
 
 def use_compilation_cache() -> str | None:
@@ -99,7 +70,7 @@ def use_compilation_cache() -> str | None:
     if os.environ.get(COMPILATION_CACHE_ENV, "1") == "0":
         return None
     if jax.config.jax_compilation_cache_dir is None:
-        from flaxformer_lite.data.preparation import cache_root
+        from flaxformer_lite.runtime.host import cache_root
 
         jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
         if jax.config.jax_compilation_cache_max_size == -1:
@@ -124,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if argv[0] in TUNED_MALLOC_COMMANDS:
-        from flaxformer_lite import host
+        from flaxformer_lite.runtime import host
 
         host.tune_malloc()
     add_arguments, run = _load(argv[0])
@@ -135,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         use_compilation_cache()
     try:
         return run(args) or 0
-    except _bad_input_errors() as e:
+    except BAD_INPUT as e:
         message = " ".join(str(e).split())  # one line, whatever the exception's text
     except SystemExit as e:
         if not isinstance(e.code, str):

@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from flaxformer_lite.errors import UserError
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 Family = Literal["encoder", "decoder", "encoder_decoder"]
@@ -26,7 +28,7 @@ AttentionType = Literal["global", "local"]
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "glu", "reglu", "geglu", "swiglu"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, key or value is wrong; the message names it and the fix."""
 
 
@@ -251,7 +253,7 @@ FINE_TUNE_TRAIN = {
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-    """Mesh shape and the logical-axis -> mesh-axis rules (used only by parallel.py)."""
+    """Mesh shape and the logical-axis -> mesh-axis rules (used only by runtime/parallel.py)."""
 
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1

@@ -23,7 +23,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import flaxformer_lite as ffl  # noqa: E402
-from flaxformer_lite import decode, parallel  # noqa: E402
+from flaxformer_lite.inference import decode
+from flaxformer_lite.runtime import parallel  # noqa: E402
 
 MESHES = ((1, 1, 8, 1), (1, 1, 8, 2), (2, 1, 4, 4), (2, 2, 2, 4))
 COLLECTIVES = r"= \S+ (all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)(?:-start)?\("

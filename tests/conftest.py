@@ -16,7 +16,7 @@ os.environ.setdefault(
     "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
     "--xla_llvm_disable_expensive_passes=true",
 )
-# The CLI tunes glibc's malloc for the process it runs in (flaxformer_lite/host.py); tests
+# The CLI tunes glibc's malloc for the process it runs in (flaxformer_lite/runtime/host.py); tests
 # call it inside pytest's workers, which must keep glibc's defaults. tests/test_host.py
 # and the kill-and-resume test turn it on in their own subprocesses.
 os.environ.setdefault("FLAXFORMER_LITE_TUNE_MALLOC", "0")

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 
 import flaxformer_lite as ffl
-from flaxformer_lite import parallel
 from flaxformer_lite.models import build_model
 from flaxformer_lite.ops import cross_entropy
+from flaxformer_lite.runtime import parallel
 
 OVERRIDES = ["model.num_layers=2", "model.d_model=32", "model.d_ff=64", "model.max_len=16",
              "data.seq_len=16", "parallel.data=2", "parallel.fsdp=2"]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite.bench import one_cpu
+from flaxformer_lite.bench.measure import one_cpu
 from flaxformer_lite.bench.profile import matmul_flops
 from flaxformer_lite.cli import main
 

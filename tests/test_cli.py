@@ -3,8 +3,9 @@
 import subprocess
 import sys
 
-from flaxformer_lite import cli, embeddings, model_commands
-from flaxformer_lite.decode import METHODS
+from flaxformer_lite import cli
+from flaxformer_lite.inference import commands, embeddings
+from flaxformer_lite.inference.decode import METHODS
 
 _HELP_ALL = """
 import sys
@@ -29,5 +30,5 @@ def test_every_command_help_prints_usage_without_importing_jax():
 
 
 def test_spelled_out_choices_equal_the_library_ones():
-    assert model_commands.DECODE_METHODS == METHODS
-    assert model_commands.EMBED_POOLINGS == embeddings.POOLINGS
+    assert commands.DECODE_METHODS == METHODS
+    assert commands.EMBED_POOLINGS == embeddings.POOLINGS

@@ -20,7 +20,7 @@ from tokenizers import models, normalizers, pre_tokenizers, processors
 
 import flaxformer_lite as ffl
 from flaxformer_lite.cli import main
-from flaxformer_lite.embeddings import pool
+from flaxformer_lite.inference.embeddings import pool
 
 TEXTS = ["The cat sat on the mat", "a red dog ran fast", "blue", "the slow cat ran"]
 WORDS = "the a cat dog sat on mat ran fast slow red blue".split()

@@ -4,8 +4,8 @@ import jax
 import pytest
 
 import flaxformer_lite as ffl
-from flaxformer_lite import flops
 from flaxformer_lite.config import ModelConfig
+from flaxformer_lite.models import flops
 
 TINY = dict(vocab_size=10, d_model=8, num_heads=2, d_ff=16, num_layers=2, max_len=16, use_bias=False, position="rope")
 

@@ -1,4 +1,4 @@
-"""flaxformer_lite.host: glibc malloc keeps large freed blocks mapped, so a block freed and
+"""flaxformer_lite.runtime.host: glibc malloc keeps large freed blocks mapped, so a block freed and
 allocated again (XLA:CPU's step buffer) costs no page faults; settings are left alone where
 the user or the platform says so."""
 
@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from flaxformer_lite import host
+from flaxformer_lite.runtime import host
 
 glibc = pytest.mark.skipif(host._glibc() is None, reason="glibc's malloc only (Linux)")
 
@@ -24,7 +24,7 @@ glibc = pytest.mark.skipif(host._glibc() is None, reason="glibc's malloc only (L
 # gives every mapping huge pages.
 CHILD = """
 import ctypes, resource, threading
-from flaxformer_lite import host
+from flaxformer_lite.runtime import host
 tuned = host.tune_malloc()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -94,7 +94,7 @@ def test_not_glibc_changes_nothing(monkeypatch):
 
 WAIT_CHILD = """
 import jax, jax.numpy as jnp
-from flaxformer_lite import host
+from flaxformer_lite.runtime import host
 tuned = host.tune_malloc()
 x = jax.random.normal(jax.random.key(0), (512, 512))
 running = jax.jit(lambda a: jnp.tanh(a @ a) @ a)(x)
@@ -117,7 +117,7 @@ def test_one_program_at_a_time_waits_for_the_program_ahead_on_a_tuned_heap():
 # reuses it rather than taking another that the tuned heap would keep.
 RETURN_CHILD = """
 import ctypes, jax, jax.numpy as jnp
-from flaxformer_lite import host
+from flaxformer_lite.runtime import host
 tuned = host.tune_malloc()
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

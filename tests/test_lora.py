@@ -3,15 +3,14 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
 import flaxformer_lite as ffl
-from flaxformer_lite import parallel
 from flaxformer_lite.config import LoraConfig
 from flaxformer_lite.layers import lora
+from flaxformer_lite.runtime import parallel
 from flaxformer_lite.train import init_train_state, make_optimizer, make_train_step
 from flaxformer_lite.train.loop import programs
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import flaxformer_lite as ffl
-from flaxformer_lite import parallel
 from flaxformer_lite.config import ConfigError, ParallelConfig
 from flaxformer_lite.models import build_model, init_params
+from flaxformer_lite.runtime import parallel
 
 TINY = ["model.num_layers=2", "model.d_model=32", "model.d_ff=64", "model.max_len=16", "data.seq_len=16"]
 

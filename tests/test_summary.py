@@ -6,9 +6,9 @@ import jax
 import pytest
 
 import flaxformer_lite as ffl
-from flaxformer_lite import flops
 from flaxformer_lite.cli import main
-from flaxformer_lite.model_summary import _flops, _size, activation_elements, parameter_rows
+from flaxformer_lite.models import flops
+from flaxformer_lite.models.summary import _flops, _size, activation_elements, parameter_rows
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import flaxformer_lite as ffl
-from flaxformer_lite import checkpoint, ops, viz
+from flaxformer_lite import ops, viz
 from flaxformer_lite.cli import main
+from flaxformer_lite.runtime import checkpoint
 
 TINY = ["model.num_layers=1", "model.d_model=32", "model.d_ff=64", "model.num_heads=4",
         "model.max_len=48", "data.seq_len=48"]

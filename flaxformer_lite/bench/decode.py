@@ -8,8 +8,8 @@ import statistics
 import tempfile
 import time
 
-from flaxformer_lite.bench import interleaved_seconds, median_seconds
-from flaxformer_lite.cli import positive_int
+from flaxformer_lite.bench.measure import interleaved_seconds, median_seconds
+from flaxformer_lite.runtime.flags import positive_int
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +92,7 @@ def run_decode(args: argparse.Namespace) -> dict:
     except ImportError as e:
         raise SystemExit(f"bench decode compares against transformers (PyTorch): pip install -e '.[test]' ({e})")
 
-    from flaxformer_lite.decode import generate
+    from flaxformer_lite.inference.decode import generate
     from flaxformer_lite.interop import hf
     from flaxformer_lite.models import build_model
 

@@ -39,8 +39,8 @@ import time
 
 import numpy as np
 
-from flaxformer_lite import host
-from flaxformer_lite.bench import status_bytes
+from flaxformer_lite.bench.measure import status_bytes
+from flaxformer_lite.runtime import host
 
 READ_BUFFER_BYTES = 16 << 20
 
@@ -198,9 +198,9 @@ def _measure(spec: dict) -> dict:
     tuned = host.tune_malloc() if spec["tune_malloc"] else False
     import jax
 
-    from flaxformer_lite import parallel
     from flaxformer_lite.config import ParallelConfig
     from flaxformer_lite.interop import hf
+    from flaxformer_lite.runtime import parallel
 
     files = [pathlib.Path(f) for f in spec["files"]]
     pcfg = ParallelConfig(data=1, fsdp=-1, tensor=1)

@@ -25,7 +25,8 @@ import sys
 import tempfile
 import time
 
-from flaxformer_lite.cli import positive_int
+from flaxformer_lite.bench.steps import compiled_steps, random_batch, run_config, step_seconds, torch_step, train_parts
+from flaxformer_lite.runtime.flags import positive_int
 
 # A 0.5B-class Llama (Qwen2-0.5B's widths with a 32k vocabulary), as the LoRA goals name it.
 LORA_SHAPE = {"layers": 24, "d_model": 896, "heads": 14, "kv_heads": 2, "d_ff": 4864, "vocab": 32000,
@@ -73,12 +74,11 @@ def _optimizer_state_bytes(model_cfg, shape: dict) -> dict:
     fine-tune of the same model without adapters."""
     import jax
 
-    from flaxformer_lite.bench.train import _run_config
     from flaxformer_lite.models import init_params
     from flaxformer_lite.train.optim import make_optimizer
     from flaxformer_lite.train.step import init_train_state
 
-    optimizer = make_optimizer(_run_config(model_cfg, shape).train)
+    optimizer = make_optimizer(run_config(model_cfg, shape).train)
     out = {}
     full_cfg = dataclasses.replace(model_cfg, lora=dataclasses.replace(model_cfg.lora, rank=0))
     for name, cfg, adapters_only in (("lora", model_cfg, True), ("full", full_cfg, False)):
@@ -95,20 +95,19 @@ def _measure_rss(spec: dict) -> dict:
     """One mode in this fresh process: init, compile, `steps` steps; VmHWM at the end."""
     import jax
 
-    from flaxformer_lite.bench import status_bytes
-    from flaxformer_lite.bench.train import _batch, _run_config
+    from flaxformer_lite.bench.measure import status_bytes
     from flaxformer_lite.models import build_model, init_params
     from flaxformer_lite.train.optim import make_optimizer
     from flaxformer_lite.train.step import init_train_state, make_train_step
 
     shape, lora = spec["shape"], spec["mode"] == "lora"
     model_cfg = _llama_config(shape, spec["rank"] if lora else 0, spec["scan"], spec["remat"], spec["dtype"])
-    cfg = _run_config(model_cfg, shape)
+    cfg = run_config(model_cfg, shape)
     optimizer = make_optimizer(cfg.train)
     baseline = status_bytes("VmRSS")
     state = init_train_state(init_params(model_cfg, jax.random.key(0)), optimizer, 0, adapters_only=lora)
     step = jax.jit(make_train_step(build_model(model_cfg), cfg, optimizer), donate_argnums=0)
-    batch = jax.device_put(_batch(shape, 0))
+    batch = jax.device_put(random_batch(shape, 0))
     start = time.perf_counter()
     for _ in range(spec["steps"]):
         state, metrics = step(state, batch)
@@ -144,7 +143,7 @@ def run_lora(args: argparse.Namespace) -> dict:
     figures only. Prints a report."""
     import jax
 
-    from flaxformer_lite import flops
+    from flaxformer_lite.models import flops
 
     shape, rank = _shape(args), args.lora
     model_cfg = _llama_config(shape, rank, args.scan_layers, args.remat_policy, args.dtype)
@@ -194,11 +193,9 @@ def _step_times(args: argparse.Namespace, shape: dict, rank: int, flops_per_toke
     process, alternating rounds; results' steps, speedup, matmul_peak, load, profile."""
     import jax
 
-    from flaxformer_lite import flops
-    from flaxformer_lite.bench.train import _batch, _step_seconds, _torch_step, _train_parts, compiled_steps
     from flaxformer_lite.interop import hf
     from flaxformer_lite.layers import lora
-    from flaxformer_lite.models import init_params
+    from flaxformer_lite.models import flops, init_params
     from flaxformer_lite.train.step import init_train_state
 
     peft, torch, transformers = _import_theirs()
@@ -226,13 +223,13 @@ def _step_times(args: argparse.Namespace, shape: dict, rank: int, flops_per_toke
     load_start = round(os.getloadavg()[0], 2)
     time_peak = flops.matmul_timer(args.dtype, args.peak_size)
     peak_seconds = [time_peak()]
-    cfg, step, optimizer = _train_parts(model_cfg, shape)
-    batch = jax.device_put(_batch(shape, args.seed))
+    cfg, step, optimizer = train_parts(model_cfg, shape)
+    batch = jax.device_put(random_batch(shape, args.seed))
     state = init_train_state(params, optimizer, args.seed, adapters_only=True)
     del params, base, adapters
     step_c, compile_s, ours = compiled_steps(step, state, batch)
     del state
-    theirs_step, theirs_sync = _torch_step(theirs, cfg, _batch(shape, args.seed), torch.device("cpu"), args.dtype)
+    theirs_step, theirs_sync = torch_step(theirs, cfg, random_batch(shape, args.seed), torch.device("cpu"), args.dtype)
 
     def run_theirs(n):
         for _ in range(n):
@@ -243,8 +240,8 @@ def _step_times(args: argparse.Namespace, shape: dict, rank: int, flops_per_toke
     run_theirs(args.warmup)
     rounds = {"ours": [], "transformers": []}
     for _ in range(args.rounds):
-        rounds["ours"].append(_step_seconds(ours, args.steps))
-        rounds["transformers"].append(_step_seconds(run_theirs, args.steps))
+        rounds["ours"].append(step_seconds(ours, args.steps))
+        rounds["transformers"].append(step_seconds(run_theirs, args.steps))
         peak_seconds.append(time_peak())
     load_end = round(os.getloadavg()[0], 2)
     peak = flops.matmul_flops_from_seconds(args.peak_size, min(peak_seconds))

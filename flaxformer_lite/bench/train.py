@@ -16,7 +16,8 @@ import statistics
 import tempfile
 import time
 
-from flaxformer_lite.cli import non_negative_int, positive_int
+from flaxformer_lite.bench.steps import compiled_steps, random_batch, run_config, step_seconds, torch_step, train_parts
+from flaxformer_lite.runtime.flags import non_negative_int, positive_int
 
 # The default shape: GPT-2 at a size two CPU cores train in milliseconds a step.
 SHAPE_DEFAULTS = {"layers": 4, "d_model": 256, "heads": 4, "vocab": 8192, "seq_len": 256, "batch": 8}
@@ -82,97 +83,6 @@ def _shape(args: argparse.Namespace) -> dict:
     return shape
 
 
-def _run_config(model_cfg, shape: dict, loss_chunk_size=None):
-    """A causal-LM run config: constant learning rate, AdamW as TrainConfig defines it."""
-    from flaxformer_lite.config import Config, DataConfig, TrainConfig
-
-    train = TrainConfig(learning_rate=1e-4, schedule="constant", warmup_steps=0, loss_chunk_size=loss_chunk_size)
-    data = DataConfig(objective="causal_lm", seq_len=shape["seq_len"], batch_size=shape["batch"])
-    return Config(name="bench_train", model=model_cfg, data=data, train=train)
-
-
-def _batch(shape: dict, seed: int) -> dict:
-    import numpy as np
-
-    B, T, V = shape["batch"], shape["seq_len"], shape["vocab"]
-    ids = np.random.default_rng(seed).integers(0, V, (B, T + 1)).astype(np.int32)
-    ones = np.ones((B, T), np.int32)
-    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "weights": ones.astype(np.float32),
-            "segment_ids": ones, "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
-
-
-def _torch_step(model, cfg, batch: dict, device, dtype: str):
-    """A closure running one transformers training step: loss, backward, clip, AdamW."""
-    import torch
-
-    tc = cfg.train
-    trained = [p for p in model.parameters() if p.requires_grad]  # all of them, or peft's adapters
-    decay = [p for p in trained if p.ndim >= 2]  # matrices and tables, as train.optim
-    rest = [p for p in trained if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=tc.learning_rate, betas=(tc.b1, tc.b2), eps=tc.eps, foreach=True,
-    )
-    ids = torch.from_numpy(batch["input_ids"]).long().to(device)
-    labels = torch.from_numpy(batch["labels"]).long().to(device).reshape(-1)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-    def step():
-        with autocast:
-            logits = model(ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, tc.clip_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return step, sync
-
-
-def _step_seconds(run_steps, steps: int) -> float:
-    start = time.perf_counter()
-    run_steps(steps)
-    return (time.perf_counter() - start) / steps
-
-
-def _train_parts(model_cfg, shape: dict):
-    """(run config, jitted train step with the state donated, optimizer) for our model."""
-    import jax
-
-    from flaxformer_lite.models import build_model
-    from flaxformer_lite.train.optim import make_optimizer
-    from flaxformer_lite.train.step import make_train_step
-
-    cfg = _run_config(model_cfg, shape)
-    optimizer = make_optimizer(cfg.train)
-    step = jax.jit(make_train_step(build_model(model_cfg), cfg, optimizer), donate_argnums=0)
-    return cfg, step, optimizer
-
-
-def compiled_steps(step, state, batch):
-    """(compiled step, seconds to compile it, run(n): n steps from the state it holds, blocking)."""
-    import jax
-
-    start = time.perf_counter()
-    step_c = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    holder = {"state": state}
-
-    def run(n):
-        state = holder["state"]
-        for _ in range(n):
-            state, metrics = step_c(state, batch)
-        jax.block_until_ready(metrics["loss_sum"])
-        holder["state"] = state
-
-    return step_c, compile_s, run
-
-
 def _compile_seconds(model_cfg, shape: dict, layers: int, scan: bool) -> float:
     """Seconds to trace, lower and compile our train step at `layers` layers (nothing allocated)."""
     import jax
@@ -181,9 +91,9 @@ def _compile_seconds(model_cfg, shape: dict, layers: int, scan: bool) -> float:
     from flaxformer_lite.train.step import init_train_state
 
     cfg_l = dataclasses.replace(model_cfg, num_layers=layers, scan_layers=scan)
-    _, step, optimizer = _train_parts(cfg_l, shape)
+    _, step, optimizer = train_parts(cfg_l, shape)
     state = jax.eval_shape(lambda: init_train_state(init_params(cfg_l, jax.random.key(0)), optimizer, 0))
-    batch = _batch(shape, 0)
+    batch = random_batch(shape, 0)
     start = time.perf_counter()
     step.lower(state, batch).compile()
     return time.perf_counter() - start
@@ -197,14 +107,14 @@ def _temp_memory(model_cfg, shape: dict, policy: str, scan: bool, loss_chunk_siz
     from flaxformer_lite.train.step import loss_and_sums
 
     cfg_p = dataclasses.replace(model_cfg, remat_policy=policy, scan_layers=scan)
-    cfg = _run_config(cfg_p, shape, loss_chunk_size)
+    cfg = run_config(cfg_p, shape, loss_chunk_size)
     model = build_model(cfg_p)
     params = jax.eval_shape(lambda: init_params(cfg_p, jax.random.key(0)))
 
     def loss(p, batch):
         return loss_and_sums(model, cfg, p, batch, deterministic=True, rng=None)[0]
 
-    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, _batch(shape, 0)).compile()
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, random_batch(shape, 0)).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
@@ -217,9 +127,8 @@ def run_train(args: argparse.Namespace) -> dict:
         return run_lora(args)
     import jax
 
-    from flaxformer_lite import flops
     from flaxformer_lite.interop import hf
-    from flaxformer_lite.models import count_params
+    from flaxformer_lite.models import count_params, flops
     from flaxformer_lite.train.step import init_train_state
 
     shape = _shape(args)
@@ -250,8 +159,8 @@ def run_train(args: argparse.Namespace) -> dict:
     time_peak = flops.matmul_timer(args.dtype, args.peak_size)
     peak_seconds = [time_peak() for _ in range(PEAK_REPEATS)]
 
-    cfg, step, optimizer = _train_parts(model_cfg, shape)
-    batch = jax.device_put(_batch(shape, args.seed))
+    cfg, step, optimizer = train_parts(model_cfg, shape)
+    batch = jax.device_put(random_batch(shape, args.seed))
     step_c, compile_s, ours = compiled_steps(step, init_train_state(params, optimizer, args.seed), batch)
     rounds = {"ours": []}
     ours(args.warmup)
@@ -259,7 +168,7 @@ def run_train(args: argparse.Namespace) -> dict:
     if not args.no_torch:
         device = torch.device("cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu")
         theirs = theirs.to(device).train()
-        theirs_step, theirs_sync = _torch_step(theirs, cfg, _batch(shape, args.seed), device, args.dtype)
+        theirs_step, theirs_sync = torch_step(theirs, cfg, random_batch(shape, args.seed), device, args.dtype)
         rounds["transformers"] = []
 
         def run_theirs(n):
@@ -269,9 +178,9 @@ def run_train(args: argparse.Namespace) -> dict:
 
         run_theirs(args.warmup)
     for _ in range(args.rounds):
-        rounds["ours"].append(_step_seconds(ours, args.steps))
+        rounds["ours"].append(step_seconds(ours, args.steps))
         if theirs_step is not None:
-            rounds["transformers"].append(_step_seconds(run_theirs, args.steps))
+            rounds["transformers"].append(step_seconds(run_theirs, args.steps))
         peak_seconds.append(time_peak())
     peak = flops.matmul_flops_from_seconds(args.peak_size, min(peak_seconds))
 

@@ -13,9 +13,8 @@ import os
 import sys
 import warnings
 
-from flaxformer_lite.cli import fraction, non_negative_int, positive_int
-
-EXIT_BAD_INPUT = 2
+from flaxformer_lite.errors import EXIT_BAD_INPUT
+from flaxformer_lite.runtime.flags import fraction, non_negative_int, positive_int
 
 
 def _part(value: str) -> tuple[int, int]:

@@ -50,8 +50,8 @@ from flaxformer_lite.data import corpora, encoders, finetune, sources, store
 from flaxformer_lite.data.chat import ChatTemplate, tokenizer_template
 from flaxformer_lite.data.errors import DataError
 from flaxformer_lite.data.tokenizers import Tokenizer, load_tokenizer
+from flaxformer_lite.runtime.host import cache_root
 
-CACHE_ENV = "FLAXFORMER_LITE_CACHE"
 BATCH_DOCUMENTS = 512  # documents tokenized in one call
 Progress = Callable[[int, int, int], None]  # (bytes, documents, tokens) just done
 
@@ -633,14 +633,6 @@ def _split_rule(out: pathlib.Path, chunks: list[dict], options: dict, documents:
 # ------------------------------------------------------------------------------------ cache
 
 
-def cache_root() -> pathlib.Path:
-    """$FLAXFORMER_LITE_CACHE, else $XDG_CACHE_HOME/flaxformer_lite, else ~/.cache/flaxformer_lite."""
-    if os.environ.get(CACHE_ENV):
-        return pathlib.Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "flaxformer_lite"
-
-
 def content_key(corpus: sources.Source, options: PrepareOptions, tok: Tokenizer) -> str:
     """Hex digest of the corpus's bytes, the options and the tokenizer: the cache key."""
     digest = hashlib.sha256()
@@ -668,7 +660,6 @@ def cached(corpus: sources.Source, options: PrepareOptions, *, tokenizer: Option
     if not (out / store.MANIFEST).is_file():
         prepare(corpus, out, options, progress=progress, tokenizer=tok)
     return out
-
 
 
 def corpus_store(corpus: sources.Source, options: PrepareOptions, *, vocab_size: int, verify: bool = True,

@@ -19,11 +19,11 @@ import json
 import pathlib
 import sys
 
-from flaxformer_lite.cli import non_negative_int
+from flaxformer_lite.errors import EXIT_BAD_INPUT
 from flaxformer_lite.interop import families
 from flaxformer_lite.interop.weights import DEFAULT_MAX_SHARD_SIZE
+from flaxformer_lite.runtime.flags import non_negative_int
 
-EXIT_BAD_INPUT = 2
 # A first training objective for each family; edit config.yaml to train on something else.
 _OBJECTIVES = {"decoder": "causal_lm", "encoder_decoder": "span_corruption", "encoder": "masked_lm"}
 
@@ -68,9 +68,7 @@ def hf_run_config(hf_dir, model_cfg, *, config=None, overrides=(), tokenizer=Non
     """
     import dataclasses
 
-    from flaxformer_lite.config import (
-        FINE_TUNE_TRAIN, ConfigError, DataConfig, build_config, read_config_dict, to_dict,
-    )
+    from flaxformer_lite.config import FINE_TUNE_TRAIN, ConfigError, DataConfig, build_config, read_config_dict, to_dict
     from flaxformer_lite.interop import hf
 
     hf_dir = pathlib.Path(hf_dir)
@@ -102,10 +100,10 @@ def hf_run_config(hf_dir, model_cfg, *, config=None, overrides=(), tokenizer=Non
 
 
 def _from_hf(args: argparse.Namespace) -> dict:
-    from flaxformer_lite import checkpoint
     from flaxformer_lite.config import Config, DataConfig, validate
     from flaxformer_lite.interop import hf
     from flaxformer_lite.models import count_params
+    from flaxformer_lite.runtime import checkpoint
 
     source, workdir = pathlib.Path(args.from_hf), pathlib.Path(args.to)
     model_cfg, params = hf.load(source, skip=args.skip, scan_layers=args.scan_layers, param_dtype=args.param_dtype)
@@ -147,8 +145,8 @@ def run_source(workdir, cfg) -> "pathlib.Path | None":
 
 def _exported_run(args: argparse.Namespace):
     """(cfg, params, HF source folder or None, model_type) of the run --from names."""
-    from flaxformer_lite import checkpoint
     from flaxformer_lite.interop import hf
+    from flaxformer_lite.runtime import checkpoint
 
     workdir = pathlib.Path(args.from_workdir)
     cfg, params = checkpoint.load_params(workdir, args.step)

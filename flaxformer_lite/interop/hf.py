@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from flaxformer_lite import host
-from flaxformer_lite import parallel as parallel_lib
 from flaxformer_lite.config import ConfigError, ModelConfig, ParallelConfig, validate_model
 from flaxformer_lite.interop import families, weights
 from flaxformer_lite.interop.layout import HFError
 from flaxformer_lite.interop.weights import INDEX_FILE, WEIGHTS_FILE
 from flaxformer_lite.models import build_model, dummy_inputs, param_logical_axes, stack_layers, unstack_layers
+from flaxformer_lite.runtime import host
+from flaxformer_lite.runtime import parallel as parallel_lib
 
 __all__ = ["HFError", "copy_source_files", "is_hf_folder", "load", "load_tokenizer", "read_config",
            "read_model_config", "save"]

@@ -13,6 +13,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from flaxformer_lite.errors import UserError
 
 # Side of the square blocks a transposing copy goes by: a block's rows, read and written,
 # stay in cache. numpy's plain `dst[...] = src.T` strides through all of one side: an
@@ -28,7 +29,7 @@ def _copy_transposed(dst: np.ndarray, src: np.ndarray) -> None:
             dst[j : j + _BLOCK, i : i + _BLOCK] = src[i : i + _BLOCK, j : j + _BLOCK].T
 
 
-class HFError(ValueError):
+class HFError(UserError):
     """An HF folder, config key or tensor we cannot read or write; the message says why and the fix."""
 
 

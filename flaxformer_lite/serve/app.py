@@ -25,15 +25,15 @@ import uuid
 from typing import Any, Callable, Optional
 
 import numpy as np
-
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from flaxformer_lite.errors import UserError
+from flaxformer_lite.inference.engine import EngineError, SamplingParams
 from flaxformer_lite.serve import reasoning
 from flaxformer_lite.serve import tools as tool_calls
-from flaxformer_lite.serve.engine import EngineError, SamplingParams
 
 RETRY_AFTER_S = 1
 DISCONNECT_CHECK_S = 1.0  # how often a request looks for its client having gone
@@ -42,19 +42,19 @@ DISCONNECT_CHECK_S = 1.0  # how often a request looks for its client having gone
 _NEUTRAL = {"best_of": 1, "suffix": ""}
 
 
-class ApiError(Exception):
-    """An OpenAI-style error response."""
+class ApiError(UserError):
+    """An OpenAI-style error response with HTTP status `http_status`."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.http_status, self.message, self.param, self.code = status, message, param, code
 
     def response(self) -> JSONResponse:
         kind = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
-                503: "service_unavailable", 500: "server_error"}.get(self.status, "server_error")
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status in (429, 503) else None
+                503: "service_unavailable", 500: "server_error"}.get(self.http_status, "server_error")
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.http_status in (429, 503) else None
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse(body, status_code=self.http_status, headers=headers)
 
 
 @dataclasses.dataclass
@@ -209,7 +209,7 @@ class _Run:
                     self.handles.append(engine.submit(p, dataclasses.replace(params, choice=j), sink))
         except EngineError as e:
             self.cancel()
-            raise ApiError(e.status, str(e)) from None
+            raise ApiError(e.http_status, str(e)) from None
 
     def _sink(self, index: int, event: dict) -> None:
         """Called on the engine thread: hand the event to the event loop."""
@@ -583,7 +583,7 @@ async def embeddings(request: Request) -> Response:
     try:
         vectors, tokens = await served.embedder.embed(inputs)
     except EngineError as e:
-        raise ApiError(e.status, str(e), "input") from None
+        raise ApiError(e.http_status, str(e), "input") from None
     if encoding == "base64":  # little-endian float32, as OpenAI's client decodes it
         vectors = [base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() for v in vectors]
     return JSONResponse({

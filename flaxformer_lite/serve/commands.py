@@ -16,12 +16,11 @@ import signal
 import sys
 import time
 
-from flaxformer_lite import model_commands
-from flaxformer_lite.cli import non_negative_float, non_negative_int, positive_int
+from flaxformer_lite.errors import EXIT_BAD_INPUT
+from flaxformer_lite.inference import commands as inference_commands
+from flaxformer_lite.runtime.flags import non_negative_float, non_negative_int, positive_int
 from flaxformer_lite.serve.reasoning import PARSERS as REASONING_PARSERS
 from flaxformer_lite.serve.tools import PARSERS as TOOL_CALL_PARSERS
-
-EXIT_BAD_INPUT = 2
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +29,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
     source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, "
                         "tokenizer files, chat template (encoders serve /v1/embeddings)")
-    model_commands.add_peft_argument(source)
+    inference_commands.add_peft_argument(source)
     source.add_argument("--config", help="alone: a randomly initialised model of this config, to try the server")
     source.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="with --config: override config keys, e.g. --set model.num_layers=4")
@@ -70,7 +69,7 @@ def _load(args):
     from flaxformer_lite.models import build_model, init_params
     from flaxformer_lite.serve.app import Served
 
-    model_commands.check_peft(args)
+    inference_commands.check_peft(args)
     if args.set and not args.config:
         raise ConfigError("--set overrides --config keys: add --config, or drop --set")
     if args.config and not (args.workdir or args.hf):
@@ -80,9 +79,9 @@ def _load(args):
         print(f"note: {args.config} with random weights", file=sys.stderr)
         model_cfg, params = cfg.model, init_params(cfg.model, jax.random.key(args.seed))
         tokenizer, name = data.load_tokenizer(cfg.data.tokenizer), cfg.name
-        folder = model_commands._tokenizer_folder(cfg.data.tokenizer)
+        folder = inference_commands.tokenizer_folder(cfg.data.tokenizer)
     else:
-        model_cfg, params, tokenizer, folder = model_commands._load_for_cli(args)
+        model_cfg, params, tokenizer, folder = inference_commands.load_model(args)
         name = pathlib.Path(args.peft or args.hf or args.workdir).resolve().name
     template = ChatTemplate.from_folder(folder) if folder is not None else None
     sampling = sampling_defaults(folder) if folder is not None else None
@@ -99,18 +98,18 @@ def _load(args):
                     sampling=sampling.applied if sampling is not None else {}, tool_parser=args.tool_call_parser,
                     reasoning_parser=args.reasoning_parser)
     if model_cfg.family == "encoder":
-        from flaxformer_lite.serve.embeddings import Embedder
+        from flaxformer_lite.inference.embedder import Embedder
 
         if not args.hf:
             raise ConfigError("an encoder serves /v1/embeddings from an HF folder: pass --hf DIR")
-        settings = model_commands.sentence_transformers_settings(args.hf)
+        settings = inference_commands.sentence_transformers_settings(args.hf)
         max_len = min(args.max_len or settings.get("max_seq_length") or model_cfg.max_len, model_cfg.max_len)
         served.max_len = max_len
         served.embedder = Embedder(model, params, args.hf, pooling=settings.get("pooling", "mean"),
                                    normalize=settings.get("normalize", True), max_len=max_len,
                                    max_batch=args.max_batch)
         return served, served.embedder
-    from flaxformer_lite.serve.engine import Engine
+    from flaxformer_lite.inference.engine import Engine
 
     served.engine = Engine(model, params, tokenizer, max_batch=args.max_batch, max_len=max_len,
                            chunk=args.chunk, max_queue=args.max_queue)
@@ -123,7 +122,7 @@ class _CompileCounter:
     def __init__(self):
         import jax
 
-        from flaxformer_lite.host import BACKEND_COMPILE_EVENT
+        from flaxformer_lite.runtime.host import BACKEND_COMPILE_EVENT
 
         self.count, self.armed = 0, False
 

@@ -18,7 +18,7 @@ Text that might be the start of a tag is held back until the next delta decides 
 
 from __future__ import annotations
 
-from flaxformer_lite.serve.text import held_back
+from flaxformer_lite.inference.text import held_back
 
 PARSERS = ("qwen3", "deepseek_r1")
 OPEN, CLOSE = "<think>", "</think>"

@@ -23,7 +23,7 @@ import json
 import re
 from typing import Any, Optional
 
-from flaxformer_lite.serve.text import held_back
+from flaxformer_lite.inference.text import held_back
 
 PARSERS = ("hermes", "llama3_json")
 HERMES_OPEN = "<tool_call>"

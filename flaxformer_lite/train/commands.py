@@ -22,9 +22,8 @@ import pathlib
 import sys
 import traceback
 
-from flaxformer_lite.cli import non_negative_int
-
-EXIT_BAD_INPUT = 2
+from flaxformer_lite.errors import BAD_INPUT, EXIT_BAD_INPUT
+from flaxformer_lite.runtime.flags import non_negative_int
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,13 +48,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.eval_batches=50")
     parser.add_argument("--step", type=non_negative_int, help="checkpoint step (default: the latest)")
-
-
-def _bad_input_errors() -> tuple:
-    from flaxformer_lite.config import ConfigError
-    from flaxformer_lite.data import DataError
-
-    return ConfigError, DataError, FileNotFoundError
 
 
 def check_backend(cfg) -> None:
@@ -95,7 +87,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Train; print the final evaluation (and samples, for language models)."""
     import jax
 
-    from flaxformer_lite import parallel
+    from flaxformer_lite.runtime import parallel
     from flaxformer_lite.train.loop import train
     from flaxformer_lite.train.safety import RunStopped
 
@@ -105,7 +97,7 @@ def run_train(args: argparse.Namespace) -> int:
         check_backend(cfg)
         resume_step = None if isinstance(args.resume, bool) else args.resume
         summary = train(cfg, args.workdir, resume=bool(args.resume), init_from=args.init_from, resume_step=resume_step)
-    except _bad_input_errors() as e:
+    except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunStopped as e:
@@ -130,9 +122,9 @@ def run_eval(args: argparse.Namespace) -> int:
     """Evaluate a run's checkpoint on its validation split; print and write WORKDIR/eval.json."""
     import jax
 
-    from flaxformer_lite import checkpoint, parallel
     from flaxformer_lite.config import ConfigError, load_config
     from flaxformer_lite.models import build_model, init_params
+    from flaxformer_lite.runtime import checkpoint, parallel
     from flaxformer_lite.train import metrics as metrics_lib
     from flaxformer_lite.train.loop import evaluate, merge_params, prepare_data
     from flaxformer_lite.train.step import make_eval_step
@@ -158,7 +150,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"{workdir}: checkpoint lacks {missing}; its model differs from {config_path}'s model section"
             )
-    except _bad_input_errors() as e:
+    except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     mesh = parallel.make_mesh(cfg.parallel)
@@ -179,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def checkpoint_step(workdir: pathlib.Path) -> int:
     """The latest complete checkpoint step of a run directory."""
-    from flaxformer_lite import checkpoint
+    from flaxformer_lite.runtime import checkpoint
 
     with checkpoint.manager(workdir, read_only=True, best_metric=None) as mngr:
         return mngr.latest_step()

@@ -31,10 +31,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from flaxformer_lite import checkpoint, data, flops, host, parallel
+from flaxformer_lite import data
 from flaxformer_lite.config import Config, ConfigError
 from flaxformer_lite.layers import lora
-from flaxformer_lite.models import build_model, count_params, dummy_inputs, init_params
+from flaxformer_lite.models import build_model, count_params, dummy_inputs, flops, init_params
+from flaxformer_lite.runtime import checkpoint, host, parallel
 from flaxformer_lite.train import metrics as metrics_lib
 from flaxformer_lite.train import safety
 from flaxformer_lite.train.optim import make_optimizer
@@ -940,8 +941,8 @@ def _finish(run: _Run, stopped: Optional[safety.RunStopped], peak: float, measur
 
 
 def write_samples(model, params, setup: DataSetup, workdir: pathlib.Path, log) -> list[str]:
-    """Continue each sample prompt with flaxformer_lite.decode.generate; write samples.txt."""
-    from flaxformer_lite.decode import generate  # deferred: only language models need it
+    """Continue each sample prompt with flaxformer_lite.inference.decode.generate; write samples.txt."""
+    from flaxformer_lite.inference.decode import generate  # deferred: only language models need it
 
     tc, tok = setup.cfg.train, setup.tokenizer
     longest = max(len(p) for p in setup.sample_prompts)

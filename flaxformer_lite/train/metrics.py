@@ -12,8 +12,8 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 
-from flaxformer_lite import flops
 from flaxformer_lite.config import ConfigError
+from flaxformer_lite.models import flops
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -55,7 +55,7 @@ def summarize(sums: Mapping[str, float], *, bytes_are_tokens: bool, prefix: str 
 class LogWindow:
     """The training steps since the last log record: their sums stay on the device until
     `close` fetches them all at once, which is the loop's only wait for the device
-    between checkpoints. Tracks tokens seen and throughput; MFU uses flops.py's formula.
+    between checkpoints. Tracks tokens seen and throughput; MFU uses models/flops.py's formula.
 
     The window of the run's first step (which compiles) is timed from that step's end,
     without its tokens, so throughput and MFU measure steady-state steps only.

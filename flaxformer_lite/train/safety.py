@@ -36,8 +36,8 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from flaxformer_lite import checkpoint
 from flaxformer_lite.config import ConfigError
+from flaxformer_lite.runtime import checkpoint
 
 EXIT_NONFINITE = 3  # train.nan_policy stopped the run
 EXIT_SAVE_FAILED = 74  # sysexits EX_IOERR: a checkpoint could not be written (disk full...)

@@ -9,8 +9,8 @@ import pytest
 
 import flaxformer_lite as ffl
 from flaxformer_lite import cli
-from flaxformer_lite.data import ByteTokenizer, PrepareOptions, Store, cached, load_tokenizer
-from flaxformer_lite.data import preparation
+from flaxformer_lite.data import ByteTokenizer, PrepareOptions, Store, cached, load_tokenizer, preparation
+from flaxformer_lite.runtime import host
 from flaxformer_lite.train import loop
 
 TINY = ("model.num_layers=1", "model.d_model=32", "model.d_ff=64", "model.num_heads=2", "model.max_len=32",
@@ -28,8 +28,8 @@ def _corpus(folder: pathlib.Path) -> pathlib.Path:
 
 
 def test_the_cache_is_keyed_by_content_and_options(tmp_path, monkeypatch):
-    root = pathlib.Path(os.environ[preparation.CACHE_ENV])
-    assert preparation.cache_root() == root and str(root).startswith(str(tmp_path.parent.parent))
+    root = pathlib.Path(os.environ[host.CACHE_ENV])
+    assert host.cache_root() == root and str(root).startswith(str(tmp_path.parent.parent))
     corpus = _corpus(tmp_path / "c")
     first = cached(corpus, PrepareOptions(), progress=False)
     assert first.parent == root / "data" and Store.open(first).manifest["documents"] == 120

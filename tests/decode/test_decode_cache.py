@@ -8,8 +8,8 @@ import pytest
 from decode_helpers import NEW_TOKENS, full_logits, prompts_for, tiny
 
 import flaxformer_lite as ffl
-from flaxformer_lite import parallel
-from flaxformer_lite.decode import generate
+from flaxformer_lite.inference.decode import generate
+from flaxformer_lite.runtime import parallel
 
 # (preset, overrides): every position scheme each family allows, with GQA on some. The
 # plain gpt_tiny and the scanned t5_tiny are test_decode_methods' models and share its

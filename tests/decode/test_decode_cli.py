@@ -13,8 +13,8 @@ import pytest
 from decode_helpers import TINY, tiny
 
 import flaxformer_lite as ffl
-from flaxformer_lite import checkpoint
 from flaxformer_lite.cli import main
+from flaxformer_lite.runtime import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_stream_prints_what_the_plain_command_prints(workdir, capsys):
 
 def test_decoding_depends_on_models_alone():
     """decode.py imports no interop/data/train/checkpoint: the command glue is elsewhere."""
-    source = pathlib.Path(ffl.__file__).parent / "decode.py"
+    source = pathlib.Path(ffl.__file__).parent / "inference" / "decode.py"
     imported = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:

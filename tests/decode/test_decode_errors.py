@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from decode_helpers import tiny
 
-from flaxformer_lite.decode import generate
+from flaxformer_lite.inference.decode import generate
 
 
 @pytest.mark.parametrize(

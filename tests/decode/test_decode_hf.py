@@ -12,11 +12,12 @@ import transformers
 from decode_helpers import NEW_TOKENS, PROMPT_LENGTHS
 
 import flaxformer_lite as ffl
-from flaxformer_lite import checkpoint, data
+from flaxformer_lite import data
 from flaxformer_lite.cli import main
-from flaxformer_lite.decode import generate
+from flaxformer_lite.inference.decode import generate
 from flaxformer_lite.interop import hf, parity
 from flaxformer_lite.models import build_model
+from flaxformer_lite.runtime import checkpoint
 
 VOCAB = 320  # byte-level BPE: 4 specials + 256 bytes + 60 merges
 

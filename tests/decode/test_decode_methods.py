@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from decode_helpers import NEW_TOKENS, full_logits, prompts_for, uncached_greedy
 
-from flaxformer_lite.decode import filter_top_k_top_p, generate
+from flaxformer_lite.inference.decode import filter_top_k_top_p, generate
 
 
 def run(model, params, **kw):

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import transformers
 
-from flaxformer_lite import checkpoint, cli, data
+from flaxformer_lite import cli, data
 from flaxformer_lite.interop import hf, parity
+from flaxformer_lite.runtime import checkpoint
 
 transformers.logging.set_verbosity_error()
 CASE = "roberta"  # not the default export family: --to-hf must remember it

@@ -13,9 +13,10 @@ import transformers
 import yaml
 from hf_chat_folder import CHATML, write_llama_chat_folder
 
-from flaxformer_lite import checkpoint, cli, data
+from flaxformer_lite import cli, data
 from flaxformer_lite.config import FINE_TUNE_TRAIN
 from flaxformer_lite.interop import hf
+from flaxformer_lite.runtime import checkpoint
 
 transformers.logging.set_verbosity_error()
 STEPS = 3

@@ -10,10 +10,11 @@ import pytest
 import transformers
 from flax import traverse_util
 
-from flaxformer_lite import cli, parallel
+from flaxformer_lite import cli
 from flaxformer_lite.config import ParallelConfig
 from flaxformer_lite.interop import hf, parity, weights
 from flaxformer_lite.models import param_logical_axes, stack_layers
+from flaxformer_lite.runtime import parallel
 
 transformers.logging.set_verbosity_error()
 

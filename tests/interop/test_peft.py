@@ -14,11 +14,12 @@ from flax import traverse_util
 from hf_chat_folder import write_llama_chat_folder
 
 import flaxformer_lite as ffl
-from flaxformer_lite import checkpoint, cli
+from flaxformer_lite import cli
 from flaxformer_lite.config import LORA_PROJECTIONS, LoraConfig
 from flaxformer_lite.interop import hf
 from flaxformer_lite.interop import peft as ffl_peft
 from flaxformer_lite.layers import lora
+from flaxformer_lite.runtime import checkpoint
 
 transformers.logging.set_verbosity_error()
 

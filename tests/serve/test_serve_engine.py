@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite.decode import generate
+from flaxformer_lite.inference.decode import generate
+from flaxformer_lite.inference.engine import Engine, SamplingParams, _stop_cut
+from flaxformer_lite.inference.text import held_back
 from flaxformer_lite.interop import hf
 from flaxformer_lite.models import build_model
-from flaxformer_lite.serve.engine import Engine, SamplingParams, _stop_cut
-from flaxformer_lite.serve.text import held_back
 
 NEW = 12
 
@@ -158,8 +158,8 @@ def test_sources_set_name_bos_and_chat_template(tmp_path, hf_dir):
 
     from serve_helpers import tiny_model
 
-    from flaxformer_lite import checkpoint
     from flaxformer_lite.config import load_config
+    from flaxformer_lite.runtime import checkpoint
     from flaxformer_lite.serve.commands import _load, add_serve_arguments
 
     parser = argparse.ArgumentParser()

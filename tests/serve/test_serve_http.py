@@ -196,8 +196,8 @@ def test_embeddings_of_an_encoder_equal_ffl_embed(servers, bert_dir):
     import jax.numpy as jnp
     import numpy as np
 
-    from flaxformer_lite import model_commands
-    from flaxformer_lite.embeddings import embed
+    from flaxformer_lite.inference import commands
+    from flaxformer_lite.inference.embeddings import embed
     from flaxformer_lite.interop import hf
     from flaxformer_lite.models import build_model
 
@@ -205,7 +205,7 @@ def test_embeddings_of_an_encoder_equal_ffl_embed(servers, bert_dir):
     out = servers["embed"].client().embeddings.create(model="tiny", input=texts)
     got = np.array([d.embedding for d in out.data])
     cfg, params = hf.load(bert_dir)
-    ids, mask = model_commands._tokenize(bert_dir, texts, 32)
+    ids, mask = commands._tokenize(bert_dir, texts, 32)
     want = embed(build_model(cfg), params, ids, mask)  # mean pooling, normalized: the server's defaults
     np.testing.assert_allclose(got, np.asarray(want), atol=2e-5)
     assert out.usage.prompt_tokens == int(mask.sum())

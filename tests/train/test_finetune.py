@@ -1,6 +1,5 @@
 """SFT and DPO: losses against NumPy references, packing isolation, a toy preference run."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +153,7 @@ def test_dpo_learns_a_toy_preference_within_a_few_dozen_steps(tiny):
 
 
 def test_a_resumed_dpo_run_keeps_its_frozen_reference(tiny, tmp_path):
-    from flaxformer_lite import checkpoint
+    from flaxformer_lite.runtime import checkpoint
     from flaxformer_lite.train import loop
 
     prefs = tmp_path / "prefs.jsonl"

@@ -20,8 +20,9 @@ import pytest
 from orbax.checkpoint._src.path import atomicity
 
 import flaxformer_lite as ffl
-from flaxformer_lite import checkpoint, cli
+from flaxformer_lite import cli
 from flaxformer_lite.config import ConfigError
+from flaxformer_lite.runtime import checkpoint
 from flaxformer_lite.train import loop, metrics, safety
 
 # The child runs `flaxformer-lite train` with every step slowed down by STEP_DELAY
@@ -29,7 +30,8 @@ from flaxformer_lite.train import loop, metrics, safety
 # signal can land in the middle of the run.
 SLOW_CHILD = """
 import sys, time
-from flaxformer_lite import cli, parallel
+from flaxformer_lite import cli
+from flaxformer_lite.runtime import parallel
 shard_batch = parallel.shard_batch
 
 def slow_shard_batch(*args, **kwargs):

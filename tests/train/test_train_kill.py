@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from orbax.checkpoint._src.path import atomicity
 
-from flaxformer_lite import checkpoint
+from flaxformer_lite.runtime import checkpoint
 from flaxformer_lite.train import loop, metrics
 
 # The child trains the session's 20-step run, but holds the save of step 10 open after
@@ -20,7 +20,7 @@ from flaxformer_lite.train import loop, metrics
 # CLI's malloc settings (host.tune_malloc), so the comparison with the reference run also
 # shows they change no figure.
 CHILD = """
-from flaxformer_lite import host
+from flaxformer_lite.runtime import host
 assert host.tune_malloc()
 import asyncio, json, pathlib, sys
 from orbax.checkpoint._src.path import atomicity

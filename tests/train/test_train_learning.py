@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxformer_lite import checkpoint
+from flaxformer_lite.runtime import checkpoint
 from flaxformer_lite.train import loop, metrics
 
 SHORT = ("train.num_steps=30", "train.log_every=5", "train.eval_every=15", "train.checkpoint_every=30")

@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from flaxformer_lite import checkpoint, cli, data, flops
+from flaxformer_lite import cli, data
 from flaxformer_lite.config import ConfigError
+from flaxformer_lite.models import flops
+from flaxformer_lite.runtime import checkpoint
 from flaxformer_lite.train import loop, metrics
 
 

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from flaxformer_lite import checkpoint, cli
+from flaxformer_lite import cli
+from flaxformer_lite.runtime import checkpoint
 from flaxformer_lite.train import metrics, safety
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from flaxformer_lite import checkpoint, cli
+from flaxformer_lite import cli
+from flaxformer_lite.runtime import checkpoint
 from flaxformer_lite.train import loop, metrics, safety
 
 
@@ -82,7 +83,7 @@ def full_disk(tmp_path_factory):
 # once it sees that save complete: so the disk fills between the saves of steps 5 and 10.
 UNTIL_CHECKSUMS = """
 import pathlib, time
-from flaxformer_lite import parallel
+from flaxformer_lite.runtime import parallel
 shard_batch, calls = parallel.shard_batch, []
 
 def waiting_shard_batch(*args, **kwargs):

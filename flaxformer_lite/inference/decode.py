@@ -11,7 +11,7 @@ one jitted function, compiled once per model, batch shape and static setting.
 Prompts of different lengths: decoder-only prompts are left-padded and each row gets its
 own positions (0 at its first real token), so every row's next token goes to the same
 cache slot; encoder-decoder prompts are the encoder input and are right-padded. The
-`flaxformer-lite generate` command is in model_commands.py; docs/decoding.md has more.
+`flaxformer-lite generate` command is in inference/commands.py; docs/decoding.md has more.
 """
 
 from __future__ import annotations

@@ -46,27 +46,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxformer_lite import decode
+from flaxformer_lite.errors import UserError
+from flaxformer_lite.inference import decode
+from flaxformer_lite.inference.text import held_back
 from flaxformer_lite.models import build_model
-from flaxformer_lite.serve.text import held_back
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit for completions)
 MAX_LOGIT_BIAS = 300  # entries of a request's logit_bias (OpenAI's limit); a fixed shape for prefill
 Sink = Callable[[dict], None]
 
 
-class EngineError(Exception):
-    """A request the engine cannot take; `status` is the HTTP status it maps to."""
-
-    status = 400
+class EngineError(UserError):
+    """A request the engine cannot take; `http_status` is the HTTP status it maps to."""
 
 
 class QueueFull(EngineError):
-    status = 429
+    http_status = 429
 
 
 class Draining(EngineError):
-    status = 503
+    http_status = 503
 
 
 @dataclasses.dataclass(frozen=True)

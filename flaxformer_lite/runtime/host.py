@@ -1,5 +1,5 @@
 """The host process's memory: keep XLA:CPU's per-step buffers mapped; large host arrays
-JAX adopts, mapped in at once (`empty`).
+JAX adopts, mapped in at once (`empty`); and its cache folder (`cache_root`).
 
 On the CPU, every call of a compiled XLA program allocates its temporary buffer (all
 intermediate activations of a training step: 405 MiB for the `bench train` GPT-2) and
@@ -42,6 +42,7 @@ import logging
 import math
 import mmap
 import os
+import pathlib
 import pkgutil
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 TUNE_ENV = "FLAXFORMER_LITE_TUNE_MALLOC"
+CACHE_ENV = "FLAXFORMER_LITE_CACHE"
 # mallopt parameters (glibc malloc.h) and the values set.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
@@ -214,3 +216,14 @@ def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     raw = np.empty(size + 64, np.uint8)
     start = -raw.ctypes.data % 64
     return raw[start : start + size].view(dtype).reshape(shape)
+
+
+def cache_root() -> pathlib.Path:
+    """$FLAXFORMER_LITE_CACHE, else $XDG_CACHE_HOME/flaxformer_lite, else ~/.cache/flaxformer_lite.
+
+    Prepared corpora (data/preparation.py) and XLA's compiled programs (cli.py) live under it.
+    """
+    if os.environ.get(CACHE_ENV):
+        return pathlib.Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "flaxformer_lite"

@@ -14,8 +14,8 @@ import pathlib
 import jax
 import numpy as np
 
-from flaxformer_lite.embeddings import embed
-from flaxformer_lite.serve.engine import EngineError
+from flaxformer_lite.inference.embeddings import embed
+from flaxformer_lite.inference.engine import EngineError
 
 MIN_BUCKET = 16
 

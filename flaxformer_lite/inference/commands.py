@@ -1,14 +1,11 @@
-"""The commands that load or build a model: `generate`, `embed`, `summary`, `viz`.
+"""The inference commands: `generate` and `embed`, and the model loading `serve` shares.
 
     flaxformer-lite generate --workdir RUN --prompt "Once upon" [--stream]
     flaxformer-lite generate --hf DIR --system "Be brief." --chat "Hi" [--chat "Hello!" --chat "Why?"]
     flaxformer-lite embed --hf DIR --text "a cat" --text "a dog"      # JSON
-    flaxformer-lite summary --config gpt2_small
-    flaxformer-lite viz --workdir RUN --text "..." --out DIR
 
-The library functions they call (decode.generate, embeddings.embed,
-model_summary.summary, viz.visualize / viz.plot_positions) depend on models alone;
-reading run directories and HF folders is this module's job. JAX and the library are
+The library functions they call (decode.generate, embeddings.embed) depend on models
+alone; reading run directories and HF folders is this module's job (`load_model`). JAX and the library are
 imported inside the `run_*` functions, so `--help` answers at once.
 Bad input prints one `error: ...` line and exits with status 2.
 """
@@ -24,9 +21,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from flaxformer_lite.cli import non_negative_float, non_negative_int, positive_float, positive_int, probability
+from flaxformer_lite.errors import EXIT_BAD_INPUT
+from flaxformer_lite.runtime.flags import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 
-EXIT_BAD_INPUT = 2  # the command's status for bad input, as train/eval/convert
 # decode.METHODS and embeddings.POOLINGS, spelled out so that `--help` does not import JAX
 # (tests/test_cli.py keeps them equal).
 DECODE_METHODS = ("greedy", "sample", "beam")
@@ -89,7 +92,7 @@ def check_peft(args) -> None:
         raise ConfigError("--peft ADAPTER goes with --hf BASE_DIR, the model the adapter was trained on")
 
 
-def _load_for_cli(args):
+def load_model(args):
     """(ModelConfig, params, tokenizer, tokenizer folder or None) for the chosen source."""
     from flaxformer_lite import data
     from flaxformer_lite.config import ConfigError, load_config
@@ -110,7 +113,7 @@ def _load_for_cli(args):
             model_cfg, params = peft.load_adapters(model_cfg, params, args.peft, model_type=model_type)
         return model_cfg, params, hf.load_tokenizer(args.hf), pathlib.Path(args.hf)
     if args.workdir:
-        from flaxformer_lite import checkpoint
+        from flaxformer_lite.runtime import checkpoint
 
         cfg, params = checkpoint.load_params(args.workdir, step=args.step)
         if args.config:
@@ -122,18 +125,18 @@ def _load_for_cli(args):
                     f"{args.workdir} (model.{', model.'.join(diff)}); drop --config to use the run's own"
                 )
             cfg = given
-        return cfg.model, params, data.load_tokenizer(cfg.data.tokenizer), _tokenizer_folder(cfg.data.tokenizer)
+        return cfg.model, params, data.load_tokenizer(cfg.data.tokenizer), tokenizer_folder(cfg.data.tokenizer)
     if args.config:
         import jax
 
         cfg = load_config(args.config)
         print(f"note: no --workdir/--hf given: {args.config} with random weights", file=sys.stderr)
         params = init_params(cfg.model, jax.random.key(args.seed))
-        return cfg.model, params, data.load_tokenizer(cfg.data.tokenizer), _tokenizer_folder(cfg.data.tokenizer)
+        return cfg.model, params, data.load_tokenizer(cfg.data.tokenizer), tokenizer_folder(cfg.data.tokenizer)
     raise ConfigError("generate: pass a model: --workdir DIR (a training run), --hf DIR, or --config FILE")
 
 
-def _tokenizer_folder(spec: str) -> Optional[pathlib.Path]:
+def tokenizer_folder(spec: str) -> Optional[pathlib.Path]:
     """The folder a run's tokenizer comes from (its chat template's home), if it is one."""
     return pathlib.Path(spec) if spec != "byte" and pathlib.Path(spec).is_dir() else None
 
@@ -205,7 +208,7 @@ def run_generate(args: argparse.Namespace) -> int:
     """
     import jax
 
-    from flaxformer_lite.decode import generate
+    from flaxformer_lite.inference.decode import generate
     from flaxformer_lite.models import build_model
 
     streamed, printed = [], [None]
@@ -228,7 +231,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.system and not args.chat:
             raise ValueError("--system is the system message of a --chat conversation: add --chat MESSAGE")
         _check_prompts(args.prompt or [])
-        model_cfg, params, tokenizer, folder = _load_for_cli(args)
+        model_cfg, params, tokenizer, folder = load_model(args)
         decoder_only = model_cfg.family == "decoder"
         if args.chat:
             if not decoder_only:
@@ -359,7 +362,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
     Bad input prints one `error: ...` line and returns 2.
     """
-    from flaxformer_lite.embeddings import embed
+    from flaxformer_lite.inference.embeddings import embed
     from flaxformer_lite.interop import hf
     from flaxformer_lite.models import build_model
 
@@ -380,122 +383,4 @@ def run_embed(args: argparse.Namespace) -> int:
         "pooling": pooling, "normalize": normalize, "dim": int(vectors.shape[1]),
         "embeddings": [{"text": t, "embedding": [round(float(x), 7) for x in v]} for t, v in zip(args.text, vectors)],
     }))
-    return 0
-
-
-# ------------------------------------------------------------------------ summary
-
-
-def add_summary_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `flaxformer-lite summary`."""
-    parser.add_argument("--config", required=True, help="YAML run config, or a preset name (gpt2_small)")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set data.batch_size=8 model.num_layers=24")
-
-
-def run_summary(args: argparse.Namespace) -> int:
-    """`flaxformer-lite summary`: print the report; a bad config prints one error line."""
-    from flaxformer_lite.config import ConfigError, load_config
-    from flaxformer_lite.model_summary import summary
-
-    try:
-        cfg = load_config(args.config, overrides=args.set)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(summary(cfg))
-    return 0
-
-
-# ------------------------------------------------------------------------ viz
-
-
-def add_viz_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `flaxformer-lite viz` (attention by default, --positions for position encodings)."""
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--workdir", help="a run directory (config.yaml + checkpoints)")
-    source.add_argument("--hf", help="a local HuggingFace model folder (config.json + safetensors)")
-    source.add_argument("--config", help="--positions only: a YAML config or preset name (a fresh init)")
-    parser.add_argument("--positions", action="store_true",
-                        help="plot the position encoding (tables, similarities, biases) instead of attention")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override --config keys, e.g. --set model.position=alibi")
-    parser.add_argument("--text", help="the input text (attention plots)")
-    parser.add_argument("--target", default=None, help="decoder text (attention plots, encoder-decoder models)")
-    parser.add_argument("--out", required=True, help="folder for the PNGs (and index.html)")
-    parser.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--length", type=positive_int, default=None,
-                        help="--positions: positions to draw (default: model.max_len)")
-
-
-def _argument_problem(args: argparse.Namespace) -> Optional[str]:
-    if args.set and not args.config:
-        return "--set overrides --config keys: add --config, or drop --set"
-    if args.positions:
-        if not (args.config or args.workdir or args.hf):
-            return "viz --positions needs --config CONFIG (a fresh init), --workdir RUN or --hf DIR"
-        if args.text is not None or args.target is not None:
-            return "--text/--target are for attention plots: drop them with --positions"
-        return None
-    if args.config:
-        return "attention plots need trained weights: use --workdir or --hf (or add --positions)"
-    if not (args.workdir or args.hf):
-        return "viz needs --workdir RUN or --hf DIR (or --positions --config CONFIG)"
-    if args.text is None:
-        return "viz needs --text (the input whose attention to plot), or --positions"
-    if args.length is not None:
-        return "--length is for --positions plots"
-    return None
-
-
-def _run_positions(args: argparse.Namespace) -> int:
-    from flaxformer_lite import checkpoint
-    from flaxformer_lite.config import load_config
-    from flaxformer_lite.viz import plot_positions
-
-    try:
-        if args.config:
-            cfg, params, source = load_config(args.config, overrides=args.set).model, None, None
-        elif args.workdir:
-            run_cfg, params = checkpoint.load_params(args.workdir, step=args.step)
-            cfg = run_cfg.model
-            source = f"run {args.workdir}, " + ("latest step" if args.step is None else f"step {args.step}")
-        else:
-            from flaxformer_lite.interop import hf
-
-            cfg, params = hf.load(args.hf)
-            source = f"HF folder {args.hf}"
-        written = plot_positions(cfg, args.out, params, source=source, length=args.length)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError and HFError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
-    return 0
-
-
-def run_viz(args: argparse.Namespace) -> int:
-    """Attention plots (PNGs + index.html) or, with --positions, position-encoding plots."""
-    problem = _argument_problem(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.positions:
-        return _run_positions(args)
-    import jax
-    import jax.numpy as jnp
-
-    from flaxformer_lite import checkpoint, data
-    from flaxformer_lite.viz import visualize
-
-    if args.workdir:
-        run_cfg, params = checkpoint.load_params(args.workdir, step=args.step)
-        cfg, tokenizer = run_cfg.model, data.load_tokenizer(run_cfg.data.tokenizer)
-    else:
-        from flaxformer_lite.interop import hf
-
-        cfg, params = hf.load(args.hf)
-        tokenizer = data.load_tokenizer(args.hf)
-    params = jax.tree.map(jnp.asarray, params)
-    written = visualize(cfg, params, tokenizer, args.text, args.out, target=args.target)
-    print(f"wrote {len(written)} files to {args.out}; open {pathlib.Path(args.out) / 'index.html'}")
     return 0

@@ -8,13 +8,12 @@ checkpoint in HF layout (BERT, MiniLM) loaded with `ffl.hf.load` gives that libr
 embeddings: `mean` averages the real tokens, `cls` takes the first real token, `max` takes
 the largest value of each dimension over the real tokens; `normalize` scales to unit L2
 norm (its Normalize module). The `flaxformer-lite embed` command is in
-model_commands.py; it reads the pooling from the folder's sentence-transformers files.
+inference/commands.py; it reads the pooling from the folder's sentence-transformers files.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import flax.linen as nn
 import jax

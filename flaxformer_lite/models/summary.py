@@ -13,7 +13,7 @@ than the host's memory summarises in a second. The report holds:
   relative-position tables, found by their logical axis names) and the rest; encoders
   with an MLM head also show the count without it (what BertModel counts);
 - model FLOPs per token at the config's sequence length, forward and training, from
-  flaxformer_lite.flops (the formula MFU uses);
+  flaxformer_lite.models.flops (the formula MFU uses);
 - memory at the config's batch size and sequence length, in float32 and bfloat16:
   parameters, gradients, AdamW's optimizer state (two moments per parameter) and
   activations.
@@ -50,9 +50,8 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 
-from flaxformer_lite import flops
 from flaxformer_lite.config import Config, ModelConfig
-from flaxformer_lite.models import build_model, dummy_inputs
+from flaxformer_lite.models import build_model, dummy_inputs, flops
 from flaxformer_lite.ops.ffn import is_gated
 
 # Leading logical axis of a lookup table: these parameters are "embeddings".
@@ -192,7 +191,7 @@ def summary(
     target = T_dec if encdec else None
     per_token = flops.forward_flops_per_sequence(model_cfg, T, target) / flops.tokens_per_sequence(model_cfg, T, target)
     training = flops.training_flops_per_token(model_cfg, T, target)
-    lines.append(f"FLOPs per token at {lengths} (flaxformer_lite.flops, as MFU): "
+    lines.append(f"FLOPs per token at {lengths} (flaxformer_lite.models.flops, as MFU): "
                  f"forward {_flops(per_token)}, training {_flops(training)}")
     lines.append("")
 
