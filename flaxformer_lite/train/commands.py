@@ -23,7 +23,7 @@ import sys
 import traceback
 
 from flaxformer_lite.errors import BAD_INPUT, EXIT_BAD_INPUT
-from flaxformer_lite.runtime.flags import non_negative_int
+from flaxformer_lite.runtime.flags import non_negative_int, positive_int
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,12 +42,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `flaxformer-lite eval`."""
-    parser.add_argument("--workdir", required=True, help="run directory to evaluate")
+    """Flags of `flaxformer-lite eval`: a run's validation loss, or lm-eval tasks with --tasks."""
+    parser.add_argument("--workdir", help="run directory to evaluate")
     parser.add_argument("--config", help="config whose data section to evaluate on (default: the run's own)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.eval_batches=50")
     parser.add_argument("--step", type=non_negative_int, help="checkpoint step (default: the latest)")
+    harness = parser.add_argument_group("lm-eval tasks (needs the [eval] extra)")
+    harness.add_argument("--tasks", help="comma-separated lm-eval task names (or your own YAML tasks' names with "
+                         "--include-path), run on --workdir RUN or --hf DIR [--peft ADAPTER]")
+    harness.add_argument("--hf", metavar="DIR", help="with --tasks: a local HuggingFace model folder")
+    harness.add_argument("--peft", metavar="ADAPTER", help="with --hf: a PEFT LoRA adapter folder for that base")
+    harness.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
+    harness.add_argument("--num-fewshot", type=non_negative_int, help="few-shot examples (default: each task's own)")
+    harness.add_argument("--limit", type=positive_int, help="documents per task (default: all)")
+    harness.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass (default: 8)")
+    harness.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling; default: 0)")
+    harness.add_argument("--output", metavar="FILE", help="write lm-eval's results (metrics and per-document "
+                         "records) here as JSON")
 
 
 def check_backend(cfg) -> None:
@@ -118,8 +130,50 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_tasks(args: argparse.Namespace) -> int:
+    """`eval --tasks`: lm-eval's table on stdout, its results JSON in --output."""
+    from flaxformer_lite.config import ConfigError
+    from flaxformer_lite.inference import commands as inference_commands
+
+    if bool(args.workdir) == bool(args.hf):
+        raise ConfigError("eval --tasks: pass one model: --workdir RUN or --hf DIR")
+    if args.config or args.set:
+        raise ConfigError("eval --tasks evaluates the model as it is: drop --config/--set (they pick the data "
+                          "of a validation-loss eval)")
+    if args.peft and not args.hf:
+        raise ConfigError("--peft ADAPTER goes with --hf BASE_DIR, the model the adapter was trained on")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks: give at least one task name, e.g. --tasks arc_easy,hellaswag")
+    if args.include_path and not pathlib.Path(args.include_path).is_dir():
+        raise ConfigError(f"--include-path {args.include_path}: no such folder of task YAML files")
+    from flaxformer_lite.inference.evaluation import run_tasks
+    from flaxformer_lite.interop import lm_eval
+
+    source = argparse.Namespace(workdir=args.workdir, hf=args.hf, peft=args.peft, config=None, step=args.step,
+                                seed=args.seed)
+    model_cfg, params, tokenizer, folder = inference_commands.load_model(source)
+    results = run_tasks(model_cfg, params, tokenizer, folder, tasks, include_path=args.include_path,
+                        num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size, seed=args.seed)
+    print(lm_eval.table(results))
+    if args.output:
+        pathlib.Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    """Evaluate a run's checkpoint on its validation split; print and write WORKDIR/eval.json."""
+    """Evaluate a run's checkpoint on its validation split; print and write WORKDIR/eval.json.
+    With --tasks: lm-eval tasks on a run or an HF folder instead."""
+    if args.tasks:
+        return _run_tasks(args)
+    if args.hf or args.peft or args.include_path:
+        print("error: --hf, --peft and --include-path go with --tasks (a validation-loss eval reads --workdir)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.workdir:
+        print("error: eval needs --workdir RUN (or --tasks T1,T2 with --workdir RUN or --hf DIR)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     import jax
 
     from flaxformer_lite.config import ConfigError, load_config
