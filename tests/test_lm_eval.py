@@ -140,3 +140,25 @@ def test_bad_task_requests_are_one_line_errors(setup, capsys):
     assert "pass one model" in capsys.readouterr().err
     assert main(["eval", "--hf", str(setup / "model")]) == 2
     assert "go with --tasks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["llama3_tiny", "gemma2_tiny"])  # gemma2: softcapped logits, every position
+def test_scores_equal_log_softmax_of_the_full_forward_pass(preset):
+    import jax
+
+    import flaxformer_lite as ffl
+
+    cfg = ffl.load_config(preset).model
+    params = ffl.init_params(cfg, jax.random.key(1))
+    model = build_model(cfg)
+    rng = np.random.default_rng(2)
+    pairs = [(list(rng.integers(3, cfg.vocab_size, n)), list(rng.integers(3, cfg.vocab_size, k)))
+             for n, k in ((5, 1), (17, 3), (9, 6), (30, 2), (1, 9))]
+    got = Scorer(model, params, batch_size=2)(pairs)
+    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+        ids = np.asarray([context + continuation])
+        logp = jax.nn.log_softmax(model.apply(params, ids[:, :-1]).logits[0].astype(np.float32), axis=-1)
+        rows = logp[len(context) - 1:]
+        want = sum(float(rows[j, t]) for j, t in enumerate(continuation))
+        assert logprob == pytest.approx(want, abs=1e-4)
+        assert greedy == all(int(np.argmax(rows[j])) == t for j, t in enumerate(continuation))

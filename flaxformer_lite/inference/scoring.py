@@ -6,9 +6,13 @@ harness (lm-eval's `loglikelihood` and `loglikelihood_rolling`).
 
 Each pair is scored as lm-eval's HF backend scores it: the model reads
 (context + continuation), keeping the last max_len + 1 tokens and dropping the last one,
-and the continuation's tokens are read off the last len(continuation) positions. Rows are
-run `batch_size` at a time, longest first, right-padded to a power-of-two length (at
-least 16, at most max_len), so a whole task compiles a handful of programs.
+and the continuation's tokens are read off the last len(continuation) positions. Only
+those positions are projected onto the vocabulary (`models.lm_head_inputs`): a
+multiple-choice continuation is a few tokens of a context of hundreds, and the
+projection onto a 49k vocabulary is a fifth of a small model's forward pass. Rows are
+run `batch_size` at a time, longest first, right-padded to a length bucket (a quarter
+octave: at most a quarter of a row is padding) and the continuations to a power of two,
+so a whole task compiles a handful of programs.
 """
 
 from __future__ import annotations
@@ -19,11 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxformer_lite.models import lm_head_inputs
+
 MIN_BUCKET = 16
 
 
 def _bucket(n: int, max_len: int) -> int:
-    return min(max_len, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
+    """n rounded up to a quarter octave (16, 20, 24, 28, 32, 40, ...), at most max_len."""
+    step = max(MIN_BUCKET // 4, 1 << max((n - 1).bit_length() - 3, 0))
+    return min(max_len, max(MIN_BUCKET, -(-n // step) * step))
 
 
 class Scorer:
@@ -43,11 +51,22 @@ class Scorer:
         self.batch_size = batch_size
         self._params = params
 
-        def target_logprobs(params, ids_BT, targets_BT):
-            logits_BTV = model.apply(params, ids_BT).logits.astype(jnp.float32)
-            logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-            picked_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-            return picked_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+        cfg = model.cfg
+        # Softcapped logits are not h @ table.T: those models project every position.
+        project_all = cfg.logits_softcap is not None
+
+        def target_logprobs(params, ids_BT, targets_BK, at_BK):
+            out = model.apply(params, ids_BT)
+            if project_all:
+                logits_BKV = jnp.take_along_axis(out.logits, at_BK[..., None], axis=1)
+            else:
+                h_BKD = jnp.take_along_axis(out.hidden_states, at_BK[..., None], axis=1)
+                h_BKD, table_VD = lm_head_inputs(cfg, params, h_BKD)
+                logits_BKV = jnp.einsum("BKD,VD->BKV", h_BKD, table_VD)
+            logits_BKV = logits_BKV.astype(jnp.float32)
+            logp_BKV = jax.nn.log_softmax(logits_BKV, axis=-1)
+            picked_BK = jnp.take_along_axis(logp_BKV, targets_BK[..., None], axis=-1)[..., 0]
+            return picked_BK, jnp.argmax(logits_BKV, axis=-1) == targets_BK
 
         self._run = jax.jit(target_logprobs)
 
@@ -66,13 +85,17 @@ class Scorer:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             T = _bucket(len(rows[chunk[0]][0]), self.max_len)
+            K = 1 << (max(rows[i][2] for i in chunk) - 1).bit_length()
             ids = np.zeros((self.batch_size, T), np.int32)
-            targets = np.zeros((self.batch_size, T), np.int32)
+            targets = np.zeros((self.batch_size, K), np.int32)
+            at = np.zeros((self.batch_size, K), np.int32)
             for r, i in enumerate(chunk):
-                n = len(rows[i][0])
-                ids[r, :n], targets[r, :n] = rows[i][0], rows[i][1]
-            logp_BT, greedy_BT = jax.device_get(self._run(self._params, ids, targets))
+                inputs, row_targets, k = rows[i]
+                n = len(inputs)
+                ids[r, :n] = inputs
+                targets[r, :k], at[r, :k] = row_targets[n - k:], np.arange(n - k, n)
+            logp_BK, greedy_BK = jax.device_get(self._run(self._params, ids, targets, at))
             for r, i in enumerate(chunk):
-                n, k = len(rows[i][0]), rows[i][2]
-                out[i] = (float(np.sum(logp_BT[r, n - k:n], dtype=np.float64)), bool(greedy_BT[r, n - k:n].all()))
+                k = rows[i][2]
+                out[i] = (float(np.sum(logp_BK[r, :k], dtype=np.float64)), bool(greedy_BK[r, :k].all()))
         return out
