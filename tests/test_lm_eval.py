@@ -162,3 +162,13 @@ def test_scores_equal_log_softmax_of_the_full_forward_pass(preset):
         want = sum(float(rows[j, t]) for j, t in enumerate(continuation))
         assert logprob == pytest.approx(want, abs=1e-4)
         assert greedy == all(int(np.argmax(rows[j])) == t for j, t in enumerate(continuation))
+
+
+def test_bench_eval_times_both_harnesses_and_their_accuracies_agree(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "eval", "--layers", "1", "--d-model", "32", "--heads", "2", "--kv-heads", "1",
+                 "--d-ff", "64", "--vocab", "512", "--docs", "6", "--rounds", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["acc"]["ours"] == result["acc"]["lm_eval_hf"]
+    assert all(t > 0 for times in result["seconds"].values() for t in times)
+    assert "ours / lm-eval hf" in capsys.readouterr().out

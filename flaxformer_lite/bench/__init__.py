@@ -32,6 +32,11 @@ BENCHMARKS = {
         "flaxformer_lite.bench.train", "train",
         "training step on a random GPT-2 against transformers + torch AdamW: tokens/s, MFU, compile time, remat memory",
     ),
+    "eval": (
+        "flaxformer_lite.bench.lm_eval", "lm_eval",
+        "eval --tasks against lm-eval's own hf model on a local multiple-choice task, same random Llama folder: "
+        "seconds per round and accuracy",
+    ),
     "serve": (
         "flaxformer_lite.bench.serve", "serve",
         "the HTTP server under N concurrent streaming clients against one at a time: tokens/s, TTFT, ITL, "

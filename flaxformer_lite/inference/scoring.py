@@ -10,8 +10,8 @@ and the continuation's tokens are read off the last len(continuation) positions.
 those positions are projected onto the vocabulary (`models.lm_head_inputs`): a
 multiple-choice continuation is a few tokens of a context of hundreds, and the
 projection onto a 49k vocabulary is a fifth of a small model's forward pass. Rows are
-run `batch_size` at a time, longest first, right-padded to a length bucket (a quarter
-octave: at most a quarter of a row is padding) and the continuations to a power of two,
+run `batch_size` at a time, longest first, right-padded to a length bucket (an eighth
+of an octave: at most an eighth of a row is padding) and the continuations to a power of two,
 so a whole task compiles a handful of programs.
 """
 
@@ -29,8 +29,8 @@ MIN_BUCKET = 16
 
 
 def _bucket(n: int, max_len: int) -> int:
-    """n rounded up to a quarter octave (16, 20, 24, 28, 32, 40, ...), at most max_len."""
-    step = max(MIN_BUCKET // 4, 1 << max((n - 1).bit_length() - 3, 0))
+    """n rounded up to an eighth of an octave (16, 18, ..., 32, 36, ..., 128, 144, ...), at most max_len."""
+    step = max(MIN_BUCKET // 8, 1 << max((n - 1).bit_length() - 4, 0))
     return min(max_len, max(MIN_BUCKET, -(-n // step) * step))
 
 
