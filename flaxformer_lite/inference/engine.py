@@ -30,6 +30,12 @@ return at once. Each request's events go to its `sink` (called on the engine thr
   {"type": "done", "finish_reason": "stop"|"length"|"cancelled"|"error", "text": full
    text, "prompt_logprobs": [...] or None, "prompt_tokens": n, "completion_tokens": n,
    "error": message or None}
+
+A failure stays with its request: an exception while handling one sequence (its
+sampling settings, its text, its sink) ends that sequence with finish_reason "error"
+and the loop goes on. Should the loop itself fail (a compiled program raising), the
+engine is dead: `failure` says why, every sequence submitted gets its "error" event, and
+`submit` and `check` raise EngineDead (HTTP 503) so a server can report it and exit.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
+import math
 import queue
 import threading
 import time
@@ -48,12 +56,15 @@ import numpy as np
 
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.inference import decode
-from flaxformer_lite.inference.text import held_back
+from flaxformer_lite.inference.text import StopMatcher
 from flaxformer_lite.models import build_model
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit for completions)
 MAX_LOGIT_BIAS = 300  # entries of a request's logit_bias (OpenAI's limit); a fixed shape for prefill
 Sink = Callable[[dict], None]
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+log = logging.getLogger(__name__)
 
 
 class EngineError(UserError):
@@ -65,6 +76,12 @@ class QueueFull(EngineError):
 
 
 class Draining(EngineError):
+    http_status = 503
+
+
+class EngineDead(EngineError):
+    """The engine's loop has stopped (`Engine.failure` says why): nothing more will run."""
+
     http_status = 503
 
 
@@ -137,17 +154,10 @@ class _Seq:
     text: str = ""
     sent: int = 0  # characters of `text` already sent
     cancelled: bool = False
+    finished: bool = False
     arrived: float = 0.0
-
-
-def _stop_cut(text: str, stops: Sequence[str], start: int) -> int:
-    """Index of the earliest stop string in `text` that ends at or after `start`; -1: none."""
-    cut = -1
-    for s in stops:
-        i = text.find(s, max(0, start - len(s) + 1))
-        if i >= 0 and (cut < 0 or i < cut):
-            cut = i
-    return cut
+    stops: Optional[StopMatcher] = None  # made by submit, on the caller's thread
+    stop_ids: frozenset = frozenset()
 
 
 # ------------------------------------------------------------------------ the programs
@@ -318,6 +328,8 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = False
         self.draining = False
+        self.failure: Optional[str] = None  # why the engine loop died; None while it runs
+        self._lock = threading.Lock()  # orders `submit` against the loop's death
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self.stats = collections.Counter()
@@ -342,53 +354,83 @@ class Engine:
             self._thread.join()
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Sink) -> Handle:
-        """Queue one sequence; raises EngineError (400), QueueFull (429) or Draining (503)."""
+        """Queue one sequence; raises EngineError (400), QueueFull (429), Draining or EngineDead (503)."""
         if self.draining or self._stopping:
             raise Draining("the server is shutting down and takes no new requests")
         self.check(prompt, params)
-        if self.queued() >= self.max_queue + len(self._free):
-            raise QueueFull(f"{self.queued()} requests are waiting for a slot; retry shortly")
-        seq = _Seq(list(map(int, prompt)), params, sink, arrived=time.perf_counter())
-        self._incoming.put(seq)
+        seq = _Seq(list(map(int, prompt)), params, sink, arrived=time.perf_counter(),
+                   stops=StopMatcher(params.stop) if params.stop else None,
+                   stop_ids=frozenset(map(int, params.stop_token_ids)))
+        with self._lock:
+            self._raise_if_dead()
+            if self.queued() >= self.max_queue + len(self._free):
+                raise QueueFull(f"{self.queued()} requests are waiting for a slot; retry shortly")
+            self._incoming.put(seq)
         self._wake.set()
         return Handle(self, seq)
 
+    def _raise_if_dead(self) -> None:
+        if self.failure is not None:
+            raise EngineDead(f"the engine has stopped ({self.failure}); the server must be restarted")
+
     def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
-        """Raise EngineError naming the problem if the request cannot run."""
-        if not prompt:
-            raise EngineError("the prompt is empty: give at least one token of text")
+        """Raise EngineError naming the problem if the request cannot run (EngineDead if nothing can).
+
+        Every value is checked for its type and for the range the compiled programs hold
+        (int32 ids, float32 settings), so no request can fail inside the engine's loop.
+        """
+        self._raise_if_dead()
+        if not _is_sequence(prompt) or len(prompt) == 0:
+            raise EngineError("the prompt must be a non-empty list of token ids: give at least one token of text")
+        if not all(_is_int(i) for i in prompt):
+            raise EngineError("the prompt must be a list of integer token ids")
         bad = [i for i in prompt if not 0 <= int(i) < self.vocab_size]
         if bad:
             raise EngineError(f"prompt token id {bad[0]} is outside [0, {self.vocab_size}) = the model's vocabulary")
-        if params.max_tokens < 0:
-            raise EngineError(f"max_tokens={params.max_tokens} must be >= 0")
-        if len(prompt) + params.max_tokens > self.max_len:
+        p = params
+        if not all(_is_int(v) for v in (p.max_tokens, p.top_k, p.seed, p.choice)):
+            raise EngineError(f"max_tokens={p.max_tokens!r}, top_k={p.top_k!r}, seed={p.seed!r} and "
+                              f"choice={p.choice!r} must be integers")
+        if p.max_tokens < 0:
+            raise EngineError(f"max_tokens={p.max_tokens} must be >= 0")
+        if len(prompt) + p.max_tokens > self.max_len:
             raise EngineError(
-                f"the prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
-                f"{len(prompt) + params.max_tokens} exceeds the context of {self.max_len} tokens: "
+                f"the prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) = "
+                f"{len(prompt) + p.max_tokens} exceeds the context of {self.max_len} tokens: "
                 "shorten the prompt or lower max_tokens"
             )
-        if params.max_tokens == 0 and not params.echo_logprobs:
+        if p.max_tokens == 0 and not p.echo_logprobs:
             raise EngineError("max_tokens=0 generates nothing: use it with echo and logprobs to score a prompt")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+        if not (_is_float32(p.temperature) and _is_float32(p.top_p) and p.temperature >= 0 and 0 < p.top_p <= 1
+                and p.top_k >= 0):
             raise EngineError(
-                f"temperature={params.temperature} must be >= 0, top_p={params.top_p} in (0, 1], "
-                f"top_k={params.top_k} >= 0"
+                f"temperature={p.temperature!r} must be a finite number >= 0, top_p={p.top_p!r} in (0, 1], "
+                f"top_k={p.top_k} >= 0 (0: off; values past the vocabulary are the same as off)"
             )
-        if not params.repetition_penalty > 0 or not all(
-                -2 <= v <= 2 for v in (params.presence_penalty, params.frequency_penalty)):
+        if not (_is_float32(p.repetition_penalty) and np.float32(p.repetition_penalty) > 0
+                and all(_is_float32(v) and -2 <= v <= 2 for v in (p.presence_penalty, p.frequency_penalty))):
             raise EngineError(
-                f"repetition_penalty={params.repetition_penalty} must be > 0 (1: off), presence_penalty="
-                f"{params.presence_penalty} and frequency_penalty={params.frequency_penalty} in [-2, 2] (0: off)"
+                f"repetition_penalty={p.repetition_penalty!r} must be a finite number > 0 (1: off), presence_penalty="
+                f"{p.presence_penalty!r} and frequency_penalty={p.frequency_penalty!r} in [-2, 2] (0: off)"
             )
-        if len(params.logit_bias) > MAX_LOGIT_BIAS or not all(
-                0 <= t < self.vocab_size and -100 <= b <= 100 for t, b in params.logit_bias):
+        if not (_is_sequence(p.logit_bias) and len(p.logit_bias) <= MAX_LOGIT_BIAS and all(
+                _is_sequence(pair) and len(pair) == 2 and _is_int(pair[0]) and 0 <= pair[0] < self.vocab_size
+                and _is_float32(pair[1]) and -100 <= pair[1] <= 100 for pair in p.logit_bias)):
             raise EngineError(
-                f"logit_bias holds at most {MAX_LOGIT_BIAS} token ids in [0, {self.vocab_size}), each with a bias in "
-                "[-100, 100]"
+                f"logit_bias holds at most {MAX_LOGIT_BIAS} (token id, bias) pairs, ids in [0, {self.vocab_size}), "
+                "each bias in [-100, 100]"
             )
-        if params.logprobs is not None and not 0 <= params.logprobs <= TOP_LOGPROBS:
-            raise EngineError(f"logprobs={params.logprobs} must be in [0, {TOP_LOGPROBS}]")
+        if not 0 <= p.choice <= INT32_MAX:
+            raise EngineError(f"choice={p.choice} must be in [0, {INT32_MAX}]")
+        if isinstance(p.stop, str) or not _is_sequence(p.stop) or not all(isinstance(t, str) and t for t in p.stop):
+            raise EngineError("stop must be a list of non-empty strings")
+        if isinstance(p.stop_token_ids, str) or not _is_sequence(p.stop_token_ids) or not all(
+                _is_int(t) for t in p.stop_token_ids):
+            raise EngineError("stop_token_ids must be a list of integer token ids")
+        if not (isinstance(p.ignore_eos, bool) and isinstance(p.echo_logprobs, bool)):
+            raise EngineError(f"ignore_eos={p.ignore_eos!r} and echo_logprobs={p.echo_logprobs!r} must be true or false")
+        if p.logprobs is not None and not (_is_int(p.logprobs) and 0 <= p.logprobs <= TOP_LOGPROBS):
+            raise EngineError(f"logprobs={p.logprobs!r} must be in [0, {TOP_LOGPROBS}]")
 
     def queued(self) -> int:
         """Sequences submitted and not yet in a slot."""
@@ -408,10 +450,34 @@ class Engine:
             ready.set()
             return
         ready.set()
-        while not self._stopping:
-            self._iteration()
+        try:
+            while not self._stopping:
+                self._iteration()
+        except BaseException as e:  # the loop itself failed: no request can run any more
+            self._die(e)
+            return
         for seq in list(self._running.values()) + list(self._waiting):
             self._finish(seq, "cancelled")
+
+    def _die(self, error: BaseException) -> None:
+        """Mark the engine dead and end every sequence submitted with an "error" event."""
+        log.error("the engine loop stopped", exc_info=error)
+        with self._lock:  # after this, submit() refuses: nothing is left in the queue
+            self.failure = f"{type(error).__name__}: {error}"
+        while not self._incoming.empty():
+            self._waiting.append(self._incoming.get())
+        for seq in list(self._running.values()) + list(self._waiting):
+            self._finish(seq, "error", f"the engine stopped: {self.failure}")
+        self._waiting.clear()
+
+    def _guarded(self, seq: _Seq, work: Callable, *args):
+        """work(*args) for one sequence; an exception fails that sequence, not the loop."""
+        try:
+            return work(*args)
+        except Exception as e:
+            log.exception("request failed in the engine")
+            self._finish(seq, "error", f"the server failed on this request: {type(e).__name__}: {e}")
+            return None
 
     def _warm_up(self) -> None:
         """Compile prefill and step once: no request compiles anything afterwards."""
@@ -443,26 +509,33 @@ class Engine:
             self._wake.wait(0.05)
             self._wake.clear()
 
-    def _prefill_chunk(self, seq: _Seq) -> None:
+    def _prefill_inputs(self, seq: _Seq) -> tuple:
+        """The host arrays of `seq`'s next prompt chunk: (ids, targets, count, logit-bias ids, biases)."""
         start, C = seq.filled, self.chunk
         ids = seq.prompt[start:start + C]
-        n = len(ids)
         targets = seq.prompt[start + 1:start + C + 1]
         ids_C = np.zeros(C, np.int32)
         targets_C = np.zeros(C, np.int32)
-        ids_C[:n], targets_C[:len(targets)] = ids, targets
+        ids_C[:len(ids)], targets_C[:len(targets)] = ids, targets
         bias_ids_K = np.full(MAX_LOGIT_BIAS, self.vocab_size, np.int32)
         bias_K = np.zeros(MAX_LOGIT_BIAS, np.float32)
         for k, (token, bias) in enumerate(seq.params.logit_bias):
             bias_ids_K[k], bias_K[k] = token, bias
+        return ids_C, targets_C, len(ids), bias_ids_K, bias_K
+
+    def _prefill_chunk(self, seq: _Seq) -> None:
+        inputs = self._guarded(seq, self._prefill_inputs, seq)
+        if inputs is None:
+            return
+        ids_C, targets_C, n, bias_ids_K, bias_K = inputs
         self._pool, self._logits, self._tables, summary = _prefill(
-            self.model, self.params, self._pool, self._logits, self._tables, np.int32(seq.slot), np.int32(start),
-            ids_C, targets_C, np.int32(n), bias_ids_K, bias_K,
+            self.model, self.params, self._pool, self._logits, self._tables, np.int32(seq.slot),
+            np.int32(seq.filled), ids_C, targets_C, np.int32(n), bias_ids_K, bias_K,
         )
         self.stats["prefill_chunks"] += 1
         seq.filled += n
         if seq.params.echo_logprobs or not np.all(np.asarray(summary[3])[:n]):
-            self._record_prompt_logprobs(seq, summary, n)
+            self._guarded(seq, self._record_prompt_logprobs, seq, summary, n)
         if seq.slot >= 0 and seq.filled == len(seq.prompt) and seq.params.max_tokens == 0:
             self._finish(seq, "length")
 
@@ -495,13 +568,17 @@ class Engine:
             # Every slot runs; one still being prefilled keeps its length, so the token
             # written past it is overwritten by its next chunk.
             length[s.slot] = s.filled
-        for s in decoding:
-            p = s.params
-            length[s.slot] = len(s.prompt) + len(s.tokens)
-            temperature[s.slot], top_p[s.slot], top_k[s.slot] = p.temperature, p.top_p, p.top_k
-            repetition[s.slot], presence[s.slot] = p.repetition_penalty, p.presence_penalty
-            frequency[s.slot], decoding_B[s.slot], biased_B[s.slot] = p.frequency_penalty, True, bool(p.logit_bias)
-            seed[s.slot], choice[s.slot], step[s.slot] = p.seed % 2**32, p.choice, len(s.tokens)
+        def settings(s: _Seq) -> bool:
+            p, b = s.params, s.slot
+            length[b] = len(s.prompt) + len(s.tokens)
+            # top_k past the vocabulary keeps every token, as top_k = V does.
+            temperature[b], top_p[b], top_k[b] = p.temperature, p.top_p, min(p.top_k, self.vocab_size)
+            repetition[b], presence[b], frequency[b] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+            seed[b], choice[b], step[b] = p.seed % 2**32, p.choice, len(s.tokens)
+            decoding_B[b], biased_B[b] = True, bool(p.logit_bias)
+            return True
+
+        decoding = [s for s in decoding if self._guarded(s, settings, s)]
         self._pool, self._logits, self._tables, token_B, summary = _step(
             self.model, self.params, self._pool, self._logits, self._tables, decoding_B, length, temperature, top_k,
             top_p, biased_B, repetition, presence, frequency, seed, choice, step,
@@ -513,7 +590,7 @@ class Engine:
             if not finite_B[b]:
                 self._finish(s, "error", "the model's logits are not finite (NaN or inf) for this request")
                 continue
-            self._take_token(s, int(token_B[b]), float(lp_B[b]), top_ids[b], top_lp[b])
+            self._guarded(s, self._take_token, s, int(token_B[b]), float(lp_B[b]), top_ids[b], top_lp[b])
 
     def _text_of(self, token: int) -> str:
         text = self._token_text.get(token)
@@ -524,7 +601,7 @@ class Engine:
     def _take_token(self, seq: _Seq, token: int, logprob: float, top_ids, top_lp) -> None:
         p = seq.params
         seq.tokens.append(token)
-        stops_on_id = token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos)
+        stops_on_id = token in seq.stop_ids or (token in self.eos_ids and not p.ignore_eos)
         if p.logprobs is not None:
             k = p.logprobs
             seq.token_infos.append(TokenInfo(
@@ -534,9 +611,11 @@ class Engine:
         if stops_on_id:
             self._finish(seq, "stop")
             return
-        before = len(seq.text)
         text = self.tokenizer.decode(seq.tokens)
-        cut = _stop_cut(text, p.stop, before) if p.stop else -1
+        # A trailing U+FFFD is a character split between tokens: the next tokens may change
+        # it, so it is neither final for stop strings nor sent.
+        final = len(text.rstrip("\ufffd"))
+        cut, held = seq.stops.find(text, final) if seq.stops is not None else (-1, 0)
         if cut >= 0:
             seq.text = text[:cut]
             self._finish(seq, "stop")
@@ -545,11 +624,8 @@ class Engine:
         if len(seq.tokens) >= p.max_tokens:
             self._finish(seq, "length")
             return
-        # A trailing U+FFFD is a character split between tokens; text that may start a
-        # stop string waits until the next tokens decide it.
-        ready = len(text) - (held_back(text, p.stop) if p.stop else 0)
-        if text.endswith("\ufffd"):
-            ready = min(ready, len(text.rstrip("\ufffd")))
+        # Text that may start a stop string waits until the next tokens decide it.
+        ready = min(len(text) - held, final)
         if ready > seq.sent or p.logprobs is not None:
             self._send(seq, ready)
 
@@ -559,19 +635,39 @@ class Engine:
         seq.sink({"type": "token", "text": delta, "tokens": infos})
 
     def _finish(self, seq: _Seq, reason: str, error: Optional[str] = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
         if seq.slot >= 0:
             self._running.pop(seq.slot, None)
             self._free.append(seq.slot)
             self._free.sort()
             seq.slot = -1
-        if reason in ("stop", "length") and (len(seq.text) > seq.sent or seq.token_infos):
-            self._send(seq, len(seq.text))
         self.stats[f"finished_{reason}"] += 1
-        seq.sink({
-            "type": "done", "finish_reason": reason, "text": seq.text, "error": error,
-            "prompt_logprobs": seq.prompt_logprobs if seq.params.echo_logprobs else None,
-            "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
-        })
+        try:  # a sink that raises loses its own events, nothing else
+            if reason in ("stop", "length") and (len(seq.text) > seq.sent or seq.token_infos):
+                self._send(seq, len(seq.text))
+            seq.sink({
+                "type": "done", "finish_reason": reason, "text": seq.text, "error": error,
+                "prompt_logprobs": seq.prompt_logprobs if seq.params.echo_logprobs else None,
+                "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
+            })
+        except Exception:
+            log.exception("a request's sink failed")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_float32(v) -> bool:
+    """A real number (not a bool) that float32 holds without becoming inf or NaN."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) and \
+        abs(v) <= FLOAT32_MAX and math.isfinite(v)
+
+
+def _is_sequence(v) -> bool:
+    return isinstance(v, (list, tuple, np.ndarray))
 
 
 def _eos_ids(tokenizer, cfg) -> list:

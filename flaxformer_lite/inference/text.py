@@ -1,9 +1,10 @@
 """Text bookkeeping shared by the engine (stop strings) and the reply parsers (reasoning
-and tool-call tags): how much of a growing text is safe to send."""
+and tool-call tags): how much of a growing text is safe to send, and where it stops."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import bisect
+from typing import Iterable, Sequence
 
 
 def held_back(text: str, marks: Sequence[str]) -> int:
@@ -16,3 +17,61 @@ def held_back(text: str, marks: Sequence[str]) -> int:
                 held = n
                 break
     return held
+
+
+class StopMatcher:
+    """Stop strings found in a growing text at a cost per new character that does not
+    grow with the number of strings (a request may send thousands).
+
+    The matcher keeps `held`: the longest end of the text read so far that begins some
+    stop string (what `held_back` computes, here kept up to date). A new character
+    extends it; then characters are dropped from its front until it begins a stop string
+    again, each test one binary search in the sorted strings. A character adds one to its
+    length and every drop takes one away, so there are at most two tests per character
+    on average: the failure links of Aho-Corasick's automaton, found by search when
+    needed instead of built for every string in advance (building them would cost the
+    whole list's size in Python objects). Which stop string ends at a `held` is computed
+    once per distinct `held` and remembered.
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self._sorted = sorted(set(stops))
+        if not self._sorted or not all(self._sorted):
+            raise ValueError("stop strings must be non-empty, and at least one is needed")
+        self._set = frozenset(self._sorted)
+        self._lengths = sorted({len(s) for s in self._sorted})
+        self._ends: dict[str, int] = {}  # held -> length of the longest stop string it ends with (0: none)
+        self._read, self._held = "", ""  # the final text read so far; its held end
+
+    def _begins_one(self, s: str) -> bool:
+        i = bisect.bisect_left(self._sorted, s)
+        return i < len(self._sorted) and self._sorted[i].startswith(s)
+
+    def _ending(self, held: str) -> int:
+        n = self._ends.get(held)
+        if n is None:
+            fits = self._lengths[: bisect.bisect_right(self._lengths, len(held))]
+            n = next((k for k in reversed(fits) if held[-k:] in self._set), 0)
+            self._ends[held] = n
+        return n
+
+    def find(self, text: str, final: int) -> tuple[int, int]:
+        """(cut, held) for `text`, the whole text so far, of which the first `final`
+        characters will not change (a character split between tokens may still).
+
+        cut: the start of the earliest stop string that ends in what is new since the
+        last call, -1 if none; held: how many trailing characters may begin one.
+        """
+        if not text.startswith(self._read):  # earlier text changed: read it all again
+            self._read, self._held = "", ""
+        held, cut = self._held, -1
+        for i in range(len(self._read), len(text)):
+            held += text[i]
+            while held and not self._begins_one(held):
+                held = held[1:]
+            n = self._ending(held) if held else 0
+            if n and (cut < 0 or i + 1 - n < cut):
+                cut = i + 1 - n
+            if i + 1 == final:
+                self._read, self._held = text[:final], held
+        return cut, len(held)

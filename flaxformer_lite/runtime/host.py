@@ -54,6 +54,7 @@ CACHE_ENV = "FLAXFORMER_LITE_CACHE"
 # mallopt parameters (glibc malloc.h) and the values set.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+SERVE_TRIM_THRESHOLD = 64 * 2**20  # tune_malloc_for_serving(): free heap top kept at most
 # Environment variables through which a user has already chosen the allocator's behaviour.
 USER_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                    "MALLOC_TOP_PAD_", "MALLOC_ARENA_TEST")
@@ -148,6 +149,51 @@ def tune_malloc() -> bool:
 def _release_after_compile(event: str, duration_secs: float, **kwargs) -> None:
     if event == BACKEND_COMPILE_EVENT:
         release_free_memory()
+
+
+def tune_malloc_for_serving() -> bool:
+    """Serving's malloc: tune_malloc()'s, but free memory beyond SERVE_TRIM_THRESHOLD at
+    the top of the heap goes back to the system, as it is freed.
+
+    A server's peaks come from requests (a large body parsed and tokenized, then refused)
+    and would otherwise be kept for good: ten refused 2 MB prompts left a server 500 MiB
+    larger. A ServingHeap, polled by the server, returns the free pages inside the heap
+    too. Returns whether anything was changed (only on top of tune_malloc()).
+    """
+    if not _tuned:
+        return False
+    if _glibc().mallopt(M_TRIM_THRESHOLD, SERVE_TRIM_THRESHOLD) != 1:
+        raise RuntimeError(f"glibc mallopt({M_TRIM_THRESHOLD}, {SERVE_TRIM_THRESHOLD}) failed; set {TUNE_ENV}=0")
+    return True
+
+
+def resident_bytes() -> int:
+    """The process's resident memory (RSS) in bytes; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * mmap.PAGESIZE
+    except OSError:
+        return 0
+
+
+class ServingHeap:
+    """Hands free heap pages back whenever the process has grown `slack` bytes past its
+    size when made (after the server's warm-up): `poll()` it every second or so.
+
+    malloc_trim walks the heap's free chunks; it is polled rather than called per request
+    because a server does not know when a request's memory (its body, its tokens, parsed
+    by other libraries) has been freed.
+    """
+
+    def __init__(self, slack: int = SERVE_TRIM_THRESHOLD):
+        self.baseline, self.slack, self.trims = resident_bytes(), slack, 0
+
+    def poll(self) -> bool:
+        """Trim if grown (see the class); returns whether it trimmed."""
+        if not _tuned or resident_bytes() <= self.baseline + self.slack:
+            return False
+        self.trims += 1
+        return release_free_memory()
 
 
 def malloc_tuned() -> bool:

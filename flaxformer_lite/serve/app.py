@@ -602,17 +602,22 @@ async def models(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    """200 {"status": "ok"} while serving; 503 while draining, or with "failed" and the
+    reason once the engine has died (the process then exits for a supervisor to restart)."""
     served: Served = request.app.state.served
     engine = served.engine
+    failure = getattr(engine, "failure", None)
     body = {
-        "status": "draining" if served.draining else "ok",
+        "status": "failed" if failure else "draining" if served.draining else "ok",
         "model": served.name,
         "compilations_after_warmup": served.compilations(),
     }
+    if failure:
+        body["error"] = failure
     if engine is not None:
         body.update(running=engine.busy() - engine.queued(), waiting=engine.queued(), max_batch=engine.max_batch,
                     stats=dict(engine.stats))
-    return JSONResponse(body, status_code=503 if served.draining else 200)
+    return JSONResponse(body, status_code=503 if failure or served.draining else 200)
 
 
 async def _json_body(request: Request, served: Served) -> dict:

@@ -3,9 +3,15 @@
     flaxformer-lite serve --hf DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-len T]
     flaxformer-lite serve --workdir RUN
 
+The address is bound before the model loads: a bad or busy --host/--port is one
+`error: ...` line and exit 2 at once, and "serving ... on" is printed once the socket
+listens. A connection whose request headers are not complete HEADER_TIMEOUT_S seconds
+after it opened (or after its last response) is closed.
+
 SIGTERM (or Ctrl-C) drains: new requests get 503, those in flight finish (up to
 --drain-timeout seconds, then they are cut off), and the process exits 0. A second
-signal stops at once. Bad input prints one `error: ...` line and exits 2.
+signal stops at once. Bad input prints one `error: ...` line and exits 2. If the
+engine dies, /health answers 503 and the process exits 1, for a supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -13,14 +19,19 @@ from __future__ import annotations
 import argparse
 import pathlib
 import signal
+import socket
 import sys
 import time
+from typing import Callable
 
-from flaxformer_lite.errors import EXIT_BAD_INPUT
+from flaxformer_lite.errors import EXIT_BAD_INPUT, UserError
 from flaxformer_lite.inference import commands as inference_commands
 from flaxformer_lite.runtime.flags import non_negative_float, non_negative_int, positive_int
 from flaxformer_lite.serve.reasoning import PARSERS as REASONING_PARSERS
 from flaxformer_lite.serve.tools import PARSERS as TOOL_CALL_PARSERS
+
+EXIT_ENGINE_FAILED = 1  # the engine died while serving: a supervisor should restart the process
+HEADER_TIMEOUT_S = 10.0  # seconds a connection may take to send a request's headers
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,42 +145,128 @@ class _CompileCounter:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """`flaxformer-lite serve`: returns 0 after a drained shutdown, 2 for bad input."""
+    """`flaxformer-lite serve`: returns 0 after a drained shutdown, 2 for bad input, 1 if the engine died."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
         from flaxformer_lite.serve.app import build_app
     except ImportError as e:
         print(f"error: serving needs the serve extra ({e.name} is missing): pip install 'flaxformer_lite[serve]'",
               file=sys.stderr)
         return EXIT_BAD_INPUT
+    from flaxformer_lite.runtime import host
 
+    host.tune_malloc_for_serving()
+    try:
+        sock = bind(args.host, args.port)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     counter = _CompileCounter()
     try:
         started = time.perf_counter()
         served, worker = _load(args)
         worker.start()
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, HFError included
+        sock.close()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     counter.armed = True
     served.compilations = lambda: counter.count
     app = build_app(served, on_shutdown=worker.stop)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5, lifespan="on")
-    server = _draining_server(config, worker, args.drain_timeout)
-    print(f"serving {served.name} on http://{args.host}:{args.port}/v1 (warm-up {time.perf_counter() - started:.1f} s)",
-          file=sys.stderr, flush=True)
-    server.run()
+    warm_up = time.perf_counter() - started
+    return serve_app(app, sock, worker, drain_timeout=args.drain_timeout, log_level=args.log_level,
+                     banner=lambda address: f"serving {served.name} on http://{address}/v1 (warm-up {warm_up:.1f} s)")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), not yet listening (connections are refused until
+    the server is ready); UserError naming --host or --port if it cannot be had."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} must be in [0, 65535] (0: any free port)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host!r} is not an address of this machine ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT sockets
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"--host {host} --port {port}: {e.strerror}: choose another --port (or stop the process "
+                        "using it)") from None
+    return sock
+
+
+def serve_app(app, sock: socket.socket, worker, *, drain_timeout: float, log_level: str = "warning",
+              banner: Callable[[str], str] = "serving on http://{}".format,
+              header_timeout: float = HEADER_TIMEOUT_S) -> int:
+    """Serve `app` on the bound `sock` until a signal (see the module docstring);
+    `banner(host:port)` is printed once it listens. Returns the exit status: 0, or
+    EXIT_ENGINE_FAILED when `worker.failure` was set."""
+    import uvicorn
+
+    from flaxformer_lite.runtime.host import ServingHeap
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on",
+                            http=_header_timeout_protocol(header_timeout))
+    server = _draining_server(config, worker, drain_timeout, banner, sock, ServingHeap())
+    server.run(sockets=[sock])
+    failure = getattr(worker, "failure", None)
+    if failure:
+        print(f"error: the engine stopped ({failure}); exiting for a supervisor to restart the server",
+              file=sys.stderr, flush=True)
+        return EXIT_ENGINE_FAILED
     return 0
 
 
-def _draining_server(config, worker, drain_timeout: float):
-    """uvicorn's Server, whose first SIGTERM/SIGINT drains before it stops (see module)."""
+def _header_timeout_protocol(seconds: float):
+    """uvicorn's HTTP protocol class, closing a connection that has not sent a whole
+    request's headers `seconds` after it opened or after its last response: uvicorn
+    itself waits for them forever (slowloris clients hold sockets open)."""
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+
+    base = import_from_string(HTTP_PROTOCOLS["auto"])
+
+    class Protocol(base):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            # uvicorn makes a new cycle once a request's headers are in: the same cycle
+            # when the timer fires means none came.
+            self.loop.call_later(seconds, self._headers_due, self.cycle)
+
+        def _headers_due(self, cycle) -> None:
+            if self.cycle is cycle and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
+def _draining_server(config, worker, drain_timeout: float, banner: Callable[[str], str], sock: socket.socket,
+                     heap):
+    """uvicorn's Server, whose first SIGTERM/SIGINT drains before it stops, and which stops
+    when the engine dies (see module)."""
     import uvicorn
 
     class Server(uvicorn.Server):
         deadline = None
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:
+                host, port = sock.getsockname()[:2]
+                print(banner(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
+                      file=sys.stderr, flush=True)
 
         def handle_exit(self, sig, frame):
             # uvicorn's own handler would stop at once and re-raise the signal on exit.
@@ -182,6 +279,10 @@ def _draining_server(config, worker, drain_timeout: float):
                 self.force_exit = sig == signal.SIGINT
 
         async def on_tick(self, counter: int) -> bool:
+            if counter % 10 == 0:  # uvicorn ticks every 0.1 s
+                heap.poll()
+            if getattr(worker, "failure", None):
+                self.should_exit = True
             if self.deadline is not None and (worker.busy() == 0 or time.monotonic() > self.deadline):
                 self.should_exit = True
             return await super().on_tick(counter)

@@ -1,16 +1,20 @@
 """The engine in-process: greedy tokens equal ffl.generate's across prefill chunks, a
-request whose logits are not finite fails alone, stop-string bookkeeping."""
+request whose logits are not finite or whose handling raises fails alone, any sampling
+settings run or are refused by name (a hypothesis fuzz), stop-string bookkeeping."""
 
+import dataclasses
 import queue
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flaxformer_lite.inference.decode import generate
-from flaxformer_lite.inference.engine import Engine, SamplingParams, _stop_cut
-from flaxformer_lite.inference.text import held_back
+from flaxformer_lite.inference.engine import Engine, EngineError, SamplingParams
+from flaxformer_lite.inference.text import StopMatcher, held_back
 from flaxformer_lite.interop import hf
 from flaxformer_lite.models import build_model
 
@@ -32,7 +36,8 @@ def _run(engine, prompts, settings=None):
     events = queue.SimpleQueue()
     for i, p in enumerate(prompts):
         extra = settings[i] if settings else {}
-        engine.submit(p, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=0, **extra),
+        engine.submit(p, SamplingParams(**{"max_tokens": NEW, "temperature": 0, "ignore_eos": True, "logprobs": 0,
+                                           **extra}),
                       lambda e, i=i: events.put((i, e)))
     tokens, done = [[] for _ in prompts], [None] * len(prompts)
     while any(d is None for d in done):
@@ -122,6 +127,112 @@ def test_non_finite_logits_fail_only_their_request(engine):
     assert tokens[1] == solo and done[1]["finish_reason"] == "length"
 
 
+class _FailingDecode:
+    """The engine's tokenizer, whose decode raises on token ids holding `marker`."""
+
+    def __init__(self, tokenizer, marker):
+        self._tokenizer, self._marker = tokenizer, marker
+
+    def decode(self, ids):
+        if self._marker in ids:
+            raise ValueError("cannot decode this token")
+        return self._tokenizer.decode(ids)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_a_request_whose_handling_raises_fails_alone(engine):
+    """One request's text cannot be decoded, another's sink raises: each ends alone
+    (the first with an "error" event naming the exception), the third request in the
+    batch gets its solo tokens, and the engine goes on."""
+    rng = np.random.default_rng(5)
+    good = rng.integers(4, 320, 11).tolist()
+    (solo,), _ = _run(engine, [good])
+    marker = next(i for i in range(4, 320) if i not in solo and i not in good)
+
+    def broken_sink(event):
+        raise RuntimeError("the client's code broke")
+
+    engine.submit(good, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True), broken_sink)
+    tokenizer, engine.tokenizer = engine.tokenizer, _FailingDecode(engine.tokenizer, marker)
+    try:
+        tokens, done = _run(engine, [good[:4], good], [{"logit_bias": ((marker, 100.0),)}, {}])
+    finally:
+        engine.tokenizer = tokenizer
+    assert done[0]["finish_reason"] == "error" and "ValueError: cannot decode this token" in done[0]["error"]
+    assert tokens[1] == solo and done[1]["finish_reason"] == "length"
+    assert engine.failure is None and engine.busy() == 0
+
+
+def test_top_k_past_the_vocabulary_is_off_and_bad_numbers_are_refused(engine):
+    """top_k 2**32 (once an OverflowError in the engine thread) samples as top_k 0 does;
+    NaN and infinite settings are refused by name."""
+    prompt = [7, 8, 9, 10]
+    runs = [_run(engine, [prompt], [{"temperature": 0.9, "seed": 11, "top_k": k}])[0] for k in (0, 2**32)]
+    assert runs[0] == runs[1]
+    for field, value in [("temperature", float("nan")), ("top_p", float("nan")), ("temperature", float("inf")),
+                         ("repetition_penalty", 1e-60), ("seed", 1.5), ("choice", 2**40)]:
+        with pytest.raises(EngineError, match=field):
+            engine.submit(prompt, SamplingParams(**{field: value}), lambda e: None)
+
+
+# Settings the engine should take, and wild values for any one field (huge integers,
+# NaN, infinities, wrong types): most examples run, the rest must be refused by name.
+_VALID = st.builds(
+    SamplingParams,
+    max_tokens=st.integers(0, 4), temperature=st.floats(0, 3), top_p=st.floats(0, 1, exclude_min=True),
+    top_k=st.one_of(st.integers(0, 400), st.integers(0, 2**70)), repetition_penalty=st.floats(0.05, 3),
+    presence_penalty=st.floats(-2, 2), frequency_penalty=st.floats(-2, 2),
+    logit_bias=st.lists(st.tuples(st.integers(0, 319), st.floats(-100, 100)), max_size=3).map(tuple),
+    seed=st.integers(-2**70, 2**70), choice=st.integers(0, 2**31 - 1),
+    stop=st.lists(st.text(min_size=1, max_size=3), max_size=4).map(tuple),
+    stop_token_ids=st.lists(st.integers(-2**70, 2**70), max_size=3).map(tuple),
+    ignore_eos=st.booleans(), logprobs=st.one_of(st.none(), st.integers(0, 5)), echo_logprobs=st.booleans(),
+)
+_WILD_NUMBER = st.one_of(st.floats(), st.integers(-2**70, 2**70), st.none(), st.text(max_size=2), st.booleans())
+_WILD = {field.name: _WILD_NUMBER for field in dataclasses.fields(SamplingParams)}
+_WILD.update(
+    logit_bias=st.lists(st.tuples(st.integers(-2**40, 2**40), _WILD_NUMBER), max_size=3).map(tuple),
+    stop=st.one_of(st.text(max_size=2), st.lists(st.one_of(st.text(max_size=2), _WILD_NUMBER), max_size=3)),
+    stop_token_ids=st.lists(_WILD_NUMBER, max_size=3).map(tuple),
+)
+_SAMPLING = st.one_of(_VALID, st.tuples(_VALID, st.sampled_from(sorted(_WILD))).flatmap(
+    lambda pf: _WILD[pf[1]].map(lambda value: dataclasses.replace(pf[0], **{pf[1]: value}))))
+_PROMPTS = st.one_of(st.lists(st.integers(0, 319), min_size=1, max_size=40),
+                     st.lists(st.one_of(st.integers(-2, 330), _WILD_NUMBER), max_size=40))
+
+
+def test_fuzzed_sampling_settings_run_or_are_refused_and_the_engine_survives(engine):
+    """Every SamplingParams the engine accepts runs to a stop or length end within its
+    max_tokens, with token ids in the vocabulary; everything else is refused with
+    EngineError by check and by submit; afterwards the engine gives the same greedy
+    tokens as before."""
+    reference = [3, 4, 5, 6, 7]
+    before, _ = _run(engine, [reference])
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(params=_SAMPLING, prompt=_PROMPTS)
+    def one(params, prompt):
+        try:
+            engine.check(prompt, params)
+        except EngineError:
+            with pytest.raises(EngineError):
+                engine.submit(prompt, params, lambda e: None)
+            return
+        events = queue.SimpleQueue()
+        engine.submit(prompt, params, events.put)
+        tokens = []
+        while (event := events.get(timeout=120))["type"] != "done":
+            tokens += [t.id for t in event["tokens"]]
+        assert event["finish_reason"] in ("stop", "length"), event
+        assert event["completion_tokens"] <= params.max_tokens and all(0 <= t < engine.vocab_size for t in tokens)
+
+    one()
+    after, _ = _run(engine, [reference])
+    assert after == before and engine.failure is None and engine.busy() == 0
+
+
 def test_a_long_prompt_is_prefilled_between_the_running_streams_steps(engine):
     """A 50-token prompt takes 4 chunks of 16, one per engine iteration, each followed by
     a decode step: the running stream gets a token after each, not one wait for all."""
@@ -143,11 +254,42 @@ def test_a_long_prompt_is_prefilled_between_the_running_streams_steps(engine):
         done += events.get(timeout=120)[1]["type"] == "done"
 
 
+def _first_stop(text, stops, start):
+    """The plain reference: the earliest stop string ending at or after `start`; -1: none."""
+    found = [i for s in stops for i in [text.find(s, max(0, start - len(s) + 1))] if i >= 0]
+    return min(found, default=-1)
+
+
 def test_stop_strings_and_held_back_text():
-    assert _stop_cut("hello world", ["lo w", "xyz"], 0) == 3
-    assert _stop_cut("hello world", ["hello"], 6) == -1  # ended before the new text
+    assert StopMatcher(["lo w", "xyz"]).find("hello world", 11) == (3, 0)
     assert held_back("the end", ["ending", "d."]) == 3  # "end" may start "ending"
     assert held_back("the end", ["xyz"]) == 0
+    matcher = StopMatcher(["hello"])
+    assert matcher.find("hello", 5)[0] == 0 and matcher.find("hello world", 11) == (-1, 0)  # ended before the new text
+    split = StopMatcher(["\u00e9t\u00e9"])  # a character split between tokens is read again once whole
+    assert split.find("\u00e9t\ufffd", 2) == (-1, 0) and split.find("\u00e9t\u00e9", 3) == (0, 3)
+
+
+def test_stop_matcher_equals_find_over_random_texts_and_pieces():
+    """Fed a text in random pieces, the matcher cuts where str.find over every stop string
+    does, and holds back what held_back does: over small alphabets, where stop strings
+    overlap, nest and repeat."""
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        stops = ["".join(rng.choice(list("abc"), rng.integers(1, 5))) for _ in range(rng.integers(1, 6))]
+        text = "".join(rng.choice(list("abcd"), rng.integers(1, 30)))
+        matcher, read, expected = StopMatcher(stops), 0, (-1, held_back(text, stops))
+        while read < len(text):
+            end = min(len(text), read + int(rng.integers(1, 4)))
+            cut = _first_stop(text[:end], stops, read)
+            got = matcher.find(text[:end], end)
+            if cut >= 0:
+                assert got[0] == cut, (stops, text, end)
+                break
+            assert got == (-1, held_back(text[:end], stops)), (stops, text, end)
+            read = end
+        else:
+            assert got == expected
 
 
 def test_sources_set_name_bos_and_chat_template(tmp_path, hf_dir):
