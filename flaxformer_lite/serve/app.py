@@ -1,24 +1,31 @@
 """The HTTP side: OpenAI's /v1 routes as a Starlette (ASGI) app over the engine.
 
-    app = build_app(Served(name, engine=engine, tokenizer=tok, ...))
-    # POST /v1/completions, /v1/chat/completions, /v1/embeddings; GET /v1/models, /health
+    app = build_app(Served(name, engine=engine, tokenizer=tok, ...), policy=access.Policy(...))
+    # POST /v1/completions, /v1/chat/completions, /v1/embeddings; GET /v1/models, /health,
+    # /metrics (Prometheus), /openapi.json (the protocol's document)
 
-Handlers run on the event loop and never call JAX: they validate the JSON, tokenize,
-submit sequences to the engine (which runs JAX on its own thread) and turn its events,
-handed over with `loop.call_soon_threadsafe`, into a JSON body or server-sent events.
-Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 bad
-parameters, 404 unknown model, 429 (with Retry-After) when the queue is full, 503 while
-the server drains, 500 when the model fails on a request (non-finite logits).
+Handlers run on the event loop and never call JAX: they read the body (JSON only, at most
+--max-body-bytes, counted as it arrives), parse it into the protocol's typed models
+(serve/protocol.py), check the prompt's length in characters, tokenize and render chat
+templates on a thread of their own, submit sequences to the engine (which runs JAX on its
+own thread) and turn its events, handed over with `loop.call_soon_threadsafe`, into a
+JSON body or server-sent events. Errors have OpenAI's shape, {"error": {"message",
+"type", "param", "code"}}: 400 bad parameters (the field named), 401 no or a wrong key,
+404 unknown model, 413 body too large, 415 not JSON, 429 (with Retry-After) when the queue
+is full, 503 while the server drains, 500 when the model fails on a request (non-finite
+logits) or the server has a bug (no traceback goes to the client).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import json
+import re
 import secrets
 import time
 import uuid
@@ -26,35 +33,32 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from flaxformer_lite.errors import UserError
 from flaxformer_lite.inference.engine import EngineError, SamplingParams
-from flaxformer_lite.serve import reasoning
+from flaxformer_lite.serve import access, protocol, reasoning
 from flaxformer_lite.serve import tools as tool_calls
+from flaxformer_lite.serve.metrics import Metrics, RequestCounter
+from flaxformer_lite.serve.protocol import ApiError
 
 RETRY_AFTER_S = 1
 DISCONNECT_CHECK_S = 1.0  # how often a request looks for its client having gone
+MAX_BODY_BYTES = 4 * 2**20  # --max-body-bytes' default
+# Characters per token far above what text averages (about 4 in English BPE): a prompt
+# longer than max_len times this cannot fit and is refused before the tokenizer sees it.
+CHARS_PER_TOKEN = 32
 # Sampling knobs OpenAI defines that this server does not implement: any value but the
 # neutral one is refused by name rather than ignored.
 _NEUTRAL = {"best_of": 1, "suffix": ""}
 
 
-class ApiError(UserError):
-    """An OpenAI-style error response with HTTP status `http_status`."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.http_status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self) -> JSONResponse:
-        kind = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
-                503: "service_unavailable", 500: "server_error"}.get(self.http_status, "server_error")
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.http_status in (429, 503) else None
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.http_status, headers=headers)
+def _error_response(error: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.http_status in (429, 503) else None
+    return JSONResponse(error.body(), status_code=error.http_status, headers=headers)
 
 
 @dataclasses.dataclass
@@ -74,6 +78,8 @@ class Served:
     reasoning_parser: Optional[str] = None  # serve.reasoning.PARSERS: how it marks its thinking
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     compilations: Callable[[], int] = lambda: 0
+    max_body_bytes: int = MAX_BODY_BYTES  # larger bodies get 413, counted while they are read
+    allow_special_tokens: bool = False  # parse special-token text in user and tool messages
 
     @property
     def draining(self) -> bool:
@@ -84,106 +90,87 @@ class Served:
 # ------------------------------------------------------------------------ request parsing
 
 
-def _get(body: dict, key: str, kind, default, check: Optional[Callable[[Any], bool]] = None, rule: str = ""):
-    value = body.get(key, default)
-    if value is None:
-        value = default
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
-        raise ApiError(400, f"'{key}' must be {kind.__name__ if not isinstance(kind, tuple) else 'a string or a list'}"
-                       f", got {value!r}", key)
-    if value is not None and check is not None and not check(value):
-        raise ApiError(400, f"'{key}'={value!r} is out of range: it must be {rule}", key)
-    return value
-
-
-def _check_model(served: Served, body: dict) -> None:
-    model = body.get("model")
+def _check_model(served: Served, model: Optional[str]) -> None:
     if model is not None and model != served.name:
         raise ApiError(404, f"The model '{model}' does not exist: this server serves '{served.name}' (GET /v1/models)",
                        "model", "model_not_found")
 
 
-def _unsupported(body: dict) -> None:
+def _unsupported(body) -> None:
     for key, neutral in _NEUTRAL.items():
-        value = body.get(key)
+        value = getattr(body, key, None)
         if value is not None and value != neutral:
             raise ApiError(400, f"'{key}' is not supported by this server; leave it out (or at {neutral!r})", key)
-    response_format = body.get("response_format")
+    response_format = body.response_format
     if response_format is not None and response_format != {"type": "text"}:
         raise ApiError(400, f"response_format={json.dumps(response_format)[:80]} needs constrained decoding, which "
                        "this server lacks: leave it out (or {\"type\": \"text\"}), ask for JSON in the prompt and "
                        "parse the reply", "response_format")
     for legacy in ("functions", "function_call"):
-        if body.get(legacy) is not None:
+        if getattr(body, legacy, None) is not None:
             raise ApiError(400, f"'{legacy}' is OpenAI's deprecated form of tools: send 'tools' (and 'tool_choice')",
                            legacy)
 
 
-def _logit_bias(body: dict) -> tuple:
-    """OpenAI's {"token id": bias} as (id, bias) pairs; the engine checks their ranges."""
-    pairs = []
-    for key, value in _get(body, "logit_bias", dict, {}).items():
-        if not str(key).isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ApiError(400, f"'logit_bias' maps token ids (as strings) to numbers, e.g. {{\"50256\": -100}}; got "
-                           f"{key!r}: {value!r}", "logit_bias")
-        pairs.append((int(key), float(value)))
-    return tuple(pairs)
+def _or(value, default):
+    return default if value is None else value
 
 
-def _sampling(body: dict, defaults: dict, *, logprobs: Optional[int], echo_logprobs: bool
-              ) -> tuple[SamplingParams, int]:
-    """(SamplingParams, n) from the request body; temperature, top_p, top_k and
-    repetition_penalty it leaves out come from `defaults` (the checkpoint's
-    generation_config.json), else OpenAI's (vLLM's for its extensions)."""
-    stop = body.get("stop")
+def _sampling(body, defaults: dict, *, logprobs: Optional[int], echo_logprobs: bool,
+              vocab_size: Optional[int] = None) -> tuple[SamplingParams, int]:
+    """(SamplingParams, n) from a parsed request (or a dict of its sampling fields);
+    temperature, top_p, top_k and repetition_penalty it leaves out come from `defaults`
+    (the checkpoint's generation_config.json), else OpenAI's (vLLM's for its extensions)."""
+    if isinstance(body, dict):
+        body = protocol.parse(protocol.SamplingFields, json.dumps(body).encode())
+    stop = body.stop
     stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of them", "stop")
-    top_k = _get(body, "top_k", int, defaults.get("top_k", 0))
-    seed = _get(body, "seed", int, None)
-    max_tokens = _get(body, "max_completion_tokens", int, None)
-    max_tokens = _get(body, "max_tokens", int, 16 if max_tokens is None else max_tokens)
+    top_k = _or(body.top_k, defaults.get("top_k", 0))
+    if vocab_size is not None and top_k > vocab_size:
+        raise ApiError(400, f"'top_k'={top_k} exceeds the vocabulary ({vocab_size} tokens): use at most that, "
+                       "or -1 for no filter", "top_k")
+    max_tokens = _or(body.max_tokens, _or(getattr(body, "max_completion_tokens", None), 16))
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_get(body, "temperature", float, defaults.get("temperature", 1.0)),
-        top_p=_get(body, "top_p", float, defaults.get("top_p", 1.0)),
+        temperature=_or(body.temperature, defaults.get("temperature", 1.0)),
+        top_p=_or(body.top_p, defaults.get("top_p", 1.0)),
         top_k=0 if top_k == -1 else top_k,  # vLLM spells "off" as -1
-        repetition_penalty=_get(body, "repetition_penalty", float, defaults.get("repetition_penalty", 1.0)),
-        presence_penalty=_get(body, "presence_penalty", float, 0.0),
-        frequency_penalty=_get(body, "frequency_penalty", float, 0.0),
-        logit_bias=_logit_bias(body),
-        seed=secrets.randbits(32) if seed is None else seed,
+        repetition_penalty=_or(body.repetition_penalty, defaults.get("repetition_penalty", 1.0)),
+        presence_penalty=_or(body.presence_penalty, 0.0),
+        frequency_penalty=_or(body.frequency_penalty, 0.0),
+        logit_bias=tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items()),
+        seed=secrets.randbits(32) if body.seed is None else body.seed,
         stop=tuple(stop),
-        stop_token_ids=tuple(_get(body, "stop_token_ids", list, [])),
-        ignore_eos=_get(body, "ignore_eos", bool, False),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
         echo_logprobs=echo_logprobs,
     )
-    n = _get(body, "n", int, 1, lambda v: 1 <= v <= 64, "in [1, 64]")
-    return params, n
+    return params, _or(body.n, 1)
+
+
+def _check_chars(served: Served, texts, field: str) -> None:
+    """Refuse text that cannot fit the context whatever its tokens, before tokenizing it."""
+    limit = served.max_len * CHARS_PER_TOKEN
+    chars = sum(len(t) for t in texts)
+    if chars > limit:
+        raise ApiError(400, f"'{field}' holds {chars} characters, more than a {served.max_len}-token context can "
+                       f"take ({limit} characters at {CHARS_PER_TOKEN} per token at most): shorten it", field)
 
 
 def _prompts(served: Served, prompt) -> list[list[int]]:
-    """Token ids of each prompt: a string, a list of strings, a list of ids or of id lists."""
+    """Token ids of each prompt: a string, a list of strings, a list of ids or of id lists
+    (shapes checked by the protocol). Runs off the event loop (tokenizing)."""
     if isinstance(prompt, str):
         prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise ApiError(400, "'prompt' must be a non-empty string, list of strings, or list of token ids", "prompt")
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    elif isinstance(prompt[0], int):
         prompt = [prompt]
-    out = []
-    for p in prompt:
-        if isinstance(p, str):
-            if not p:
-                raise ApiError(400, "the prompt is empty: give at least one character of text", "prompt")
-            out.append(served.tokenizer.encode(p, bos=served.add_bos))
-        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            out.append(list(p))
-        else:
-            raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids", "prompt")
-    return out
+    return [served.tokenizer.encode(p, bos=served.add_bos) if isinstance(p, str) else list(p) for p in prompt]
+
+
+async def _off_loop(request: Request, fn, *args):
+    """fn(*args) on the app's tokenizing thread, so no stream waits on another request's input."""
+    return await asyncio.get_running_loop().run_in_executor(request.app.state.tokenizing, fn, *args)
 
 
 # ------------------------------------------------------------------------ running sequences
@@ -197,6 +184,9 @@ class _Run:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.handles = []
+        self.metrics: Metrics = request.app.state.metrics
+        self.clocks = {}
+        self.arrived = request.scope.get("ffl.arrived", time.perf_counter())
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int) -> None:
         engine = self.served.engine
@@ -213,6 +203,13 @@ class _Run:
 
     def _sink(self, index: int, event: dict) -> None:
         """Called on the engine thread: hand the event to the event loop."""
+        if event["type"] == "token":
+            clock = self.clocks.get(index)
+            if clock is None:
+                clock = self.clocks[index] = self.metrics.sequence(self.arrived)
+            clock.token(event)
+        else:
+            self.metrics.finished(event)
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
         except RuntimeError:  # the loop has closed (the server stopped): nobody is waiting
@@ -301,40 +298,60 @@ def _sse(payload) -> bytes:
 # ------------------------------------------------------------------------ completions
 
 
-def _completion_logprobs(infos: list, offset: int) -> dict:
-    """OpenAI's completions `logprobs` object for TokenInfos; prompt ones may be None (first)."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for info in infos:
-        text = "" if info is None else info.text
-        out["tokens"].append(text)
-        out["token_logprobs"].append(None if info is None else info.logprob)
-        out["top_logprobs"].append(None if info is None else dict(info.top))
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out
+def _text_offsets(tokenizer, ids: list, texts: list, start: int) -> list[int]:
+    """Where each token's text starts in the decoded text of `ids`, plus `start`. Token texts
+    joined are that text unless a token splits a character or the decoder merges pieces;
+    then each offset is the length of its prefix decoded."""
+    if "".join(texts) == tokenizer.decode(ids):
+        offsets, at = [], start
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        return offsets
+    return [start + len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+
+
+def _completion_logprobs(tokenizer, infos: list, start: int, first_id: Optional[int] = None) -> dict:
+    """OpenAI's completions `logprobs` object for TokenInfos from offset `start`. A prompt's
+    first token has no log-prob (None): its text is that of `first_id`."""
+    texts = [tokenizer.decode([first_id]) if info is None else info.text for info in infos]
+    ids = [first_id if info is None else info.id for info in infos]
+    return {"tokens": texts,
+            "token_logprobs": [None if info is None else info.logprob for info in infos],
+            "top_logprobs": [None if info is None else dict(info.top) for info in infos],
+            "text_offset": _text_offsets(tokenizer, ids, texts, start)}
 
 
 async def completions(request: Request) -> Response:
     served: Served = request.app.state.served
-    body = await _json_body(request, served)
+    body = await _json_body(request, served, protocol.CompletionRequest)
     if served.engine is None:
         raise ApiError(400, f"'{served.name}' is an encoder: it serves /v1/embeddings, not completions", "model")
     _unsupported(body)
-    prompts = _prompts(served, body.get("prompt"))
-    echo = _get(body, "echo", bool, False)
-    logprobs = _get(body, "logprobs", int, None)
-    params, n = _sampling(body, served.sampling, logprobs=logprobs, echo_logprobs=echo and logprobs is not None)
-    stream = _get(body, "stream", bool, False)
+    if isinstance(body.prompt, str) or isinstance(body.prompt[0], str):
+        _check_chars(served, [body.prompt] if isinstance(body.prompt, str) else body.prompt, "prompt")
+    echo, logprobs = bool(body.echo), body.logprobs
+    params, n = _sampling(body, served.sampling, logprobs=logprobs, echo_logprobs=echo and logprobs is not None,
+                          vocab_size=served.tokenizer.vocab_size)
+    tokenizer = served.tokenizer
+
+    def tokenize():
+        prompts = _prompts(served, body.prompt)
+        return prompts, [tokenizer.decode(p) for p in prompts] if echo else None
+
+    prompts, prompt_texts = await _off_loop(request, tokenize)
     run = _Run(served, request)
     run.submit(prompts, params, n)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    prompt_texts = [served.tokenizer.decode(p) for p in prompts] if echo else None
 
-    def prompt_logprobs(done: dict) -> list:
-        return (done.get("prompt_logprobs") or []) if echo else []
+    def scored_prompt(index: int, done: dict) -> Optional[dict]:
+        """The echoed prompt's logprobs object (its tokens from offset 0), None without echo."""
+        if not (echo and done.get("prompt_logprobs")):
+            return None
+        return _completion_logprobs(tokenizer, done["prompt_logprobs"], 0, prompts[index // n][0])
 
-    if stream:
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def sse():
             chunk = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
@@ -347,7 +364,7 @@ async def completions(request: Request) -> Response:
                 if event["type"] == "token":
                     choice["text"] += event["text"]
                     if logprobs is not None:
-                        choice["logprobs"] = _completion_logprobs(event["tokens"], offsets[index])
+                        choice["logprobs"] = _completion_logprobs(tokenizer, event["tokens"], offsets[index])
                     offsets[index] += len(event["text"])
                 else:
                     failure = _failure([event])
@@ -358,7 +375,7 @@ async def completions(request: Request) -> Response:
                     done_events.append(event)
                     choice["finish_reason"] = event["finish_reason"]
                     if logprobs is not None and echo:
-                        choice["logprobs"] = _completion_logprobs(prompt_logprobs(event), 0)
+                        choice["logprobs"] = await _off_loop(request, scored_prompt, index, event)
                 yield _sse({**chunk, "choices": [choice]})
             if include_usage:
                 yield _sse({**chunk, "choices": [], "usage": _usage(done_events, prompts)})
@@ -370,43 +387,44 @@ async def completions(request: Request) -> Response:
     if collected is None:
         return Response(status_code=499)  # the client has gone
     infos, done = collected
-    choices = []
-    for index in sorted(done):
-        event = done[index]
-        text = event["text"]
-        lp = None
-        if echo:
-            text = prompt_texts[index // n] + text
-        if logprobs is not None:
-            prompt_part = prompt_logprobs(event)
-            lp = _completion_logprobs(prompt_part + infos.get(index, []), 0)
-        choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": event["finish_reason"]})
+
+    def choices():
+        out = []
+        for index in sorted(done):
+            event = done[index]
+            text, lp = event["text"], None
+            if echo:
+                text = prompt_texts[index // n] + text
+            if logprobs is not None:
+                lp = _completion_logprobs(tokenizer, infos.get(index, []), len(text) - len(event["text"]))
+                prompt_part = scored_prompt(index, event)
+                if prompt_part is not None:
+                    lp = {key: prompt_part[key] + lp[key] for key in lp}
+            out.append({"index": index, "text": text, "logprobs": lp, "finish_reason": event["finish_reason"]})
+        return out
+
     return JSONResponse({
         "id": rid, "object": "text_completion", "created": created, "model": served.name,
-        "choices": choices, "usage": _usage(list(done.values()), prompts),
+        "choices": await _off_loop(request, choices), "usage": _usage(list(done.values()), prompts),
     })
 
 
 # ------------------------------------------------------------------------ chat
 
 
-def _tools(served: Served, body: dict) -> tuple[Optional[list], bool]:
+def _tools(served: Served, body: protocol.ChatCompletionRequest) -> tuple[Optional[list], bool]:
     """(the request's `tools` for the template, whether to parse tool calls from the reply)."""
-    tools = body.get("tools")
-    choice = body.get("tool_choice")
-    if tools is None:
+    choice = body.tool_choice
+    if body.tools is None:
         if choice not in (None, "none", "auto"):
             raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
         return None, False
-    if not isinstance(tools, list) or not all(
-            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str) for t in tools):
-        raise ApiError(400, "'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\", "
-                       "\"description\", \"parameters\"}}", "tools")
+    tools = [t.model_dump(exclude_unset=True) for t in body.tools]
     if choice == "none":
         return tools, False
     if choice not in (None, "auto"):
-        raise ApiError(400, f"tool_choice={choice!r} is not supported: use 'auto' or 'none' (forcing a call needs "
+        shown = choice if isinstance(choice, str) else choice.model_dump()
+        raise ApiError(400, f"tool_choice={shown!r} is not supported: use 'auto' or 'none' (forcing a call needs "
                        "constrained decoding, which this server lacks)", "tool_choice")
     if served.tool_parser is None:
         raise ApiError(400, "this server reads no tool calls from replies: start it with --tool-call-parser "
@@ -465,46 +483,81 @@ class _Reply:
         return message, finish_reason
 
 
-def _chat_prompt(served: Served, body: dict, tools: Optional[list] = None) -> list[int]:
+UNTRUSTED_ROLES = ("user", "tool")  # whose content is text, never control tokens (--allow-special-tokens)
+
+
+def _messages(body: protocol.ChatCompletionRequest) -> list[dict]:
+    """The conversation as the template reads it: dicts, text parts joined."""
+    out = []
+    for m in body.messages:
+        message = m.model_dump(exclude_unset=True)
+        if isinstance(m.content, list):
+            message["content"] = m.text()
+        out.append(message)
+    return out
+
+
+def _chat_prompt(served: Served, messages: list[dict], extra: dict) -> list[int]:
+    """Token ids of the rendered conversation. The template's own text is read with its
+    special tokens; user and tool content that spells one ("<|im_end|>") stays text: it is
+    rendered as a marker, and the text between markers is encoded apart from the content."""
     from flaxformer_lite.data.chat import ChatTemplateError
 
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-    for i, m in enumerate(messages):
-        if isinstance(m, dict) and isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}]
-            parts = m["content"]
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
-            messages[i] = {**m, "content": "".join(p.get("text", "") for p in parts)}
-    if served.chat_template is None:
-        raise ApiError(400, f"'{served.name}' has no chat template (chat_template.jinja or tokenizer_config.json's "
-                       "chat_template): use /v1/completions", "messages")
-    extra = dict(body.get("chat_template_kwargs") or {})
-    if tools is not None:
-        extra["tools"] = tools
-    try:
-        text = served.chat_template.render(tool_calls.template_messages(messages), add_generation_prompt=True,
-                                           **extra)
-    except ChatTemplateError as e:
-        raise ApiError(400, str(e), "messages") from None
-    if not text:
-        raise ApiError(400, "the chat template rendered these messages as empty text", "messages")
-    return served.tokenizer.encode(text, special=True)
+    tok = served.tokenizer
+
+    def render(msgs):
+        try:
+            text = served.chat_template.render(tool_calls.template_messages(msgs), add_generation_prompt=True, **extra)
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), "messages") from None
+        if not text:
+            raise ApiError(400, "the chat template rendered these messages as empty text", "messages")
+        return text
+
+    risky = [] if served.allow_special_tokens else [
+        i for i, m in enumerate(messages) if m.get("role") in UNTRUSTED_ROLES and isinstance(m.get("content"), str)
+        and m["content"] and tok.encode(m["content"], special=True) != tok.encode(m["content"])]
+    if not risky:
+        return tok.encode(render(messages), special=True)
+    nonce = secrets.token_hex(8)
+    marked = [{**m, "content": f"\x00{nonce}:{i}\x00"} if i in risky else m for i, m in enumerate(messages)]
+    pieces = re.split(f"\x00{nonce}:(\\d+)\x00", render(marked))
+    placed = sorted(int(i) for i in pieces[1::2])
+    if placed != risky:
+        first = next(i for i in risky if placed.count(i) != 1)
+        raise ApiError(400, f"messages[{first}].content spells a special token, and this chat template does not "
+                       "write the content as given, so it cannot be kept as plain text: remove the special-token "
+                       "text, or start the server with --allow-special-tokens", f"messages[{first}].content")
+    ids = []
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            ids += tok.encode(messages[int(piece)]["content"])
+        elif piece:
+            ids += tok.encode(piece, special=True)
+    return ids
 
 
 async def chat_completions(request: Request) -> Response:
     served: Served = request.app.state.served
-    body = await _json_body(request, served)
+    body = await _json_body(request, served, protocol.ChatCompletionRequest)
     if served.engine is None:
         raise ApiError(400, f"'{served.name}' is an encoder: it serves /v1/embeddings, not chat", "model")
     _unsupported(body)
+    if served.chat_template is None:
+        raise ApiError(400, f"'{served.name}' has no chat template (chat_template.jinja or tokenizer_config.json's "
+                       "chat_template): use /v1/completions", "messages")
     tools, parse_calls = _tools(served, body)
-    prompt = _chat_prompt(served, body, tools)
-    want_logprobs = _get(body, "logprobs", bool, False)
-    top = _get(body, "top_logprobs", int, 0) if want_logprobs else None
-    params, n = _sampling(body, served.sampling, logprobs=top, echo_logprobs=False)
-    stream = _get(body, "stream", bool, False)
+    messages = _messages(body)
+    _check_chars(served, [m["content"] for m in messages if isinstance(m.get("content"), str)], "messages")
+    extra = dict(body.chat_template_kwargs or {})
+    if tools is not None:
+        extra["tools"] = tools
+    want_logprobs = bool(body.logprobs)
+    top = _or(body.top_logprobs, 0) if want_logprobs else None
+    params, n = _sampling(body, served.sampling, logprobs=top, echo_logprobs=False,
+                          vocab_size=served.tokenizer.vocab_size)
+    prompt = await _off_loop(request, _chat_prompt, served, messages, extra)
+    stream = bool(body.stream)
     run = _Run(served, request)
     run.submit([prompt], params, n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -518,7 +571,7 @@ async def chat_completions(request: Request) -> Response:
                             for t in infos]}
 
     if stream:
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def sse():
             chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
@@ -568,23 +621,21 @@ async def chat_completions(request: Request) -> Response:
 
 async def embeddings(request: Request) -> Response:
     served: Served = request.app.state.served
-    body = await _json_body(request, served)
+    body = await _json_body(request, served, protocol.EmbeddingRequest)
     if served.embedder is None:
         raise ApiError(400, f"'{served.name}' is a generative model: /v1/embeddings needs an encoder (BERT-like)",
                        "model")
-    inputs = body.get("input")
-    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs)):
+    inputs = body.input
+    if isinstance(inputs, str) or isinstance(inputs[0], int):
         inputs = [inputs]
-    if not isinstance(inputs, list) or not inputs or any(i in ("", []) for i in inputs):
-        raise ApiError(400, "'input' must be a non-empty string or list of them (or token ids), none empty", "input")
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise ApiError(400, f"encoding_format {encoding!r}: use 'float' or 'base64'", "encoding_format")
+    for i, text in enumerate(inputs):
+        if isinstance(text, str):
+            _check_chars(served, [text], f"input[{i}]")
     try:
         vectors, tokens = await served.embedder.embed(inputs)
     except EngineError as e:
         raise ApiError(e.http_status, str(e), "input") from None
-    if encoding == "base64":  # little-endian float32, as OpenAI's client decodes it
+    if body.encoding_format == "base64":  # little-endian float32, as OpenAI's client decodes it
         vectors = [base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() for v in vectors]
     return JSONResponse({
         "object": "list", "model": served.name,
@@ -620,31 +671,78 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, status_code=503 if failure or served.draining else 200)
 
 
-async def _json_body(request: Request, served: Served) -> dict:
+async def metrics(request: Request) -> Response:
+    content, media_type = request.app.state.metrics.exposition()
+    return Response(content, media_type=media_type)
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
+
+
+async def _json_body(request: Request, served: Served, model: type):
+    """The request body parsed into `model`: only application/json (415), at most
+    served.max_body_bytes (413, counted as it arrives, so a larger body is never held)."""
     if served.draining:
         raise ApiError(503, "the server is shutting down and takes no new requests")
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    _check_model(served, body)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"the body must be JSON sent with 'Content-Type: application/json', got "
+                       f"{kind or 'no Content-Type'!r}")
+    limit = served.max_body_bytes
+    too_large = ApiError(413, f"the request body exceeds {limit} bytes (the server's --max-body-bytes)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    body = protocol.parse(model, b"".join(chunks))
+    _check_model(served, body.model)
     return body
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
-    return exc.response()
+    return _error_response(exc)
 
 
-def build_app(served: Served, on_shutdown: Callable[[], None] = lambda: None) -> Starlette:
-    """The Starlette app serving `served`; `on_shutdown` runs when the server stops."""
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return _error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    # Starlette logs the traceback; the client gets OpenAI's shape, not the trace.
+    return _error_response(ApiError(500, f"internal error ({type(exc).__name__}); the server log has the details"))
+
+
+class _Arrival:
+    """ASGI middleware stamping each request's arrival (for time to first token)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        scope["ffl.arrived"] = time.perf_counter()
+        await self.app(scope, receive, send)
+
+
+def build_app(served: Served, on_shutdown: Callable[[], None] = lambda: None,
+              policy: Optional[access.Policy] = None) -> Starlette:
+    """The Starlette app serving `served` under `policy` (access.Policy: keys, Host check,
+    CORS; the default checks nothing); `on_shutdown` runs when the server stops."""
+    policy = policy or access.Policy()
+    tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
+        tokenizing.shutdown(wait=False, cancel_futures=True)
         on_shutdown()
 
+    collectors = Metrics(served)
     app = Starlette(
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
@@ -652,9 +750,13 @@ def build_app(served: Served, on_shutdown: Callable[[], None] = lambda: None) ->
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
         ],
-        exception_handlers={ApiError: _api_error},
+        middleware=[Middleware(_Arrival), Middleware(RequestCounter, metrics=collectors), *access.middleware(policy)],
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
-    app.state.served = served
+    app.state.served, app.state.metrics, app.state.tokenizing = served, collectors, tokenizing
+    app.state.openapi = protocol.openapi(f"flaxformer_lite: {served.name}", "1", secured=bool(policy.api_keys))
     return app

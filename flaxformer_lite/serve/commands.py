@@ -27,6 +27,9 @@ from typing import Callable
 from flaxformer_lite.errors import EXIT_BAD_INPUT, UserError
 from flaxformer_lite.inference import commands as inference_commands
 from flaxformer_lite.runtime.flags import non_negative_float, non_negative_int, positive_int
+
+MAX_BODY_BYTES = 4 * 2**20  # the app's default (serve/app.py imports Starlette, which --help does not need)
+from flaxformer_lite.serve.access import API_KEY_ENV
 from flaxformer_lite.serve.reasoning import PARSERS as REASONING_PARSERS
 from flaxformer_lite.serve.tools import PARSERS as TOOL_CALL_PARSERS
 
@@ -34,8 +37,21 @@ EXIT_ENGINE_FAILED = 1  # the engine died while serving: a supervisor should res
 HEADER_TIMEOUT_S = 10.0  # seconds a connection may take to send a request's headers
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Help that ends each flag's line with its default, where it has one that is not None
+    (a None default's meaning is in the help text)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, argparse.SUPPRESS, []) and action.option_strings):
+            shown = "off" if action.default is False else action.default
+            text += f" (default: {shown})"
+        return text
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flaxformer-lite serve`."""
+    parser.formatter_class = _DefaultsHelp
     source = parser.add_argument_group("model (one of --workdir, --hf, --config)")
     source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
     source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, "
@@ -43,11 +59,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     inference_commands.add_peft_argument(source)
     source.add_argument("--config", help="alone: a randomly initialised model of this config, to try the server")
     source.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="with --config: override config keys, e.g. --set model.num_layers=4")
+                        help="with --config: override config keys, e.g. --set model.num_layers=4 (default: none)")
     source.add_argument("--step", type=non_negative_int, help="checkpoint step to load from --workdir (default: the latest)")
     parser.add_argument("--name", help="the model id clients pass as 'model' (default: the folder or config name)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; one other than loopback "
+                        "(0.0.0.0) reaches other machines: set --api-key too (docs/serving.md)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together (KV-cache slots)")
     parser.add_argument("--max-len", type=positive_int, default=None,
                         help="tokens per slot, prompt + completion (default: model.max_len, at most 2048)")
@@ -62,12 +79,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="--config: the random initialisation's seed")
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
                         help="how the model writes tool calls, to return a chat request's calls as tool_calls: "
-                        "hermes (Qwen 2.5 and 3, Hermes), llama3_json (Llama 3.1 to 3.3); docs/serving.md")
+                        "hermes (Qwen 2.5 and 3, Hermes), llama3_json (Llama 3.1 to 3.3); docs/serving.md (default: none, "
+                        "tool calls stay text)")
     parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS,
                         help="how a thinking model marks its reasoning, to return it as reasoning_content apart from "
                         "the answer: qwen3 (<think> ... </think> when it thinks), deepseek_r1 (the reply opens "
-                        "inside <think>); docs/serving.md")
+                        "inside <think>); docs/serving.md (default: none, thinking stays in content)")
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level (info logs every request)")
+    network = parser.add_argument_group("access and limits (docs/serving.md, 'Running it on a network')")
+    network.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                         help=f"a key clients must send as 'Authorization: Bearer KEY' (repeatable; also "
+                         f"${API_KEY_ENV}); /health stays open (default: none, no key asked)")
+    network.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                         help="web origins (https://app.example.com) whose pages may call the server (CORS) "
+                         "(default: none)")
+    network.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
+                         help="larger request bodies get 413, counted while they arrive")
+    network.add_argument("--allow-special-tokens", action="store_true",
+                         help="read special-token text (<|im_end|>) in user and tool messages as control tokens; "
+                         "otherwise it is plain text, so a message cannot forge a turn")
 
 
 def _load(args):
@@ -107,7 +137,8 @@ def _load(args):
     served = Served(name=args.name or name, tokenizer=tokenizer, max_len=max_len, chat_template=template,
                     add_bos=(not args.hf) if args.bos is None else args.bos,
                     sampling=sampling.applied if sampling is not None else {}, tool_parser=args.tool_call_parser,
-                    reasoning_parser=args.reasoning_parser)
+                    reasoning_parser=args.reasoning_parser, max_body_bytes=args.max_body_bytes,
+                    allow_special_tokens=args.allow_special_tokens)
     if model_cfg.family == "encoder":
         from flaxformer_lite.inference.embedder import Embedder
 
@@ -149,6 +180,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: F401
 
+        from flaxformer_lite.serve.access import Policy
         from flaxformer_lite.serve.app import build_app
     except ImportError as e:
         print(f"error: serving needs the serve extra ({e.name} is missing): pip install 'flaxformer_lite[serve]'",
@@ -173,7 +205,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     counter.armed = True
     served.compilations = lambda: counter.count
-    app = build_app(served, on_shutdown=worker.stop)
+    policy = Policy.from_flags(args.api_key, args.allowed_origins, args.host)
+    app = build_app(served, on_shutdown=worker.stop, policy=policy)
+    if policy.warning():
+        print(policy.warning(), file=sys.stderr, flush=True)
     warm_up = time.perf_counter() - started
     return serve_app(app, sock, worker, drain_timeout=args.drain_timeout, log_level=args.log_level,
                      banner=lambda address: f"serving {served.name} on http://{address}/v1 (warm-up {warm_up:.1f} s)")

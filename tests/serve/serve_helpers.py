@@ -77,6 +77,38 @@ def bert_folder(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+class ScriptedEngine:
+    """The engine's interface, replying to every sequence with `text`, in token events of
+    `piece` characters (the app in-process, without a model)."""
+
+    draining = False
+    max_batch = 1
+    stats: dict = {}
+
+    def __init__(self, text, piece=1000):
+        self.text, self.piece, self.prompts = text, piece, []
+
+    def check(self, prompt, params):
+        pass
+
+    def queued(self):
+        return 0
+
+    def busy(self):
+        return 0
+
+    def submit(self, prompt, params, sink):
+        self.prompts.append(prompt)
+        for start in range(0, len(self.text), self.piece):
+            sink({"type": "token", "text": self.text[start:start + self.piece], "tokens": []})
+        sink({"type": "done", "finish_reason": "stop", "text": self.text, "error": None, "prompt_logprobs": None,
+              "prompt_tokens": len(prompt), "completion_tokens": 7})
+        return self
+
+    def cancel(self):
+        pass
+
+
 def request(url: str, body=None, timeout: float = 60):
     """(status, headers, JSON body) of a GET, or a POST of `body`; HTTP errors included."""
     data_ = None if body is None else json.dumps(body).encode()

@@ -212,3 +212,58 @@ def test_embeddings_of_an_encoder_equal_ffl_embed(servers, bert_dir):
     with pytest.raises(openai.BadRequestError):  # an encoder does not complete text
         servers["embed"].client().completions.create(model="tiny", prompt="a cat", max_tokens=2)
     assert jnp.isfinite(got).all()
+
+
+def test_echo_logprobs_give_every_token_its_text_and_offset(servers):
+    """The first prompt token's text is its own (not ""), and each text_offset points at
+    its token in the echoed text, streamed or not."""
+    client = servers["main"].client()
+    prompt = PROMPTS[9]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1,
+                                    extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert lp.tokens[0] and prompt.startswith(lp.tokens[0])
+    assert "".join(lp.tokens) == choice.text and choice.text.startswith(prompt)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for token, offset in zip(lp.tokens, lp.text_offset):
+        assert choice.text[offset:offset + len(token)] == token
+    streamed = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                              logprobs=1, stream=True, extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].text for c in streamed)
+    assert text == choice.text
+    for chunk in streamed:
+        got = chunk.choices[0].logprobs
+        for token, offset in zip(got.tokens if got else [], got.text_offset if got else []):
+            assert text[offset:offset + len(token)] == token
+
+
+def test_schemathesis_finds_no_server_error(servers):
+    """Requests drawn from /openapi.json, valid and invalid, never get a 5xx."""
+    import hypothesis
+    import schemathesis
+    from hypothesis import strategies as st
+
+    server = servers["main"]
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
+    statuses = []
+    for op in operations:
+        # A GET without parameters has no invalid form to draw.
+        modes = list(schemathesis.GenerationMode) if op.method.upper() == "POST" else [schemathesis.GenerationMode.POSITIVE]
+        for mode in modes:
+            strategy = op.as_strategy(generation_mode=mode)
+
+            @hypothesis.settings(max_examples=8, deadline=None, derandomize=True, database=None,
+                                 suppress_health_check=list(hypothesis.HealthCheck),
+                                 phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
+            @hypothesis.given(st.data())
+            def no_5xx(data):
+                case = data.draw(strategy)
+                response = case.call(base_url=server.url, timeout=60)
+                statuses.append(response.status_code)
+                assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+
+            no_5xx()
+    assert 200 in statuses and 400 in statuses

@@ -14,6 +14,7 @@ import pytest
 from flaxformer_lite import data
 from flaxformer_lite.data.chat import ChatTemplate
 from flaxformer_lite.serve import app, reasoning, tools
+from serve_helpers import ScriptedEngine
 
 # Qwen 2.5's way with tools, cut down: the tool list in a system turn, calls as
 # <tool_call> blocks whose arguments are rendered as JSON objects, results as user turns.
@@ -61,28 +62,7 @@ def test_parsers_read_calls_and_leave_other_text_as_content():
         tools.parse("xml", "")
 
 
-class _Scripted:
-    """The engine's interface, replying to every sequence with `text`, in token events of
-    `piece` characters."""
-
-    draining = False
-
-    def __init__(self, text, piece=1000):
-        self.text, self.piece, self.prompts = text, piece, []
-
-    def check(self, prompt, params):
-        pass
-
-    def submit(self, prompt, params, sink):
-        self.prompts.append(prompt)
-        for start in range(0, len(self.text), self.piece):
-            sink({"type": "token", "text": self.text[start:start + self.piece], "tokens": []})
-        sink({"type": "done", "finish_reason": "stop", "text": self.text, "error": None, "prompt_logprobs": None,
-              "prompt_tokens": len(prompt), "completion_tokens": 7})
-        return self
-
-    def cancel(self):
-        pass
+_Scripted = ScriptedEngine
 
 
 @pytest.fixture(scope="module")
