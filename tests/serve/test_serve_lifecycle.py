@@ -162,7 +162,7 @@ def test_memory_of_refused_large_prompts_goes_back(hf_dir, monkeypatch):
         for _ in range(3):
             text = "".join(rng.choices("abcdefghij klmnop", k=2_000_000))
             status, _, body = server.post("/v1/completions", {"prompt": text, "max_tokens": 2})
-            assert status == 400 and "exceeds the context" in body["error"]["message"]
+            assert status == 400 and "context" in body["error"]["message"]  # refused by characters or by tokens
         time.sleep(2.5)  # the server polls its heap every second
         assert _rss_mib(server.proc.pid) < before + 200
     finally:
