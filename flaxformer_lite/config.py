@@ -49,9 +49,10 @@ class LoraConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ("query", "key", "value", "out")  # of LORA_PROJECTIONS
     # Storage of the frozen base: float32/bfloat16 for every parameter but the adapters;
-    # int8 for the projection kernels (weight-only, a float32 scale per output channel,
-    # the rest in param_dtype). None: param_dtype.
-    base_dtype: Optional[Literal["float32", "bfloat16", "int8"]] = None
+    # int8 for the projection kernels (weight-only, a float32 scale per output channel),
+    # nf4 for them (QLoRA's 4-bit NormalFloat, a float32 absmax per block of 64), the rest
+    # in param_dtype. None: param_dtype.
+    base_dtype: Optional[Literal["float32", "bfloat16", "int8", "nf4"]] = None
 
     @property
     def scale(self) -> float:
@@ -352,6 +353,11 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
     if unknown or (lora.rank and not lora.targets):
         raise ConfigError(
             f"{p}lora.targets={list(lora.targets)}: name projections among {', '.join(LORA_PROJECTIONS)}"
+        )
+    if lora.base_dtype is not None and not lora.rank:
+        raise ConfigError(
+            f"{p}lora.base_dtype={lora.base_dtype} stores a frozen base, but {p}lora.rank=0 trains every weight: "
+            f"set {p}lora.rank (adapters) or drop {p}lora.base_dtype (use {p}param_dtype for a full fine-tune)"
         )
     if lora.rank and "wg" in lora.targets and cfg.activation not in ("glu", "reglu", "geglu", "swiglu"):
         raise ConfigError(

@@ -157,11 +157,70 @@ def _exported_run(args: argparse.Namespace):
     return cfg, params, source, model_type
 
 
+def _original_base(cfg, source) -> "tuple[dict, str] | None":
+    """(the float base as the run's source folder holds it, that folder) of a LoRA run whose
+    base was stored in reduced precision (model.lora.base_dtype), or None when the folder
+    with the weights (hf.base_model) is not on this machine."""
+    from flaxformer_lite.interop import hf
+    from flaxformer_lite.interop.weights import INDEX_FILE, WEIGHTS_FILE
+
+    if source is None:
+        return None
+    folder = pathlib.Path(hf.base_model(source) or source)
+    if not any((folder / name).is_file() for name in (WEIGHTS_FILE, INDEX_FILE)):
+        return None
+    m = cfg.model
+    return hf.load(folder, scan_layers=m.scan_layers, param_dtype=m.param_dtype)[1], str(folder)
+
+
+def _onto_original(cfg, params, source, flag: str):
+    """(cfg, params) with a reduced-precision base swapped for the original weights, and a
+    line on stderr saying the adapters were trained against the rounded base and by how
+    much a probe batch's logits differ on the two; (cfg, params) unchanged otherwise."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+    from flax import traverse_util
+
+    from flaxformer_lite.layers import lora
+    from flaxformer_lite.models import build_model, dummy_inputs
+
+    base_dtype = cfg.model.lora.base_dtype
+    if not cfg.model.lora.rank or base_dtype in (None, "float32"):
+        return cfg, params
+    found = _original_base(cfg, source)
+    head = f"{flag}: the adapters were trained against a base stored in {base_dtype}"
+    if found is None:
+        print(f"{head}; its original weights are not on this machine (run directory's hf/ records none there), "
+              "so the difference on them was not measured" + (" and the rounded weights are merged" if flag == "--to-hf"
+                                                              else ""), file=sys.stderr)
+        return cfg, params
+    original, folder = found
+    flat, plain = traverse_util.flatten_dict(params), traverse_util.flatten_dict(original)
+    suffixes = tuple(lora.QUANTIZED.values())
+    swapped = traverse_util.unflatten_dict({k: plain.get(k, v) for k, v in flat.items()
+                                            if not (str(k[-1]).endswith(suffixes) and k not in plain)})
+    float_cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, lora=dataclasses.replace(cfg.model.lora, base_dtype=None)))
+    shape = dummy_inputs(cfg.model, batch=2, length=min(32, cfg.model.max_len))
+    probe = [np.random.default_rng(i).integers(0, cfg.model.vocab_size, x.shape).astype(np.int32)
+             for i, x in enumerate(shape)]
+    logits = [np.asarray(jax.jit(lambda p, *ids, c=c: build_model(c).apply(p, *ids).logits)(p, *probe), np.float32)
+              for c, p in ((cfg.model, params), (float_cfg.model, swapped))]
+    diff = np.abs(logits[0] - logits[1])
+    print(f"{head}: on a probe batch ({' and '.join('x'.join(map(str, x.shape)) for x in probe)} random tokens) "
+          f"their logits there and on the original weights of {folder} differ by at most {diff.max():.4g} "
+          f"(mean {diff.mean():.3g})", file=sys.stderr)
+    return float_cfg, swapped
+
+
 def _to_peft(args: argparse.Namespace) -> dict:
     from flaxformer_lite.interop import hf, peft
 
     out = pathlib.Path(args.to_peft)
     cfg, params, source, model_type = _exported_run(args)
+    _onto_original(cfg, params, source, "--to-peft")
     base = (hf.base_model(source) or str(source.resolve())) if source is not None else None
     peft.save_adapters(cfg.model, params, out, model_type=model_type, base_model=base)
     written = json.loads((out / peft.CONFIG_FILE).read_text())
@@ -178,6 +237,7 @@ def _to_hf(args: argparse.Namespace) -> dict:
 
     out = pathlib.Path(args.to_hf)
     cfg, params, source, model_type = _exported_run(args)
+    cfg, params = _onto_original(cfg, params, source, "--to-hf")  # never the rounded weights, if at hand
     if cfg.model.lora.rank:  # a plain model of the same family: W + (alpha / r) A B
         params = lora.merge(params, cfg.model)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=LoraConfig()))

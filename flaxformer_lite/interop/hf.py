@@ -31,6 +31,7 @@ from flaxformer_lite.config import ConfigError, ModelConfig, ParallelConfig, val
 from flaxformer_lite.interop import families, weights
 from flaxformer_lite.interop.layout import HFError
 from flaxformer_lite.interop.weights import INDEX_FILE, WEIGHTS_FILE
+from flaxformer_lite.layers import lora
 from flaxformer_lite.models import build_model, dummy_inputs, param_logical_axes, stack_layers, unstack_layers
 from flaxformer_lite.runtime import host
 from flaxformer_lite.runtime import parallel as parallel_lib
@@ -143,9 +144,27 @@ def _place(values: np.ndarray, sharding: Optional[jax.sharding.Sharding]) -> jax
     return placed.block_until_ready()  # before the host buffer goes
 
 
-def _read_params(ckpt: weights.Checkpoint, maps: list, cfg: ModelConfig, shapes: dict, shardings: Optional[dict]) -> dict:
+def _quantized(path: str, values: np.ndarray, cfg: ModelConfig, quantize: str, sharding) -> dict[str, jax.Array]:
+    """{flat path: placed array} of one projection kernel stored as `quantize` (int8, nf4):
+    the kernel and its scales, the int8 kernel on the float one's sharding, the rest
+    replicated (nf4 blocks are not split)."""
+    prefix, name = path.rpartition("/")[::2]
+    lead = values.ndim - len(lora.kernel_shape(cfg, name))
+    out = {}
+    for part, value in lora.quantized_kernel(name, values, quantize, lead).items():
+        target = sharding
+        if sharding is not None and (part != name or quantize != "int8"):
+            target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        out[f"{prefix}/{part}"] = _place(np.asarray(value), target)
+    return out
+
+
+def _read_params(ckpt: weights.Checkpoint, maps: list, cfg: ModelConfig, shapes: dict, shardings: Optional[dict],
+                 quantize: Optional[str] = None) -> dict:
     """Our parameters, filled tensor by tensor from the checkpoint, cast to param_dtype and
     placed (on `shardings`, flat paths -> Sharding, else the default device) as each is done.
+    With `quantize` (int8, nf4) each projection kernel is quantized as soon as it is read,
+    so no float copy of the whole base is ever held.
 
     The checkpoint's reader converts a few chunks at once (one per core), so the parameters
     in host memory beyond those placed are the few being filled (a whole layer stack when
@@ -193,7 +212,11 @@ def _read_params(ckpt: weights.Checkpoint, maps: list, cfg: ModelConfig, shapes:
                 if not pending[path]:
                     done.append((path, buffers.pop(path)))
         for path, values in done:
-            params[path] = _place(values, None if shardings is None else shardings[path])
+            sharding = None if shardings is None else shardings[path]
+            if quantize and path.rpartition("/")[2] in lora.AXES:
+                params.update(_quantized(path, values, cfg, quantize, sharding))
+            else:
+                params[path] = _place(values, sharding)
 
     ckpt.read(list(maps), consume)
     return traverse_util.unflatten_dict(params, sep="/")
@@ -205,6 +228,7 @@ def load(
     skip: Iterable[str] = (),
     mesh: Optional[jax.sharding.Mesh] = None,
     parallel: Optional[ParallelConfig] = None,
+    quantize: Optional[str] = None,
     **runtime,
 ) -> tuple[ModelConfig, dict]:
     """(ModelConfig, {'params': ...}) of a local HF model folder.
@@ -221,6 +245,8 @@ def load(
       mesh: place each parameter on this mesh, sharded by its logical axes under
         `parallel`'s rules (default ParallelConfig()); without it, on the default device.
       parallel: the rules for `mesh`.
+      quantize: int8 or nf4: store the projection kernels so (a LoRA run's frozen base,
+        model.lora.base_dtype; layers/lora.py), each quantized as it is read.
       runtime: how to run the weights, not what they compute: any of RUNTIME_FIELDS,
         e.g. scan_layers=True, param_dtype="bfloat16" (float32 files load into bfloat16).
     """
@@ -267,7 +293,9 @@ def load(
     if mesh is not None:
         specs = parallel_lib.logical_to_sharding(mesh, parallel or ParallelConfig(), param_logical_axes(cfg))
         shardings = traverse_util.flatten_dict(specs["params"], sep="/")
-    params = _read_params(ckpt, maps, cfg, shapes, shardings)
+    if quantize not in (None, *lora.QUANTIZED):
+        raise HFError(f"hf.load got quantize={quantize!r}; use one of {', '.join(lora.QUANTIZED)} or None")
+    params = _read_params(ckpt, maps, cfg, shapes, shardings, quantize)
     host.release_free_memory()  # the tuned malloc keeps freed blocks: the copies made for a mesh's slices
     return cfg, {"params": params}
 

@@ -73,16 +73,16 @@ class MultiHeadAttention(nn.Module):
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         init = kernel_init(cfg)
         zeros = nn.initializers.zeros
-        wq = param(self, "query", init, (D, N, H), ("embed", "heads", "head_dim"), cfg)
-        wo = param(self, "out", init, (N, H, D), ("heads", "head_dim", "embed"), cfg)
+        wq = param(self, "query", init, (D, N, H), ("embed", "heads", "head_dim"), cfg, anchor=x_BTD)
+        wo = param(self, "out", init, (N, H, D), ("heads", "head_dim", "embed"), cfg, anchor=x_BTD)
         qkv_bias = cfg.use_bias or cfg.qkv_bias
         if qkv_bias:
             bq = param(self, "query_bias", zeros, (N, H), ("heads", "head_dim"), cfg)
         source_BSD = x_BTD if not self.is_cross else kv_BSD
         k_BSKH = v_BSKH = None
         if source_BSD is not None:
-            wk = param(self, "key", init, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
-            wv = param(self, "value", init, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
+            wk = param(self, "key", init, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg, anchor=source_BSD)
+            wv = param(self, "value", init, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg, anchor=source_BSD)
             if qkv_bias:
                 bk = param(self, "key_bias", zeros, (K, H), ("kv_heads", "head_dim"), cfg)
                 bv = param(self, "value_bias", zeros, (K, H), ("kv_heads", "head_dim"), cfg)

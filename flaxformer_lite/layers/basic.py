@@ -46,7 +46,7 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        w = param(self, "kernel", kernel_init(self.cfg), (x.shape[-1], self.features), self.axes, self.cfg)
+        w = param(self, "kernel", kernel_init(self.cfg), (x.shape[-1], self.features), self.axes, self.cfg, anchor=x)
         y = jnp.einsum("...D,DF->...F", x.astype(w.dtype), w)
         if self.use_bias:
             y = y + param(self, "bias", nn.initializers.zeros, (self.features,), self.axes[1:], self.cfg)
@@ -89,9 +89,9 @@ class FeedForward(nn.Module):
         cfg = self.cfg
         D, F = cfg.d_model, cfg.d_ff
         init = kernel_init(cfg)
-        wi = param(self, "wi", init, (D, F), ("embed", "mlp"), cfg)
-        wo = param(self, "wo", init, (F, D), ("mlp", "embed"), cfg)
-        wg = param(self, "wg", init, (D, F), ("embed", "mlp"), cfg) if ops.is_gated(cfg.activation) else None
+        wi = param(self, "wi", init, (D, F), ("embed", "mlp"), cfg, anchor=x_BTD)
+        wo = param(self, "wo", init, (F, D), ("mlp", "embed"), cfg, anchor=x_BTD)
+        wg = param(self, "wg", init, (D, F), ("embed", "mlp"), cfg, anchor=x_BTD) if ops.is_gated(cfg.activation) else None
         bi = param(self, "bi", nn.initializers.zeros, (F,), ("mlp",), cfg) if cfg.use_bias else None
         bo = param(self, "bo", nn.initializers.zeros, (D,), ("embed",), cfg) if cfg.use_bias else None
         # Dropout inside the FFN (T5 places it after the activation) is folded into the

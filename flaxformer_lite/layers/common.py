@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -28,14 +29,23 @@ def kernel_init(cfg: ModelConfig):
     return nn.initializers.truncated_normal(cfg.initializer_range)
 
 
-def param(module: nn.Module, name: str, init, shape: tuple, axes: tuple, cfg: ModelConfig):
-    """A parameter carrying logical axis names, cast to the compute dtype. An int8 kernel
-    with a `{name}_scale` beside it (lora.base_dtype=int8, layers/lora.py) is dequantized."""
-    value = module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype(cfg))
-    if module.has_variable("params", f"{name}_scale"):
-        scale = module.get_variable("params", f"{name}_scale")  # over the output axes, the trailing ones
-        return jnp.asarray(value, dtype(cfg)) * jnp.asarray(scale, dtype(cfg))
-    return jnp.asarray(value, dtype(cfg))
+def param(module: nn.Module, name: str, init, shape: tuple, axes: tuple, cfg: ModelConfig, anchor=None):
+    """A parameter carrying logical axis names, cast to the compute dtype. A kernel stored
+    quantized (lora.base_dtype, layers/lora.py) is dequantized: int8 with a `{name}_scale`
+    beside it, nf4 codes with a `{name}_absmax`. With `anchor` (the layer's input), the
+    dequantized copy is tied to it (ops.tied), so XLA makes it inside the layer."""
+    compute = dtype(cfg)
+    if module.has_variable("params", f"{name}_absmax"):  # packed codes: not of `shape`, so not module.param
+        codes, absmax = module.get_variable("params", name), module.get_variable("params", f"{name}_absmax")
+        value = ops.nf4_dequantize(codes, absmax, shape, compute)
+    else:
+        stored = module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype(cfg))
+        if module.has_variable("params", f"{name}_scale"):
+            scale = module.get_variable("params", f"{name}_scale")  # over the output axes, the trailing ones
+            value = jnp.asarray(stored, compute) * jnp.asarray(scale, compute)
+        else:
+            return jnp.asarray(stored, compute)
+    return value if anchor is None else ops.tied(value, anchor)
 
 
 def constrain(x, axes: tuple):

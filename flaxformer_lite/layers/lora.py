@@ -13,7 +13,9 @@ folds adapters into their kernels (export, and the test that both forwards agree
 
 With lora.base_dtype=int8, `quantize_base` stores every projection kernel as int8 with
 a float32 scale per output channel (`{name}_scale`, max |w| / 127 over the input axes);
-layers.common.param dequantizes it as it is read.
+with nf4, as QLoRA's 4-bit NormalFloat codes with a float32 absmax per block of 64
+(`{name}_absmax`; ops/quant.py). layers.common.param dequantizes either as it is read,
+inside the layer (ops.tied), so only one layer's kernels exist in the compute dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
 from flaxformer_lite.layers.common import DTYPES
 
@@ -71,42 +74,62 @@ def delta(module: nn.Module, name: str, x: jax.Array, out_shape: tuple[int, ...]
     return jnp.tensordot(h * jnp.asarray(cfg.lora.scale, compute), b.astype(compute), axes=1)
 
 
+QUANTIZED = {"int8": "_scale", "nf4": "_absmax"}  # base_dtype -> suffix of the array beside the kernel
+
+
+def kernel_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    """The [in..., out...] shape of projection `name`'s kernel in one layer of cfg."""
+    sizes = {"embed": cfg.d_model, "heads": cfg.num_heads, "kv_heads": cfg.kv_heads,
+             "head_dim": cfg.dim_per_head, "mlp": cfg.d_ff}
+    return tuple(sizes[axis] for axes in AXES[name] for axis in axes)
+
+
+def quantized_kernel(name: str, w: Any, base_dtype: str, lead: int = 0) -> dict[str, Any]:
+    """{name: stored kernel, name + suffix: its scales} of projection `name`'s float kernel
+    w (`lead` leading layer axes): int8 per output channel or nf4 per block of 64."""
+    if base_dtype == "nf4":
+        codes, absmax = ops.nf4_quantize(w, lead)
+        return {name: codes, f"{name}_absmax": absmax}
+    n_in = len(AXES[name][0])
+    q, scale = ops.int8_quantize(w, tuple(range(lead, lead + n_in)))
+    return {name: q, f"{name}_scale": scale}
+
+
 def quantize_base(params: Any, cfg: ModelConfig) -> Any:
-    """params with the projection kernels int8 plus `{name}_scale` if cfg.lora.base_dtype is
-    int8 (boxed or plain leaves; kernels that already have a scale are kept); else params."""
-    if not (cfg.lora.rank and cfg.lora.base_dtype == "int8"):
+    """params with the projection kernels stored as cfg.lora.base_dtype says if that is
+    int8 or nf4 (boxed or plain leaves; kernels already quantized are kept); else params."""
+    base_dtype = cfg.lora.base_dtype
+    if not (cfg.lora.rank and base_dtype in QUANTIZED):
         return params
     flat = traverse_util.flatten_dict(params)
     out = dict(flat)
     for key, leaf in flat.items():
         name = str(key[-1])
-        if name not in AXES or key[:-1] + (f"{name}_scale",) in flat:
+        if name not in AXES or any(key[:-1] + (name + suffix,) in flat for suffix in QUANTIZED.values()):
             continue
         boxed = isinstance(leaf, nn.Partitioned)
-        w = jnp.asarray(leaf.value if boxed else leaf, jnp.float32)
-        n_in, n_out = (len(axes) for axes in AXES[name])
-        lead = w.ndim - n_in - n_out  # a scanned stack's layers axis
-        scale = jnp.max(jnp.abs(w), axis=tuple(range(lead, lead + n_in))) / 127.0
-        scale = jnp.where(scale > 0, scale, 1.0)
-        q = jnp.clip(jnp.round(w / jnp.expand_dims(scale, tuple(range(lead, lead + n_in)))), -127, 127).astype(jnp.int8)
-        if boxed:
-            names = leaf.names
-            out[key] = leaf.replace(value=q)
-            out[key[:-1] + (f"{name}_scale",)] = leaf.replace(value=scale, names=names[:lead] + names[lead + n_in:])
-        else:
-            out[key], out[key[:-1] + (f"{name}_scale",)] = q, scale
+        w = leaf.value if boxed else leaf
+        lead = w.ndim - len(kernel_shape(cfg, name))  # a scanned stack's layers axis
+        for part, value in quantized_kernel(name, w, base_dtype, lead).items():
+            if boxed:  # int8 scales keep the output axes' names; nf4 blocks are not split
+                names = leaf.names[:lead] + (
+                    leaf.names[lead + len(AXES[name][0]):] if base_dtype == "int8" else (None,) * (value.ndim - lead))
+                value = leaf.replace(value=value, names=names)
+            out[key[:-1] + (part,)] = value
     return traverse_util.unflatten_dict(out)
 
 
-def _dequantized(flat: dict, key: tuple) -> jax.Array:
-    """A kernel as float32, int8 ones times their scale."""
-    kernel = jnp.asarray(flat[key], jnp.float32)
-    scale = flat.get(key[:-1] + (f"{key[-1]}_scale",))
-    if scale is None:
-        return kernel
-    n_in, n_out = (len(axes) for axes in AXES[str(key[-1])])
-    lead = kernel.ndim - n_in - n_out
-    return kernel * jnp.expand_dims(jnp.asarray(scale, jnp.float32), tuple(range(lead, lead + n_in)))
+def dequantized(flat: dict, key: tuple, cfg: ModelConfig, dtype=jnp.float32) -> jax.Array:
+    """The kernel at `key` of a flat params dict in `dtype`, dequantized if it is stored
+    quantized (`{name}_scale` or `{name}_absmax` beside it)."""
+    name = str(key[-1])
+    kernel, shape = flat[key], kernel_shape(cfg, name) if name in AXES else ()
+    if (absmax := flat.get(key[:-1] + (f"{name}_absmax",))) is not None:
+        return ops.nf4_dequantize(kernel, absmax, shape, dtype)
+    if (scale := flat.get(key[:-1] + (f"{name}_scale",))) is not None:
+        lead = kernel.ndim - len(shape)
+        return ops.int8_dequantize(kernel, scale, tuple(range(lead, lead + len(AXES[name][0]))), dtype)
+    return jnp.asarray(kernel, dtype)
 
 
 def is_adapter(path: tuple) -> bool:
@@ -139,12 +162,12 @@ def without_adapters(params: Any) -> Any:
 def merge(params: Any, cfg: ModelConfig) -> Any:
     """params with each adapter folded into its kernel (W + (alpha/R) A B, in W's dtype) and
     the adapters dropped: a plain model of cfg without LoRA. Scanned layers (a leading
-    layers axis on both) merge layer by layer. An int8 base comes out in param_dtype."""
+    layers axis on both) merge layer by layer. A quantized base comes out in param_dtype."""
     flat = traverse_util.flatten_dict(params)
-    out = {k: v for k, v in flat.items() if not is_adapter(k) and not str(k[-1]).endswith("_scale")}
+    out = {k: v for k, v in flat.items() if not is_adapter(k) and not str(k[-1]).endswith(tuple(QUANTIZED.values()))}
     for key in list(out):
-        if key[:-1] + (f"{key[-1]}_scale",) in flat:
-            out[key] = _dequantized(flat, key).astype(DTYPES[cfg.param_dtype])
+        if any(key[:-1] + (f"{key[-1]}{suffix}",) in flat for suffix in QUANTIZED.values()):
+            out[key] = dequantized(flat, key, cfg, DTYPES[cfg.param_dtype])
     for key, a in flat.items():
         if not str(key[-1]).endswith("_lora_a"):
             continue

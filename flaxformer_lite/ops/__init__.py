@@ -16,6 +16,15 @@ from flaxformer_lite.ops.ffn import ACTIVATIONS, GATED, activate, feed_forward, 
 from flaxformer_lite.ops.gradients import materialize_cotangent
 from flaxformer_lite.ops.losses import chunked_cross_entropy, cross_entropy
 from flaxformer_lite.ops.norms import layer_norm, rms_norm
+from flaxformer_lite.ops.quant import (
+    NF4_BLOCK,
+    NF4_CODEBOOK,
+    int8_dequantize,
+    int8_quantize,
+    nf4_dequantize,
+    nf4_quantize,
+    tied,
+)
 from flaxformer_lite.ops.positions import (
     alibi_bias,
     alibi_slopes,

@@ -571,9 +571,11 @@ def _load_init(init_from, cfg: Config, mesh) -> Any:
 
     if hf.is_hf_folder(init_from):
         m = cfg.model
+        base = m.lora.base_dtype if m.lora.rank else None  # a frozen base is read in its own dtype
         try:
             loaded = hf.load(init_from, mesh=mesh, parallel=cfg.parallel,  # placed sharded, tensor by tensor
-                             scan_layers=m.scan_layers, param_dtype=m.param_dtype)[1]
+                             scan_layers=m.scan_layers, quantize=base if base in lora.QUANTIZED else None,
+                             param_dtype=base if base in ("float32", "bfloat16") else m.param_dtype)[1]
         except hf.HFError as e:
             raise ConfigError(f"--init-from {e}") from None
     else:
