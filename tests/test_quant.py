@@ -127,3 +127,17 @@ def test_a_compiled_step_holds_less_with_each_narrower_base():
 def test_a_base_dtype_without_adapters_is_refused():
     with pytest.raises(ConfigError, match="lora.base_dtype=nf4 .*lora.rank=0"):
         ffl.load_config("llama_tiny", overrides=["model.lora.base_dtype=nf4"])
+
+
+
+def test_the_lora_bench_makes_its_random_base_as_a_run_stores_it():
+    """bench train --lora --base-dtypes: weights made one array at a time, quantized as made,
+    in the tree and dtypes a run of that base holds (fresh B zero)."""
+    from flaxformer_lite.bench.lora import _random_lora_params
+
+    cfg = _with_base(_model("model.scan_layers=true"), "nf4")
+    made = traverse_util.flatten_dict(_random_lora_params(cfg, 0))
+    expected = traverse_util.flatten_dict(jax.eval_shape(lambda: ffl.init_params(cfg, jax.random.key(0))))
+    assert {k: (v.shape, v.dtype) for k, v in made.items()} == {k: (v.shape, v.dtype) for k, v in expected.items()}
+    assert all(not np.any(np.asarray(v)) for k, v in made.items() if str(k[-1]).endswith("_lora_b"))
+    assert all(np.any(np.asarray(v)) for k, v in made.items() if str(k[-1]).endswith(("_lora_a", "_absmax")))

@@ -43,14 +43,19 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=positive_int, help=f"LoRA mode: key/value heads (default {LORA_SHAPE['kv_heads']})")
     parser.add_argument("--d-ff", type=positive_int, help=f"LoRA mode: MLP width (default {LORA_SHAPE['d_ff']})")
     parser.add_argument("--rss-steps", type=positive_int, default=2, help="LoRA mode: steps each peak-RSS process runs")
+    parser.add_argument("--base-dtypes", nargs="+", default=[], choices=("bfloat16", "int8", "nf4"), metavar="DTYPE",
+                        help="LoRA mode: also a peak-RSS process for a frozen base stored so (model.lora.base_dtype: "
+                             "bfloat16, int8, nf4), against the float32 base's; with --rss-steps 2 or more, the "
+                             "last step's time too")
 
 
 def _shape(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in LORA_SHAPE.items()}
 
 
-def _llama_config(shape: dict, rank: int, scan: bool, remat: str, dtype: str):
-    """Our ModelConfig of the Llama (LoRA of `rank` on every projection; 0: none)."""
+def _llama_config(shape: dict, rank: int, scan: bool, remat: str, dtype: str, base_dtype=None):
+    """Our ModelConfig of the Llama (LoRA of `rank` on every projection, its frozen base
+    stored in base_dtype; rank 0: none)."""
     from flaxformer_lite.config import LoraConfig, load_config
 
     m = load_config("llama_tiny").model
@@ -59,7 +64,7 @@ def _llama_config(shape: dict, rank: int, scan: bool, remat: str, dtype: str):
         num_kv_heads=shape["kv_heads"], d_ff=shape["d_ff"], vocab_size=shape["vocab"], max_len=shape["seq_len"],
         head_dim=None, tie_embeddings=False, dropout_rate=0.0, attention_dropout_rate=0.0, dtype=dtype,
         param_dtype="float32", scan_layers=scan, remat_policy=remat,
-        lora=LoraConfig(rank=rank, alpha=2.0 * rank, targets=TARGETS) if rank else LoraConfig(),
+        lora=LoraConfig(rank=rank, alpha=2.0 * rank, targets=TARGETS, base_dtype=base_dtype) if rank else LoraConfig(),
     )
 
 
@@ -91,8 +96,44 @@ def _optimizer_state_bytes(model_cfg, shape: dict) -> dict:
 # ------------------------------------------------------------------------ peak RSS, per process
 
 
+def _random_lora_params(model_cfg, seed: int) -> dict:
+    """Random LoRA params made one array at a time (normal, std 0.02; B zero), each stored as
+    the run stores it: a quantized base is quantized as each kernel is made, as hf.load
+    does as it reads, so no float copy of the whole base exists at any time."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from flaxformer_lite.layers import lora
+    from flaxformer_lite.layers.common import DTYPES
+    from flaxformer_lite.models import init_params
+
+    base_dtype = model_cfg.lora.base_dtype
+    float_cfg = dataclasses.replace(model_cfg, lora=dataclasses.replace(model_cfg.lora, base_dtype=None))
+    shapes = traverse_util.flatten_dict(jax.eval_shape(lambda: init_params(float_cfg, jax.random.key(0))))
+    out = {}
+    for i, (key, s) in enumerate(shapes.items()):
+        name = str(key[-1])
+        w = jax.jit(lambda k, s=s: (0.02 * jax.random.normal(k, s.shape)).astype(s.dtype))(jax.random.key(seed + i))
+        if name.endswith("_lora_b"):
+            w = jnp.zeros_like(w)
+        elif lora.is_adapter(key):
+            pass
+        elif base_dtype in lora.QUANTIZED and name in lora.AXES:
+            lead = w.ndim - len(lora.kernel_shape(model_cfg, name))
+            parts = jax.jit(lambda w, name=name, lead=lead: lora.quantized_kernel(name, w, base_dtype, lead))(w)
+            out.update({key[:-1] + (part,): value for part, value in parts.items()})
+            continue
+        elif base_dtype in DTYPES:
+            w = w.astype(DTYPES[base_dtype])
+        out[key] = jax.block_until_ready(w)
+        del w
+    return traverse_util.unflatten_dict(out)
+
+
 def _measure_rss(spec: dict) -> dict:
-    """One mode in this fresh process: init, compile, `steps` steps; VmHWM at the end."""
+    """One mode in this fresh process: init, compile, `steps` steps; VmHWM at the end, and
+    the last step's seconds when there are two or more."""
     import jax
 
     from flaxformer_lite.bench.measure import status_bytes
@@ -101,19 +142,26 @@ def _measure_rss(spec: dict) -> dict:
     from flaxformer_lite.train.step import init_train_state, make_train_step
 
     shape, lora = spec["shape"], spec["mode"] == "lora"
-    model_cfg = _llama_config(shape, spec["rank"] if lora else 0, spec["scan"], spec["remat"], spec["dtype"])
+    base_dtype = spec.get("base_dtype")
+    model_cfg = _llama_config(shape, spec["rank"] if lora else 0, spec["scan"], spec["remat"], spec["dtype"],
+                              base_dtype if lora else None)
     cfg = run_config(model_cfg, shape)
     optimizer = make_optimizer(cfg.train)
     baseline = status_bytes("VmRSS")
-    state = init_train_state(init_params(model_cfg, jax.random.key(0)), optimizer, 0, adapters_only=lora)
+    params = _random_lora_params(model_cfg, 0) if base_dtype else init_params(model_cfg, jax.random.key(0))
+    state = init_train_state(params, optimizer, 0, adapters_only=lora)
+    del params
     step = jax.jit(make_train_step(build_model(model_cfg), cfg, optimizer), donate_argnums=0)
     batch = jax.device_put(random_batch(shape, 0))
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     for _ in range(spec["steps"]):
+        last = time.perf_counter()
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics["loss_sum"])
+    end = time.perf_counter()
     return {"baseline_rss_bytes": baseline, "peak_rss_bytes": status_bytes("VmHWM"),
-            "optimizer_state_bytes": _state_bytes(state.opt_state), "seconds": time.perf_counter() - start}
+            "optimizer_state_bytes": _state_bytes(state.opt_state), "seconds": end - start,
+            "last_step_seconds": end - last if spec["steps"] > 1 else None, "loss_sum": float(metrics["loss_sum"])}
 
 
 def _rss_child(spec: dict) -> dict:
@@ -154,6 +202,10 @@ def run_lora(args: argparse.Namespace) -> dict:
     spec = {"shape": shape, "rank": rank, "scan": args.scan_layers, "remat": args.remat_policy, "dtype": args.dtype,
             "steps": args.rss_steps}
     rss = {mode: _rss_child({**spec, "mode": mode}) for mode in ("lora", "full")}
+    bases = {}
+    if args.base_dtypes:  # the float32 base made as the others are (one array at a time), for a like comparison
+        for base_dtype in ("float32", *args.base_dtypes):
+            bases[base_dtype] = _rss_child({**spec, "mode": "lora", "base_dtype": base_dtype})
     lora_params = optimizer_bytes["lora"]["param_bytes"] // 4
     results = {
         "benchmark": "train --lora",
@@ -167,6 +219,7 @@ def run_lora(args: argparse.Namespace) -> dict:
         "optimizer_state": {**optimizer_bytes, "ratio": optimizer_bytes["lora"]["optimizer_state_bytes"]
                             / optimizer_bytes["full"]["optimizer_state_bytes"]},
         "peak_rss": {**rss, "ratio": rss["lora"]["peak_rss_bytes"] / rss["full"]["peak_rss_bytes"]},
+        "base_dtypes": bases,
         "steps": None,
         "profile": None,
         "jax": {"version": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0])},
@@ -295,6 +348,17 @@ def _report(r: dict) -> str:
         f"| of which above the process after its imports | {added(p['lora']) / 2**30:.2f} GiB | "
         f"{added(p['full']) / 2**30:.2f} GiB | {100 * added(p['lora']) / added(p['full']):.1f}% | | |",
     ]
+    if r.get("base_dtypes"):
+        bases, ref = r["base_dtypes"], r["base_dtypes"]["float32"]
+        lines += ["", "| frozen base (LoRA, own process) | peak RSS | ratio | last step s | ratio | loss | 1-min load |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, run in bases.items():
+            step_s, ref_s = run["last_step_seconds"], ref["last_step_seconds"]
+            lines.append(f"| {name} | {run['peak_rss_bytes'] / 2**30:.2f} GiB | "
+                         f"{run['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x | "
+                         f"{'-' if step_s is None else f'{step_s:.1f}'} | "
+                         f"{'-' if step_s is None else f'{step_s / ref_s:.2f}x'} | {run['loss_sum']:.5g} | "
+                         f"{run['load_average_1m']} |")
     if s is None:
         return "\n".join(lines)
     t = s["transformers"]
