@@ -302,7 +302,7 @@ def _text_offsets(tokenizer, ids: list, texts: list, start: int) -> list[int]:
     """Where each token's text starts in the decoded text of `ids`, plus `start`. Token texts
     joined are that text unless a token splits a character or the decoder merges pieces;
     then each offset is the length of its prefix decoded."""
-    if "".join(texts) == tokenizer.decode(ids):
+    if len(ids) <= 1 or "".join(texts) == tokenizer.decode(ids):  # one token (a streamed event): no decode
         offsets, at = [], start
         for text in texts:
             offsets.append(at)
