@@ -210,7 +210,8 @@ class TrainConfig:
 
     learning_rate: float = 3e-3
     schedule: Literal["cosine", "linear", "inverse_sqrt", "constant"] = "cosine"
-    warmup_steps: int = 50
+    # None: 10% of num_steps, at most DEFAULT_WARMUP_STEPS (train.optim.warmup_steps).
+    warmup_steps: Optional[int] = None
     num_steps: int = 1000
     time_budget_s: Optional[float] = None  # stop early after this many seconds of training
     weight_decay: float = 0.1
@@ -241,15 +242,21 @@ class TrainConfig:
     seed: int = 0
 
 
+DEFAULT_WARMUP_STEPS = 50  # the most warmup an unset train.warmup_steps gives
+
 # `train --init-from HF_DIR` without --config: fine-tuning a pretrained model, not training
 # one from scratch (TrainConfig's defaults, lr 3e-3 and warmup 50, raised a pretrained
-# SmolLM2's held-out loss). AdamW with transformers Trainer's betas and no decay, a short
-# warmup, cosine to zero, no time budget; checkpoints every 250 steps.
+# SmolLM2's held-out loss). AdamW with transformers Trainer's betas and no decay, warmup
+# left to its rule (10% of num_steps, at most 50), cosine to zero, no time budget;
+# checkpoints every 250 steps.
 FINE_TUNE_TRAIN = {
-    "learning_rate": 2e-5, "schedule": "cosine", "warmup_steps": 30, "num_steps": 1000, "time_budget_s": None,
+    "learning_rate": 2e-5, "schedule": "cosine", "num_steps": 1000, "time_budget_s": None,
     "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_norm": 1.0,
     "eval_every": 250, "checkpoint_every": 250,
 }
+# The same with model.lora.rank set and no train.learning_rate given: adapters start at
+# zero and need a far larger step than full weights (BENCHMARKS.md, "LoRA fine-tuning").
+FINE_TUNE_LORA_LEARNING_RATE = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,6 +427,8 @@ def validate(cfg: Config) -> Config:
             )
     if cfg.data.objective == "dpo":
         positive["train.dpo_beta"] = cfg.train.dpo_beta
+    if cfg.train.warmup_steps is not None and cfg.train.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} must be 0 or more (null: 10% of num_steps)")
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")

@@ -59,6 +59,10 @@ class Record:
 
 
 def _check_value(value: Any, where: str, field: str) -> None:
+    if field == "messages" and not isinstance(value, list):  # a conversation: never a bare string
+        raise DataError(f'{where}: field \'messages\' must be a non-empty list of {{"role": str, "content": str}} '
+                        f"messages, got {type(value).__name__} {str(value)[:40]!r}; plain text goes in "
+                        '{"prompt": ..., "completion": ...}')
     if isinstance(value, str):
         return
     ok = isinstance(value, list) and value and all(

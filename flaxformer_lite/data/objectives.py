@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -564,13 +565,12 @@ def _finetune_features(example: tuple[np.ndarray, ...], rng: np.random.Generator
 
 
 def _cut(spec: _Spec, examples: list[tuple[np.ndarray, ...]], what: str) -> list[tuple[np.ndarray, ...]]:
-    """Examples with every sequence cut to seq_len, with one warning that counts them."""
+    """Examples with every sequence cut to seq_len, with one `note:` line on stderr that
+    counts them (a notice about the data, not a Python warning about code)."""
     cut = sum(any(len(a) > spec.seq_len for a in e) for e in examples)
     if cut:
-        warnings.warn(
-            f"{what}: cut {cut} of {len(examples)} examples longer than seq_len={spec.seq_len} tokens "
-            "to their first seq_len tokens", stacklevel=3,
-        )
+        print(f"note: {what}: cut {cut} of {len(examples)} examples longer than data.seq_len={spec.seq_len} tokens "
+              "to their first seq_len tokens", file=sys.stderr)
     return [tuple(a[: spec.seq_len] for a in e) for e in examples]
 
 

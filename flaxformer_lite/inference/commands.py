@@ -57,9 +57,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a user message, rendered with the folder's chat template; repeat for a conversation "
                         "(user, assistant, user, ...); prints the assistant's reply")
     parser.add_argument("--system", help="with --chat: the system message")
-    parser.add_argument("--method", choices=DECODE_METHODS, default="greedy")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
-    parser.add_argument("--min-new-tokens", type=non_negative_int, default=0)
+    parser.add_argument("--method", choices=DECODE_METHODS, default="greedy", help="(default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="(default: %(default)s)")
+    parser.add_argument("--min-new-tokens", type=non_negative_int, default=0,
+                        help="no end-of-sequence before this many new tokens (default: %(default)s)")
     sampling = "with --method sample (default: the folder's generation_config.json, else {})"
     parser.add_argument("--temperature", type=non_negative_float, help=sampling.format(1.0))
     parser.add_argument("--top-k", type=non_negative_int, help=sampling.format("0, off"))
@@ -67,9 +68,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=positive_float,
                         help="greedy and sample: seen tokens' logits divided by it, as transformers' (default: the "
                         "folder's generation_config.json, else 1.0, off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-beams", type=positive_int, default=4)
-    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="with --method sample (default: %(default)s)")
+    parser.add_argument("--num-beams", type=positive_int, default=4, help="with --method beam (default: %(default)s)")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="with --method beam: scores divided by length ** this (default: %(default)s)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text's (single) token is generated; repeatable")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,

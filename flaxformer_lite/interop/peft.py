@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from typing import Any, Optional
 
@@ -82,6 +83,10 @@ def save_adapters(cfg: ModelConfig, params: Any, path, *, model_type: Optional[s
     out = pathlib.Path(path)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    # safetensors creates its file 0600; give it the mode every other file here gets (umask's).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / WEIGHTS_FILE, 0o666 & ~umask)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
         "lora_dropout": cfg.lora.dropout, "target_modules": sorted(modules), "bias": "none",

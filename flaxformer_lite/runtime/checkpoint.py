@@ -16,13 +16,14 @@ step, and falls back to the previous one otherwise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import pathlib
 import shutil
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from flaxformer_lite.config import Config, ConfigError, dump_config, load_config
+from flaxformer_lite.config import Config, ConfigError, build_config, dump_config, read_config_dict
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -39,10 +40,42 @@ QUARANTINE_DIR = "corrupt_checkpoints"  # bad steps are moved here, never delete
 SET_ASIDE_DIR = "set_aside_checkpoints"  # steps after the one a resume was told to start at
 
 
+# The config's fields that name files: a run's config.yaml holds them relative to the run
+# directory when they lie inside it (its hf/ copy) and absolute otherwise, so the run
+# still resolves them when it is used from another folder, moved or copied.
+PATH_FIELDS = (("data", "tokenizer"), ("data", "corpus"))
+_GLOB = frozenset("*?[")
+
+
+def _portable(value: str, workdir: pathlib.Path) -> str:
+    """`value` as a run's config.yaml in `workdir` stores it (see PATH_FIELDS); names that
+    are no path on disk ("byte", "builtin", a tokenizer name) are kept as they are."""
+    if value in ("", "byte", "builtin"):
+        return value
+    path = pathlib.Path(value)
+    if not (path.exists() or (_GLOB & set(value) and any(path.parent.glob(path.name)))):
+        return value
+    path, root = path.absolute(), workdir.absolute()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def portable(cfg: Config, workdir: str | pathlib.Path) -> Config:
+    """cfg with its file paths (PATH_FIELDS) as WORKDIR/config.yaml holds them."""
+    for section, key in PATH_FIELDS:
+        part = getattr(cfg, section)
+        value = getattr(part, key)
+        if isinstance(value, str):
+            part = dataclasses.replace(part, **{key: _portable(value, pathlib.Path(workdir))})
+            cfg = dataclasses.replace(cfg, **{section: part})
+    return cfg
+
+
 def write_config(workdir: str | pathlib.Path, cfg: Config) -> pathlib.Path:
-    """Write WORKDIR/config.yaml (atomically: temp file + rename); return its path."""
+    """Write WORKDIR/config.yaml (atomically: temp file + rename), with its file paths
+    made portable (`portable`); return its path."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    cfg = portable(cfg, workdir)
     path = workdir / CONFIG_FILE
     tmp = path.with_suffix(".yaml.tmp")
     dump_config(cfg, tmp)
@@ -50,15 +83,31 @@ def write_config(workdir: str | pathlib.Path, cfg: Config) -> pathlib.Path:
     return path
 
 
-def read_config(workdir: str | pathlib.Path) -> Config:
-    """The resolved Config of a run directory."""
-    path = pathlib.Path(workdir) / CONFIG_FILE
+def is_run_config(path: str | pathlib.Path) -> bool:
+    """True when `path` is a run directory's config.yaml (beside its checkpoints)."""
+    path = pathlib.Path(path)
+    return path.name == CONFIG_FILE and (path.parent / CHECKPOINT_DIR).is_dir()
+
+
+def read_config(workdir: str | pathlib.Path, overrides: Sequence[str] = ()) -> Config:
+    """The resolved Config of a run directory, its relative file paths read from the run
+    directory (where they exist there: older runs stored them relative to the working
+    directory they ran in), then `overrides` (key=value strings) applied."""
+    workdir = pathlib.Path(workdir)
+    path = workdir / CONFIG_FILE
     if not path.exists():
         raise ConfigError(
             f"{path} not found: {workdir} is not a run directory (train into it, or "
             "`flaxformer-lite convert --from-hf DIR --to WORKDIR`)"
         )
-    return load_config(path)
+    data = read_config_dict(path)
+    for section, key in PATH_FIELDS:
+        value = (data.get(section) or {}).get(key)
+        if isinstance(value, str) and value and not pathlib.Path(value).is_absolute():
+            inside = workdir.absolute() / value
+            if inside.exists() or (_GLOB & set(value) and any(inside.parent.glob(inside.name))):
+                data[section] = {**data[section], key: str(inside)}
+    return build_config(data, overrides, source=str(path))
 
 
 def manager(
@@ -361,12 +410,24 @@ def load_params(workdir: str | pathlib.Path, step: Optional[int] = None) -> tupl
     return cfg, jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, params)
 
 
-def _whole_on_each_process(mngr: ocp.CheckpointManager, step: int) -> Any:
-    """Restore target for the params of `step`: the saved shapes and dtypes, replicated
+def load_extra(workdir: str | pathlib.Path, step: Optional[int] = None) -> dict:
+    """The `extra` item (optimizer state, RNG, DPO's ref_params...) of a training
+    checkpoint of `step` (default: the latest), whole on each process; {} if it has none."""
+    with manager(workdir, read_only=True, best_metric=None) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None or not _present(mngr, step, "extra"):
+            return {}
+        target = _whole_on_each_process(mngr, step, "extra")
+        extra = mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.StandardRestore(target)))["extra"]
+    return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, extra)
+
+
+def _whole_on_each_process(mngr: ocp.CheckpointManager, step: int, item: str = "params") -> Any:
+    """Restore target for `item` of `step`: the saved shapes and dtypes, replicated
     over one device of each process. Orbax reads a checkpoint into any such target,
     whatever the topology that wrote it; without one it insists on that topology."""
     try:
-        saved = ocp.StandardCheckpointHandler().metadata(step_dir(mngr, step) / "params")
+        saved = ocp.StandardCheckpointHandler().metadata(step_dir(mngr, step) / item)
     except Exception:  # noqa: BLE001 - unreadable metadata: restore_good reports the step
         return None
     devices = np.array([jax.local_devices(process_index=p)[0] for p in range(jax.process_count())])

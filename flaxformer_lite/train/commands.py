@@ -29,7 +29,8 @@ from flaxformer_lite.runtime.flags import non_negative_int, positive_int
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flaxformer-lite train`."""
     parser.add_argument("--config", help="YAML run config, or a preset name (gpt_tiny); optional with "
-                        "--init-from HF_DIR, which then fine-tunes with config.FINE_TUNE_TRAIN's settings")
+                        "--init-from HF_DIR (fine-tuning defaults, config.FINE_TUNE_TRAIN), --init-from RUN_DIR "
+                        "(that run's config) and --resume (WORKDIR's config)")
     parser.add_argument("--workdir", required=True, help="run directory: config, checkpoints, metrics")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.num_steps=100 model.num_layers=2")
@@ -75,8 +76,10 @@ def check_backend(cfg) -> None:
 
 
 def _run_config(args: argparse.Namespace):
-    """--config with --set; with --init-from HF_DIR, the model and tokenizer come from the folder."""
+    """--config with --set; with --init-from HF_DIR, the model and tokenizer come from the
+    folder; without --config, --init-from RUN_DIR (or --resume) takes that run's config."""
     from flaxformer_lite.config import ConfigError, load_config
+    from flaxformer_lite.runtime import checkpoint
 
     if args.init_from and not args.resume:
         from flaxformer_lite.interop import hf
@@ -88,11 +91,33 @@ def _run_config(args: argparse.Namespace):
                 model_cfg = hf.read_model_config(args.init_from)
             except hf.HFError as e:
                 raise ConfigError(f"--init-from {e}") from None
-            return hf_run_config(args.init_from, model_cfg, config=args.config, overrides=args.set)
+            cfg = hf_run_config(args.init_from, model_cfg, config=args.config, overrides=args.set)
+            return cfg if args.config else _lora_learning_rate(cfg, args.set)
+        if not args.config:
+            if not (pathlib.Path(args.init_from) / checkpoint.CONFIG_FILE).is_file():
+                raise ConfigError(f"--init-from {args.init_from}: neither an HF folder (config.json + *.safetensors) "
+                                  f"nor a run directory ({checkpoint.CONFIG_FILE} + checkpoints/)")
+            return checkpoint.read_config(args.init_from, overrides=args.set)
+    if not args.config and args.resume and (pathlib.Path(args.workdir) / checkpoint.CONFIG_FILE).is_file():
+        return checkpoint.read_config(args.workdir, overrides=args.set)
     if not args.config:
-        raise ConfigError("train needs --config FILE (or a preset name), or --init-from HF_DIR to fine-tune "
-                          "an HF folder's model with fine-tuning defaults")
+        raise ConfigError("train needs --config FILE (or a preset name), --init-from HF_DIR to fine-tune "
+                          "an HF folder's model with fine-tuning defaults, or --init-from RUN_DIR to go on from a run")
+    if checkpoint.is_run_config(args.config):  # its paths are relative to its run directory
+        return checkpoint.read_config(pathlib.Path(args.config).parent, overrides=args.set)
     return load_config(args.config, overrides=args.set)
+
+
+def _lora_learning_rate(cfg, overrides):
+    """Fine-tuning defaults with model.lora.rank set and no train.learning_rate given: the
+    adapters' learning rate (config.FINE_TUNE_LORA_LEARNING_RATE), not full weights'."""
+    import dataclasses
+
+    from flaxformer_lite.config import FINE_TUNE_LORA_LEARNING_RATE
+
+    if not cfg.model.lora.rank or any(o.split("=", 1)[0].strip() == "train.learning_rate" for o in overrides):
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=FINE_TUNE_LORA_LEARNING_RATE))
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -187,17 +212,20 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         parallel.initialize_distributed()
         config_path = args.config or workdir / checkpoint.CONFIG_FILE
-        if not args.config and not pathlib.Path(config_path).exists():
-            raise ConfigError(f"{config_path} not found: {workdir} is not a run directory (or pass --config)")
-        setup = prepare_data(load_config(config_path, overrides=args.set), train=False)
+        if not args.config or checkpoint.is_run_config(config_path):  # paths relative to that run
+            run_cfg = checkpoint.read_config(pathlib.Path(config_path).parent, overrides=args.set)
+        else:
+            run_cfg = load_config(config_path, overrides=args.set)
+        setup = prepare_data(run_cfg, train=False)
         cfg = setup.cfg
-        if cfg.data.objective == "dpo" and not cfg.model.lora.rank:
-            raise ConfigError(
-                "eval of a dpo run without LoRA needs its reference model, which only the run holds: "
-                "read eval_* in its metrics.jsonl (a LoRA run's reference is its base, and evaluates here)"
-            )
         check_backend(cfg)
         _, loaded = checkpoint.load_params(workdir, step=args.step)
+        ref_params = None
+        if cfg.data.objective == "dpo":  # the reference the run trained against, kept in its checkpoints
+            ref_params = checkpoint.load_extra(workdir, args.step).get("ref_params")
+            if ref_params is None:
+                raise ConfigError(f"{workdir}: its checkpoint holds no DPO reference (ref_params), which eval "
+                                  "of data.objective=dpo needs: evaluate a dpo run's own training checkpoint")
         abstract = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
         params, missing, _ = merge_params(abstract, loaded, str(workdir))
         if missing:
@@ -211,7 +239,7 @@ def run_eval(args: argparse.Namespace) -> int:
     with parallel.use_mesh(mesh, cfg.parallel):
         shardings = parallel.param_shardings(mesh, cfg)
         eval_step = jax.jit(make_eval_step(build_model(cfg.model), cfg))
-        sums = evaluate(eval_step, jax.device_put(params, shardings), setup.eval_batches, mesh)
+        sums = evaluate(eval_step, jax.device_put(params, shardings), setup.eval_batches, mesh, ref_params)
     result = {
         "step": args.step if args.step is not None else checkpoint_step(workdir),
         **metrics_lib.summarize(sums, bytes_are_tokens=setup.bytes_are_tokens, prefix="eval_"),

@@ -68,6 +68,7 @@ class DataSetup:
     train: Optional[grain.IterDataset]
     eval_batches: list[Batch]
     sample_prompts: list[list[int]]
+    split_sizes: Optional[tuple[int, int]] = None  # (training, validation) examples or documents
 
     @property
     def bytes_are_tokens(self) -> bool:
@@ -198,7 +199,10 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
     if d.objective == "causal_lm":
         openings = (tokenizer.decode(val_items.tokens(i)[: 4 * SAMPLE_PROMPT_TOKENS]) for i in range(len(val_items)))
         prompts = sample_prompts(openings, cfg.train.num_samples, tokenizer)
-    return DataSetup(cfg, tokenizer, train_ds, eval_batches, prompts)
+    sizes = None
+    if train_items is not None and hasattr(train_items, "__len__") and hasattr(val_items, "__len__"):
+        sizes = (len(train_items), len(val_items))
+    return DataSetup(cfg, tokenizer, train_ds, eval_batches, prompts, sizes)
 
 
 def sample_prompts(texts: Iterable[str], count: int, tokenizer: data.Tokenizer) -> list[list[int]]:
@@ -349,7 +353,8 @@ def _check_workdir(workdir: pathlib.Path, resume: bool, cfg: Config) -> None:
             "choose a new --workdir"
         )
     if resume and (workdir / checkpoint.CONFIG_FILE).exists():
-        saved = checkpoint.read_config(workdir)
+        # Both with their paths as config.yaml holds them: the same file, however it is named.
+        saved, cfg = checkpoint.portable(checkpoint.read_config(workdir), workdir), checkpoint.portable(cfg, workdir)
         for section in ("model", "data"):
             a, b = getattr(saved, section), getattr(cfg, section)
             diff = [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
@@ -535,7 +540,7 @@ def _resume_hint(run: _Run, stopped: Optional[safety.RunStopped]) -> str:
     checkpoint, the newest one saved before the non-finite steps is named (not
     evaluated); without one, a new run.
     """
-    command = f"flaxformer-lite train --config {run.workdir / checkpoint.CONFIG_FILE} --workdir {run.workdir} --resume"
+    command = f"flaxformer-lite train --workdir {run.workdir} --resume"
     if not isinstance(stopped, safety.NonFiniteStop):
         return f"resume with: {command}"
     since = min(stopped.step, run.nonfinite.since or stopped.step)
@@ -581,6 +586,20 @@ def _load_init(init_from, cfg: Config, mesh) -> Any:
     else:
         loaded = checkpoint.load_params(init_from)[1]
     return lora.quantize_base(loaded, cfg.model)  # an int8 base (model.lora.base_dtype) is quantized here
+
+
+def _describe_new(names: list[str], cfg: Config) -> str:
+    """The parameter arrays a run starts fresh, in words: LoRA adapters counted with their
+    pattern (a 7B model has hundreds), any other array (a new head) by name."""
+    adapters = [n for n in names if n.endswith(tuple(f"{s}']" for s in lora.SUFFIXES))]  # keystr names
+    others = [n for n in names if n not in adapters]
+    parts = []
+    if adapters:
+        parts.append(f"{len(adapters)} new LoRA adapter arrays (*_lora_a, *_lora_b of rank {cfg.model.lora.rank} on "
+                     f"{', '.join(cfg.model.lora.targets)})")
+    if others or not adapters:
+        parts.append(f"{len(others)} new parameter arrays {others}")
+    return ", ".join(parts)
 
 
 def _fresh_params(cfg: Config, prog: Programs, names: list[str]) -> dict[str, jax.Array]:
@@ -670,8 +689,7 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
         fresh = _fresh_params(cfg, prog, kept_fresh)
         params = jax.tree_util.tree_map_with_path(lambda path, x: fresh.get(jax.tree_util.keystr(path), x), params)
         state = prog.init_with(jax.device_put(params, prog.shardings.params))
-        log(f"initialised from {init_from}: {len(kept_fresh)} new parameter arrays {kept_fresh}, "
-            f"{len(unused)} unused {unused}")
+        log(f"initialised from {init_from}: {_describe_new(kept_fresh, cfg)}, {len(unused)} unused {unused}")
     else:
         state = prog.init(jax.random.key(cfg.train.seed))
     if main:  # after the restore: a config that does not fit the checkpoints is not written
@@ -681,10 +699,17 @@ def _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, pe
     lora_cfg = cfg.model.lora
     adapters = (f" ({count_params(trainable(prog.abstract.params, True)[0]):,} in LoRA adapters of rank "
                 f"{lora_cfg.rank} on {', '.join(lora_cfg.targets)}, the rest frozen)") if lora_cfg.rank else ""
+    examples = ""
+    if setup.split_sizes is not None:
+        unit = "examples" if d.objective in data.FINETUNE_OBJECTIVES else "items"
+        examples = f" ({setup.split_sizes[0]:,} {unit} for training, {setup.split_sizes[1]:,} for validation)"
     log(f"{cfg.name}: {cfg.model.family}, {count_params(prog.abstract.params):,} parameters{adapters}, objective "
-        f"{d.objective}, mesh {dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{d.objective}{examples}, mesh {dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{flops_per_token / 1e6:.3g} MFLOPs/token, peak {peak / 1e12:.3g} TFLOP/s")
     tc = cfg.train
+    if tc.warmup_steps is not None and tc.warmup_steps >= tc.num_steps:
+        log(f"train.warmup_steps={tc.warmup_steps} is not below train.num_steps={tc.num_steps}: the learning rate "
+            f"never reaches train.learning_rate={tc.learning_rate:g}; unset it (10% of num_steps) or lower it")
     return _Run(
         cfg=cfg, setup=setup, workdir=workdir, mesh=mesh, prog=prog, mngr=mngr, saves=safety.Saves(mngr),
         state=state, it=it, step=start_step, start_step=start_step,

@@ -8,12 +8,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxformer_lite.config import TrainConfig
+from flaxformer_lite.config import DEFAULT_WARMUP_STEPS, TrainConfig
 
 # Norm scales, biases (`bias`, `*_bias`, the FFN's `bi`/`bo`) and T5's `relpos_bias` table
 # are not decayed, as in GPT-2 / BERT practice: decay is meant to limit the size of the
 # matrices, and pulling a norm scale towards zero changes what the layer computes.
 FFN_BIASES = ("bi", "bo")
+
+
+def warmup_steps(cfg: TrainConfig) -> int:
+    """train.warmup_steps, or where it is unset 10% of num_steps, at most DEFAULT_WARMUP_STEPS:
+    a short fine-tune never spends itself warming up."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return min(DEFAULT_WARMUP_STEPS, cfg.num_steps // 10)
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -28,13 +36,13 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
                      2017, eq. 3), whose peak d_model^-0.5 * warmup^-0.5 is learning_rate.
       constant:      the peak after warmup.
     """
-    peak, warmup = cfg.learning_rate, max(cfg.warmup_steps, 1)
-    decay_steps = max(cfg.num_steps - cfg.warmup_steps, 1)
+    peak, warmup_count = cfg.learning_rate, warmup_steps(cfg)
+    warmup, decay_steps = max(warmup_count, 1), max(cfg.num_steps - warmup_count, 1)
 
     def schedule(count):
         n = jnp.asarray(count, jnp.float32) + 1.0
         warm = jnp.minimum(n / warmup, 1.0)
-        progress = jnp.clip((n - cfg.warmup_steps) / decay_steps, 0.0, 1.0)
+        progress = jnp.clip((n - warmup_count) / decay_steps, 0.0, 1.0)
         if cfg.schedule == "cosine":
             decay = 0.5 * (1.0 + jnp.cos(math.pi * progress))
         elif cfg.schedule == "linear":

@@ -36,8 +36,9 @@ SEQ2SEQ_OBJECTIVES = ("span_corruption", "seq2seq", "copy", "reverse")
 class TrainState:
     """Everything a step changes. The dropout key of step s is fold_in(rng, s).
 
-    ref_params: DPO's reference model where it is a frozen copy of the initial params
-    (DPO without LoRA; one more copy of the params in memory), else None.
+    ref_params: DPO's reference model, a frozen copy of what training updates as the run
+    starts: every param (one more copy of the weights in memory), or under LoRA the
+    adapters alone (the reference is the frozen base with them); None for other objectives.
     opt_state: of the adapters only under LoRA (see `trainable`), else of all params.
     """
 
@@ -49,9 +50,11 @@ class TrainState:
 
 
 def needs_reference_copy(cfg: Config) -> bool:
-    """True when DPO's reference is a frozen copy of the initial params held in the state
-    (without LoRA; with it the reference is the same params with the adapters off)."""
-    return cfg.data.objective == "dpo" and not cfg.model.lora.rank
+    """True when the state holds DPO's reference: the policy the run starts from, as a
+    frozen copy of what training updates (all params, or under LoRA the adapters; a run
+    initialised from a LoRA run starts with trained adapters, so the base with the
+    adapters off would be another model than the one DPO starts from)."""
+    return cfg.data.objective == "dpo"
 
 
 def trainable(params: Any, adapters_only: bool) -> tuple[Any, Any]:
@@ -69,14 +72,15 @@ def init_train_state(
     adapters_only: bool = False,
 ) -> TrainState:
     """Step 0, the given params, a fresh optimizer state and the run's base key; with
-    `reference`, a frozen copy of the params as DPO's reference model; with
-    `adapters_only` (LoRA), optimizer state for the adapters alone."""
+    `reference`, a frozen copy of what training updates as DPO's reference model; with
+    `adapters_only` (LoRA), optimizer state and reference for the adapters alone."""
+    updated = trainable(params, adapters_only)[0]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=optimizer.init(trainable(params, adapters_only)[0]),
+        opt_state=optimizer.init(updated),
         rng=jax.random.PRNGKey(seed),
-        ref_params=jax.tree.map(jnp.copy, params) if reference else None,
+        ref_params=jax.tree.map(jnp.copy, updated) if reference else None,
     )
 
 
@@ -165,14 +169,15 @@ def dpo_loss_and_sums(
 ) -> tuple[jax.Array, Sums]:
     """(DPO loss summed over the batch's pairs, float32 sums for metrics).
 
-    The reference runs without dropout and without gradient: `ref_params`, or under LoRA
-    (ref_params None) the same params with the adapters off. A pair is the chosen and the
-    rejected answer in the same segment of the same row; both must keep a trained token.
+    The reference runs without dropout and without gradient: `ref_params` (the policy the
+    run started from, TrainState.ref_params); under LoRA its adapters on `params`' frozen
+    base. A pair is the chosen and the rejected answer in the same segment of the same
+    row; both must keep a trained token.
     """
     if ref_params is None:
-        if not cfg.model.lora.rank:
-            raise ValueError("dpo without LoRA needs ref_params, the frozen initial params (TrainState.ref_params)")
-        ref_params = lora.without_adapters(params)
+        raise ValueError("dpo needs ref_params, the frozen policy the run started from (TrainState.ref_params)")
+    if cfg.model.lora.rank:  # ref_params: the initial adapters (or a whole tree, whose adapters count)
+        ref_params = lora.join(lora.split(ref_params)[0], lora.split(params)[1])
     chosen, rejected, chosen_w, rejected_w = _dpo_logps(model, params, batch, deterministic=deterministic, rng=rng)
     ref_chosen, ref_rejected, _, _ = _dpo_logps(model, jax.lax.stop_gradient(ref_params), batch,
                                                 deterministic=True, rng=None)

@@ -52,10 +52,11 @@ def test_dpo_pairs_share_their_segment_on_both_sides():
     assert TOK.decode(c_ids[c_mask]) == "yes" and TOK.decode(r_ids[r_mask]) == "n"
 
 
-def test_long_examples_are_cut_and_counted():
+def test_long_examples_are_cut_and_counted(capsys):
     records = [Record(f"m:{i}", {"prompt": "x" * 30, "completion": "y" * (5 if i % 2 else 40)}) for i in range(6)]
-    with pytest.warns(UserWarning, match=r"sft examples: cut 3 of 6 examples longer than seq_len=48"):
-        batch = next(iter(make_dataset("sft", records, tokenizer=TOK, batch_size=6, seq_len=48, train=False, pack=False)))
+    batch = next(iter(make_dataset("sft", records, tokenizer=TOK, batch_size=6, seq_len=48, train=False, pack=False)))
+    err = capsys.readouterr().err  # one line, no Python warning naming a source file
+    assert err == "note: sft examples: cut 3 of 6 examples longer than data.seq_len=48 tokens to their first seq_len tokens\n"
     assert (batch["segment_ids"] > 0).sum(axis=1).max() == 48
 
 
@@ -74,6 +75,9 @@ def test_records_from_jsonl_and_bad_lines_name_file_and_line(tmp_path):
     bad = _write(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": [{"role": "assistant"}]}])
     with pytest.raises(DataError, match=rf"{bad}:1: field 'rejected' must be a string or a non-empty list"):
         load_corpus("dpo", str(bad))
+    bad = _write(tmp_path / "hello.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": "hello"}])
+    with pytest.raises(DataError, match=rf"{bad}:2: field 'messages' must be a non-empty list of .* got str 'hello'"):
+        load_corpus("sft", str(bad))
 
 
 def test_messages_without_a_chat_template_are_refused_by_line():

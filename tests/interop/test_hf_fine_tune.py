@@ -50,7 +50,8 @@ def test_the_run_fine_tunes_with_defaults_and_keeps_its_source(exported):
         k: v for k, v in FINE_TUNE_TRAIN.items() if k not in overridden
     }
     assert saved["train"]["learning_rate"] == 2e-5 and saved["train"]["time_budget_s"] is None
-    assert saved["data"]["objective"] == "causal_lm" and saved["data"]["tokenizer"] == str(run / hf.HF_SOURCE_DIR)
+    assert saved["data"]["objective"] == "causal_lm" and saved["data"]["tokenizer"] == hf.HF_SOURCE_DIR  # in the run
+    assert checkpoint.read_config(run).data.tokenizer == str((run / hf.HF_SOURCE_DIR).absolute())
     assert saved["model"] == json.loads(json.dumps(saved["model"]))  # plain YAML, the folder's model
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (run / hf.HF_SOURCE_DIR / name).read_bytes() == (exported / "src" / name).read_bytes()

@@ -110,3 +110,24 @@ def test_cli_keeps_compiled_programs_in_a_persistent_cache(tmp_path, monkeypatch
     finally:
         jax.config.update("jax_compilation_cache_dir", saved[0])
         jax.config.update("jax_compilation_cache_max_size", saved[1])
+
+
+def test_lora_fine_tunes_without_a_learning_rate_get_the_adapters_default(tmp_path):
+    import argparse
+
+    from hf_chat_folder import write_llama_chat_folder
+
+    from flaxformer_lite.config import FINE_TUNE_LORA_LEARNING_RATE, FINE_TUNE_TRAIN
+    from flaxformer_lite.train.commands import _run_config
+
+    write_llama_chat_folder(tmp_path / "src")
+
+    def rate(*overrides, config=None):
+        args = argparse.Namespace(init_from=str(tmp_path / "src"), resume=False, config=config, set=list(overrides),
+                                  workdir=str(tmp_path / "run"))
+        return _run_config(args).train.learning_rate
+
+    assert rate("model.lora.rank=8") == FINE_TUNE_LORA_LEARNING_RATE == 1e-3
+    assert rate("model.lora.rank=8", "train.learning_rate=3e-4") == 3e-4  # a given one is kept
+    assert rate() == FINE_TUNE_TRAIN["learning_rate"] == 2e-5  # full weights
+    assert rate("model.lora.rank=8", config="gpt_tiny") == 6e-3  # a config's own train section wins

@@ -67,3 +67,12 @@ def test_decayed_weights_shrink_and_biases_do_not_without_gradient():
     updates, _ = opt.update(zero, opt.init(params), params)
     np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * 0.5 * 2.0, rtol=1e-6)
     np.testing.assert_array_equal(updates["dense"]["bias"], 0.0)
+
+
+def test_an_unset_warmup_is_a_tenth_of_the_steps_at_most_50():
+    from flaxformer_lite.train.optim import warmup_steps
+
+    assert [warmup_steps(TrainConfig(num_steps=n)) for n in (5, 10, 300, 1000)] == [0, 1, 30, 50]
+    assert warmup_steps(TrainConfig(num_steps=10, warmup_steps=30)) == 30  # a set one is kept
+    schedule = learning_rate_schedule(TrainConfig(num_steps=10, learning_rate=1e-3, schedule="constant"))
+    assert float(schedule(0)) == pytest.approx(1e-3)  # warmup 1: the peak from the first update
