@@ -8,13 +8,23 @@ event. Reported per phase: total new tokens/s, time to first token (TTFT) and
 inter-token latency (ITL) p50/p99. A soak phase then sends --soak requests of mixed
 prompt and completion lengths and reports the server's XLA compilations after warm-up
 (from /health) and its resident memory every tenth of the way.
+
+`--abuse SECONDS` measures instead what bad requests cost the others: --clients clean
+streaming clients send the same greedy requests for SECONDS, first alone, then while
+one request a second is malformed (truncated JSON), oversized (a 20 MB prompt) or
+pathological (10,000 stop strings, top_k 2**32), in turn. Reported: the clean clients'
+ITL p99 in both phases and their ratio, whether every clean reply equals the first
+reply to its prompt, the HTTP status of each abusive kind, the server's RSS every five
+seconds (the last after 3 s of quiet), and whether it still answers /health.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import http.client
+import itertools
 import json
 import os
 import random
@@ -22,7 +32,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+
+ABUSE_KINDS = ("malformed", "oversized", "pathological")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +54,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--soak", type=int, default=1000,
                         help="requests of mixed lengths after the timed phases (0: skip): compilations and memory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--abuse", type=float, default=0, metavar="SECONDS",
+                        help="instead of the phases above: clean clients for SECONDS without, then with, one bad "
+                        "request a second (malformed, 20 MB, 10,000 stop strings with top_k 2**32)")
+    parser.add_argument("--abuse-kinds", nargs="+", choices=ABUSE_KINDS, default=list(ABUSE_KINDS),
+                        help="with --abuse: the kinds of bad request sent, in turn")
 
 
 def _percentile(values, q):
@@ -49,7 +67,7 @@ def _percentile(values, q):
 
 
 def _stream(port: int, prompt: list, max_tokens: int) -> dict:
-    """One streamed completion: {'start', 'arrivals' [one per token], 'tokens'}."""
+    """One streamed completion: {'start', 'arrivals' [one per token], 'tokens', 'text'}."""
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                        "logprobs": 0, "ignore_eos": True})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -58,7 +76,7 @@ def _stream(port: int, prompt: list, max_tokens: int) -> dict:
     response = conn.getresponse()
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
-    arrivals, tokens = [], 0
+    arrivals, tokens, text = [], 0, []
     for line in response:
         if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
             continue
@@ -67,8 +85,9 @@ def _stream(port: int, prompt: list, max_tokens: int) -> dict:
         now = time.perf_counter()
         arrivals += [now] * n
         tokens += n
+        text.append(choice.get("text") or "")
     conn.close()
-    return {"start": start, "arrivals": arrivals, "tokens": tokens}
+    return {"start": start, "arrivals": arrivals, "tokens": tokens, "text": "".join(text)}
 
 
 def _phase(port: int, prompts: list, max_tokens, clients: int) -> dict:
@@ -77,13 +96,17 @@ def _phase(port: int, prompts: list, max_tokens, clients: int) -> dict:
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda a: _stream(port, *a), zip(prompts, max_tokens)))
-    wall = time.perf_counter() - start
+    return _figures(results, time.perf_counter() - start, clients)
+
+
+def _figures(results: list, wall: float, clients: int) -> dict:
+    """Throughput, TTFT and ITL of streamed results."""
     ttft = [r["arrivals"][0] - r["start"] for r in results if r["arrivals"]]
     itl = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:]) if b > a]
     # Tokens that arrive in one event (held back for a split character) count as one gap.
     tokens = sum(r["tokens"] for r in results)
     return {
-        "clients": clients, "requests": len(prompts), "new_tokens": tokens, "wall_s": round(wall, 3),
+        "clients": clients, "requests": len(results), "new_tokens": tokens, "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 1),
         "ttft_ms": {"p50": round(1e3 * _percentile(ttft, 50), 2), "p99": round(1e3 * _percentile(ttft, 99), 2)},
         "itl_ms": {"p50": round(1e3 * _percentile(itl, 50), 2), "p99": round(1e3 * _percentile(itl, 99), 2)},
@@ -146,24 +169,27 @@ def run_serve(args: argparse.Namespace) -> dict:
                           "start_s": round(time.perf_counter() - started, 1)}}
     try:
         _phase(port, prompts[: min(4, len(prompts))], args.new_tokens, 4)  # first-request effects
-        results["one_at_a_time"] = single = _phase(port, prompts, args.new_tokens, 1)
-        results["concurrent"] = many = _phase(port, prompts, args.new_tokens, args.clients)
-        results["speedup"] = round(many["tokens_per_s"] / single["tokens_per_s"], 2)
-        results["itl_p99_ratio"] = round(many["itl_ms"]["p99"] / single["itl_ms"]["p99"], 2)
-        if args.soak:
-            rss, done = [round(_rss_mib(proc.pid), 1)], 0
-            step = max(1, args.soak // 10)
-            while done < args.soak:
-                n = min(step, args.soak - done)
-                soak_prompts = [[rng.randrange(35, 130) for _ in range(rng.randint(1, args.max_len // 2))]
-                                for _ in range(n)]
-                soak_tokens = [rng.randint(1, 16) for _ in range(n)]
-                _phase(port, soak_prompts, soak_tokens, args.clients)
-                done += n
-                rss.append(round(_rss_mib(proc.pid), 1))
-            health = _get(port, "/health")
-            results["soak"] = {"requests": args.soak, "compilations_after_warmup": health["compilations_after_warmup"],
-                               "rss_mib": rss}
+        if args.abuse:
+            results["abuse"] = _abuse(port, proc, prompts, args, rng)
+        else:
+            results["one_at_a_time"] = single = _phase(port, prompts, args.new_tokens, 1)
+            results["concurrent"] = many = _phase(port, prompts, args.new_tokens, args.clients)
+            results["speedup"] = round(many["tokens_per_s"] / single["tokens_per_s"], 2)
+            results["itl_p99_ratio"] = round(many["itl_ms"]["p99"] / single["itl_ms"]["p99"], 2)
+            if args.soak:
+                rss, done = [round(_rss_mib(proc.pid), 1)], 0
+                step = max(1, args.soak // 10)
+                while done < args.soak:
+                    n = min(step, args.soak - done)
+                    soak_prompts = [[rng.randrange(35, 130) for _ in range(rng.randint(1, args.max_len // 2))]
+                                    for _ in range(n)]
+                    soak_tokens = [rng.randint(1, 16) for _ in range(n)]
+                    _phase(port, soak_prompts, soak_tokens, args.clients)
+                    done += n
+                    rss.append(round(_rss_mib(proc.pid), 1))
+                health = _get(port, "/health")
+                results["soak"] = {"requests": args.soak, "rss_mib": rss,
+                                   "compilations_after_warmup": health["compilations_after_warmup"]}
     finally:
         proc.terminate()
         results["server"]["exit_code"] = proc.wait(timeout=120)
@@ -171,10 +197,119 @@ def run_serve(args: argparse.Namespace) -> dict:
     return results
 
 
+def _clean_clients(port: int, prompts: list, new_tokens: int, clients: int, seconds: float) -> tuple[list, float]:
+    """`clients` streaming clients going round `prompts` for `seconds`: ((prompt index,
+    result or error text) per request, wall seconds)."""
+    start = time.perf_counter()
+
+    def client(k: int) -> list:
+        done, i = [], k
+        while time.perf_counter() - start < seconds:
+            try:
+                done.append((i % len(prompts), _stream(port, prompts[i % len(prompts)], new_tokens)))
+            except (OSError, RuntimeError, http.client.HTTPException) as e:
+                done.append((i % len(prompts), f"{type(e).__name__}: {e}"[:200]))
+            i += clients
+        return done
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        done = [r for rs in pool.map(client, range(clients)) for r in rs]
+    return done, time.perf_counter() - start
+
+
+def _abusive_bodies(rng: random.Random, new_tokens: int) -> dict:
+    """The request body of each abusive kind."""
+    stops = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8)) for _ in range(10_000)]
+    return {
+        "malformed": b'{"prompt": "hello", "max_tokens": 4, "stream": tr',
+        "oversized": json.dumps({"prompt": "a" * 20_000_000, "max_tokens": 4}).encode(),
+        "pathological": json.dumps({"prompt": [rng.randrange(35, 130) for _ in range(32)], "max_tokens": new_tokens,
+                                    "temperature": 0.8, "top_k": 2**32, "stop": stops}).encode(),
+    }
+
+
+def _send(port: int, body: bytes) -> str:
+    """The HTTP status of one POST /v1/completions of `body` (or the exception's name)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        return str(response.status)
+    except (OSError, http.client.HTTPException) as e:
+        return type(e).__name__
+
+
+def _abuse(port: int, proc, prompts: list, args, rng: random.Random) -> dict:
+    """Clean clients alone, then beside one abusive request a second (see the module)."""
+    clean, wall = _clean_clients(port, prompts, args.new_tokens, args.clients, args.abuse)
+    bodies, statuses, rss = _abusive_bodies(rng, args.new_tokens), {k: [] for k in ABUSE_KINDS}, []
+    stop = threading.Event()
+    deadline = time.perf_counter() + args.abuse
+
+    def abuser():  # one a second while the clean clients start requests
+        senders = []
+        for kind in itertools.cycle(args.abuse_kinds):
+            if stop.wait(1.0) or time.perf_counter() > deadline:
+                break
+            sender = threading.Thread(target=lambda kind=kind: statuses[kind].append(_send(port, bodies[kind])))
+            sender.start()
+            senders.append(sender)
+        for sender in senders:
+            sender.join(timeout=300)
+
+    def sampler():
+        while not stop.wait(5.0):
+            rss.append(round(_rss_mib(proc.pid), 1))
+
+    rss.append(round(_rss_mib(proc.pid), 1))
+    side = [threading.Thread(target=abuser), threading.Thread(target=sampler)]
+    for t in side:
+        t.start()
+    abused, abused_wall = _clean_clients(port, prompts, args.new_tokens, args.clients, args.abuse)
+    stop.set()
+    for t in side:
+        t.join()
+    rss.append(round(_rss_mib(proc.pid), 1))
+    time.sleep(3)  # the server hands freed memory back within a second or two of quiet
+    rss.append(round(_rss_mib(proc.pid), 1))
+    first = {}
+    for i, r in clean + abused:
+        if isinstance(r, dict):
+            first.setdefault(i, r["text"])
+    failed = [r for _, r in clean + abused if not isinstance(r, dict)]
+    differ = sum(1 for i, r in clean + abused if isinstance(r, dict) and r["text"] != first[i])
+    try:
+        up = _get(port, "/health").get("status")
+    except OSError as e:
+        up = type(e).__name__
+    alone = _figures([r for _, r in clean if isinstance(r, dict)], wall, args.clients)
+    beside = _figures([r for _, r in abused if isinstance(r, dict)], abused_wall, args.clients)
+    return {"seconds": args.abuse, "clean": alone, "abused": beside,
+            "itl_p99_ratio": round(beside["itl_ms"]["p99"] / alone["itl_ms"]["p99"], 2),
+            "clean_failed": failed[:5], "clean_failures": len(failed), "clean_replies_differing": differ,
+            "abusive_statuses": {k: dict(collections.Counter(v)) for k, v in statuses.items() if v},
+            "rss_mib": rss, "health_after": up}
+
+
 def _report(r: dict) -> None:
     m, s = r["model"], r["server"]
     print(f"bench serve: {m['layers']} layers, d_model {m['d_model']}; --max-batch {s['max_batch']} "
           f"--max-len {s['max_len']} --chunk {s['chunk']}; server ready in {s['start_s']} s")
+    if "abuse" in r:
+        a = r["abuse"]
+        for name in ("clean", "abused"):
+            p = a[name]
+            print(f"  {name:>6}: {p['clients']} clients for {a['seconds']:.0f} s, {p['requests']} requests, "
+                  f"{p['tokens_per_s']:.1f} tokens/s; ITL p50 {p['itl_ms']['p50']:.1f} p99 {p['itl_ms']['p99']:.1f} ms")
+        print(f"  ITL p99 abused / clean: {a['itl_p99_ratio']}x; clean replies differing from the first to their "
+              f"prompt: {a['clean_replies_differing']}; clean requests failed: {a['clean_failures']} {a['clean_failed']}")
+        print(f"  abusive requests' HTTP status: {a['abusive_statuses']}; server RSS MiB {a['rss_mib']}; "
+              f"/health after: {a['health_after']}")
+    if "concurrent" not in r:
+        print(f"  server exit code after SIGTERM: {s.get('exit_code')}")
+        return
     for name in ("one_at_a_time", "concurrent"):
         p = r[name]
         print(f"  {name:>13}: {p['clients']:>2} clients, {p['requests']} requests, {p['new_tokens']} tokens in "

@@ -13,6 +13,7 @@ import types
 import pytest
 from serve_helpers import request
 
+from flaxformer_lite.bench.serve import _rss_mib
 from flaxformer_lite.inference.engine import Engine, EngineDead, SamplingParams
 from flaxformer_lite.interop import hf
 from flaxformer_lite.models import build_model
@@ -167,8 +168,3 @@ def test_memory_of_refused_large_prompts_goes_back(hf_dir, monkeypatch):
         assert _rss_mib(server.proc.pid) < before + 200
     finally:
         server.close()
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
