@@ -243,9 +243,13 @@ class _Run:
                 self.cancel()
 
 
-def _failure(events: list[dict]) -> Optional[ApiError]:
+def _failure(events: list[dict], engine) -> Optional[ApiError]:
+    """The error response for a request's first failed sequence: 503 when the engine
+    itself stopped (a supervisor restarts the server), 500 for this request's own fault."""
     for event in events:
         if event["finish_reason"] == "error":
+            if getattr(engine, "failure", None):
+                return ApiError(503, f"the engine stopped: {engine.failure}", code="engine_failed")
             return ApiError(500, event["error"], code="model_error")
         if event["finish_reason"] == "cancelled":
             return ApiError(503, "the server shut down before this request finished")
@@ -263,7 +267,7 @@ async def _collect(run: _Run) -> Optional[tuple[dict, dict]]:
             done[index] = event
     if len(done) < len(run.handles):
         return None
-    failure = _failure(list(done.values()))
+    failure = _failure(list(done.values()), run.served.engine)
     if failure:
         raise failure
     return infos, done
@@ -367,7 +371,7 @@ async def completions(request: Request) -> Response:
                         choice["logprobs"] = _completion_logprobs(tokenizer, event["tokens"], offsets[index])
                     offsets[index] += len(event["text"])
                 else:
-                    failure = _failure([event])
+                    failure = _failure([event], run.served.engine)
                     if failure:
                         yield _sse({"error": {"message": failure.message, "code": failure.code}})
                         run.cancel()
@@ -584,7 +588,7 @@ async def chat_completions(request: Request) -> Response:
                     delta.update(reply.feed(event["text"]))
                     choice["logprobs"] = chat_logprobs(event["tokens"])
                 else:
-                    failure = _failure([event])
+                    failure = _failure([event], run.served.engine)
                     if failure:
                         yield _sse({"error": {"message": failure.message, "code": failure.code}})
                         run.cancel()

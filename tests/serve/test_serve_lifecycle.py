@@ -168,3 +168,14 @@ def test_memory_of_refused_large_prompts_goes_back(hf_dir, monkeypatch):
         assert _rss_mib(server.proc.pid) < before + 200
     finally:
         server.close()
+
+
+def test_a_request_failed_by_a_dead_engine_is_a_503_and_its_own_fault_a_500():
+    from flaxformer_lite.serve.app import _failure
+
+    failed = [{"finish_reason": "error", "error": "RuntimeError: boom"}]
+    dead = _failure(failed, types.SimpleNamespace(failure="RuntimeError: boom"))
+    assert dead.http_status == 503 and dead.code == "engine_failed" and "boom" in dead.message
+    alone = _failure(failed, types.SimpleNamespace(failure=None))
+    assert alone.http_status == 500 and alone.code == "model_error"
+    assert _failure([{"finish_reason": "stop"}], types.SimpleNamespace(failure=None)) is None
