@@ -35,6 +35,7 @@ COMMANDS = {
     "serve": ("flaxformer_lite.serve.commands", "serve", "an OpenAI-compatible HTTP server with continuous batching"),
     "prepare": ("flaxformer_lite.data.commands", "prepare", "tokenize a corpus once into shards of token ids"),
     "tokenizer": ("flaxformer_lite.data.commands", "tokenizer", "train a tokenizer.json on a corpus"),
+    "plan": ("flaxformer_lite.plan.commands", "plan", "compile a run for a TPU slice without one: memory, FLOPs, estimates"),
 }
 
 # Commands whose compiled programs are worth keeping across runs; `bench` measures

@@ -11,6 +11,12 @@ import tempfile
 # passes, buffer assignment and compiled memory figures are the same); benchmarks run
 # without it. Subprocesses started by tests inherit it.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (the test extra, for tests/test_plan.py) compiles for TPU slices without a chip
+# and keeps the CPU as JAX's backend under JAX_PLATFORMS=cpu. Its lock file would refuse a
+# second process (pytest -n 2, a plan beside a test) without ALLOW_MULTIPLE_LIBTPU_LOAD;
+# TPU_WORKER_HOSTNAMES silences its start-up warning.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "

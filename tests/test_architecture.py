@@ -13,7 +13,7 @@ from flaxformer_lite import errors
 PACKAGE = pathlib.Path(flaxformer_lite.__file__).parent
 # Lowest first; a module may import its own room and the rooms listed before it.
 ROOMS = ("errors", "config", "ops", "layers", "models", "runtime", "data", "interop", "inference", "train",
-         "serve", "bench")
+         "plan", "serve", "bench")
 TOP = {"__init__", "__main__", "cli", "viz"}  # entry points: may import any room
 # Rooms that must not import a given lower room (DESIGN.md): data never sees the models.
 FORBIDDEN = {"data": {"models", "layers"}}
