@@ -88,7 +88,10 @@ def quantized_kernel(name: str, w: Any, base_dtype: str, lead: int = 0) -> dict[
     """{name: stored kernel, name + suffix: its scales} of projection `name`'s float kernel
     w (`lead` leading layer axes): int8 per output channel or nf4 per block of 64."""
     if base_dtype == "nf4":
-        codes, absmax = ops.nf4_quantize(w, lead)
+        if lead:  # layer by layer: quantizing takes several float32 temporaries of its input's size
+            parts = [quantized_kernel(name, w[i], base_dtype, lead - 1) for i in range(w.shape[0])]
+            return {k: jnp.stack([part[k] for part in parts]) for k in parts[0]}
+        codes, absmax = ops.nf4_quantize(w)
         return {name: codes, f"{name}_absmax": absmax}
     n_in = len(AXES[name][0])
     q, scale = ops.int8_quantize(w, tuple(range(lead, lead + n_in)))
