@@ -8,8 +8,7 @@ attention; wi, wg, wo of the FFN) gets two parameters beside its kernel:
 
 and the projection adds (alpha / R) * dropout(x) A B to x W, computed as two thin
 products: the [in, out] update is never formed while training or decoding. `merge`
-folds adapters into their kernels (export, and the test that both forwards agree);
-`without_adapters` turns them off (DPO's reference model is the base).
+folds adapters into their kernels (export, and the test that both forwards agree).
 
 With lora.base_dtype=int8, `quantize_base` stores every projection kernel as int8 with
 a float32 scale per output channel (`{name}_scale`, max |w| / 127 over the input axes);
@@ -154,12 +153,6 @@ def join(adapters: dict, rest: dict) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def without_adapters(params: Any) -> Any:
-    """params with every B zeroed: the same forward as the base model."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict(
-        {k: jnp.zeros_like(v) if str(k[-1]).endswith("_lora_b") else v for k, v in flat.items()}
-    )
 
 
 def merge(params: Any, cfg: ModelConfig) -> Any:
