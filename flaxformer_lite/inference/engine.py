@@ -56,6 +56,7 @@ import numpy as np
 
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.inference import decode
+from flaxformer_lite.inference.grammar import Grammar, Grammars, mask_words
 from flaxformer_lite.inference.text import StopMatcher
 from flaxformer_lite.models import build_model
 
@@ -94,7 +95,10 @@ class SamplingParams:
     text whatever else the engine is running. `stop` strings end the text before their
     first occurrence; `stop_token_ids` end it after such a token (EOS included unless
     `ignore_eos`). `logprobs` (0 to 5 alternatives, None: off) returns each new token's
-    log-probability under the model; `echo_logprobs` also the prompt's.
+    log-probability under the model; `echo_logprobs` also the prompt's. `grammar`
+    (`Engine.grammars`: a JSON schema, tool calls) allows only the tokens that keep the
+    text inside it, end-of-text only where it may end, and ends the sequence ("stop")
+    once it is complete.
 
     `logit_bias` ((token id, bias in [-100, 100]) pairs, OpenAI's) is added to the
     logits before the choice; then the penalties act, as vLLM's: `repetition_penalty`
@@ -118,6 +122,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: Optional[int] = None
     echo_logprobs: bool = False
+    grammar: Optional[Grammar] = None
 
 
 @dataclasses.dataclass
@@ -158,6 +163,7 @@ class _Seq:
     arrived: float = 0.0
     stops: Optional[StopMatcher] = None  # made by submit, on the caller's thread
     stop_ids: frozenset = frozenset()
+    matcher: object = None  # the grammar's llguidance matcher, advanced after each token
 
 
 # ------------------------------------------------------------------------ the programs
@@ -215,6 +221,18 @@ def _apply_one(model, params, cache, ids_T, valid_T, positions_T):
     return out.logits[0].astype(jnp.float32), mutated["cache"]
 
 
+def _allow(logits_BV, allowed_BW, constrained_B):
+    """Constrained rows' logits with the tokens their packed masks [B, W] (bit t of word
+    t // 32) leave out at -inf; the others unchanged, and no work when none is constrained."""
+
+    def masked():
+        bits_BWU = (allowed_BW[:, :, None] >> jnp.arange(32, dtype=allowed_BW.dtype)) & 1
+        allowed_BV = bits_BWU.reshape(allowed_BW.shape[0], -1)[:, :logits_BV.shape[1]] > 0
+        return jnp.where(allowed_BV | ~constrained_B[:, None], logits_BV, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(constrained_B), masked, lambda: logits_BV)
+
+
 def _penalize(logits_BV, tables, biased_B, repetition_B, presence_B, frequency_B):
     """The logits each slot chooses from: its logit bias and penalties applied (see
     SamplingParams); `tables` are the slots' prompt tokens, output counts and biases [B,V]."""
@@ -254,8 +272,9 @@ def _prefill(model, params, pool, logits_BV, tables, slot, start, ids_C, targets
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV", "tables"))
 def _step(model, params, pool, logits_BV, tables, decoding_B, length_B, temperature_B, top_k_B, top_p_B,
-          biased_B, repetition_B, presence_B, frequency_B, seed_B, choice_B, step_B):
-    """Pick every slot's next token from its penalised logits, then run the model on it.
+          biased_B, repetition_B, presence_B, frequency_B, seed_B, choice_B, step_B, allowed_BW, constrained_B):
+    """Pick every slot's next token from its penalised logits (only among those its
+    grammar's packed mask `allowed_BW` allows where `constrained_B`), then run the model on it.
 
     Returns (pool, next logits, tables, tokens [B], (log p [B], top ids [B,5], top log p
     [B,5], finite [B])), the log-probs under the model's own logits (before bias and
@@ -263,6 +282,7 @@ def _step(model, params, pool, logits_BV, tables, decoding_B, length_B, temperat
     only `decoding_B` slots count their token.
     """
     chosen_BV = _penalize(logits_BV, tables, biased_B, repetition_B, presence_B, frequency_B)
+    chosen_BV = _allow(chosen_BV, allowed_BW, constrained_B)
     token_B = _pick(chosen_BV, temperature_B, top_k_B, top_p_B, seed_B, choice_B, step_B)
     summary = _logprob_summary(logits_BV, token_B)
     prompt_BV, output_BV, bias_BV = tables
@@ -321,6 +341,11 @@ class Engine:
         # Each slot's prompt tokens, output token counts and logit bias, for the penalties.
         shape = (max_batch, cfg.vocab_size)
         self._tables = (jnp.zeros(shape, bool), jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32))
+        self.grammars = Grammars(tokenizer, vocab_size=cfg.vocab_size, eos_ids=self.eos_ids)
+        # Each slot's next-token mask, packed, filled for the constrained slots before a step;
+        # a step without any sends the same device array of zeros instead.
+        self._allowed = np.zeros((max_batch, mask_words(cfg.vocab_size)), np.int32)
+        self._unconstrained = (jnp.asarray(self._allowed), jnp.zeros(max_batch, bool))
         self._free = list(range(max_batch))
         self._running: dict[int, _Seq] = {}  # slot -> sequence
         self._waiting: collections.deque = collections.deque()
@@ -360,7 +385,8 @@ class Engine:
         self.check(prompt, params)
         seq = _Seq(list(map(int, prompt)), params, sink, arrived=time.perf_counter(),
                    stops=StopMatcher(params.stop) if params.stop else None,
-                   stop_ids=frozenset(map(int, params.stop_token_ids)))
+                   stop_ids=frozenset(map(int, params.stop_token_ids)),
+                   matcher=None if params.grammar is None else params.grammar.start())
         with self._lock:
             self._raise_if_dead()
             if self.queued() >= self.max_queue + len(self._free):
@@ -431,6 +457,8 @@ class Engine:
             raise EngineError(f"ignore_eos={p.ignore_eos!r} and echo_logprobs={p.echo_logprobs!r} must be true or false")
         if p.logprobs is not None and not (_is_int(p.logprobs) and 0 <= p.logprobs <= TOP_LOGPROBS):
             raise EngineError(f"logprobs={p.logprobs!r} must be in [0, {TOP_LOGPROBS}]")
+        if p.grammar is not None and not isinstance(p.grammar, Grammar):
+            raise EngineError(f"grammar={p.grammar!r} must be a Grammar from Engine.grammars")
 
     def queued(self) -> int:
         """Sequences submitted and not yet in a slot."""
@@ -579,9 +607,14 @@ class Engine:
             return True
 
         decoding = [s for s in decoding if self._guarded(s, settings, s)]
+        constrained = [(s.matcher, s.slot) for s in decoding if s.matcher is not None]
+        masks = self._unconstrained
+        if constrained:
+            self.grammars.fill(constrained, self._allowed)
+            masks = (self._allowed, np.isin(np.arange(B), [b for _, b in constrained]))
         self._pool, self._logits, self._tables, token_B, summary = _step(
             self.model, self.params, self._pool, self._logits, self._tables, decoding_B, length, temperature, top_k,
-            top_p, biased_B, repetition, presence, frequency, seed, choice, step,
+            top_p, biased_B, repetition, presence, frequency, seed, choice, step, *masks,
         )
         self.stats["steps"] += 1
         token_B, (lp_B, top_ids, top_lp, finite_B) = np.asarray(token_B), (np.asarray(a) for a in summary)
@@ -591,6 +624,15 @@ class Engine:
                 self._finish(s, "error", "the model's logits are not finite (NaN or inf) for this request")
                 continue
             self._guarded(s, self._take_token, s, int(token_B[b]), float(lp_B[b]), top_ids[b], top_lp[b])
+            if s.matcher is not None and not s.finished:
+                self._guarded(s, self._advance_grammar, s, int(token_B[b]))
+
+    def _advance_grammar(self, seq: _Seq, token: int) -> None:
+        """Feed the token to the sequence's grammar; a complete grammar ends the sequence."""
+        if not seq.matcher.consume_token(token):
+            self._finish(seq, "error", f"the grammar refused token {token}: {seq.matcher.get_error()}")
+        elif seq.matcher.is_stopped():
+            self._finish(seq, "stop")
 
     def _text_of(self, token: int) -> str:
         text = self._token_text.get(token)

@@ -101,11 +101,6 @@ def _unsupported(body) -> None:
         value = getattr(body, key, None)
         if value is not None and value != neutral:
             raise ApiError(400, f"'{key}' is not supported by this server; leave it out (or at {neutral!r})", key)
-    response_format = body.response_format
-    if response_format is not None and response_format != {"type": "text"}:
-        raise ApiError(400, f"response_format={json.dumps(response_format)[:80]} needs constrained decoding, which "
-                       "this server lacks: leave it out (or {\"type\": \"text\"}), ask for JSON in the prompt and "
-                       "parse the reply", "response_format")
     for legacy in ("functions", "function_call"):
         if getattr(body, legacy, None) is not None:
             raise ApiError(400, f"'{legacy}' is OpenAI's deprecated form of tools: send 'tools' (and 'tool_choice')",
@@ -166,6 +161,34 @@ def _prompts(served: Served, prompt) -> list[list[int]]:
     elif isinstance(prompt[0], int):
         prompt = [prompt]
     return [served.tokenizer.encode(p, bos=served.add_bos) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _constrained(body, forced_tools: Optional[list] = None) -> bool:
+    """Whether the reply must follow a grammar: a forced tool call, or a JSON response_format."""
+    return forced_tools is not None or (body.response_format is not None and body.response_format.type != "text")
+
+
+def _grammar(served: Served, body, forced_tools: Optional[list] = None):
+    """The grammar a reply must follow (inference.grammar.Grammar), None if free: a forced
+    tool call's, else `response_format`'s. Runs off the event loop (building one takes ms)."""
+    from flaxformer_lite.inference.grammar import GrammarError
+
+    if not _constrained(body, forced_tools):
+        return None
+    response_format = body.response_format
+    grammars = served.engine.grammars
+    try:
+        if forced_tools is None:
+            if response_format.type == "json_object":
+                return grammars.json_schema({"type": "object"}, "response_format")
+            return grammars.json_schema(response_format.json_schema.schema_, "response_format.json_schema.schema")
+        if response_format is not None and response_format.type != "text":
+            raise ApiError(400, "a reply forced to be a tool call cannot also follow 'response_format': send one "
+                           "of the two", "response_format")
+        parallel = body.tool_choice == "required" and body.parallel_tool_calls is not False
+        return grammars.tool_calls(served.tool_parser, forced_tools, parallel=parallel)
+    except GrammarError as e:
+        raise ApiError(400, str(e), e.field) from None
 
 
 async def _off_loop(request: Request, fn, *args):
@@ -341,9 +364,11 @@ async def completions(request: Request) -> Response:
 
     def tokenize():
         prompts = _prompts(served, body.prompt)
-        return prompts, [tokenizer.decode(p) for p in prompts] if echo else None
+        return prompts, [tokenizer.decode(p) for p in prompts] if echo else None, _grammar(served, body)
 
-    prompts, prompt_texts = await _off_loop(request, tokenize)
+    prompts, prompt_texts, grammar = await _off_loop(request, tokenize)
+    if grammar is not None:
+        params = dataclasses.replace(params, grammar=grammar)
     run = _Run(served, request)
     run.submit(prompts, params, n)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -416,24 +441,30 @@ async def completions(request: Request) -> Response:
 # ------------------------------------------------------------------------ chat
 
 
-def _tools(served: Served, body: protocol.ChatCompletionRequest) -> tuple[Optional[list], bool]:
-    """(the request's `tools` for the template, whether to parse tool calls from the reply)."""
+def _tools(served: Served, body: protocol.ChatCompletionRequest) -> tuple[Optional[list], bool, Optional[list]]:
+    """(the request's `tools` for the template, whether to parse tool calls from the reply,
+    the tools a reply must call one of: all for 'required', the named one, else None)."""
     choice = body.tool_choice
     if body.tools is None:
         if choice not in (None, "none", "auto"):
             raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
-        return None, False
+        return None, False, None
     tools = [t.model_dump(exclude_unset=True) for t in body.tools]
     if choice == "none":
-        return tools, False
-    if choice not in (None, "auto"):
-        shown = choice if isinstance(choice, str) else choice.model_dump()
-        raise ApiError(400, f"tool_choice={shown!r} is not supported: use 'auto' or 'none' (forcing a call needs "
-                       "constrained decoding, which this server lacks)", "tool_choice")
+        return tools, False, None
     if served.tool_parser is None:
         raise ApiError(400, "this server reads no tool calls from replies: start it with --tool-call-parser "
                        f"({' or '.join(tool_calls.PARSERS)}, the model's format), or send tool_choice 'none'", "tools")
-    return tools, True
+    if choice in (None, "auto"):
+        return tools, True, None
+    if choice == "required":
+        return tools, True, tools
+    name = choice.function.get("name")
+    named = [t for t in tools if t["function"]["name"] == name]
+    if not named:
+        raise ApiError(400, f"tool_choice names the function {name!r}, which is not among 'tools' "
+                       f"({', '.join(t['function']['name'] for t in tools)})", "tool_choice")
+    return tools, True, named[:1]
 
 
 class _Reply:
@@ -550,7 +581,7 @@ async def chat_completions(request: Request) -> Response:
     if served.chat_template is None:
         raise ApiError(400, f"'{served.name}' has no chat template (chat_template.jinja or tokenizer_config.json's "
                        "chat_template): use /v1/completions", "messages")
-    tools, parse_calls = _tools(served, body)
+    tools, parse_calls, forced_tools = _tools(served, body)
     messages = _messages(body)
     _check_chars(served, [m["content"] for m in messages if isinstance(m.get("content"), str)], "messages")
     extra = dict(body.chat_template_kwargs or {})
@@ -561,6 +592,8 @@ async def chat_completions(request: Request) -> Response:
     params, n = _sampling(body, served.sampling, logprobs=top, echo_logprobs=False,
                           vocab_size=served.tokenizer.vocab_size)
     prompt = await _off_loop(request, _chat_prompt, served, messages, extra)
+    if _constrained(body, forced_tools):
+        params = dataclasses.replace(params, grammar=await _off_loop(request, _grammar, served, body, forced_tools))
     stream = bool(body.stream)
     run = _Run(served, request)
     run.submit([prompt], params, n)

@@ -66,6 +66,24 @@ class StreamOptions(_Model):
     include_usage: Optional[bool] = None
 
 
+class JsonSchemaFormat(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: Optional[str] = None
+    schema_: dict[str, Any] = Field({}, alias="schema", description="the JSON Schema the reply follows")
+    strict: Optional[bool] = Field(None, description="followed whatever its value: the grammar allows nothing else")
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @pydantic.model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is given with type 'json_schema', and only then")
+        return self
+
+
 class SamplingFields(_Model):
     """Fields completions and chat share."""
 
@@ -89,9 +107,11 @@ class SamplingFields(_Model):
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    response_format: Optional[ResponseFormat] = Field(
+        None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name", "schema", "strict"}}')
     # OpenAI's fields this server does not implement: refused unless neutral (app._unsupported).
     best_of: Optional[Annotated[int, Field(ge=1, le=MAX_N)]] = None
-    response_format: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(SamplingFields):

@@ -136,12 +136,12 @@ def test_tools_reach_the_template_and_calls_come_back_as_tool_calls(tokenizer):
 
 @pytest.mark.parametrize("request_body, parser, message", [
     ({"tools": [WEATHER]}, None, "start it with --tool-call-parser .hermes or llama3_json"),
-    ({"tools": [WEATHER], "tool_choice": "required"}, "hermes", "tool_choice='required' is not supported"),
+    ({"tools": [WEATHER], "tool_choice": "required"}, None, "start it with --tool-call-parser"),
     ({"tools": [{"type": "function"}]}, "hermes", "'tools' must be a list of"),
     ({"tool_choice": "auto", "tools": None, "parallel_tool_calls": True}, "hermes", None),
     ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "hermes", "'tool_choice' needs 'tools'"),
     ({"functions": [WEATHER["function"]]}, "hermes", "deprecated form of tools: send 'tools'"),
-    ({"response_format": {"type": "json_object"}}, "hermes", "needs constrained decoding"),
+    ({"response_format": {"type": "json"}}, "hermes", "'response_format.type': Input should be 'text'"),
     ({"response_format": {"type": "text"}}, "hermes", None),
 ])
 def test_requests_the_server_cannot_honour_are_400s(tokenizer, request_body, parser, message):
