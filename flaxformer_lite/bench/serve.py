@@ -16,6 +16,11 @@ pathological (10,000 stop strings, top_k 2**32), in turn. Reported: the clean cl
 ITL p99 in both phases and their ratio, whether every clean reply equals the first
 reply to its prompt, the HTTP status of each abusive kind, the server's RSS every five
 seconds (the last after 3 s of quiet), and whether it still answers /health.
+
+`--json-schema ROUNDS` measures instead what structured output costs: the concurrent
+phase's requests, in ROUNDS alternating rounds without and with a `response_format`
+JSON schema (BENCH_SCHEMA: free text inside the JSON, so replies run to --new-tokens),
+and reports the tokens/s of each and their ratio.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Optional
 
 ABUSE_KINDS = ("malformed", "oversized", "pathological")
+BENCH_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "tags": {
+    "type": "array", "items": {"type": "string"}}, "year": {"type": "integer"}}, "required": ["title", "tags", "year"]}
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +67,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "request a second (malformed, 20 MB, 10,000 stop strings with top_k 2**32)")
     parser.add_argument("--abuse-kinds", nargs="+", choices=ABUSE_KINDS, default=list(ABUSE_KINDS),
                         help="with --abuse: the kinds of bad request sent, in turn")
+    parser.add_argument("--json-schema", type=int, default=0, metavar="ROUNDS",
+                        help="instead of the phases above: the concurrent phase in ROUNDS alternating rounds without "
+                        "and with a response_format JSON schema; tokens/s of each and their ratio")
 
 
 def _percentile(values, q):
@@ -66,10 +77,11 @@ def _percentile(values, q):
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))] if values else float("nan")
 
 
-def _stream(port: int, prompt: list, max_tokens: int) -> dict:
-    """One streamed completion: {'start', 'arrivals' [one per token], 'tokens', 'text'}."""
+def _stream(port: int, prompt: list, max_tokens: int, extra: Optional[dict] = None) -> dict:
+    """One streamed completion: {'start', 'arrivals' [one per token], 'tokens', 'text'};
+    `extra` adds to the request's fields."""
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "logprobs": 0, "ignore_eos": True})
+                       "logprobs": 0, "ignore_eos": True, **(extra or {})})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
@@ -90,12 +102,12 @@ def _stream(port: int, prompt: list, max_tokens: int) -> dict:
     return {"start": start, "arrivals": arrivals, "tokens": tokens, "text": "".join(text)}
 
 
-def _phase(port: int, prompts: list, max_tokens, clients: int) -> dict:
+def _phase(port: int, prompts: list, max_tokens, clients: int, extra: Optional[dict] = None) -> dict:
     """Run the requests with `clients` concurrent clients; their latency figures."""
     max_tokens = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda a: _stream(port, *a), zip(prompts, max_tokens)))
+        results = list(pool.map(lambda a: _stream(port, *a, extra), zip(prompts, max_tokens)))
     return _figures(results, time.perf_counter() - start, clients)
 
 
@@ -171,6 +183,8 @@ def run_serve(args: argparse.Namespace) -> dict:
         _phase(port, prompts[: min(4, len(prompts))], args.new_tokens, 4)  # first-request effects
         if args.abuse:
             results["abuse"] = _abuse(port, proc, prompts, args, rng)
+        elif args.json_schema:
+            results["json_schema"] = _json_schema(port, prompts, args)
         else:
             results["one_at_a_time"] = single = _phase(port, prompts, args.new_tokens, 1)
             results["concurrent"] = many = _phase(port, prompts, args.new_tokens, args.clients)
@@ -195,6 +209,23 @@ def run_serve(args: argparse.Namespace) -> dict:
         results["server"]["exit_code"] = proc.wait(timeout=120)
     _report(results)
     return results
+
+
+def _json_schema(port: int, prompts: list, args) -> dict:
+    """The concurrent phase in alternating rounds, free and under BENCH_SCHEMA: tokens/s of each."""
+    constrained = {"response_format": {"type": "json_schema", "json_schema": {"name": "bench", "schema": BENCH_SCHEMA}}}
+    rounds = {"free": [], "json_schema": []}
+    for _ in range(args.json_schema):
+        for name, extra in (("free", {}), ("json_schema", constrained)):
+            rounds[name].append(_phase(port, prompts, args.new_tokens, args.clients, extra))
+    totals = {name: (sum(p["new_tokens"] for p in phases), sum(p["wall_s"] for p in phases))
+              for name, phases in rounds.items()}
+    tokens_per_s = {name: round(tokens / wall, 1) for name, (tokens, wall) in totals.items()}
+    return {"rounds": args.json_schema, "clients": args.clients, "tokens_per_s": tokens_per_s,
+            "new_tokens": {name: tokens for name, (tokens, _) in totals.items()},
+            "per_round": {name: [p["tokens_per_s"] for p in phases] for name, phases in rounds.items()},
+            "ratio": round(tokens_per_s["json_schema"] / tokens_per_s["free"], 3),
+            "compilations_after_warmup": _get(port, "/health")["compilations_after_warmup"]}
 
 
 def _clean_clients(port: int, prompts: list, new_tokens: int, clients: int, seconds: float) -> tuple[list, float]:
@@ -307,6 +338,12 @@ def _report(r: dict) -> None:
               f"prompt: {a['clean_replies_differing']}; clean requests failed: {a['clean_failures']} {a['clean_failed']}")
         print(f"  abusive requests' HTTP status: {a['abusive_statuses']}; server RSS MiB {a['rss_mib']}; "
               f"/health after: {a['health_after']}")
+    if "json_schema" in r:
+        j = r["json_schema"]
+        print(f"  {j['clients']} clients, {j['rounds']} alternating rounds: free {j['tokens_per_s']['free']} tokens/s "
+              f"{j['per_round']['free']}, JSON schema {j['tokens_per_s']['json_schema']} tokens/s "
+              f"{j['per_round']['json_schema']}; ratio {j['ratio']}x; tokens {j['new_tokens']}; compilations after "
+              f"warm-up {j['compilations_after_warmup']}")
     if "concurrent" not in r:
         print(f"  server exit code after SIGTERM: {s.get('exit_code')}")
         return

@@ -19,8 +19,10 @@ Two compiled programs serve every request:
     prompt tokens' log-probs (for `echo` + `logprobs`) and leaving the last position's
     logits in the slot;
   - `step`: for every slot, pick a token from its logits (greedy, or seeded sampling with
-    temperature, top-k, top-p, after the repetition, presence and frequency penalties),
-    then run the model on it: one new token per slot.
+    temperature, top-k, top-p, after the repetition, presence and frequency penalties,
+    among the tokens its grammar allows where it has one), then run the model on it: one
+    new token per slot. A grammar's mask (grammar.py) is computed on the host after each
+    token and reaches the step as a packed per-slot table.
 A long prompt is prefilled one chunk per engine iteration, between decode steps, so the
 running streams wait at most one chunk's time for their next token.
 

@@ -16,6 +16,7 @@ nothing else needs it.
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 from typing import Any, Sequence
@@ -27,6 +28,7 @@ from flaxformer_lite.errors import UserError
 WORD_BITS = 32
 # Compact JSON: no whitespace between tokens, so a model cannot pad a reply with blanks.
 _JSON_OPTIONS = {"whitespace_flexible": False}
+CACHED = 64  # grammars kept, the most recently used: a client repeats its schema, and building one takes ms
 TOOL_PARSERS = ("hermes", "llama3_json")  # serve.tools.PARSERS, the formats a call grammar writes
 
 
@@ -97,6 +99,7 @@ class Grammars:
         self._tokenizer = None
         self._executor = None
         self._lock = threading.Lock()
+        self._cache: collections.OrderedDict = collections.OrderedDict()  # grammar text -> Grammar
 
     def _vocabulary(self):
         with self._lock:
@@ -109,12 +112,21 @@ class Grammars:
             return self._tokenizer
 
     def compile(self, grammar: str, field: str) -> Grammar:
-        """A Grammar from llguidance's grammar text; GrammarError naming `field` and the reason."""
-        llg = _llguidance()
-        matcher = llg.LLMatcher(self._vocabulary(), grammar, log_level=0)
+        """A Grammar from llguidance's grammar text (the last CACHED kept); GrammarError
+        naming `field` and the reason."""
+        with self._lock:
+            known = self._cache.get(grammar)
+            if known is not None:
+                self._cache.move_to_end(grammar)
+                return known
+        matcher = _llguidance().LLMatcher(self._vocabulary(), grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(field, f"cannot be followed: {matcher.get_error()}")
-        return Grammar(matcher)
+        with self._lock:
+            self._cache[grammar] = built = Grammar(matcher)
+            if len(self._cache) > CACHED:
+                self._cache.popitem(last=False)
+        return built
 
     def json_schema(self, schema: Any, field: str) -> Grammar:
         """The grammar of compact JSON text valid under `schema` (a JSON Schema object)."""

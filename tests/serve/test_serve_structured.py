@@ -20,7 +20,7 @@ from flaxformer_lite.inference.engine import Engine, SamplingParams
 from flaxformer_lite.inference.grammar import Grammars, mask_words, unpack
 from flaxformer_lite.interop import hf
 from flaxformer_lite.models import build_model
-from flaxformer_lite.serve import app
+from flaxformer_lite.serve import app, tools
 from serve_helpers import CHATML
 
 SCHEMA = {
@@ -176,3 +176,18 @@ def test_masks_allow_eos_only_where_the_grammar_may_end_and_the_step_applies_the
     got = jax.jit(engine_module._allow)(jnp.asarray(logits), packed, constrained)
     expected = np.where(unpack(packed, V) | ~constrained[:, None], logits, -np.inf)
     np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+@pytest.mark.parametrize("parser, calls, bad", [
+    ("hermes", '<tool_call>\n{"name":"stop_timer","arguments":{"now":true}}\n</tool_call>',
+     '<tool_call>\n{"name":"stop_timer","arguments":{"now":1'),
+    ("llama3_json", '{"name":"get_weather","parameters":{"city":"Lyon","days":2}};'
+     '{"name":"stop_timer","parameters":{"now":false}}', '{"name":"fly'),
+])
+def test_tool_call_grammars_take_the_parsers_format_with_valid_arguments_only(parser, calls, bad):
+    tok = data.ByteTokenizer(num_sentinels=0)
+    grammar = Grammars(tok, vocab_size=tok.vocab_size, eos_ids=(tok.eos_id,)).tool_calls(parser, TOOLS, parallel=True)
+    matcher = grammar.start()
+    assert matcher.consume_tokens(tok.encode(calls)) and matcher.is_accepting()
+    assert len(tools.parse(parser, calls)[1]) == calls.count('"name"')  # the parser reads them back
+    assert not grammar.start().consume_tokens(tok.encode(bad))
