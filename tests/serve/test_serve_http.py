@@ -137,6 +137,8 @@ def test_chat_completion_and_stream(servers):
     ({"prompt": "hello", "logit_bias": {"5": 101}}, 400),
     ({"prompt": "hello", "logit_bias": {"five": 1}}, 400),
     ({"prompt": "hello", "model": "gpt-4"}, 404),
+    ({"prompt": "hello", "extra_body": {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}}, 400),
 ])
 def test_bad_requests_get_openai_errors(servers, kwargs, status):
     client = servers["main"].client()
