@@ -154,6 +154,11 @@ def test_scores_equal_log_softmax_of_the_full_forward_pass(preset):
     rng = np.random.default_rng(2)
     pairs = [(list(rng.integers(3, cfg.vocab_size, n)), list(rng.integers(3, cfg.vocab_size, k)))
              for n, k in ((5, 1), (17, 3), (9, 6), (30, 2), (1, 9))]
+    # Pairs with the same inputs share a forward row: one-token choices of one context,
+    # and a two-token continuation whose first token ends another pair's context.
+    shared, (a, b) = pairs[3][0], rng.integers(3, cfg.vocab_size, 2)
+    pairs += [(shared, [int(t)]) for t in rng.integers(3, cfg.vocab_size, 3)]
+    pairs += [(shared, [int(a), int(b)]), (shared + [int(a)], [int(rng.integers(3, cfg.vocab_size))])]
     got = Scorer(model, params, batch_size=2)(pairs)
     for (context, continuation), (logprob, greedy) in zip(pairs, got):
         ids = np.asarray([context + continuation])

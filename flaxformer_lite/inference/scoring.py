@@ -13,6 +13,11 @@ projection onto a 49k vocabulary is a fifth of a small model's forward pass. Row
 run `batch_size` at a time, longest first, right-padded to a length bucket (an eighth
 of an octave: at most an eighth of a row is padding) and the continuations to a power of two,
 so a whole task compiles a handful of programs.
+
+Pairs whose model inputs are the same tokens (context + continuation minus its last
+token: the choices of a multiple-choice question that are one token each) share one
+row, as lm-eval's HF backend shares their logits: each pair reads its own targets off
+the one forward pass, so a four-choice task runs a quarter of the rows.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class Scorer:
         # Softcapped logits are not h @ table.T: those models project every position.
         project_all = cfg.logits_softcap is not None
 
-        def target_logprobs(params, ids_BT, targets_BK, at_BK):
+        def target_logprobs(params, ids_BT, targets_BGK, at_BK):
             out = model.apply(params, ids_BT)
             if project_all:
                 logits_BKV = jnp.take_along_axis(out.logits, at_BK[..., None], axis=1)
@@ -63,10 +68,10 @@ class Scorer:
                 h_BKD = jnp.take_along_axis(out.hidden_states, at_BK[..., None], axis=1)
                 h_BKD, table_VD = lm_head_inputs(cfg, params, h_BKD)
                 logits_BKV = jnp.einsum("BKD,VD->BKV", h_BKD, table_VD)
-            logits_BKV = logits_BKV.astype(jnp.float32)
-            logp_BKV = jax.nn.log_softmax(logits_BKV, axis=-1)
-            picked_BK = jnp.take_along_axis(logp_BKV, targets_BK[..., None], axis=-1)[..., 0]
-            return picked_BK, jnp.argmax(logits_BKV, axis=-1) == targets_BK
+            logits_B1KV = logits_BKV.astype(jnp.float32)[:, None]
+            logp_B1KV = jax.nn.log_softmax(logits_B1KV, axis=-1)
+            picked_BGK = jnp.take_along_axis(logp_B1KV, targets_BGK[..., None], axis=-1)[..., 0]
+            return picked_BGK, jnp.argmax(logits_B1KV, axis=-1) == targets_BGK
 
         self._run = jax.jit(target_logprobs)
 
@@ -80,22 +85,32 @@ class Scorer:
             if len(whole) < 2:
                 raise ValueError(f"pair {i} has no context token to condition on: give a context or a prefix token")
             rows.append((whole[:-1], whole[1:], min(len(continuation), len(whole) - 1)))
+        # Pairs with the same inputs share a row; each keeps its own targets.
+        groups: dict[tuple, list[int]] = {}
+        for i, (inputs, _, _) in enumerate(rows):
+            groups.setdefault(tuple(inputs), []).append(i)
+        members = sorted(groups.values(), key=lambda g: -len(rows[g[0]][0]))
         out: list = [None] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            T = _bucket(len(rows[chunk[0]][0]), self.max_len)
-            K = 1 << (max(rows[i][2] for i in chunk) - 1).bit_length()
+        for start in range(0, len(members), self.batch_size):
+            chunk = members[start:start + self.batch_size]
+            T = _bucket(len(rows[chunk[0][0]][0]), self.max_len)
+            K = 1 << (max(rows[i][2] for group in chunk for i in group) - 1).bit_length()
+            G = 1 << (max(len(group) for group in chunk) - 1).bit_length()
             ids = np.zeros((self.batch_size, T), np.int32)
-            targets = np.zeros((self.batch_size, K), np.int32)
+            targets = np.zeros((self.batch_size, G, K), np.int32)
             at = np.zeros((self.batch_size, K), np.int32)
-            for r, i in enumerate(chunk):
-                inputs, row_targets, k = rows[i]
-                n = len(inputs)
+            for r, group in enumerate(chunk):
+                inputs = rows[group[0]][0]
+                n, k = len(inputs), max(rows[i][2] for i in group)
                 ids[r, :n] = inputs
-                targets[r, :k], at[r, :k] = row_targets[n - k:], np.arange(n - k, n)
-            logp_BK, greedy_BK = jax.device_get(self._run(self._params, ids, targets, at))
-            for r, i in enumerate(chunk):
-                k = rows[i][2]
-                out[i] = (float(np.sum(logp_BK[r, :k], dtype=np.float64)), bool(greedy_BK[r, :k].all()))
+                at[r, :k] = np.arange(n - k, n)
+                for g, i in enumerate(group):
+                    targets[r, g, :k] = rows[i][1][n - k:]
+            logp_BGK, greedy_BGK = jax.device_get(self._run(self._params, ids, targets, at))
+            for r, group in enumerate(chunk):
+                k = max(rows[i][2] for i in group)
+                for g, i in enumerate(group):
+                    # This pair's continuation is the last rows[i][2] of the k positions read.
+                    own = slice(k - rows[i][2], k)
+                    out[i] = (float(np.sum(logp_BGK[r, g, own], dtype=np.float64)), bool(greedy_BGK[r, g, own].all()))
         return out
