@@ -91,6 +91,15 @@ def test_a_reward_gets_the_rows_fields_and_failures_name_the_function_and_the_li
         grpo.load_reward("nowhere.py:f")
 
 
+def test_grpo_settings_are_checked_by_key(tiny, files):
+    with pytest.raises(ConfigError, match=r"data.objective=grpo needs train.reward_fn="):
+        tiny("gpt_tiny", "data.objective=grpo")
+    with pytest.raises(ConfigError, match=r"train.grpo_group=1 must be >= 2"):
+        tiny("gpt_tiny", "data.objective=grpo", f"train.reward_fn={files[0]}:ascii_share", "train.grpo_group=1")
+    with pytest.raises(ConfigError, match=r"train.reward_weights has 2 entries and train.reward_fn 1"):
+        tiny("gpt_tiny", "data.objective=grpo", f"train.reward_fn={files[0]}:ascii_share", "train.reward_weights=[1,2]")
+
+
 def test_grpo_raises_the_reward_with_the_engines_logprobs_and_resumes_bit_exact(tiny, files, tmp_path):
     from flaxformer_lite.runtime import checkpoint
     from flaxformer_lite.train import loop, metrics
