@@ -173,7 +173,8 @@ class DataConfig:
     """What to train on and how it becomes batches (see flaxformer_lite.data)."""
 
     objective: Literal[
-        "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse", "sft", "dpo"
+        "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse", "sft", "dpo",
+        "grpo",
     ] = "causal_lm"
     # builtin | a prepared DATADIR | path/glob to text, .jsonl[.gz|.zst], .parquet, .tsv.
     # Language-model text that is not a DATADIR is prepared into the cache first
@@ -186,6 +187,8 @@ class DataConfig:
     document_unit: Literal["paragraph", "line", "file"] = "paragraph"
     tokenizer: str = "byte"  # byte | path to tokenizer.json (or its folder)
     seq_len: int = 128
+    # grpo: tokens each rollout may add to its prompt (prompt + these must fit in seq_len).
+    max_new_tokens: int = 64
     target_len: Optional[int] = None  # seq2seq targets; None: = seq_len
     batch_size: int = 32
     pack: bool = True
@@ -224,6 +227,15 @@ class TrainConfig:
     z_loss: float = 0.0
     # data.objective=dpo: how far the policy may move from the reference (DPO's beta).
     dpo_beta: float = 0.1
+    # data.objective=grpo (docs/finetuning.md, "GRPO"): the reward, "FILE.py:NAME" or
+    # "module:NAME" (a list for several, summed with reward_weights, default 1 each),
+    # called as NAME(prompt, completion, **row) -> float.
+    reward_fn: Optional[Union[str, tuple[str, ...]]] = None
+    reward_weights: Optional[tuple[float, ...]] = None
+    grpo_group: int = 8  # completions sampled per prompt (G); data.batch_size counts prompts
+    grpo_kl: float = 0.04  # beta: weight of the k3 KL to the reference (0: off)
+    grpo_clip: float = 0.2  # epsilon of the clipped policy ratio
+    grpo_temperature: float = 1.0  # sampling temperature of the rollouts
     # causal_lm only: project onto the vocabulary this many tokens at a time, so the
     # [B,T,V] float32 logits are never whole (ops.chunked_cross_entropy); None: at once.
     loss_chunk_size: Optional[int] = None
@@ -427,19 +439,49 @@ def validate(cfg: Config) -> Config:
             )
     if cfg.data.objective == "dpo":
         positive["train.dpo_beta"] = cfg.train.dpo_beta
+    if cfg.data.objective == "grpo":
+        _validate_grpo(cfg)
     if cfg.train.warmup_steps is not None and cfg.train.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} must be 0 or more (null: 10% of num_steps)")
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")
-    if cfg.data.batch_size % cfg.train.grad_accum_steps:
+    rows = cfg.data.batch_size * (cfg.train.grpo_group if cfg.data.objective == "grpo" else 1)
+    if rows % cfg.train.grad_accum_steps:
         raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} is not divisible by "
+            f"data.batch_size={cfg.data.batch_size} (grpo: times train.grpo_group) is not divisible by "
             f"train.grad_accum_steps={cfg.train.grad_accum_steps}"
         )
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     return cfg
+
+
+def _validate_grpo(cfg: Config) -> None:
+    """ConfigError naming the key unless the data.objective=grpo settings make sense."""
+    t, d = cfg.train, cfg.data
+    if not t.reward_fn:
+        raise ConfigError('data.objective=grpo needs train.reward_fn="FILE.py:NAME" (or "module:NAME", or a list '
+                          "of them): the function NAME(prompt, completion, **row) -> float that scores a completion")
+    names = (t.reward_fn,) if isinstance(t.reward_fn, str) else t.reward_fn
+    if t.reward_weights is not None and len(t.reward_weights) != len(names):
+        raise ConfigError(f"train.reward_weights has {len(t.reward_weights)} entries and train.reward_fn "
+                          f"{len(names)}: give one weight a reward function (or none: 1 each)")
+    if t.grpo_group < 2:
+        raise ConfigError(f"train.grpo_group={t.grpo_group} must be >= 2: advantages compare completions of a prompt")
+    if not 0 < t.grpo_clip < 1 or t.grpo_kl < 0 or t.grpo_temperature <= 0:
+        raise ConfigError(f"train.grpo_clip={t.grpo_clip} must be in (0, 1), train.grpo_kl={t.grpo_kl} >= 0 "
+                          f"and train.grpo_temperature={t.grpo_temperature} > 0")
+    if not 0 < d.max_new_tokens < d.seq_len:
+        raise ConfigError(f"data.max_new_tokens={d.max_new_tokens} must be in [1, data.seq_len={d.seq_len}): "
+                          "a row holds the prompt and its completion")
+    if d.seq_len > cfg.model.max_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_len={cfg.model.max_len}, the longest "
+                          "context the rollouts' KV cache may hold: lower data.seq_len")
+    m = cfg.model
+    if m.dropout_rate or m.attention_dropout_rate or m.lora.dropout:
+        raise ConfigError("data.objective=grpo compares the trainer's log-probabilities with the rollouts': set "
+                          "model.dropout_rate=0, model.attention_dropout_rate=0 and model.lora.dropout=0")
 
 
 # ---------------------------------------------------------------------------- dict <-> dataclass

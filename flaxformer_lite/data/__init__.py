@@ -31,7 +31,7 @@ _PUBLIC = {
     )},
     **{name: ("flaxformer_lite.data.objectives", name) for name in (
         "FINETUNE_OBJECTIVES", "OBJECTIVES", "STREAM_OBJECTIVES", "causal_lm_batch", "classification_batch",
-        "dpo_batch", "sft_batch",
+        "dpo_batch", "grpo_batch", "sft_batch",
         "load_corpus", "make_dataset", "mask_tokens", "masked_lm_batch", "random_spans_noise_mask",
         "seq2seq_batch", "span_corruption", "span_corruption_lengths",
     )},

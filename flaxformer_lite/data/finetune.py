@@ -6,7 +6,8 @@
 An SFT line is {"messages": [{"role": ..., "content": ...}, ...]} (the loss covers the
 assistant turns) or {"prompt": ..., "completion": ...} (the loss covers the completion).
 A DPO line is {"prompt": ..., "chosen": ..., "rejected": ...}. Each value is a string or
-a list of messages.
+a list of messages. A GRPO line is {"prompt": ..., any other fields}: the model writes the
+completion, and the whole line reaches the reward function.
 
 Plain strings are joined as bos + prompt + completion + eos (bos where the tokenizer has
 one), the loss on completion + eos. Message lists are rendered with the checkpoint's chat
@@ -34,11 +35,13 @@ from flaxformer_lite.data.errors import DataError
 from flaxformer_lite.data.sources import JSONL_SUFFIXES, Source, files, jsonl_objects
 from flaxformer_lite.data.tokenizers import Tokenizer
 
-FIELDS = {"sft": (("messages",), ("prompt", "completion")), "dpo": (("prompt", "chosen", "rejected"),)}
+FIELDS = {"sft": (("messages",), ("prompt", "completion")), "dpo": (("prompt", "chosen", "rejected"),),
+          "grpo": (("prompt",),)}
 EXAMPLE_LINES = {
     "sft": '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]} '
            'or {"prompt": ..., "completion": ...}',
     "dpo": '{"prompt": ..., "chosen": ..., "rejected": ...}',
+    "grpo": '{"prompt": ..., "answer": ... (any fields the reward reads)}',
 }
 
 
@@ -76,7 +79,7 @@ def _check_value(value: Any, where: str, field: str) -> None:
 
 
 def load_records(source: Source, objective: str) -> list[Record]:
-    """The SFT or DPO records of JSON-lines files (in sorted file order, then line order)."""
+    """The SFT, DPO or GRPO records of JSON-lines files (in sorted file order, then line order)."""
     records = [r for path in record_files(source, objective) for r in file_records(path, objective)]
     if not records:
         raise DataError(f"{source}: no {objective} examples found; the corpus is empty")
@@ -84,9 +87,9 @@ def load_records(source: Source, objective: str) -> list[Record]:
 
 
 def record_files(source: Source, objective: str) -> list[pathlib.Path]:
-    """The JSON-lines files of an SFT or DPO corpus, in sorted order; DataError for others."""
+    """The JSON-lines files of an SFT, DPO or GRPO corpus, in sorted order; DataError for others."""
     if objective not in FIELDS:
-        raise DataError(f"objective {objective!r} has no fine-tuning records (sft, dpo)")
+        raise DataError(f"objective {objective!r} has no fine-tuning records (sft, dpo, grpo)")
     if source is None or source == "builtin":
         raise DataError(f"{objective} has no built-in corpus: set data.corpus to a .jsonl file of {EXAMPLE_LINES[objective]}")
     found = files(source, tuple(f"*{s}" for s in JSONL_SUFFIXES))
@@ -104,7 +107,8 @@ def file_records(path: pathlib.Path, objective: str) -> Iterator[Record]:
             if all(n in record for n in names):
                 for n in names:
                     _check_value(record[n], where, n)
-                yield Record(where, {n: record[n] for n in names})
+                # GRPO keeps the whole line: its other fields (answers, tests) reach the reward.
+                yield Record(where, dict(record) if objective == "grpo" else {n: record[n] for n in names})
                 break
         else:
             raise DataError(
@@ -207,3 +211,24 @@ def sft_tokens(record: Record, tok: Tokenizer, template=None) -> tuple[np.ndarra
 def dpo_tokens(record: Record, tok: Tokenizer, template=None) -> tuple[np.ndarray, ...]:
     """(chosen ids, chosen trained, rejected ids, rejected trained) of one DPO record."""
     return (*_prompt_reply(record, "chosen", tok, template), *_prompt_reply(record, "rejected", tok, template))
+
+
+def grpo_prompt_tokens(record: Record, tok: Tokenizer, template=None) -> np.ndarray:
+    """The int32 ids a GRPO record's completion continues: bos + prompt for a string, the
+    chat template's rendering with the generation prompt for a message list."""
+    prompt = record.fields["prompt"]
+    if isinstance(prompt, str):
+        bos = optional_id(tok, "bos")
+        return np.asarray(([bos] if bos is not None else []) + tok.encode(prompt), np.int32)
+    if template is None:
+        raise DataError(
+            f"{record.where}: messages need a chat template, and the tokenizer's folder has none "
+            "(tokenizer_config.json chat_template or chat_template.jinja); use a prompt string"
+        )
+    from flaxformer_lite.data.chat import ChatTemplateError
+
+    try:
+        text = template.render(prompt, add_generation_prompt=True)
+    except ChatTemplateError as e:
+        raise DataError(f"{record.where}: the chat template refuses this conversation: {e}") from None
+    return np.asarray(tok.encode(text, special=True), np.int32)

@@ -28,6 +28,9 @@ Batch contract: dicts of numpy arrays; B batch_size, T seq_len, S target_len.
                    to learn (an assistant turn or completion, data/finetune.py).
   dpo              the sft keys twice, prefixed chosen_ and rejected_; segment k of row b
                    is the same example's preferred and rejected answer on both sides.
+  grpo             prompt_ids [B,T] int32 (left-aligned, padded), prompt_lengths [B] and
+                   example [B] int32 (the record's index in the data given; -1 on padding
+                   rows): the trainer samples the completions (train/grpo.py).
 segment_ids number the examples packed into a row 1, 2, ... and are 0 on padding;
 positions restart at 0 in every segment; padding ids are the tokenizer's pad_id (0 if it
 has none: padding carries no weight; seq2seq needs one as its decoder start). Rows of
@@ -69,9 +72,10 @@ from flaxformer_lite.data.tokenizers import Tokenizer, bos_or_none
 
 OBJECTIVES = (
     "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse", "sft", "dpo",
+    "grpo",
 )
-# Fine-tuning objectives over JSON lines of conversations or preference pairs.
-FINETUNE_OBJECTIVES = ("sft", "dpo")
+# Fine-tuning objectives over JSON lines of conversations, preference pairs or prompts.
+FINETUNE_OBJECTIVES = ("sft", "dpo", "grpo")
 # Objectives over a token stream: they read Documents, in memory or from a prepared store.
 STREAM_OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption")
 
@@ -302,7 +306,8 @@ class _Spec:
     mean_noise_span_length: float
     synthetic_vocab: int
     shift_windows: bool
-    chat_template: Any  # data.chat.ChatTemplate or None: renders sft/dpo message lists
+    chat_template: Any  # data.chat.ChatTemplate or None: renders sft/dpo/grpo message lists
+    max_new_tokens: int  # grpo: the room each prompt leaves in its row
 
 
 class _Plan(NamedTuple):
@@ -380,6 +385,17 @@ def _regular_ids(spec: _Spec) -> np.ndarray:
     """Ids below both vocab sizes that are not special tokens, ascending."""
     ids = np.arange(min(spec.tokenizer.vocab_size, spec.vocab_size))
     return ids[~np.isin(ids, sorted(spec.tokenizer.special_ids))]
+
+
+def grpo_batch(rows: Batch, pad_id: int) -> Batch:
+    """Padded rows {prompt, prompt_segment_ids, example} -> the grpo contract."""
+    seg_BT = rows["prompt_segment_ids"]
+    real_B = seg_BT[:, 0] > 0
+    return {
+        "prompt_ids": np.where(seg_BT > 0, rows["prompt"], pad_id).astype(np.int32),
+        "prompt_lengths": np.sum(seg_BT > 0, axis=1).astype(np.int32),
+        "example": np.where(real_B, rows["example"], -1).astype(np.int32),
+    }
 
 
 def _pad_id(tok: Tokenizer, *, decoder_start: bool = False) -> int:
@@ -642,6 +658,31 @@ def _finetune_plan(records: Sequence[finetune.Record] | Documents, spec: _Spec, 
     return _Plan(examples, features, {k: spec.seq_len for k in keys}, finalize, spec.pack)
 
 
+def _grpo_features(example: tuple[np.ndarray, int], rng: np.random.Generator) -> Example:
+    del rng  # no randomness: the prompt is fixed by the corpus
+    return {"prompt": example[0], "example": np.int32(example[1])}
+
+
+def _grpo_plan(records: Sequence[finetune.Record], spec: _Spec) -> _Plan:
+    """Prompts alone, one a row: each must leave data.max_new_tokens of the row free."""
+    if isinstance(records, Documents):
+        raise DataError("grpo reads its JSON lines directly (a prepared store holds no reward fields): "
+                        "set data.corpus to the .jsonl file")
+    room = spec.seq_len - spec.max_new_tokens
+    examples = []
+    for index, record in enumerate(records):
+        ids = finetune.grpo_prompt_tokens(record, spec.tokenizer, spec.chat_template)
+        if not 0 < len(ids) <= room:
+            raise DataError(
+                f"{record.where}: the prompt has {len(ids)} tokens and a row holds {room} "
+                f"(data.seq_len={spec.seq_len} - data.max_new_tokens={spec.max_new_tokens}): raise data.seq_len, "
+                "lower data.max_new_tokens or shorten the prompt"
+            )
+        pipeline.check_ids(ids, spec.vocab_size, record.where)
+        examples.append((ids, index))
+    return _Plan(examples, _grpo_features, {"prompt": spec.seq_len}, _finalizer(grpo_batch, spec), False)
+
+
 _PLANS: dict[str, Callable[[Sequence[Any], _Spec], _Plan]] = {
     "causal_lm": _causal_lm_plan,
     "masked_lm": _masked_lm_plan,
@@ -652,6 +693,7 @@ _PLANS: dict[str, Callable[[Sequence[Any], _Spec], _Plan]] = {
     "reverse": functools.partial(_synthetic_plan, reverse=True),
     "sft": functools.partial(_finetune_plan, dpo=False),
     "dpo": functools.partial(_finetune_plan, dpo=True),
+    "grpo": _grpo_plan,
 }
 
 
@@ -670,7 +712,7 @@ def load_corpus(
 
     Documents (list[str]) for causal_lm/masked_lm/span_corruption, (source, target)
     pairs for seq2seq, a `LabeledCorpus` for classification, `finetune.Record`s of JSON
-    lines for sft/dpo, None for copy/reverse.
+    lines for sft/dpo/grpo, None for copy/reverse.
     `document_unit` is `load_texts`'s `unit` for the documents.
     """
     _check_objective(objective)
@@ -710,6 +752,7 @@ def make_dataset(
     synthetic_vocab: int = 32,
     shift_windows: bool = True,
     chat_template: Any = None,
+    max_new_tokens: int = 0,
 ) -> grain.IterDataset:
     """A grain dataset of batches for `objective` (see the module docstring for the contract).
 
@@ -733,8 +776,10 @@ def make_dataset(
     shift_windows: causal_lm and masked_lm training rows of a document longer than a row
       move by a random offset (up to half a row either way) every epoch, so passes over
       a small corpus do not repeat the same rows. Evaluation never shifts.
-    chat_template: sft/dpo: the `data.chat.ChatTemplate` that renders message lists
+    chat_template: sft/dpo/grpo: the `data.chat.ChatTemplate` that renders message lists
       (the checkpoint's); None: only plain prompt/completion strings are accepted.
+    max_new_tokens: grpo: the tokens a completion may add; each prompt must leave them
+      free in its row of seq_len.
     """
     _check_objective(objective)
     spec = _Spec(
@@ -751,6 +796,7 @@ def make_dataset(
         synthetic_vocab=synthetic_vocab,
         shift_windows=shift_windows and train,
         chat_template=chat_template,
+        max_new_tokens=max_new_tokens,
     )
     if objective in ("copy", "reverse"):
         data = range(SYNTHETIC_TRAIN_EXAMPLES if train else SYNTHETIC_EVAL_EXAMPLES)

@@ -218,6 +218,9 @@ def run_eval(args: argparse.Namespace) -> int:
             run_cfg = load_config(config_path, overrides=args.set)
         setup = prepare_data(run_cfg, train=False)
         cfg = setup.cfg
+        if cfg.data.objective == "grpo":
+            raise ConfigError("eval of data.objective=grpo is the reward of greedy completions, which training "
+                              "logs as eval_reward_mean (train.eval_every) in WORKDIR/metrics.jsonl: read it there")
         check_backend(cfg)
         _, loaded = checkpoint.load_params(workdir, step=args.step)
         ref_params = None

@@ -6,6 +6,9 @@
     summary = train(cfg, "runs/ft", init_from="path/to/hf_dir")  # or an HF folder's (cfg:
                                                    # interop.commands.hf_run_config)
 
+data.objective=grpo makes each step's batch by sampling from the policy (train/grpo.py)
+and evaluates by the reward of greedy completions of the validation prompts.
+
 WORKDIR holds config.yaml, checkpoints/ (orbax: params, optimizer state, step, RNG and
 the data iterator's position), metrics.jsonl, tensorboard/, loss_curve.png, samples.txt
 (language models) and summary.json. Everything is validated, and all data is read,
@@ -36,6 +39,7 @@ from flaxformer_lite.config import Config, ConfigError
 from flaxformer_lite.layers import lora
 from flaxformer_lite.models import build_model, count_params, dummy_inputs, flops, init_params
 from flaxformer_lite.runtime import checkpoint, host, parallel
+from flaxformer_lite.train import grpo
 from flaxformer_lite.train import metrics as metrics_lib
 from flaxformer_lite.train import safety
 from flaxformer_lite.train.optim import make_optimizer
@@ -69,6 +73,7 @@ class DataSetup:
     eval_batches: list[Batch]
     sample_prompts: list[list[int]]
     split_sizes: Optional[tuple[int, int]] = None  # (training, validation) examples or documents
+    records: Optional[dict[str, Any]] = None  # grpo: {"train", "val"} JSON lines the batches' `example` index
 
     @property
     def bytes_are_tokens(self) -> bool:
@@ -171,6 +176,9 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
         else:
             records = data.load_corpus(d.objective, d.corpus)
             train_items, val_items = data.split(records, d.val_fraction, seed=d.seed, method=d.split)
+        if d.objective == "grpo" and jax.process_count() > 1:
+            raise ConfigError(f"data.objective=grpo runs in one process (its Engine samples on one host); this "
+                              f"run has {jax.process_count()}: start it as a single process")
     else:
         corpus = data.load_corpus(
             d.objective, d.corpus, text_field=d.text_field, label_field=d.label_field, document_unit=d.document_unit
@@ -190,6 +198,7 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
         noise_density=d.noise_density, mean_noise_span_length=d.mean_noise_span_length,
         synthetic_vocab=d.synthetic_vocab, shift_windows=d.shift_windows,
         chat_template=data.tokenizer_template(d.tokenizer) if d.objective in data.FINETUNE_OBJECTIVES else None,
+        max_new_tokens=d.max_new_tokens,
     )
     train_ds = data.make_dataset(d.objective, train_items, train=True, **options) if train else None
     val_iter = iter(data.make_dataset(d.objective, val_items, train=False, **options))
@@ -202,7 +211,8 @@ def prepare_data(cfg: Config, *, train: bool = True) -> DataSetup:
     sizes = None
     if train_items is not None and hasattr(train_items, "__len__") and hasattr(val_items, "__len__"):
         sizes = (len(train_items), len(val_items))
-    return DataSetup(cfg, tokenizer, train_ds, eval_batches, prompts, sizes)
+    records = {"train": train_items, "val": val_items} if d.objective == "grpo" else None
+    return DataSetup(cfg, tokenizer, train_ds, eval_batches, prompts, sizes, records)
 
 
 def sample_prompts(texts: Iterable[str], count: int, tokenizer: data.Tokenizer) -> list[list[int]]:
@@ -459,6 +469,7 @@ class _Run:
     over_budget: bool = False
     write_failure: Optional[safety.SaveFailed] = None  # metrics.jsonl or TensorBoard could not be written
     data_position: Any = None  # the training iterator's state after the batch of `step`
+    rollouts: Optional[grpo.Rollouts] = None  # grpo: the sampler that makes each step's batch
 
 
 def train(
@@ -495,6 +506,7 @@ def train(
         raise ConfigError("--resume and --init-from exclude each other: a resumed run already has params")
     setup = prepare_data(cfg)
     cfg = setup.cfg
+    rewards = grpo.Rewards(cfg.train) if cfg.data.objective == "grpo" else None  # loaded before any output
     main = jax.process_index() == 0
     log = tqdm.write if main else (lambda _msg: None)
     # Signals are caught from here to the summary, so one that comes late cuts nothing short.
@@ -515,10 +527,15 @@ def train(
             run = _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, peak, log)
             last_step = cfg.train.num_steps if stop_at is None else min(stop_at, cfg.train.num_steps)
             try:
+                if rewards is not None:
+                    run.rollouts = grpo.Rollouts(cfg, setup.tokenizer, setup.records, run.state.params, rewards)
                 stopped = _run_steps(run, signals, last_step, started)
             except BaseException:
                 _abandon(run)
                 raise
+            finally:
+                if run.rollouts is not None:
+                    run.rollouts.close()
             stopped = _wait_for_saves(run, stopped)
             hint = _resume_hint(run, stopped)
             run.bar.close()
@@ -641,9 +658,13 @@ def _keep_hf_source(init_from, workdir: pathlib.Path, cfg: Config, main: bool) -
 
 def _check_batch_split(cfg: Config, mesh) -> None:
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.data.batch_size % (data_shards * cfg.train.grad_accum_steps):
+    rows, what = cfg.data.batch_size, f"data.batch_size={cfg.data.batch_size}"
+    if cfg.data.objective == "grpo":  # a step trains on grpo_group completions of each prompt
+        rows *= cfg.train.grpo_group
+        what = f"data.batch_size x train.grpo_group = {rows}"
+    if rows % (data_shards * cfg.train.grad_accum_steps):
         raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} must be a multiple of the {data_shards} data-parallel "
+            f"{what} must be a multiple of the {data_shards} data-parallel "
             f"devices times train.grad_accum_steps={cfg.train.grad_accum_steps}"
         )
 
@@ -802,12 +823,17 @@ def _run_steps(run: _Run, signals: safety.StopSignals, last_step: int, started: 
     tc = run.cfg.train
     running = None  # the last step dispatched
     while run.step < last_step:
-        batch = parallel.shard_batch(run.mesh, next(run.it))
+        host_batch = next(run.it)
         position = run.it.get_state()  # not after a failed next(): a last checkpoint needs this one
+        rollout_sums = {}
+        if run.rollouts is not None:  # grpo: sample from the policy as it is after the last step
+            host_batch, rollout_sums = run.rollouts.train_batch(run.state.params, host_batch, run.step + 1)
+        batch = parallel.shard_batch(run.mesh, host_batch)
         # The batch is made while the last step runs; then the step goes when it is done.
         host.one_program_at_a_time(running)
         run.state, step_sums = run.prog.train_step(run.state, batch)
         running = step_sums
+        step_sums = {**step_sums, **rollout_sums}
         run.step, run.data_position = run.step + 1, position
         step = run.step
         run.window.add(step_sums, compiled=step == run.start_step + 1)
@@ -884,8 +910,11 @@ def _write_metrics(run: _Run, values: dict) -> None:
 
 def _evaluate(run: _Run) -> None:
     pause = time.perf_counter()
-    sums = evaluate(run.prog.eval_step, run.state.params, run.setup.eval_batches, run.mesh, run.state.ref_params)
-    run.eval_record = metrics_lib.summarize(sums, bytes_are_tokens=run.setup.bytes_are_tokens, prefix="eval_")
+    if run.rollouts is not None:
+        run.eval_record = run.rollouts.evaluate(run.state.params, run.setup.eval_batches)
+    else:
+        sums = evaluate(run.prog.eval_step, run.state.params, run.setup.eval_batches, run.mesh, run.state.ref_params)
+        run.eval_record = metrics_lib.summarize(sums, bytes_are_tokens=run.setup.bytes_are_tokens, prefix="eval_")
     run.evaluated_at = run.step
     _write_metrics(run, run.eval_record)
     run.log(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in run.eval_record.items()))

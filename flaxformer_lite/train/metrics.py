@@ -30,9 +30,22 @@ def summarize(sums: Mapping[str, float], *, bytes_are_tokens: bool, prefix: str 
     bits_per_byte (byte tokenizers, where a target token is a byte or EOS), z_loss and
     seq_accuracy (exact-match sequences, seq2seq objectives) where their sums are present.
     DPO's sums (a weight a pair) give loss, reward_accuracy, reward_margin and the policy's
-    mean chosen_logp and rejected_logp instead."""
+    mean chosen_logp and rejected_logp instead; GRPO's (a weight a completion, with the
+    rollouts' host sums) loss, reward_mean, reward_std, kl, clipped_fraction and
+    rollout_logprob_gap (means over sampled tokens), completion_len and
+    rollout_tokens_per_s."""
     weight = max(float(sums["weight_sum"]), 1.0)
     loss = float(sums["loss_sum"]) / weight
+    if "logprob_gap_sum" in sums:
+        tokens, rewards = max(float(sums["completion_tokens"]), 1.0), max(float(sums["reward_count"]), 1.0)
+        mean = float(sums["reward_sum"]) / rewards
+        out = {"loss": loss, "reward_mean": mean,
+               "reward_std": math.sqrt(max(float(sums["reward_sq_sum"]) / rewards - mean**2, 0.0)),
+               "kl": float(sums["kl_sum"]) / tokens, "clipped_fraction": float(sums["clipped_sum"]) / tokens,
+               "rollout_logprob_gap": float(sums["logprob_gap_sum"]) / tokens,
+               "completion_len": float(sums["completion_tokens"]) / weight,
+               "rollout_tokens_per_s": float(sums["rollout_tokens"]) / max(float(sums["rollout_seconds"]), 1e-9)}
+        return {prefix + k: v for k, v in out.items()}
     if "reward_margin_sum" in sums:
         means = {"reward_accuracy": "correct_sum", "reward_margin": "reward_margin_sum",
                  "chosen_logp": "chosen_logp_sum", "rejected_logp": "rejected_logp_sum"}
@@ -145,7 +158,7 @@ def baselines(batches: list[dict[str, np.ndarray]], objective: str) -> dict[str,
     distribution, in nats. Both are computed on the batches themselves, so they bound
     any unigram model fitted on training data from above (accuracy) and below (loss).
     """
-    if objective == "dpo":  # a preference, not a token to predict: no input-blind baseline
+    if objective in ("dpo", "grpo"):  # a preference or a reward, not a token to predict: no input-blind baseline
         return {}
     if objective == "classification":
         labels = np.concatenate([b["label"][b["segment_ids"][:, 0] > 0] for b in batches])

@@ -1,10 +1,12 @@
 """Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
 
-Every objective but dpo reduces to one weighted token cross-entropy (ops.cross_entropy):
+Every objective but dpo and grpo reduces to one weighted token cross-entropy (ops.cross_entropy):
   causal_lm and sft (decoder; sft weighs the assistant's tokens only), masked_lm (encoder
   MLM head), span_corruption / seq2seq / copy / reverse (encoder-decoder), classification
   (the encoder's pooled head, one "token" a row). dpo compares sequence log-probabilities
-  of chosen and rejected answers with a frozen reference (train/losses.py).
+  of chosen and rejected answers with a frozen reference; grpo weighs sampled completions
+  by their advantage, with a KL to the same kind of reference (train/losses.py; the
+  rollouts that make its batches are train/grpo.py's).
 Steps return float32 *sums* (loss_sum, weight_sum, correct_sum, ...), never means, so
 microbatches, devices, hosts and logging windows aggregate exactly by adding.
 """
@@ -23,7 +25,7 @@ from flaxformer_lite import ops
 from flaxformer_lite.config import Config, ConfigError
 from flaxformer_lite.layers import lora
 from flaxformer_lite.models import lm_head_inputs
-from flaxformer_lite.train.losses import dpo_sums, sequence_logps
+from flaxformer_lite.train.losses import dpo_sums, grpo_sums, sequence_logps, token_logps
 from flaxformer_lite.train.optim import learning_rate_schedule
 
 Batch = dict[str, jax.Array]
@@ -36,7 +38,7 @@ SEQ2SEQ_OBJECTIVES = ("span_corruption", "seq2seq", "copy", "reverse")
 class TrainState:
     """Everything a step changes. The dropout key of step s is fold_in(rng, s).
 
-    ref_params: DPO's reference model, a frozen copy of what training updates as the run
+    ref_params: DPO's (and GRPO's) reference model, a frozen copy of what training updates as the run
     starts: every param (one more copy of the weights in memory), or under LoRA the
     adapters alone (the reference is the frozen base with them); None for other objectives.
     opt_state: of the adapters only under LoRA (see `trainable`), else of all params.
@@ -53,8 +55,9 @@ def needs_reference_copy(cfg: Config) -> bool:
     """True when the state holds DPO's reference: the policy the run starts from, as a
     frozen copy of what training updates (all params, or under LoRA the adapters; a run
     initialised from a LoRA run starts with trained adapters, so the base with the
-    adapters off would be another model than the one DPO starts from)."""
-    return cfg.data.objective == "dpo"
+    adapters off would be another model than the one DPO starts from). GRPO's KL
+    reference follows the same rule."""
+    return cfg.data.objective in ("dpo", "grpo")
 
 
 def trainable(params: Any, adapters_only: bool) -> tuple[Any, Any]:
@@ -87,7 +90,7 @@ def init_train_state(
 def check_objective(cfg: Config) -> None:
     """ConfigError unless the model family (and heads) can train on data.objective."""
     objective, m = cfg.data.objective, cfg.model
-    if objective in ("causal_lm", "sft", "dpo"):
+    if objective in ("causal_lm", "sft", "dpo", "grpo"):
         need, ok = "family: decoder", m.family == "decoder"
     elif objective == "masked_lm":
         need, ok = "family: encoder with mlm_head: true", m.family == "encoder" and m.mlm_head
@@ -174,16 +177,46 @@ def dpo_loss_and_sums(
     base. A pair is the chosen and the rejected answer in the same segment of the same
     row; both must keep a trained token.
     """
-    if ref_params is None:
-        raise ValueError("dpo needs ref_params, the frozen policy the run started from (TrainState.ref_params)")
-    if cfg.model.lora.rank:  # ref_params: the initial adapters (or a whole tree, whose adapters count)
-        ref_params = lora.join(lora.split(ref_params)[0], lora.split(params)[1])
+    ref_params = _reference(cfg, params, ref_params)
     chosen, rejected, chosen_w, rejected_w = _dpo_logps(model, params, batch, deterministic=deterministic, rng=rng)
-    ref_chosen, ref_rejected, _, _ = _dpo_logps(model, jax.lax.stop_gradient(ref_params), batch,
+    ref_chosen, ref_rejected, _, _ = _dpo_logps(model, ref_params, batch,
                                                 deterministic=True, rng=None)
     sums = dpo_sums(chosen, rejected, ref_chosen, ref_rejected, (chosen_w > 0) & (rejected_w > 0), cfg.train.dpo_beta)
     sums["token_count"] = sum(jnp.sum(batch[f"{side}_segment_ids"] > 0, dtype=jnp.float32)
                               for side in ("chosen", "rejected"))
+    return sums["loss_sum"], sums
+
+
+def _reference(cfg: Config, params: Any, ref_params: Any) -> Any:
+    """The frozen reference's params: under LoRA its adapters on `params`' frozen base."""
+    if ref_params is None:
+        raise ValueError(f"{cfg.data.objective} needs ref_params, the frozen policy the run started from "
+                         "(TrainState.ref_params)")
+    if cfg.model.lora.rank:  # ref_params: the initial adapters (or a whole tree, whose adapters count)
+        ref_params = lora.join(lora.split(ref_params)[0], lora.split(params)[1])
+    return jax.lax.stop_gradient(ref_params)
+
+
+def grpo_loss_and_sums(model: nn.Module, cfg: Config, params: Any, ref_params: Any, batch: Batch) -> tuple[jax.Array, Sums]:
+    """(GRPO loss summed over the batch's completions, float32 sums for metrics).
+
+    `batch` (train/grpo.py makes it) holds one prompt + completion a row: input_ids,
+    labels, weights (1 where the label is a sampled token), segment_ids, positions
+    [B,T], old_logp [B,T] (the rollout's log p of each label) and advantage [B]. No
+    dropout (config.validate refuses it): the ratio compares like with like.
+    """
+    def logps(p):
+        out = model.apply(p, batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                          deterministic=True)
+        return token_logps(out.logits, batch["labels"])
+
+    t = cfg.train
+    logp = logps(params)
+    # The KL is still reported with beta 0; only the gradient ignores it then.
+    ref_logp = logps(_reference(cfg, params, ref_params))
+    sums = grpo_sums(logp, batch["old_logp"], ref_logp, batch["advantage"], batch["weights"],
+                     clip=t.grpo_clip, beta=t.grpo_kl)
+    sums["token_count"] = jnp.sum(batch["segment_ids"] > 0, dtype=jnp.float32)
     return sums["loss_sum"], sums
 
 
@@ -193,10 +226,12 @@ def loss_and_sums(
 ) -> tuple[jax.Array, Sums]:
     """(training objective summed over weighted tokens (dpo: pairs), float32 sums for metrics).
 
-    ref_params: dpo's reference model (see TrainState.ref_params).
+    ref_params: dpo's and grpo's reference model (see TrainState.ref_params).
     """
     if cfg.data.objective == "dpo":
         return dpo_loss_and_sums(model, cfg, params, ref_params, batch, deterministic=deterministic, rng=rng)
+    if cfg.data.objective == "grpo":
+        return grpo_loss_and_sums(model, cfg, params, ref_params, batch)
     smoothing = dict(label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss)
     if cfg.train.loss_chunk_size:  # causal_lm (config.validate): logits never whole
         rngs = None if rng is None else {"dropout": rng}

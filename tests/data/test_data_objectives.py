@@ -47,6 +47,7 @@ CONTRACT = {
     "classification": {**ENCODER_KEYS, "label": INT},
     "sft": LM_KEYS,
     "dpo": {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in LM_KEYS.items()},
+    "grpo": {"prompt_ids": INT, "prompt_lengths": INT, "example": INT},
 }
 PAIRS = [(f"question {i}", f"answer number {i}") for i in range(40)]
 
@@ -62,11 +63,13 @@ def _data(objective):
         return [Record(f"mem:{i}", {"prompt": q, "completion": a}) for i, (q, a) in enumerate(PAIRS)]
     if objective == "dpo":
         return [Record(f"mem:{i}", {"prompt": q, "chosen": a, "rejected": q}) for i, (q, a) in enumerate(PAIRS)]
+    if objective == "grpo":
+        return [Record(f"mem:{i}", {"prompt": q, "answer": a}) for i, (q, a) in enumerate(PAIRS)]
     return load_texts()[:60]
 
 
 def _batches(objective, n=3, **kwargs):
-    kwargs = {"tokenizer": TOK, "batch_size": 4, "seq_len": 64, "seed": 0, **kwargs}
+    kwargs = {"tokenizer": TOK, "batch_size": 4, "seq_len": 64, "seed": 0, "max_new_tokens": 16, **kwargs}
     it = iter(make_dataset(objective, _data(objective), **kwargs))
     return [next(it) for _ in range(n)]
 
@@ -85,7 +88,7 @@ def test_batch_contract_keys_shapes_dtypes(objective):
     if objective == "span_corruption":
         assert b["labels"].shape[1] == span_corruption_lengths(64, 0.15, 3.0)[1]
     for k, v in b.items():
-        if k == "label":
+        if k in ("label", "prompt_lengths", "example"):
             assert v.shape == (4,)
         elif seq2seq and k in decoder_keys:
             assert v.shape == (4, b["labels"].shape[1]) and (
@@ -93,6 +96,15 @@ def test_batch_contract_keys_shapes_dtypes(objective):
             )
         else:
             assert v.shape == (4, 64)
+
+
+def test_grpo_rows_are_the_prompts_and_point_at_their_records():
+    b = _batches("grpo", n=1)[0]
+    for ids, n, example in zip(b["prompt_ids"], b["prompt_lengths"], b["example"]):
+        assert TOK.decode(ids[1:n].tolist()) == PAIRS[example][0] and ids[0] == TOK.bos_id and not ids[n:].any()
+    long = [Record("mem:7", {"prompt": "x" * 60})]
+    with pytest.raises(DataError, match=r"mem:7: the prompt has 61 tokens and a row holds 48 .*data.max_new_tokens=16"):
+        next(iter(make_dataset("grpo", long, tokenizer=TOK, batch_size=1, seq_len=64, max_new_tokens=16)))
 
 
 def test_load_corpus_dispatches_by_objective():
