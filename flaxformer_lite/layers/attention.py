@@ -172,9 +172,13 @@ class MultiHeadAttention(nn.Module):
         cfg = self.cfg
         batch_axes, head_axes, kv_axes = nn.logical_to_mesh_axes(("batch", "heads", "kv_heads"))
         mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            batch_axes = head_axes = None
         if head_axes != kv_axes or (head_axes and (cfg.num_heads % _size(mesh, head_axes)
                                                    or cfg.kv_heads % _size(mesh, head_axes))):
             head_axes = None
+        if batch_axes and q_BTNH.shape[0] % _size(mesh, batch_axes):  # the init's one row, for one
+            batch_axes = None
         attend = functools.partial(ops.splash_attention, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, causal=self.causal,
                                    scale=cfg.attention_scale, softcap=cfg.attention_softcap,
                                    batch_axes=batch_axes, head_axes=head_axes)

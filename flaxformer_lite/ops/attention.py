@@ -302,8 +302,8 @@ def splash_attention(
       scale: multiplies the logits (default 1/sqrt(H)); the kernel itself does not scale,
         so the queries are scaled before it. softcap: as dot_product_attention's.
       batch_axes, head_axes: mesh axes the batch and the heads are split over under the
-        current mesh (jax.set_mesh): the kernel then runs per shard inside shard_map, which
-        a Pallas call needs (the partitioner cannot split one). None: not split.
+        current mesh (jax.set_mesh), None where not split: under a mesh the kernel runs
+        per shard inside shard_map, which a Pallas call needs.
 
     On a TPU the kernel is compiled by Mosaic; on any other backend it runs in Pallas's
     interpret mode (slow, for tests). The length is padded to the kernel's tiles
@@ -314,7 +314,6 @@ def splash_attention(
 
     _check_shapes(q_BTNH, k_BTKH, v_BTKH)
     B, T, N, H = q_BTNH.shape
-    K = k_BTKH.shape[2]
     if k_BTKH.shape[1] != T:
         raise ValueError(f"splash attention is self-attention: {T} queries, {k_BTKH.shape[1]} keys")
     block, padded = splash_block(T)
@@ -352,7 +351,7 @@ def splash_attention(
         return jax.lax.platform_dependent(tpu=lambda: kernel(False), default=lambda: kernel(True))
 
     mesh = jax.sharding.get_abstract_mesh()
-    if (batch_axes or head_axes) and not mesh.empty:
+    if not mesh.empty:  # a Pallas call runs per shard: the partitioner cannot split one
         P = jax.sharding.PartitionSpec
         qs, kvs = P(batch_axes, head_axes), P(batch_axes, head_axes)
         attend = jax.shard_map(attend, mesh=mesh, in_specs=(qs, kvs, kvs, None if ids_BT is None else P(batch_axes)),
