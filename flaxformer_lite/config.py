@@ -136,7 +136,7 @@ class ModelConfig:
     embedding_init_std: Optional[float] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    attention_impl: Literal["xla", "auto", "cudnn"] = "xla"
+    attention_impl: Literal["xla", "auto", "cudnn", "splash"] = "xla"
     scan_layers: bool = False
     remat_policy: str = "none"  # none | full | a jax.checkpoint_policies name
     lora: LoraConfig = LoraConfig()
@@ -397,6 +397,14 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
     for key in ("query_scale_dim", "attention_softcap", "logits_softcap", "rope_local_theta"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             raise ConfigError(f"{p}{key}={getattr(cfg, key)} must be positive or null")
+    if cfg.attention_impl == "splash":
+        # The kernel takes a static mask (causal, window) and segment ids, nothing added to the logits.
+        unsupported = {f"{p}position={cfg.position}": cfg.position in ("alibi", "relative"),
+                       f"{p}attention_dropout_rate={cfg.attention_dropout_rate}": cfg.attention_dropout_rate > 0}
+        for what, bad in unsupported.items():
+            if bad:
+                raise ConfigError(f"{p}attention_impl=splash cannot take {what}: the splash kernel adds no bias to "
+                                  f"its logits and drops nothing; set {p}attention_impl=xla")
     if cfg.remat_policy not in _REMAT_NAMED + _REMAT_POLICIES:
         near = difflib.get_close_matches(cfg.remat_policy, _REMAT_NAMED + _REMAT_POLICIES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""

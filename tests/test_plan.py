@@ -1,7 +1,8 @@
-"""`flaxformer-lite plan`: the tiny presets' train steps compiled for a v5e 2x2 slice by libtpu
-(the test extra installs it; no TPU chip is used). The plans run in subprocesses, which load
-libtpu (tests/conftest.py sets ALLOW_MULTIPLE_LIBTPU_LOAD, so pytest -n 2 may run two);
-this process checks their figures against eval_shape sizes and models/flops.py."""
+"""`flaxformer-lite plan`: the tiny presets' train steps, and the serving engine's programs,
+compiled for a v5e 2x2 slice by libtpu (the test extra installs it; no TPU chip is used).
+The plans run in subprocesses, which load libtpu (tests/conftest.py sets
+ALLOW_MULTIPLE_LIBTPU_LOAD, so pytest -n 2 may run two); this process checks their figures
+against eval_shape sizes and models/flops.py."""
 
 import json
 import math
@@ -31,17 +32,28 @@ UNWINDOWED = {"gemma2_tiny": ["model.sliding_window=128"], "gemma3_tiny": ["mode
 # (3% for t5_tiny to 10.4% for bert_tiny, docs/performance-notes.md "Planning for TPUs").
 FLOPS_OVER_MODEL = (1.0, 1.12)
 
+# --batch auto against a small HBM (the chip's 16 GiB would take dozens of rows of a wide
+# vocabulary and many large compiles): gpt_tiny's step grows by a few MiB a row.
+AUTO = {"config": "gpt_tiny", "set": [], "auto": True, "hbm": 48 * 2**20}
+# The engine's programs: 8 slots of 128 tokens, split over the 4 data-parallel chips.
+SERVE = {"max_batch": 8, "max_len": 128, "chunk": 64}
+SCANNED = ["model.num_layers=4", "data.batch_size=16"]
+
 # One process plans every case: libtpu and JAX start once. Prints one JSON report a line.
 _PLAN_ALL = """
 import json, sys
 from flaxformer_lite.config import load_config
-from flaxformer_lite.plan import planner, topology
+from flaxformer_lite.plan import planner, serving, topology
 topo = topology.parse(sys.argv[1])
 topology.libtpu_environment(topo)
 devices = topology.compile_devices(topo)
 for case in json.loads(sys.argv[2]):
     cfg = load_config(case["config"], overrides=case["set"])
-    print(json.dumps(planner.plan_train(cfg, topo, devices, auto_batch=case.get("auto", False))), flush=True)
+    if "serve" in case:
+        print(json.dumps(serving.plan_serve(cfg, topo, devices, **case["serve"])), flush=True)
+        continue
+    print(json.dumps(planner.plan_train(cfg, topo, devices, auto_batch=case.get("auto", False),
+                                        hbm_bytes=case.get("hbm"))), flush=True)
 """
 
 
@@ -54,9 +66,17 @@ def _plan(cases: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def plans() -> dict:
-    cases = [{"config": p, "set": UNWINDOWED.get(p, [])} for p in PRESETS] + [{"config": "llama_tiny", "set": list(SHARDED)}]
-    reports = _plan(cases)
-    return {"sharded" if i == len(PRESETS) else PRESETS[i]: r for i, r in enumerate(reports)}
+    """Every report the tests read, from one subprocess."""
+    cases = {p: {"config": p, "set": UNWINDOWED.get(p, [])} for p in PRESETS}
+    cases.update({
+        "sharded": {"config": "llama_tiny", "set": list(SHARDED)},
+        "splash": {"config": "llama3_tiny", "set": ["model.attention_impl=splash"]},
+        "serve": {"config": "llama3_tiny", "set": [], "serve": SERVE},
+        "auto": AUTO,
+        "unrolled": {"config": "llama_tiny", "set": SCANNED},
+        "scanned": {"config": "llama_tiny", "set": SCANNED + ["model.scan_layers=true", "train.grad_accum_steps=2"]},
+    })
+    return dict(zip(cases, _plan(list(cases.values()))))
 
 
 def _sharded_param_bytes(overrides) -> int:
@@ -99,26 +119,48 @@ def test_fsdp_splits_parameters_and_moments_four_ways(plans):
     assert "all-gather" not in plans["llama_tiny"]["collectives"]
 
 
-def test_scanned_layers_and_accumulation_are_counted_in_full():
+def test_scanned_layers_and_accumulation_are_counted_in_full(plans):
     """XLA counts a loop body once; the counting twins count every layer and microbatch."""
-    base = ["model.num_layers=4", "data.batch_size=16"]
-    unrolled, scanned = _plan([
-        {"config": "llama_tiny", "set": base},
-        {"config": "llama_tiny", "set": base + ["model.scan_layers=true", "train.grad_accum_steps=2"]},
-    ])
+    unrolled, scanned = plans["unrolled"], plans["scanned"]
     assert "own compile" in unrolled["flops"]["counted_by"] and "twins" in scanned["flops"]["counted_by"]
     assert scanned["flops"]["counted"] == pytest.approx(unrolled["flops"]["counted"], rel=0.02)
     assert scanned["flops"]["model"] == unrolled["flops"]["model"]
 
 
-def test_batch_auto_is_the_largest_batch_that_fits():
-    # A wide vocabulary, so that a v5e chip's 16 GiB holds some dozens of rows of logits.
-    shape = ["model.vocab_size=262144"]
-    auto, = _plan([{"config": "gpt_tiny", "set": shape, "auto": True}])
+def test_batch_auto_is_the_largest_batch_that_fits(plans):
+    auto = plans["auto"]
     found = auto["batch"]["global"]
     assert auto["fits"] and auto["batch"]["auto"] and found % 4 == 0 and found >= 16
-    over, = _plan([{"config": "gpt_tiny", "set": shape + [f"data.batch_size={found + 4}"]}])
-    assert not over["fits"]
+    assert auto["memory_per_chip"]["total"] <= AUTO["hbm"] == auto["memory_per_chip"]["hbm"]
+    over, = _plan([{**AUTO, "auto": False, "set": [f"data.batch_size={found + 4}"]}])
+    assert not over["fits"] and over["memory_per_chip"]["total"] > AUTO["hbm"]
+
+
+def test_splash_is_planned_beside_xla_attention(plans):
+    r, xla = plans["splash"], plans["llama3_tiny"]
+    assert r["fits"] and r["model"]["attention_impl"] == "splash"
+    # XLA counts nothing of a Pallas kernel; the plan adds the kernels' tiles, whose backward
+    # recomputes the logits, so splash counts more than xla attention's step.
+    assert "splash kernels" in r["flops"]["counted_by"]
+    assert xla["flops"]["counted"] < r["flops"]["counted"] < 1.3 * r["flops"]["model"]
+    attention = r["attention"]
+    assert attention["xla_fits"] and attention["splash_roofline_seconds"] == r["estimate"]["step_seconds"]
+    assert attention["xla_roofline_seconds"] == pytest.approx(xla["estimate"]["roofline_seconds"], rel=1e-6)
+
+
+def test_serve_plans_the_engine_programs_per_chip(plans):
+    r = plans["serve"]
+    m, cfg = r["memory_per_chip"], load_config("llama3_tiny").model
+    assert r["fits"] and r["serve"]["slots_split"] and m["parameters"] == _sharded_param_bytes(["llama3_tiny"])
+    # Each chip holds 2 of the 8 slots: keys and values of every layer, K heads, 128 positions.
+    slots = SERVE["max_batch"] // 4
+    kv = slots * cfg.num_layers * 2 * cfg.kv_heads * SERVE["max_len"] * cfg.dim_per_head * 4
+    assert kv <= m["kv_cache_pool"] <= 1.05 * kv
+    for name, tokens in (("prefill", SERVE["chunk"]), ("step", SERVE["max_batch"])):
+        p = r["programs"][name]
+        assert p["total"] >= m["parameters"] + m["kv_cache_pool"] and p["temporaries"] > 0
+        assert p["tokens_per_call"] == tokens
+        assert p["roofline_tokens_per_s"] * p["roofline_seconds"] == pytest.approx(tokens)
 
 
 def _cli(*args):

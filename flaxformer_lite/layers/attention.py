@@ -9,6 +9,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
@@ -22,6 +23,12 @@ KV_AXES = ("batch", "kv_length", "kv_heads", "head_dim")
 # data*fsdp and the kv heads divide tensor, a device then holds exactly the rows of its
 # batch slice and its heads, as the [B,S,K,H] layout split over batch and kv_heads did.
 CACHE_AXES = ("cache_rows", "kv_length", "head_dim")
+
+
+def _size(mesh, axes) -> int:
+    """Devices along mesh axes named as a PartitionSpec entry names them (a name or a tuple)."""
+    names = (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in names]))
 
 
 def rope_frequencies(cfg: ModelConfig, is_local: Optional[jax.Array] = None) -> jax.Array:
@@ -68,6 +75,7 @@ class MultiHeadAttention(nn.Module):
         cache_index: Optional[jax.Array] = None,
         return_weights: bool = False,
         is_local: Optional[jax.Array] = None,
+        segment_ids_BT: Optional[jax.Array] = None,
     ):
         cfg = self.cfg
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -131,6 +139,8 @@ class MultiHeadAttention(nn.Module):
                 q_BTNH, constrain(k_RSH, CACHE_AXES), constrain(v_RSH, CACHE_AXES), bias, mask,
                 scale=scale, return_weights=return_weights, softcap=cfg.attention_softcap,
             )
+        elif cfg.attention_impl == "splash" and not self.is_cross and not return_weights:
+            out_BTNH, weights_BNTS = self._splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, is_local), None
         else:
             dropout_rng = None
             if not self.deterministic and cfg.attention_dropout_rate > 0:
@@ -154,6 +164,29 @@ class MultiHeadAttention(nn.Module):
         if cfg.use_bias:
             out_BTD = out_BTD + param(self, "out_bias", zeros, (D,), ("embed",), cfg)
         return out_BTD, weights_BNTS
+
+    def _splash(self, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, is_local):
+        """ops.splash_attention with the layer's mask: the Stack's segment ids (or token
+        validity), the causal triangle, and the window on a local layer; split over the
+        mesh axes the rules give the batch and, where both head counts divide them, the heads."""
+        cfg = self.cfg
+        batch_axes, head_axes, kv_axes = nn.logical_to_mesh_axes(("batch", "heads", "kv_heads"))
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            batch_axes = head_axes = None
+        if head_axes != kv_axes or (head_axes and (cfg.num_heads % _size(mesh, head_axes)
+                                                   or cfg.kv_heads % _size(mesh, head_axes))):
+            head_axes = None
+        if batch_axes and q_BTNH.shape[0] % _size(mesh, batch_axes):  # the init's one row, for one
+            batch_axes = None
+        attend = functools.partial(ops.splash_attention, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, causal=self.causal,
+                                   scale=cfg.attention_scale, softcap=cfg.attention_softcap,
+                                   batch_axes=batch_axes, head_axes=head_axes)
+        if cfg.sliding_window is None or is_local is None:
+            return attend()
+        if isinstance(is_local, (bool, np.bool_)):  # unrolled layers know their type
+            return attend(window=cfg.sliding_window if is_local else None)
+        return jax.lax.cond(is_local, lambda: attend(window=cfg.sliding_window), attend)
 
     def _update_cache(self, k_BSKH, v_BSKH, cache_index):
         """Write new K/V into the cache (or read cross K/V back); return what to attend to.

@@ -25,7 +25,9 @@ class EncoderBlock(nn.Module):
     each sub-layer's output. The same block is causal or bidirectional by the mask it is
     given; `causal` says the mask hides later keys, so self-attention may skip them. A
     model with local and global layers passes the local layers' `local_mask` too, and
-    each layer its `is_local` flag (traced under nn.scan). DecoderBlock adds cross-attention.
+    each layer its `is_local` flag (traced under nn.scan). `segment_ids_BT` is what the
+    splash kernel takes instead of the mask (model.attention_impl=splash; None otherwise).
+    DecoderBlock adds cross-attention.
 
     The call signature (carry first, then arrays, returning (carry, per-layer output))
     is what nn.scan needs; flags are attributes so remat and scan see no Python values.
@@ -62,6 +64,7 @@ class EncoderBlock(nn.Module):
         encoder_BSD: Optional[jax.Array],
         cross_mask: Optional[jax.Array],
         cache_index: Optional[jax.Array],
+        segment_ids_BT: Optional[jax.Array],
         is_local: Optional[jax.Array],
     ):
         cfg = self.cfg
@@ -75,7 +78,8 @@ class EncoderBlock(nn.Module):
         x_BTD, self_w = self._sublayer(
             x_BTD,
             lambda h: self_attn(h, mask=mask, bias=bias, q_positions_BT=positions_BT, cache_index=cache_index,
-                                return_weights=self.return_weights, is_local=is_local),
+                                return_weights=self.return_weights, is_local=is_local,
+                                segment_ids_BT=segment_ids_BT),
             "self_attention",
         )
         weights = {"self": self_w}

@@ -121,7 +121,12 @@ class Stack(nn.Module):
         # Decoding attends over cache slots (S != T): the causal block skip is for training.
         flags = dict(deterministic=deterministic, decode=decode, return_weights=return_weights,
                      causal=self.causal and not decode)
-        args = (mask, local_mask, bias, positions_BT, encoder_BSD, cross_mask, cache_index)
+        # The splash kernel takes segment ids, not a mask: the packed rows' ids, or each
+        # token's validity as its id (padding then sees only padding, and gives zeros).
+        splash_ids_BT = None
+        if cfg.attention_impl == "splash" and not decode:
+            splash_ids_BT = segment_ids_BT if segment_ids_BT is not None else valid_BT.astype(jnp.int32)
+        args = (mask, local_mask, bias, positions_BT, encoder_BSD, cross_mask, cache_index, splash_ids_BT)
         if cfg.scan_layers:
             scanned = nn.scan(
                 block,

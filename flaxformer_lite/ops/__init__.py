@@ -11,6 +11,9 @@ from flaxformer_lite.ops.attention import (
     segment_mask,
     sliding_window_mask,
     soft_cap,
+    splash_attention,
+    splash_block,
+    splash_visible_blocks,
 )
 from flaxformer_lite.ops.ffn import ACTIVATIONS, GATED, activate, feed_forward, is_gated
 from flaxformer_lite.ops.gradients import materialize_cotangent

@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -248,6 +249,117 @@ def _zero_dead_rows(out_BTNH, weights_BKGTS, alive_BMT1, return_weights: bool):
         if weights_BNTS is not None:
             weights_BNTS = weights_BNTS * alive_BMT[..., None].astype(jnp.float32)
     return out_BTNH, weights_BNTS
+
+
+SPLASH_BLOCKS = (512, 256, 128)  # the kernel's tiles: the largest that divides the (padded) length
+
+
+def splash_block(length: int) -> tuple[int, int]:
+    """(block, padded length) splash attention runs `length` tokens with: the length is
+    padded up to a multiple of 128 (the kernel's lane width), then the largest of
+    SPLASH_BLOCKS dividing it is the tile of every pass, forward and backward."""
+    padded = -(-length // 128) * 128
+    return next(b for b in SPLASH_BLOCKS if padded % b == 0), padded
+
+
+def splash_visible_blocks(length: int, *, causal: bool, window: Optional[int] = None) -> int:
+    """How many (query block, key block) tiles of one head splash attention computes: the
+    tiles its static mask (causal, window) does not hide whole. Segment ids hide nothing
+    here: they are data, read inside the tiles."""
+    block, padded = splash_block(length)
+    starts = np.arange(0, padded, block)
+    q_lo, k_lo = starts[:, None], starts[None, :]
+    q_hi, k_hi = q_lo + block - 1, k_lo + block - 1
+    visible = np.ones((len(starts), len(starts)), bool)
+    if causal:
+        visible &= k_lo <= q_hi
+    if window is not None:
+        visible &= (k_hi > q_lo - window) & ((k_lo < q_hi + window) if not causal else True)
+    return int(visible.sum())
+
+
+def splash_attention(
+    q_BTNH: Array,
+    k_BTKH: Array,
+    v_BTKH: Array,
+    segment_ids_BT: Optional[Array] = None,
+    *,
+    causal: bool = False,
+    window: Optional[int] = None,
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    batch_axes=None,
+    head_axes=None,
+) -> Array:
+    """Self-attention by the Pallas TPU splash-attention kernel that ships with JAX; equals
+    dot_product_attention with the same causal triangle, window and segment mask.
+
+    Args:
+      q_BTNH, k_BTKH, v_BTKH: queries, keys, values of one sequence (T keys); K divides N.
+      segment_ids_BT: packed rows: a query sees keys of its own segment only, and rows of
+        segment 0 (padding) give zeros, as `segment_mask` does. None: every key is visible.
+      causal: hide keys after the query; window: hide keys `window` or more positions away.
+      scale: multiplies the logits (default 1/sqrt(H)); the kernel itself does not scale,
+        so the queries are scaled before it. softcap: as dot_product_attention's.
+      batch_axes, head_axes: mesh axes the batch and the heads are split over under the
+        current mesh (jax.set_mesh), None where not split: under a mesh the kernel runs
+        per shard inside shard_map, which a Pallas call needs.
+
+    On a TPU the kernel is compiled by Mosaic; on any other backend it runs in Pallas's
+    interpret mode (slow, for tests). The length is padded to the kernel's tiles
+    (splash_block) with a segment id no real token has, so padding is never seen.
+    Returns out_BTNH in q's dtype.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    _check_shapes(q_BTNH, k_BTKH, v_BTKH)
+    B, T, N, H = q_BTNH.shape
+    if k_BTKH.shape[1] != T:
+        raise ValueError(f"splash attention is self-attention: {T} queries, {k_BTKH.shape[1]} keys")
+    block, padded = splash_block(T)
+    scale = H**-0.5 if scale is None else scale
+    ids_BT = segment_ids_BT
+    if ids_BT is None and padded != T:
+        ids_BT = jnp.zeros((B, T), jnp.int32)
+    if ids_BT is not None:
+        ids_BT = jnp.pad(ids_BT.astype(jnp.int32), ((0, 0), (0, padded - T)), constant_values=-1)
+    q_BTNH = (q_BTNH.astype(jnp.float32) * scale).astype(q_BTNH.dtype)
+    q_BNTH, k_BKTH, v_BKTH = (
+        jnp.pad(x, ((0, 0), (0, padded - T), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for x in (q_BTNH, k_BTKH, v_BTKH)
+    )
+    if window is not None:
+        static = splash.LocalMask((padded, padded), (window - 1, 0 if causal else window - 1), offset=0)
+    elif causal:
+        static = splash.CausalMask((padded, padded))
+    else:
+        static = splash.FullMask((padded, padded))
+
+    def attend(q_BNTH, k_BKTH, v_BKTH, ids_BT):
+        heads = q_BNTH.shape[1]
+        sizes = splash.BlockSizes(*(block,) * 8)
+
+        def kernel(interpret: bool):
+            run = splash.make_splash_mha(splash.MultiHeadMask([static] * heads), block_sizes=sizes, head_shards=1,
+                                         q_seq_shards=1, attn_logits_soft_cap=softcap, interpret=interpret)
+            if ids_BT is None:
+                return jax.vmap(run)(q_BNTH, k_BKTH, v_BKTH)
+            return jax.vmap(lambda q, k, v, ids: run(q, k, v, segment_ids=splash.SegmentIds(ids, ids)))(
+                q_BNTH, k_BKTH, v_BKTH, ids_BT)
+
+        # Which branch runs is the compile target's platform: Mosaic for a TPU (also
+        # when compiling for one from a CPU host), the interpreter elsewhere.
+        return jax.lax.platform_dependent(tpu=lambda: kernel(False), default=lambda: kernel(True))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:  # a Pallas call runs per shard: the partitioner cannot split one
+        P = jax.sharding.PartitionSpec
+        qs, kvs = P(batch_axes, head_axes), P(batch_axes, head_axes)
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=(qs, kvs, kvs, None if ids_BT is None else P(batch_axes)),
+                               out_specs=qs, check_vma=False)
+    out_BTNH = attend(q_BNTH, k_BKTH, v_BKTH, ids_BT).transpose(0, 2, 1, 3)[:, :T]
+    if segment_ids_BT is not None:
+        out_BTNH = out_BTNH * (segment_ids_BT != 0)[:, :, None, None].astype(out_BTNH.dtype)
+    return out_BTNH.astype(q_BTNH.dtype)
 
 
 def cache_rows(x_BSKH: Array) -> Array:

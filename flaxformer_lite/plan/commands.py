@@ -2,6 +2,7 @@
 
     flaxformer-lite plan --config llama3_tiny --topology v5e-4
     flaxformer-lite plan --init-from path/to/hf_dir --topology v5p-8 --batch auto --json
+    flaxformer-lite plan --config llama3_tiny --topology v5e-4 --serve --max-batch 8 --max-len 128
 
 Needs libtpu (the `[tpu]` extra) and no TPU chip. JAX is imported inside `run_plan`,
 after libtpu's environment defaults are set (plan.topology.libtpu_environment).
@@ -27,6 +28,11 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override config keys, e.g. --set parallel.fsdp=-1 parallel.data=1 model.remat_policy=full")
     parser.add_argument("--batch", choices=["config", "auto"], default="config",
                         help="config: data.batch_size as given; auto: the largest global batch that fits")
+    parser.add_argument("--serve", action="store_true",
+                        help="plan the serving engine (its prefill and decode-step programs) instead of training")
+    parser.add_argument("--max-batch", type=int, default=8, help="--serve: sequences decoded together (KV-cache slots)")
+    parser.add_argument("--max-len", type=int, default=None, help="--serve: tokens a slot holds (default model.max_len)")
+    parser.add_argument("--chunk", type=int, default=64, help="--serve: prompt tokens prefilled per engine step")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -58,6 +64,16 @@ def run_plan(args: argparse.Namespace) -> int:
     devices = topology.compile_devices(topo)
     from flaxformer_lite.plan import planner
 
+    if args.serve:
+        from flaxformer_lite.plan import serving
+
+        if min(args.max_batch, args.chunk, args.max_len or 1) < 1:
+            raise UserError(f"--max-batch {args.max_batch}, --chunk {args.chunk} and --max-len {args.max_len} "
+                            "must be positive")
+        report = serving.plan_serve(cfg, topo, devices, max_batch=args.max_batch,
+                                    max_len=args.max_len or cfg.model.max_len, chunk=args.chunk)
+        print(json.dumps(report, indent=2) if args.json else serving.format_serve_report(report))
+        return 0
     report = planner.plan_train(cfg, topo, devices, auto_batch=args.batch == "auto")
     print(json.dumps(report, indent=2) if args.json else planner.format_report(report))
     return 0

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from flaxformer_lite import ops
 from flaxformer_lite.config import Config, ConfigError
 from flaxformer_lite.models import flops
 from flaxformer_lite.plan.topology import Topology
@@ -76,7 +77,7 @@ def batch_spec(cfg: Config, batch_size: int) -> dict[str, tuple[tuple[int, ...],
     return {k: ((B, T), d) for k, d in lm.items()}
 
 
-def _shard_bytes(tree: Any) -> int:
+def shard_bytes(tree: Any) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -112,15 +113,20 @@ def compile_step(cfg: Config, devices: list) -> Compiled:
         batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
                  for k, (shape, dtype) in batch_spec(cfg, cfg.data.batch_size).items()}
         state = prog.abstract
-        state_bytes = {"params": _shard_bytes(state.params), "optimizer": _shard_bytes(state.opt_state),
-                       "reference": _shard_bytes(state.ref_params), "batch": _shard_bytes(batch)}
-        try:
-            compiled = prog.train_step.lower(prog.abstract, batch).compile()
-        except jax.errors.JaxRuntimeError as e:
-            # libtpu refuses a program larger than the chip's HBM: that is the plan's answer.
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            return Compiled({}, 0.0, 0.0, 0.0, {}, state_bytes, over=str(e).splitlines()[0])
+        state_bytes = {"params": shard_bytes(state.params), "optimizer": shard_bytes(state.opt_state),
+                       "reference": shard_bytes(state.ref_params), "batch": shard_bytes(batch)}
+        return compile_program(prog.train_step, (prog.abstract, batch), state_bytes)
+
+
+def compile_program(program, args: tuple, state_bytes: dict[str, int]) -> Compiled:
+    """A jitted `program` compiled for abstract `args` (placed on the slice): its figures."""
+    try:
+        compiled = program.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:
+        # libtpu refuses a program larger than the chip's HBM: that is the plan's answer.
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return Compiled({}, 0.0, 0.0, 0.0, {}, state_bytes, over=str(e).splitlines()[0])
     stats = compiled.memory_analysis()
     memory = {k: int(getattr(stats, f"{k}_size_in_bytes"))
               for k in ("argument", "output", "alias", "temp", "generated_code")}
@@ -186,6 +192,32 @@ def model_flops(cfg: Config) -> float:
         m, d.seq_len, d.target_len) * rows
 
 
+def splash_kernel_counts(cfg: Config) -> dict[str, float]:
+    """{"flops", "bytes_accessed"} of the splash kernels in one step over the global batch:
+    XLA's cost analysis counts none of a Pallas kernel's work, so they are counted here
+    from the tiles the kernel computes (ops.splash_visible_blocks). Per tile and head: the
+    forward 4 b^2 H FLOPs (q k^T, p v), the backward 14 (its dq pass recomputes q k^T and
+    d p; its dk/dv pass recomputes both and forms dv, dp, dk), and the forward again under
+    remat; each pass reads a key and a value tile (2 b H elements) per tile, and the
+    backward's dk/dv pass reads a query and an output-gradient tile too."""
+    m, d = cfg.model, cfg.data
+    rows = d.batch_size * (2 if d.objective == "dpo" else 1)
+    T, S = d.seq_len, d.target_len or d.seq_len
+    stacks = {"encoder": [(T, False, m.num_layers)], "decoder": [(T, True, m.num_layers)],
+              "encoder_decoder": [(T, False, m.num_layers), (S, True, m.decoder_layers)]}[m.family]
+    forwards = 2 if m.remat_policy != "none" else 1
+    itemsize = jnp.dtype(m.dtype).itemsize
+    flops_total = bytes_total = 0.0
+    for length, causal, layers in stacks:
+        block, _ = ops.splash_block(length)
+        tiles = sum(ops.splash_visible_blocks(length, causal=causal, window=m.sliding_window if t == "local" else None)
+                    for t in m.layer_attention_types(layers))
+        per_head = rows * m.num_heads * tiles
+        flops_total += per_head * block * block * m.dim_per_head * (4 * forwards + 14)
+        bytes_total += per_head * block * m.dim_per_head * itemsize * (2 * forwards + 6)
+    return {"flops": flops_total, "bytes_accessed": bytes_total}
+
+
 def with_batch(cfg: Config, batch_size: int) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch_size))
 
@@ -232,9 +264,12 @@ def largest_batch(cfg: Config, devices: list, hbm: int) -> tuple[int, Compiled]:
     return lo * unit, runs[lo]
 
 
-def plan_train(cfg: Config, topo: Topology, devices: list, *, auto_batch: bool = False) -> dict:
-    """The report of `cfg`'s train step on `topo` (see the module docstring): JSON-able."""
-    chip = topo.chip
+def plan_train(cfg: Config, topo: Topology, devices: list, *, auto_batch: bool = False,
+               hbm_bytes: Optional[int] = None) -> dict:
+    """The report of `cfg`'s train step on `topo` (see the module docstring): JSON-able.
+    `hbm_bytes`: the HBM a chip has for the run, if less than all of it (what fits is
+    judged against it)."""
+    chip = dataclasses.replace(topo.chip, hbm_bytes=hbm_bytes or topo.chip.hbm_bytes)
     try:
         parallel.mesh_shape(cfg.parallel, len(devices))
     except ConfigError as e:
@@ -262,6 +297,13 @@ def plan_train(cfg: Config, topo: Topology, devices: list, *, auto_batch: bool =
     if not compiled.fits:
         return {**report, "compiler_says": compiled.over}
     counts, how = counted(cfg, devices, compiled)
+    splash = cfg.model.attention_impl == "splash"
+    if splash:
+        kernels = splash_kernel_counts(cfg)
+        for key in ("flops", "bytes_accessed"):
+            counts[key] += kernels[key] / topo.chips
+        counts["optimal_seconds"] = 0.0  # the compiler's estimate leaves the kernels out too
+        how += "; the splash kernels' FLOPs counted from their tiles"
     mem = compiled.memory
     report["memory_per_chip"].update(
         arguments=mem["argument"], temporaries=mem["temp"], outputs_not_aliased=mem["output"] - mem["alias"],
@@ -272,6 +314,13 @@ def plan_train(cfg: Config, topo: Topology, devices: list, *, auto_batch: bool =
     roofline = max(counts["flops"] / chip.peak_bf16_flops, counts["bytes_accessed"] / chip.hbm_bytes_per_s)
     compiler = counts["optimal_seconds"] if counts["optimal_seconds"] > 0 else None
     step_s = compiler or roofline
+    if splash:
+        xla = plan_train(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="xla")),
+                         topo, devices, hbm_bytes=hbm_bytes)
+        # Rooflines on both sides: the compiler's estimate leaves the kernels out.
+        xla_s = xla.get("estimate", {}).get("roofline_seconds")
+        report["attention"] = {"splash_roofline_seconds": roofline, "xla_roofline_seconds": xla_s,
+                               "xla_fits": xla["fits"], "splash_over_xla": roofline / xla_s if xla_s else None}
     return {
         **report,
         "flops": {"counted": counted_flops, "counted_per_chip": counts["flops"], "model": model,
@@ -286,7 +335,7 @@ def plan_train(cfg: Config, topo: Topology, devices: list, *, auto_batch: bool =
     }
 
 
-def _gib(n: Optional[float]) -> str:
+def gib(n: Optional[float]) -> str:
     """Bytes in GiB, or MiB / KiB below one GiB (tiny presets)."""
     if n is None:
         return "-"
@@ -296,8 +345,9 @@ def _gib(n: Optional[float]) -> str:
     return f"{n / 2**10:.1f} KiB"
 
 
-def _ms(seconds: Optional[float]) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.2f} ms"
+def msec(seconds: Optional[float]) -> str:
+    """Seconds in milliseconds, or "-" for none."""
+    return "-" if seconds is None else f"{seconds * 1e3:.4g} ms"
 
 
 def format_report(r: dict) -> str:
@@ -312,24 +362,29 @@ def format_report(r: dict) -> str:
     ]
     if "compiler_says" in r:
         return "\n".join(head + [
-            f"DOES NOT FIT a chip's {_gib(m['hbm'])} HBM: libtpu refused to compile it ({r['compiler_says']})",
-            f"  parameters {_gib(m['parameters'])}  optimizer state {_gib(m['optimizer'])}  batch {_gib(m['batch'])} a chip",
+            f"DOES NOT FIT a chip's {gib(m['hbm'])} HBM: libtpu refused to compile it ({r['compiler_says']})",
+            f"  parameters {gib(m['parameters'])}  optimizer state {gib(m['optimizer'])}  batch {gib(m['batch'])} a chip",
         ])
     f, e = r["flops"], r["estimate"]
     lines = head + [
         "memory per chip (compiled):",
-        f"  parameters {_gib(m['parameters'])}  optimizer state {_gib(m['optimizer'])}"
-        + (f"  reference {_gib(m['reference'])}" if m["reference"] else "") + f"  batch {_gib(m['batch'])}",
-        f"  arguments {_gib(m['arguments'])}  temporaries {_gib(m['temporaries'])}  outputs {_gib(m['outputs_not_aliased'])}"
-        f"  code {_gib(m['code'])}",
-        f"  total {_gib(m['total'])} of {_gib(m['hbm'])} HBM: "
-        + (f"fits, {_gib(m['margin'])} to spare" if r["fits"] else f"DOES NOT FIT, {_gib(-m['margin'])} over"),
+        f"  parameters {gib(m['parameters'])}  optimizer state {gib(m['optimizer'])}"
+        + (f"  reference {gib(m['reference'])}" if m["reference"] else "") + f"  batch {gib(m['batch'])}",
+        f"  arguments {gib(m['arguments'])}  temporaries {gib(m['temporaries'])}  outputs {gib(m['outputs_not_aliased'])}"
+        f"  code {gib(m['code'])}",
+        f"  total {gib(m['total'])} of {gib(m['hbm'])} HBM: "
+        + (f"fits, {gib(m['margin'])} to spare" if r["fits"] else f"DOES NOT FIT, {gib(-m['margin'])} over"),
         f"FLOPs a step (all chips): counted {f['counted']:.3e} ({f['counted_by']}); flops.py {f['model']:.3e}"
         + (f"; ratio {f['counted_over_model']:.3f}" if f["counted_over_model"] else ""),
-        f"estimated step time {_ms(e['step_seconds'])} from the {e['source']}; estimated {e['tokens_per_s']:.4g} "
-        f"tokens/s, estimated MFU {e['mfu'] * 100:.1f}% of bf16 peak (compiler estimate {_ms(e['compiler_seconds'])}, "
-        f"roofline estimate {_ms(e['roofline_seconds'])})",
+        f"estimated step time {msec(e['step_seconds'])} from the {e['source']}; estimated {e['tokens_per_s']:.4g} "
+        f"tokens/s, estimated MFU {e['mfu'] * 100:.1f}% of bf16 peak (compiler estimate {msec(e['compiler_seconds'])}, "
+        f"roofline estimate {msec(e['roofline_seconds'])})",
+        *([] if "attention" not in r else [
+            f"attention: splash's roofline estimate {msec(r['attention']['splash_roofline_seconds'])} "
+            f"against xla attention's {msec(r['attention']['xla_roofline_seconds'])}"
+            + (f" (ratio {r['attention']['splash_over_xla']:.2f})" if r["attention"]["splash_over_xla"] else "")
+            + ("" if r["attention"]["xla_fits"] else "; xla attention DOES NOT FIT")]),
         "collectives a step (count, bytes per chip): " + (", ".join(
-            f"{k} {v['count']} ({_gib(v['bytes_per_chip'])})" for k, v in r["collectives"].items()) or "none"),
+            f"{k} {v['count']} ({gib(v['bytes_per_chip'])})" for k, v in r["collectives"].items()) or "none"),
     ]
     return "\n".join(lines)
