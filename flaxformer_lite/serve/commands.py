@@ -74,8 +74,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                         help="seconds SIGTERM waits for requests in flight before exiting")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                        help="prepend BOS to text prompts (default: yes for --workdir/--config runs, which train "
-                        "on bos+text+eos; no for --hf, whose chat template writes its own)")
+                        help="prepend BOS to text prompts (default: as the tokenizer files say, for --hf and "
+                        "--workdir alike: tokenizer.json's post-processor in an HF folder; yes for the byte tokenizer "
+                        "and a bare tokenizer.json, as runs train on bos+text+eos; a chat template writes its own)")
     parser.add_argument("--seed", type=int, default=0, help="--config: the random initialisation's seed")
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
                         help="how the model writes tool calls, to return a chat request's calls as tool_calls: "
@@ -135,7 +136,7 @@ def _load(args):
     model = build_model(model_cfg)
     max_len = args.max_len or min(model_cfg.max_len, 2048)
     served = Served(name=args.name or name, tokenizer=tokenizer, max_len=max_len, chat_template=template,
-                    add_bos=(not args.hf) if args.bos is None else args.bos,
+                    add_bos=tokenizer.adds_bos if args.bos is None else args.bos,
                     sampling=sampling.applied if sampling is not None else {}, tool_parser=args.tool_call_parser,
                     reasoning_parser=args.reasoning_parser, max_body_bytes=args.max_body_bytes,
                     allow_special_tokens=args.allow_special_tokens)
