@@ -513,7 +513,7 @@ def train(
             merge_params(shapes, loaded, f"--init-from {init_from}")  # shape errors before any output
             cfg = _keep_hf_source(init_from, workdir, cfg, main)
             setup = dataclasses.replace(setup, cfg=cfg)
-        peak = cfg.train.peak_flops or flops.matmul_peak_flops(cfg.model.dtype)
+        peak, peak_source = metrics_lib.peak_flops(cfg)
 
         with parallel.use_mesh(mesh, cfg.parallel):
             run = _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, peak, log)
@@ -528,7 +528,7 @@ def train(
             run.bar.close()
             run.it.close()
             _close_manager(run.mngr)
-        summary = _finish(run, stopped, peak, cfg.train.peak_flops is None, started)
+        summary = _finish(run, stopped, peak, peak_source, started)
     if stopped is not None:
         raise type(stopped)(f"{stopped}; {hint}", stopped.step)
     return summary
@@ -945,7 +945,7 @@ def _wait_for_saves(run: _Run, stopped: Optional[safety.RunStopped]) -> Optional
     return stopped
 
 
-def _finish(run: _Run, stopped: Optional[safety.RunStopped], peak: float, measured: bool, started: float) -> dict:
+def _finish(run: _Run, stopped: Optional[safety.RunStopped], peak: float, peak_source: str, started: float) -> dict:
     """summary.json (strict JSON), the loss curve and, at the end of a run, samples."""
     cfg, workdir = run.cfg, run.workdir
     summary = {
@@ -959,7 +959,7 @@ def _finish(run: _Run, stopped: Optional[safety.RunStopped], peak: float, measur
         **run.window.mean_throughput(),
         "flops_per_token": run.window.flops_per_token,
         "peak_flops": peak,
-        "peak_flops_source": "measured matmul" if measured else "train.peak_flops",
+        "peak_flops_source": peak_source,
         "host_malloc_tuned": host.malloc_tuned(),
     }
     if stopped is not None:
