@@ -97,7 +97,7 @@ def _run_config(args: argparse.Namespace):
                 raise ConfigError(f"--init-from {e}") from None
             cfg = hf_run_config(args.init_from, model_cfg, config=args.config, overrides=args.set)
             cfg = _with_adapter(cfg, args) if args.peft else cfg
-            return cfg if args.config else _lora_learning_rate(cfg, args.set)
+            return cfg if args.config else _memory_defaults(_lora_learning_rate(cfg, args.set), args.set)
         if not args.config:
             if not (pathlib.Path(args.init_from) / checkpoint.CONFIG_FILE).is_file():
                 raise ConfigError(f"--init-from {args.init_from}: neither an HF folder (config.json + *.safetensors) "
@@ -138,6 +138,23 @@ def _with_adapter(cfg, args):
         raise ConfigError(f"--peft {e}") from None
     lora_cfg = dataclasses.replace(lora_cfg, base_dtype=cfg.model.lora.base_dtype)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=lora_cfg))
+
+
+def _memory_defaults(cfg, overrides):
+    """Fine-tuning defaults: config.FINE_TUNE_MEMORY's remat and chunked loss, each unless
+    --set gives its key (the chunked loss only where the objective and model take it)."""
+    import dataclasses
+
+    from flaxformer_lite.config import FINE_TUNE_MEMORY
+
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    model, train = cfg.model, cfg.train
+    if "model.remat_policy" not in given:
+        model = dataclasses.replace(model, remat_policy=FINE_TUNE_MEMORY["model.remat_policy"])
+    if ("train.loss_chunk_size" not in given and cfg.data.objective in ("causal_lm", "sft")
+            and model.logits_softcap is None):
+        train = dataclasses.replace(train, loss_chunk_size=FINE_TUNE_MEMORY["train.loss_chunk_size"])
+    return dataclasses.replace(cfg, model=model, train=train)
 
 
 def _lora_learning_rate(cfg, overrides):
