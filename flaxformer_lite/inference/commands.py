@@ -24,6 +24,7 @@ import numpy as np
 from flaxformer_lite.errors import EXIT_BAD_INPUT
 from flaxformer_lite.inference.text import StopMatcher, held_back
 from flaxformer_lite.runtime.flags import (
+    DefaultsHelp,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -42,6 +43,7 @@ EMBED_POOLINGS = ("mean", "cls", "max")
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flaxformer-lite generate`."""
+    parser.formatter_class = DefaultsHelp
     source = parser.add_argument_group("model (one of --workdir, --hf, --config)")
     source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
     source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, tokenizer.json")

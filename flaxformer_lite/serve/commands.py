@@ -26,7 +26,7 @@ from typing import Callable
 
 from flaxformer_lite.errors import EXIT_BAD_INPUT, UserError
 from flaxformer_lite.inference import commands as inference_commands
-from flaxformer_lite.runtime.flags import non_negative_float, non_negative_int, positive_int
+from flaxformer_lite.runtime.flags import DefaultsHelp, non_negative_float, non_negative_int, positive_int
 
 MAX_BODY_BYTES = 4 * 2**20  # the app's default (serve/app.py imports Starlette, which --help does not need)
 from flaxformer_lite.serve.access import API_KEY_ENV
@@ -37,21 +37,9 @@ EXIT_ENGINE_FAILED = 1  # the engine died while serving: a supervisor should res
 HEADER_TIMEOUT_S = 10.0  # seconds a connection may take to send a request's headers
 
 
-class _DefaultsHelp(argparse.HelpFormatter):
-    """Help that ends each flag's line with its default, where it has one that is not None
-    (a None default's meaning is in the help text)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("default" not in text and action.default not in (None, argparse.SUPPRESS, []) and action.option_strings):
-            shown = "off" if action.default is False else action.default
-            text += f" (default: {shown})"
-        return text
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flaxformer-lite serve`."""
-    parser.formatter_class = _DefaultsHelp
+    parser.formatter_class = DefaultsHelp
     source = parser.add_argument_group("model (one of --workdir, --hf, --config)")
     source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
     source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, "
