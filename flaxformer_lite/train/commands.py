@@ -102,7 +102,7 @@ def _run_config(args: argparse.Namespace):
             if not (pathlib.Path(args.init_from) / checkpoint.CONFIG_FILE).is_file():
                 raise ConfigError(f"--init-from {args.init_from}: neither an HF folder (config.json + *.safetensors) "
                                   f"nor a run directory ({checkpoint.CONFIG_FILE} + checkpoints/)")
-            return checkpoint.read_config(args.init_from, overrides=args.set)
+            return checkpoint.read_config(args.init_from, overrides=_objective_overrides(args.set))
     if args.peft:
         raise ConfigError(f"--peft {args.peft} goes with --init-from HF_DIR, the base the adapter was made for "
                           "(a resumed run or a run directory already holds its adapters)")
@@ -138,6 +138,18 @@ def _with_adapter(cfg, args):
         raise ConfigError(f"--peft {e}") from None
     lora_cfg = dataclasses.replace(lora_cfg, base_dtype=cfg.model.lora.base_dtype)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=lora_cfg))
+
+
+def _objective_overrides(overrides):
+    """--init-from RUN_DIR's overrides: a run that goes on with an objective the chunked loss
+    does not take (an sft run's config, chunked by the fine-tuning defaults, going on as
+    dpo) leaves train.loss_chunk_size unset, unless --set gives it."""
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    given = {k.strip(): v.strip() for k, v in given.items()}
+    objective = given.get("data.objective")
+    if objective is not None and objective not in ("causal_lm", "sft") and "train.loss_chunk_size" not in given:
+        return [*overrides, "train.loss_chunk_size=null"]
+    return overrides
 
 
 def _memory_defaults(cfg, overrides):
