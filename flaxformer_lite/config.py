@@ -269,6 +269,11 @@ FINE_TUNE_TRAIN = {
 # The same with model.lora.rank set and no train.learning_rate given: adapters start at
 # zero and need a far larger step than full weights (BENCHMARKS.md, "LoRA fine-tuning").
 FINE_TUNE_LORA_LEARNING_RATE = 1e-3
+# And, unless --set gives them: remat every layer, and the loss a chunk of tokens at a
+# time (causal_lm and sft, without a logits soft-cap). A SmolLM2-135M-shaped full
+# fine-tune at batch 32 x 128 peaked at 4.05 GiB with both, 4.72 GiB with remat alone and
+# was killed for memory at 12.75 GiB with neither (BENCHMARKS.md, "Fine-tuning memory").
+FINE_TUNE_MEMORY = {"model.remat_policy": "full", "train.loss_chunk_size": 512}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,6 +52,8 @@ class Tokenizer(Protocol):
     def num_sentinels(self) -> int: ...
     @property
     def special_ids(self) -> frozenset[int]: ...
+    @property
+    def adds_bos(self) -> bool: ...
     def sentinel_id(self, i: int) -> int: ...
     def encode(self, text: str, *, bos: bool = False, eos: bool = False, special: bool = False) -> list[int]: ...
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
@@ -92,6 +94,7 @@ class ByteTokenizer:
     eos_id = 2
     eos_ids = (2,)
     mask_id = 3
+    adds_bos = True  # a prompt starts with bos, as this library's documents do (bos + text + eos)
 
     @property
     def vocab_size(self) -> int:
@@ -384,6 +387,17 @@ class HFTokenizer:
     @functools.cached_property
     def mask_id(self) -> int:
         return self._required("mask")
+
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """Whether a text prompt starts with bos. A folder's tokenizer files decide (tokenizer.json's
+        post-processor: what transformers' `tokenizer(text)` puts first; Llama's and Gemma's add
+        bos, GPT-2's, Qwen's and SmolLM2's do not); a bare tokenizer.json (this library's
+        train_tokenizer) follows this library's documents, bos + text + eos, where it has a bos."""
+        bos = bos_or_none(self)
+        if bos is None or self._roles is None:
+            return bos is not None
+        return self._tok.encode("a", add_special_tokens=True).ids[:1] == [bos]
 
     @functools.cached_property
     def num_sentinels(self) -> int:

@@ -22,7 +22,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from flaxformer_lite.errors import EXIT_BAD_INPUT
+from flaxformer_lite.inference.text import StopMatcher, held_back
 from flaxformer_lite.runtime.flags import (
+    DefaultsHelp,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -41,6 +43,7 @@ EMBED_POOLINGS = ("mean", "cls", "max")
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flaxformer-lite generate`."""
+    parser.formatter_class = DefaultsHelp
     source = parser.add_argument_group("model (one of --workdir, --hf, --config)")
     source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
     source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, tokenizer.json")
@@ -72,11 +75,16 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-beams", type=positive_int, default=4, help="with --method beam (default: %(default)s)")
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="with --method beam: scores divided by length ** this (default: %(default)s)")
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text's (single) token is generated; repeatable")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end a continuation at this text, which is cut off with all after it, as serve's "
+                        "'stop' does; repeatable; a stop of one token also ends decoding at once, a longer one "
+                        "when the row ends (EOS or --max-new-tokens) (default: none)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                        help="prepend BOS to decoder-only prompts (default: yes for --workdir/--config runs, "
-                        "which train on bos+text+eos; no for --hf)")
+                        help="prepend BOS to decoder-only prompts (default: as the tokenizer files say, for "
+                        "--hf and --workdir alike: tokenizer.json's post-processor in an HF folder (Llama: yes, "
+                        "GPT-2, Qwen: no); yes for the byte tokenizer and a bare tokenizer.json, as runs train on "
+                        "bos+text+eos)")
     parser.add_argument("--stream", action="store_true",
                         help="print tokens as they are generated (one prompt, greedy/sample); the output is the same")
 
@@ -181,13 +189,27 @@ def _chat_prompt(args, tokenizer, folder: Optional[pathlib.Path]) -> list[int]:
 
 
 def _stop_ids(texts: Sequence[str], tokenizer) -> list[int]:
-    ids = []
-    for text in texts:
-        encoded = tokenizer.encode(text)
-        if len(encoded) != 1:
-            raise ValueError(f"--stop {text!r} is {len(encoded)} tokens {encoded}; a stop must be exactly one token")
-        ids.append(encoded[0])
-    return ids
+    """The ids of the --stop texts that are one token each: decoding ends at them. Every
+    stop text cuts the continuation (`_cut_at_stop`), whatever its tokens."""
+    if any(not text for text in texts):
+        raise ValueError("--stop '' is empty: give the text to stop at, e.g. --stop $'\\n\\n'")
+    return [ids[0] for ids in (tokenizer.encode(text) for text in texts) if len(ids) == 1]
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the earliest --stop text in it, as serve cuts a reply."""
+    if not stops:
+        return text
+    cut = StopMatcher(stops).find(text, len(text))[0]
+    return text if cut < 0 else text[:cut]
+
+
+def text_prompts(args, tokenizer, decoder_only: bool) -> list[list[int]]:
+    """The ids of each --prompt: BOS first as the tokenizer files say (`adds_bos`) unless
+    --bos/--no-bos; encoder inputs end with EOS, as in training (data/ objectives) and in
+    T5's tokenizer."""
+    bos = tokenizer.adds_bos if args.bos is None else args.bos
+    return [tokenizer.encode(p, bos=bos and decoder_only, eos=not decoder_only) for p in args.prompt]
 
 
 def _check_prompts(prompts: Sequence[str]) -> None:
@@ -223,6 +245,9 @@ def run_generate(args: argparse.Namespace) -> int:
         # only up to a trailing incomplete character (U+FFFD), which later tokens may change.
         streamed.append(int(tokens_B[0]))
         text = tokenizer.decode(streamed)
+        if args.stop:  # what a later token may make the start of a stop waits; a stop and all after it never print
+            cut = _cut_at_stop(text, args.stop)
+            text = cut if len(cut) < len(text) else text[: len(text) - held_back(text, args.stop)]
         if not text.endswith("\ufffd"):
             print(text[len(printed[0]):], end="", flush=True)
             printed[0] = text
@@ -240,9 +265,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 raise ValueError(f"--chat needs a decoder-only model; this one is model.family={model_cfg.family!r}")
             prompts, shown = [_chat_prompt(args, tokenizer, folder)], [""]  # the reply alone is printed
         else:
-            bos = (not args.hf) if args.bos is None else args.bos
-            # Encoder inputs end with EOS in training (data/ objectives) and in T5's tokenizer.
-            prompts = [tokenizer.encode(p, bos=bos and decoder_only, eos=not decoder_only) for p in args.prompt]
+            prompts = text_prompts(args, tokenizer, decoder_only)
             shown = args.prompt if decoder_only else [""] * len(prompts)
         if args.stream and (len(prompts) > 1 or args.method == "beam"):
             raise ValueError("--stream prints one prompt's tokens: give one --prompt and --method greedy or sample")
@@ -262,7 +285,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     jax.effects_barrier()
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    continuations = [tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens, lengths)]
+    continuations = [_cut_at_stop(tokenizer.decode(row[:n].tolist()), args.stop) for row, n in zip(tokens, lengths)]
     if args.stream:
         if printed[0] is None:  # no token came through the stream: print as without --stream
             print(shown[0] + continuations[0])

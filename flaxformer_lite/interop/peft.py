@@ -135,11 +135,19 @@ def load_adapters(cfg: ModelConfig, params: Any, path, *, model_type: Optional[s
             continue
         hf_weight = name.removeprefix(PREFIX).removesuffix(".lora_A.weight") + ".weight"
         b_name = name.replace(".lora_A.", ".lora_B.")
+        base = config.get("base_model_name_or_path") or "not named in adapter_config.json"
         if hf_weight not in by_hf or b_name not in tensors:
-            raise HFError(f"{folder / WEIGHTS_FILE}: {name} adapts no projection of an HF {model_type} model here")
+            raise HFError(f"{folder / WEIGHTS_FILE}: {name} adapts no projection of this HF {model_type} model: the "
+                          f"adapter was made for another base ({base}); pass the base it was trained on")
         m = by_hf[hf_weight]
         kernel = m.ours[0]
         shape = kernels[kernel].shape
+        wanted = {name: (rank, int(np.prod(shape[: m.in_axes]))), b_name: (int(np.prod(shape[m.in_axes:])), rank)}
+        for tensor, want in wanted.items():
+            if tuple(tensors[tensor].shape) != want:
+                raise HFError(f"{folder / WEIGHTS_FILE}: {tensor} is {list(tensors[tensor].shape)} but this base's "
+                              f"{m.hf} needs {list(want)} at r={rank}: the adapter was made for another base "
+                              f"({base}); pass the base it was trained on")
         a = Map(m.hf, (kernel,), "linear", m.in_axes).to_ours(tensors[name], [shape[: m.in_axes] + (rank,)])[0]
         b = Map(m.hf, (kernel,), "linear", 1).to_ours(tensors[b_name], [(rank,) + shape[m.in_axes:]])[0]
         adapters[tuple(f"{kernel}_lora_a".split("/"))], adapters[tuple(f"{kernel}_lora_b".split("/"))] = a, b
@@ -148,3 +156,16 @@ def load_adapters(cfg: ModelConfig, params: Any, path, *, model_type: Optional[s
                           dropout=float(config.get("lora_dropout", 0.0)), targets=tuple(t for t in lora.AXES if t in targets))
     joined = lora.join(traverse_util.unflatten_dict(adapters), tree)
     return dataclasses.replace(cfg, lora=lora_cfg), ({"params": joined} if tree is not params else joined)
+
+
+def adapter_params(cfg: ModelConfig, path, *, model_type: str) -> tuple[LoraConfig, dict]:
+    """(model.lora of a PEFT adapter folder, its adapters as {'params': ...}) for a base of cfg
+    (unrolled layers), to train further: read without the base's weights, whose shapes
+    (jax.eval_shape) are all `load_adapters` needs. An adapter made for another base
+    (other projections or shapes) is an HFError naming the tensor."""
+    from flaxformer_lite.models import init_params
+
+    plain = dataclasses.replace(cfg, lora=LoraConfig())
+    abstract = jax.eval_shape(lambda: init_params(plain, jax.random.key(0)))
+    adapted, params = load_adapters(plain, abstract, path, model_type=model_type)
+    return adapted.lora, lora.split(params)[0]

@@ -26,7 +26,7 @@ from typing import Callable
 
 from flaxformer_lite.errors import EXIT_BAD_INPUT, UserError
 from flaxformer_lite.inference import commands as inference_commands
-from flaxformer_lite.runtime.flags import non_negative_float, non_negative_int, positive_int
+from flaxformer_lite.runtime.flags import DefaultsHelp, non_negative_float, non_negative_int, positive_int
 
 MAX_BODY_BYTES = 4 * 2**20  # the app's default (serve/app.py imports Starlette, which --help does not need)
 from flaxformer_lite.serve.access import API_KEY_ENV
@@ -37,21 +37,9 @@ EXIT_ENGINE_FAILED = 1  # the engine died while serving: a supervisor should res
 HEADER_TIMEOUT_S = 10.0  # seconds a connection may take to send a request's headers
 
 
-class _DefaultsHelp(argparse.HelpFormatter):
-    """Help that ends each flag's line with its default, where it has one that is not None
-    (a None default's meaning is in the help text)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("default" not in text and action.default not in (None, argparse.SUPPRESS, []) and action.option_strings):
-            shown = "off" if action.default is False else action.default
-            text += f" (default: {shown})"
-        return text
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flaxformer-lite serve`."""
-    parser.formatter_class = _DefaultsHelp
+    parser.formatter_class = DefaultsHelp
     source = parser.add_argument_group("model (one of --workdir, --hf, --config)")
     source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
     source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, "
@@ -74,8 +62,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                         help="seconds SIGTERM waits for requests in flight before exiting")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                        help="prepend BOS to text prompts (default: yes for --workdir/--config runs, which train "
-                        "on bos+text+eos; no for --hf, whose chat template writes its own)")
+                        help="prepend BOS to text prompts (default: as the tokenizer files say, for --hf and "
+                        "--workdir alike: tokenizer.json's post-processor in an HF folder; yes for the byte tokenizer "
+                        "and a bare tokenizer.json, as runs train on bos+text+eos; a chat template writes its own)")
     parser.add_argument("--seed", type=int, default=0, help="--config: the random initialisation's seed")
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
                         help="how the model writes tool calls, to return a chat request's calls as tool_calls: "
@@ -135,7 +124,7 @@ def _load(args):
     model = build_model(model_cfg)
     max_len = args.max_len or min(model_cfg.max_len, 2048)
     served = Served(name=args.name or name, tokenizer=tokenizer, max_len=max_len, chat_template=template,
-                    add_bos=(not args.hf) if args.bos is None else args.bos,
+                    add_bos=tokenizer.adds_bos if args.bos is None else args.bos,
                     sampling=sampling.applied if sampling is not None else {}, tool_parser=args.tool_call_parser,
                     reasoning_parser=args.reasoning_parser, max_body_bytes=args.max_body_bytes,
                     allow_special_tokens=args.allow_special_tokens)

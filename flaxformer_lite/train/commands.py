@@ -40,6 +40,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", metavar="DIR",
                         help="initialise parameters from another run directory, or from a local HF folder "
                         "(config.json + *.safetensors), whose model and tokenizer the run then uses")
+    parser.add_argument("--peft", metavar="ADAPTER",
+                        help="with --init-from HF_DIR: a PEFT LoRA adapter folder made for that base, which the run "
+                        "goes on training: model.lora (rank, alpha, dropout, targets) and the adapters' weights come "
+                        "from it (model.lora.base_dtype may still be set)")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,12 +96,16 @@ def _run_config(args: argparse.Namespace):
             except hf.HFError as e:
                 raise ConfigError(f"--init-from {e}") from None
             cfg = hf_run_config(args.init_from, model_cfg, config=args.config, overrides=args.set)
-            return cfg if args.config else _lora_learning_rate(cfg, args.set)
+            cfg = _with_adapter(cfg, args) if args.peft else cfg
+            return cfg if args.config else _memory_defaults(_lora_learning_rate(cfg, args.set), args.set)
         if not args.config:
             if not (pathlib.Path(args.init_from) / checkpoint.CONFIG_FILE).is_file():
                 raise ConfigError(f"--init-from {args.init_from}: neither an HF folder (config.json + *.safetensors) "
                                   f"nor a run directory ({checkpoint.CONFIG_FILE} + checkpoints/)")
-            return checkpoint.read_config(args.init_from, overrides=args.set)
+            return checkpoint.read_config(args.init_from, overrides=_objective_overrides(args.set))
+    if args.peft:
+        raise ConfigError(f"--peft {args.peft} goes with --init-from HF_DIR, the base the adapter was made for "
+                          "(a resumed run or a run directory already holds its adapters)")
     if not args.config and args.resume and (pathlib.Path(args.workdir) / checkpoint.CONFIG_FILE).is_file():
         return checkpoint.read_config(args.workdir, overrides=args.set)
     if not args.config:
@@ -106,6 +114,59 @@ def _run_config(args: argparse.Namespace):
     if checkpoint.is_run_config(args.config):  # its paths are relative to its run directory
         return checkpoint.read_config(pathlib.Path(args.config).parent, overrides=args.set)
     return load_config(args.config, overrides=args.set)
+
+
+def _with_adapter(cfg, args):
+    """--peft ADAPTER: model.lora as the adapter's adapter_config.json has it (rank, alpha,
+    dropout, and targets from its tensors), checked against the base's shapes; the run's
+    own model.lora.base_dtype stays."""
+    import dataclasses
+
+    from flaxformer_lite.config import ConfigError
+    from flaxformer_lite.interop import hf, peft
+
+    keys = [o.split("=", 1)[0].strip() for o in args.set]
+    given = [k for k in keys if k.startswith("model.lora.") and k != "model.lora.base_dtype"]
+    if given:
+        raise ConfigError(f"--peft {args.peft} sets model.lora from its {peft.CONFIG_FILE}: drop --set "
+                          f"{', '.join(given)} (model.lora.base_dtype may stay)")
+    if cfg.model.scan_layers:
+        raise ConfigError("--peft loads adapters onto unrolled layers: drop model.scan_layers=true")
+    try:
+        lora_cfg = peft.adapter_params(cfg.model, args.peft, model_type=hf.read_config(args.init_from)["model_type"])[0]
+    except hf.HFError as e:
+        raise ConfigError(f"--peft {e}") from None
+    lora_cfg = dataclasses.replace(lora_cfg, base_dtype=cfg.model.lora.base_dtype)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=lora_cfg))
+
+
+def _objective_overrides(overrides):
+    """--init-from RUN_DIR's overrides: a run that goes on with an objective the chunked loss
+    does not take (an sft run's config, chunked by the fine-tuning defaults, going on as
+    dpo) leaves train.loss_chunk_size unset, unless --set gives it."""
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    given = {k.strip(): v.strip() for k, v in given.items()}
+    objective = given.get("data.objective")
+    if objective is not None and objective not in ("causal_lm", "sft") and "train.loss_chunk_size" not in given:
+        return [*overrides, "train.loss_chunk_size=null"]
+    return overrides
+
+
+def _memory_defaults(cfg, overrides):
+    """Fine-tuning defaults: config.FINE_TUNE_MEMORY's remat and chunked loss, each unless
+    --set gives its key (the chunked loss only where the objective and model take it)."""
+    import dataclasses
+
+    from flaxformer_lite.config import FINE_TUNE_MEMORY
+
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    model, train = cfg.model, cfg.train
+    if "model.remat_policy" not in given:
+        model = dataclasses.replace(model, remat_policy=FINE_TUNE_MEMORY["model.remat_policy"])
+    if ("train.loss_chunk_size" not in given and cfg.data.objective in ("causal_lm", "sft")
+            and model.logits_softcap is None):
+        train = dataclasses.replace(train, loss_chunk_size=FINE_TUNE_MEMORY["train.loss_chunk_size"])
+    return dataclasses.replace(cfg, model=model, train=train)
 
 
 def _lora_learning_rate(cfg, overrides):
@@ -133,7 +194,8 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = _run_config(args)
         check_backend(cfg)
         resume_step = None if isinstance(args.resume, bool) else args.resume
-        summary = train(cfg, args.workdir, resume=bool(args.resume), init_from=args.init_from, resume_step=resume_step)
+        summary = train(cfg, args.workdir, resume=bool(args.resume), init_from=args.init_from, resume_step=resume_step,
+                        init_adapter=args.peft)
     except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -480,6 +480,7 @@ def train(
     init_from: Optional[str | pathlib.Path] = None,
     stop_at: Optional[int] = None,
     resume_step: Optional[int] = None,
+    init_adapter: Optional[str | pathlib.Path] = None,
 ) -> dict:
     """Train `cfg` into `workdir`; return the summary (also written to summary.json).
 
@@ -494,6 +495,9 @@ def train(
     resume_step: resume from this checkpoint step instead of the latest (say the best
       one before a divergence); the later steps are moved to
       WORKDIR/set_aside_checkpoints/, not deleted.
+    init_adapter: with init_from an HF folder, a PEFT LoRA adapter folder for it whose
+      adapters the run starts from (cfg.model.lora as the adapter has it:
+      train.commands reads it).
 
     Raises safety.WorkdirBusy if another run holds workdir, and a safety.RunStopped
     (Preempted, NonFiniteStop, SaveFailed) when the run stops early; that is raised
@@ -516,12 +520,12 @@ def train(
         _check_batch_split(cfg, mesh)
         loaded = None
         if init_from is not None:
-            loaded = _load_init(init_from, cfg, mesh)
+            loaded = _load_init(init_from, cfg, mesh, init_adapter)
             shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
             merge_params(shapes, loaded, f"--init-from {init_from}")  # shape errors before any output
             cfg = _keep_hf_source(init_from, workdir, cfg, main)
             setup = dataclasses.replace(setup, cfg=cfg)
-        peak = cfg.train.peak_flops or flops.matmul_peak_flops(cfg.model.dtype)
+        peak, peak_source = metrics_lib.peak_flops(cfg)
 
         with parallel.use_mesh(mesh, cfg.parallel):
             run = _start(cfg, setup, workdir, mesh, resume, resume_step, loaded, init_from, peak, log)
@@ -541,7 +545,7 @@ def train(
             run.bar.close()
             run.it.close()
             _close_manager(run.mngr)
-        summary = _finish(run, stopped, peak, cfg.train.peak_flops is None, started)
+        summary = _finish(run, stopped, peak, peak_source, started)
     if stopped is not None:
         raise type(stopped)(f"{stopped}; {hint}", stopped.step)
     return summary
@@ -587,8 +591,9 @@ def _resume_hint(run: _Run, stopped: Optional[safety.RunStopped]) -> str:
             f"train.learning_rate: {command} {best} --set train.learning_rate=...")
 
 
-def _load_init(init_from, cfg: Config, mesh) -> Any:
-    """Params to start from: an HF folder's (hf.load, in the run's layout and dtype) or a run's."""
+def _load_init(init_from, cfg: Config, mesh, adapter=None) -> Any:
+    """Params to start from: an HF folder's (hf.load, in the run's layout and dtype), with a
+    PEFT adapter's weights for it if one is given, or a run's."""
     from flaxformer_lite.interop import hf
 
     if hf.is_hf_folder(init_from):
@@ -600,6 +605,13 @@ def _load_init(init_from, cfg: Config, mesh) -> Any:
                              param_dtype=base if base in ("float32", "bfloat16") else m.param_dtype)[1]
         except hf.HFError as e:
             raise ConfigError(f"--init-from {e}") from None
+        if adapter is not None:
+            from flaxformer_lite.interop import peft
+
+            model_type = hf.read_config(init_from)["model_type"]
+            loaded = lora.join(peft.adapter_params(m, adapter, model_type=model_type)[1], loaded)
+    elif adapter is not None:
+        raise ConfigError(f"--peft {adapter} goes with --init-from HF_DIR, the base the adapter was made for")
     else:
         loaded = checkpoint.load_params(init_from)[1]
     return lora.quantize_base(loaded, cfg.model)  # an int8 base (model.lora.base_dtype) is quantized here
@@ -962,7 +974,7 @@ def _wait_for_saves(run: _Run, stopped: Optional[safety.RunStopped]) -> Optional
     return stopped
 
 
-def _finish(run: _Run, stopped: Optional[safety.RunStopped], peak: float, measured: bool, started: float) -> dict:
+def _finish(run: _Run, stopped: Optional[safety.RunStopped], peak: float, peak_source: str, started: float) -> dict:
     """summary.json (strict JSON), the loss curve and, at the end of a run, samples."""
     cfg, workdir = run.cfg, run.workdir
     summary = {
@@ -976,7 +988,7 @@ def _finish(run: _Run, stopped: Optional[safety.RunStopped], peak: float, measur
         **run.window.mean_throughput(),
         "flops_per_token": run.window.flops_per_token,
         "peak_flops": peak,
-        "peak_flops_source": "measured matmul" if measured else "train.peak_flops",
+        "peak_flops_source": peak_source,
         "host_malloc_tuned": host.malloc_tuned(),
     }
     if stopped is not None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
 import pathlib
+import socket
 import time
 import warnings
 from typing import Any, Callable, Mapping, Optional
@@ -14,6 +17,7 @@ import numpy as np
 
 from flaxformer_lite.config import ConfigError
 from flaxformer_lite.models import flops
+from flaxformer_lite.runtime import host
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -171,6 +175,58 @@ def baselines(batches: list[dict[str, np.ndarray]], objective: str) -> dict[str,
         "baseline_unigram_accuracy": float(p.max()),
         "baseline_unigram_loss": float(-(p * np.log(p)).sum()),
     }
+
+
+PEAK_FLOPS_FILE = "peak_flops.json"  # under runtime.host.cache_root(): measured peaks by machine, device and dtype
+# Dense matmul peaks from the vendors' datasheets, FLOP/s, by a piece of jax's device_kind
+# (the first that fits: "TPU v5 lite" is v5e, "TPU v5" v5p) and the compute dtype: MFU
+# against the figure everyone quotes for the chip.
+DATASHEET_PEAK_FLOPS = {
+    ("H100 PCIe", "bfloat16"): 756e12, ("H100 PCIe", "float16"): 756e12, ("H100 PCIe", "float32"): 51e12,
+    ("H100", "bfloat16"): 989e12, ("H100", "float16"): 989e12, ("H100", "float32"): 67e12,
+    ("H200", "bfloat16"): 989e12, ("H200", "float16"): 989e12, ("H200", "float32"): 67e12,
+    ("A100", "bfloat16"): 312e12, ("A100", "float16"): 312e12, ("A100", "float32"): 19.5e12,
+    ("TPU v4", "bfloat16"): 275e12, ("TPU v5 lite", "bfloat16"): 197e12, ("TPU v5", "bfloat16"): 459e12,
+    ("TPU v6 lite", "bfloat16"): 918e12,
+}
+
+
+def _device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+def peak_flops(cfg) -> tuple[float, str]:
+    """(FLOP/s that MFU divides by, where it comes from), the same for every run on a machine:
+    train.peak_flops when set; else the datasheet figure of a known accelerator
+    (DATASHEET_PEAK_FLOPS); else a square matmul at the compute dtype, timed once per
+    machine and kept in cache_root()/peak_flops.json, so that runs on one machine compare
+    (a figure measured by each run moved with the load of the moment)."""
+    if cfg.train.peak_flops is not None:
+        return cfg.train.peak_flops, "train.peak_flops"
+    kind, dtype = _device_kind(), cfg.model.dtype
+    for (piece, table_dtype), value in DATASHEET_PEAK_FLOPS.items():
+        if piece in kind and table_dtype == dtype:
+            return value, f"datasheet ({kind}, {dtype})"
+    path = host.cache_root() / PEAK_FLOPS_FILE
+    key = f"{socket.gethostname()}/{jax.default_backend()}/{kind}/{dtype}"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: measured again and rewritten
+        cached = {}
+    entry = cached.get(key) if isinstance(cached, dict) else None
+    if not (isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0):
+        entry = {"flops": flops.matmul_peak_flops(dtype), "measured": datetime.date.today().isoformat()}
+        cached = {**(cached if isinstance(cached, dict) else {}), key: entry}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several processes may write at once
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(cached, indent=2) + "\n")
+            tmp.replace(path)
+        except OSError as e:
+            warnings.warn(f"could not keep the measured peak in {path}: {e}; the next run measures again", stacklevel=2)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return float(entry["flops"]), f"measured matmul ({kind}, {dtype}, {entry['measured']}), kept in {path}"
 
 
 def strict(value: Any) -> Any:

@@ -31,7 +31,7 @@ def workdir(tmp_path_factory):
     [
         (["--config", "OTHER"], r"different model section .*model.d_model.*drop --config"),
         (["--hf", "somewhere"], "pass one model source"),
-        (["--stop", "ab"], "--stop 'ab' is 2 tokens"),
+        (["--stop", ""], "--stop '' is empty"),
         (["--prompt", "y", "--stream"], "--stream prints one prompt"),
         (["--prompt", ""], r"--prompt 2 is empty: give text to continue"),
         (["--max-new-tokens", "64"], r"prompt \(2\) \+ max_new_tokens \(64\) = 66 tokens overflows model.max_len=64"),
@@ -56,6 +56,14 @@ def test_stream_prints_what_the_plain_command_prints(workdir, capsys):
     assert main([*argv, "--stream"]) == 0
     streamed = capsys.readouterr().out
     assert streamed == plain and plain.startswith("ab") and len(plain) > len("ab\n")
+    # --stop TEXT cuts the continuation at its first occurrence, as serve's stop does: a stop
+    # of several tokens (two bytes here), streamed or not, and one of a single token.
+    continuation = plain[len("ab"):-1]
+    pair = next(continuation[i:i + 2] for i in range(1, len(continuation) - 1) if "\ufffd" not in continuation[i:i + 2])
+    for stop, streams in ((pair, ("", "--stream")), (pair[1], ("",))):
+        for stream in streams:
+            assert main([*argv, "--stop", stop, *([stream] if stream else [])]) == 0
+            assert capsys.readouterr().out == "ab" + continuation[: continuation.index(stop)] + "\n", (stop, stream)
 
 
 def test_decoding_depends_on_models_alone():

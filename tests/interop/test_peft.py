@@ -122,6 +122,34 @@ def test_an_adapter_generates_and_serves_on_its_base_folder(lora_run, capsys):
     assert served.name == "adapter" and engine.model.cfg.lora.rank == 4
 
 
+def test_train_goes_on_training_a_peft_adapter_on_its_base_and_refuses_another_base(lora_run, tmp_path, capsys):
+    """train --init-from BASE --peft ADAPTER: model.lora is the adapter's (rank, alpha,
+    targets) and its weights are where training starts; a base of other shapes is refused."""
+    import shutil
+
+    src, adapter = lora_run / "src", lora_run / "adapter"
+    run = tmp_path / "more"
+    argv = ["--peft", str(adapter), "--set", "data.objective=sft", f"data.corpus={lora_run / 'chat.jsonl'}",
+            "train.num_steps=1", "train.schedule=constant", "train.learning_rate=1e-3", "data.batch_size=8", "data.seq_len=96",
+            "train.eval_batches=1", "train.peak_flops=1e12", "train.num_samples=0"]
+    assert cli.main(["train", "--init-from", str(src), "--workdir", str(run), *argv]) == 0
+    (first_cfg, first), (cfg, params) = checkpoint.load_params(lora_run / "run"), checkpoint.load_params(run)
+    assert cfg.model.lora == first_cfg.model.lora
+    before, after = (traverse_util.flatten_dict(lora.split(p)[0]) for p in (first, params))
+    moved = {k: float(np.abs(np.asarray(after[k]) - np.asarray(before[k])).max()) for k in before}
+    assert set(moved) == set(after) and all(0 < m <= 2e-3 for m in moved.values()), moved  # one AdamW step of 1e-3
+    other = tmp_path / "other"  # the same family, wider: the adapter's tensors do not fit it
+    model_cfg = dataclasses.replace(first_cfg.model, lora=LoraConfig(), d_model=48, head_dim=12)
+    hf.save(model_cfg, ffl.init_params(model_cfg, jax.random.key(2)), other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, other / name)
+    capsys.readouterr()
+    assert cli.main(["train", "--init-from", str(other), "--workdir", str(tmp_path / "bad"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "the adapter was made for another base" in err and str(src.resolve()) in err, err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_run_records_its_base_through_runs_and_the_hf_cache(tmp_path):
     """keep_source records where the weights are: an HF cache snapshot by its Hub id, a
     plain folder by its path, and a run started from a run inherits its record."""

@@ -315,6 +315,44 @@ def test_sources_set_name_bos_and_chat_template(tmp_path, hf_dir):
     assert not served.add_bos and served.chat_template is not None and served.engine is engine
 
 
+def test_hf_and_a_run_made_from_it_give_the_same_prompt_ids(tmp_path, hf_dir):
+    """The tokenizer files decide BOS, not the loader: `--hf DIR` and `--workdir` of a run
+    converted from DIR give serve and generate the same prompt ids, starting with BOS where
+    DIR's tokenizer.json post-processor adds it (as Llama's does) and not where it does not."""
+    import argparse
+    import json
+    import shutil
+
+    from flaxformer_lite.cli import main
+    from flaxformer_lite.inference.commands import add_generate_arguments, load_model, text_prompts
+    from flaxformer_lite.serve.app import _prompts
+    from flaxformer_lite.serve.commands import _load, add_serve_arguments
+
+    serve_parser, generate_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_serve_arguments(serve_parser)
+    add_generate_arguments(generate_parser)
+    rng = np.random.default_rng(3)
+    text = " ".join(rng.choice("the cat sat on a warm mat while it rained".split(), 6))
+    for adds_bos in (False, True):
+        folder, run = tmp_path / f"hf{adds_bos}", tmp_path / f"run{adds_bos}"
+        shutil.copytree(hf_dir, folder)
+        if adds_bos:
+            spec = json.loads((folder / "tokenizer.json").read_text())
+            bos = spec["model"]["vocab"]["<s>"]
+            spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}], "pair": [{"Sequence": {"id": "A", "type_id": 0}}], "special_tokens": {"<s>": {"id": "<s>", "ids": [bos], "tokens": ["<s>"]}}}
+            (folder / "tokenizer.json").write_text(json.dumps(spec))
+        assert main(["convert", "--from-hf", str(folder), "--to", str(run)]) == 0
+        got = []
+        for source in (["--hf", str(folder)], ["--workdir", str(run)]):
+            served, _ = _load(serve_parser.parse_args([*source, "--max-len", "64"]))
+            args = generate_parser.parse_args([*source, "--prompt", text])
+            tokenizer = load_model(args)[2]
+            got.append((_prompts(served, text)[0], text_prompts(args, tokenizer, decoder_only=True)[0]))
+        assert got[0] == got[1] and got[0][0] == got[0][1], (adds_bos, got)
+        plain = served.tokenizer.encode(text)
+        assert got[0][0] == ([served.tokenizer.bos_id] if adds_bos else []) + plain
+
+
 def test_a_request_that_leaves_sampling_out_gets_the_checkpoints(hf_dir, tmp_path, capsys):
     """serve reads the folder's generation_config.json (data.sampling_defaults) and a request
     without temperature/top_p/top_k gets those; its own values win; what the library does

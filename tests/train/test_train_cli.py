@@ -112,22 +112,35 @@ def test_cli_keeps_compiled_programs_in_a_persistent_cache(tmp_path, monkeypatch
         jax.config.update("jax_compilation_cache_max_size", saved[1])
 
 
-def test_lora_fine_tunes_without_a_learning_rate_get_the_adapters_default(tmp_path):
+def test_fine_tunes_without_a_config_get_the_adapters_rate_and_the_memory_savers(tmp_path):
+    """A LoRA fine-tune's default learning rate is the adapters'; every fine-tune without
+    --config remats and chunks its loss (config.FINE_TUNE_MEMORY) unless --set says otherwise."""
     import argparse
 
     from hf_chat_folder import write_llama_chat_folder
 
-    from flaxformer_lite.config import FINE_TUNE_LORA_LEARNING_RATE, FINE_TUNE_TRAIN
+    from flaxformer_lite.config import FINE_TUNE_LORA_LEARNING_RATE, FINE_TUNE_MEMORY, FINE_TUNE_TRAIN
     from flaxformer_lite.train.commands import _run_config
 
     write_llama_chat_folder(tmp_path / "src")
 
-    def rate(*overrides, config=None):
+    def run_config(*overrides, config=None):
         args = argparse.Namespace(init_from=str(tmp_path / "src"), resume=False, config=config, set=list(overrides),
-                                  workdir=str(tmp_path / "run"))
-        return _run_config(args).train.learning_rate
+                                  workdir=str(tmp_path / "run"), peft=None)
+        return _run_config(args)
+
+    def rate(*overrides, config=None):
+        return run_config(*overrides, config=config).train.learning_rate
+
+    def memory(*overrides, config=None):
+        cfg = run_config(*overrides, config=config)
+        return cfg.model.remat_policy, cfg.train.loss_chunk_size
 
     assert rate("model.lora.rank=8") == FINE_TUNE_LORA_LEARNING_RATE == 1e-3
     assert rate("model.lora.rank=8", "train.learning_rate=3e-4") == 3e-4  # a given one is kept
     assert rate() == FINE_TUNE_TRAIN["learning_rate"] == 2e-5  # full weights
     assert rate("model.lora.rank=8", config="gpt_tiny") == 6e-3  # a config's own train section wins
+    assert memory() == memory("model.lora.rank=8") == ("full", 512) == tuple(FINE_TUNE_MEMORY.values())
+    assert memory("model.remat_policy=none", "train.loss_chunk_size=null") == ("none", None)
+    assert memory("data.objective=span_corruption")[1] is None  # the chunked loss is causal_lm's and sft's
+    assert memory(config="gpt_tiny") == ("none", None)

@@ -1,5 +1,6 @@
 """The loop end to end: run directory, metrics, throughput, resume, eval command."""
 
+import dataclasses
 import json
 import math
 
@@ -141,6 +142,28 @@ def test_progress_bar_counts_completed_steps_and_records_carry_mfu(tiny, monkeyp
 
 def test_measured_peak_is_recorded(gpt_run, gpt_cfg):
     _, summary = gpt_run
-    assert summary["peak_flops_source"] == "measured matmul"
-    assert summary["peak_flops"] == flops.matmul_peak_flops(gpt_cfg.model.dtype)  # cached: the same figure
+    assert summary["peak_flops_source"].startswith("measured matmul (cpu, float32, ")
+    assert summary["peak_flops"] == metrics.peak_flops(gpt_cfg)[0]  # kept: the next run divides by the same
     assert 0 < summary["train_mfu"] < 1
+
+
+def test_the_peak_is_measured_once_a_machine_or_taken_from_the_datasheet(tmp_path, monkeypatch, gpt_cfg):
+    """MFU compares across runs: the matmul peak is timed once and kept in the cache
+    folder (a damaged file is measured again), a known accelerator's comes from its
+    datasheet, and train.peak_flops wins over both; the source is named."""
+    monkeypatch.setenv("FLAXFORMER_LITE_CACHE", str(tmp_path))
+    measured, source = metrics.peak_flops(gpt_cfg)
+    kept = tmp_path / metrics.PEAK_FLOPS_FILE
+    assert measured > 0 and str(kept) in source
+    entries = json.loads(kept.read_text())
+    (key,) = entries
+    entries[key]["flops"] = 1.5e11  # a later run reads the file, whatever this process timed
+    kept.write_text(json.dumps(entries))
+    assert metrics.peak_flops(gpt_cfg) == (1.5e11, source)
+    kept.write_text("{not json")
+    assert metrics.peak_flops(gpt_cfg)[0] == measured and json.loads(kept.read_text())[key]["flops"] == measured
+    monkeypatch.setattr(metrics, "_device_kind", lambda: "NVIDIA H100 80GB HBM3")
+    bf16 = dataclasses.replace(gpt_cfg, model=dataclasses.replace(gpt_cfg.model, dtype="bfloat16"))
+    assert metrics.peak_flops(bf16) == (989e12, "datasheet (NVIDIA H100 80GB HBM3, bfloat16)")
+    given = dataclasses.replace(bf16, train=dataclasses.replace(bf16.train, peak_flops=2e12))
+    assert metrics.peak_flops(given) == (2e12, "train.peak_flops")
