@@ -613,7 +613,9 @@ class Engine:
         masks = self._unconstrained
         if constrained:
             self.grammars.fill(constrained, self._allowed)
-            masks = (self._allowed, np.isin(np.arange(B), [b for _, b in constrained]))
+            # Device arrays, as the unconstrained masks are: a numpy argument would be another
+            # entry of the step's cache.
+            masks = (jnp.asarray(self._allowed), jnp.asarray(np.isin(np.arange(B), [b for _, b in constrained])))
         self._pool, self._logits, self._tables, token_B, summary = _step(
             self.model, self.params, self._pool, self._logits, self._tables, decoding_B, length, temperature, top_k,
             top_p, biased_B, repetition, presence, frequency, seed, choice, step, *masks,
