@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from flaxformer_lite.inference.decode import generate
 from flaxformer_lite.inference.engine import Engine, EngineError, SamplingParams
-from flaxformer_lite.inference.text import StopMatcher, held_back
+from flaxformer_lite.inference.text import Detokenizer, StopMatcher, held_back
 from flaxformer_lite.interop import hf
 from flaxformer_lite.models import build_model
 
@@ -24,7 +24,8 @@ NEW = 12
 @pytest.fixture(scope="module")
 def engine(hf_dir):
     cfg, params = hf.load(hf_dir)
-    engine = Engine(build_model(cfg), params, hf.load_tokenizer(hf_dir), max_batch=2, max_len=64, chunk=16)
+    # Three slots: decode steps compile for buckets of 1, 2 and 3 rows.
+    engine = Engine(build_model(cfg), params, hf.load_tokenizer(hf_dir), max_batch=3, max_len=64, chunk=16)
     engine.start()
     yield engine
     engine.stop()
@@ -56,6 +57,21 @@ def test_greedy_tokens_equal_generate_across_prefill_chunks(engine):
     out = generate(engine.model, engine.params, prompts, max_new_tokens=NEW, ignore_eos=True)
     assert tokens == np.asarray(out.tokens).tolist()
     assert [d["completion_tokens"] for d in done] == [NEW, NEW]
+
+
+def test_greedy_tokens_are_the_same_alone_and_in_every_bucket(engine):
+    """Three prompts at once run in steps of 1, 2 and 3 rows as they join and leave (the
+    first is prefilled before the others); each gets the tokens it gets alone."""
+    assert engine.buckets == (1, 2, 3)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(4, 320, n).tolist() for n in (9, 20, 3)]
+    alone = [_run(engine, [p])[0][0] for p in prompts]
+    before = dict(engine.stats)
+    together, _ = _run(engine, prompts)
+    widths = {b: engine.stats[f"steps_{b}_wide"] - before.get(f"steps_{b}_wide", 0) for b in engine.buckets}
+    assert together == alone and all(widths.values()), widths
+    out = generate(engine.model, engine.params, [prompts[0]], max_new_tokens=NEW, ignore_eos=True)
+    assert alone[0] == np.asarray(out.tokens)[0].tolist()
 
 
 def _greedy_reference(engine, prompt, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
@@ -290,6 +306,24 @@ def test_stop_matcher_equals_find_over_random_texts_and_pieces():
             read = end
         else:
             assert got == expected
+
+
+def test_detokenizer_equals_decoding_every_token_so_far(hf_dir):
+    """Token by token, the incremental text is the whole list's decoding, and only a
+    trailing U+FFFD (a character split between tokens) is not final: over random ids and
+    over accented and emoji text, whose characters the byte-level BPE splits."""
+    tokenizer = hf.load_tokenizer(hf_dir)
+    rng = np.random.default_rng(3)
+    texts = ["caf\u00e9 na\u00efve \u00e9t\u00e9 \U0001f600\U0001f680 \u4e2d\u6587 fin", "d\u00e9j\u00e0 vu \u2192 \u00bd"]
+    lists = [tokenizer.encode(t) for t in texts] + [rng.integers(0, tokenizer.vocab_size, 60).tolist() for _ in range(4)]
+    split = 0
+    for tokens in lists:
+        detokenizer = Detokenizer()
+        for i in range(1, len(tokens) + 1):
+            whole = tokenizer.decode(tokens[:i])
+            assert detokenizer.add(tokens[:i], tokenizer.decode) == (whole, len(whole.rstrip("\ufffd")))
+            split += whole.endswith("\ufffd")
+    assert split  # some character was split between tokens
 
 
 def test_sources_set_name_bos_and_chat_template(tmp_path, hf_dir):
