@@ -8,21 +8,19 @@
 
 The pool holds `max_batch` slots; each is a batch-1 cache of decode.py's layout (the
 model's own 'cache' collection) and the pool stacks them on a leading slot axis. A
-decode step gathers the slots that are decoding into a bucket of 1, 2, 4, ... up to
-`max_batch` rows, runs the model on the bucket through `jax.vmap` and scatters it back,
-so each slot keeps its own write index, length and positions and a step costs what is
-running: a request joins a free slot between two steps and leaves it when it finishes,
-whatever the others are doing. The model's layers are not changed for this: under
-vmap, decode.py's scalar cache index is a per-slot one.
+decode step runs the model on every slot at once through `jax.vmap`, so each slot keeps
+its own write index, length and positions: a request joins a free slot between two
+steps and leaves it when it finishes, whatever the others are doing. The model's layers
+are not changed for this: under vmap, decode.py's scalar cache index is a per-slot one.
 
-Compiled programs (one prefill, one step per bucket) serve every request:
+Two compiled programs serve every request:
   - `prefill`: one chunk of `chunk` prompt tokens into one slot (the last chunk is
     padded; its padding slots are marked invalid and later overwritten), returning the
     prompt tokens' log-probs (for `echo` + `logprobs`) and leaving the last position's
     logits in the slot;
-  - `step`: for every decoding slot, pick a token from its logits (greedy, or seeded
-    sampling with temperature, top-k, top-p, after the repetition, presence and frequency
-    penalties), then run the model on it: one new token per slot.
+  - `step`: for every slot, pick a token from its logits (greedy, or seeded sampling with
+    temperature, top-k, top-p, after the repetition, presence and frequency penalties),
+    then run the model on it: one new token per slot.
 A long prompt is prefilled one chunk per engine iteration, between decode steps, so the
 running streams wait at most one chunk's time for their next token.
 
@@ -256,25 +254,20 @@ def _prefill(model, params, pool, logits_BV, tables, slot, start, ids_C, targets
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV", "tables"))
-def _step(model, params, pool, logits_BV, tables, rows_R, decoding_R, length_R, temperature_R, top_k_R, top_p_R,
-          biased_R, repetition_R, presence_R, frequency_R, seed_R, choice_R, step_R):
-    """Pick the next token of the slots `rows_R` (a bucket of R rows) from their penalised
-    logits, then run the model on it; the other slots are not touched.
+def _step(model, params, pool, logits_BV, tables, decoding_B, length_B, temperature_B, top_k_B, top_p_B,
+          biased_B, repetition_B, presence_B, frequency_B, seed_B, choice_B, step_B):
+    """Pick every slot's next token from its penalised logits, then run the model on it.
 
-    The bucket's caches, logits and tables are gathered from the pool, stepped and
-    scattered back, so a step costs what is running, not `max_batch`. Rows past the
-    running slots repeat one of them with `decoding_R` False: they compute that slot's
-    step again, identically, and count no token. Returns (pool, logits, tables, tokens [R],
-    (log p [R], top ids [R,5], top log p [R,5], finite [R])), the log-probs under the
-    model's own logits (before bias and penalties).
+    Returns (pool, next logits, tables, tokens [B], (log p [B], top ids [B,5], top log p
+    [B,5], finite [B])), the log-probs under the model's own logits (before bias and
+    penalties). Slots not in use compute too (fixed shapes); the host ignores them, and
+    only `decoding_B` slots count their token.
     """
-    logits_RV = logits_BV[rows_R]
+    chosen_BV = _penalize(logits_BV, tables, biased_B, repetition_B, presence_B, frequency_B)
+    token_B = _pick(chosen_BV, temperature_B, top_k_B, top_p_B, seed_B, choice_B, step_B)
+    summary = _logprob_summary(logits_BV, token_B)
     prompt_BV, output_BV, bias_BV = tables
-    chosen_RV = _penalize(logits_RV, (prompt_BV[rows_R], output_BV[rows_R], bias_BV[rows_R]), biased_R,
-                          repetition_R, presence_R, frequency_R)
-    token_R = _pick(chosen_RV, temperature_R, top_k_R, top_p_R, seed_R, choice_R, step_R)
-    summary = _logprob_summary(logits_RV, token_R)
-    output_BV = output_BV.at[rows_R, token_R].add(decoding_R.astype(output_BV.dtype))
+    output_BV = output_BV.at[jnp.arange(token_B.shape[0]), token_B].add(decoding_B.astype(output_BV.dtype))
 
     def one(cache, token, length):
         cache = _with_length(cache, length)
@@ -283,22 +276,8 @@ def _step(model, params, pool, logits_BV, tables, rows_R, decoding_R, length_R, 
         )
         return logits_TV[0], cache
 
-    logits_RV, bucket = jax.vmap(one)(jax.tree.map(lambda x: x[rows_R], pool), token_R, length_R)
-
-    def written(path, p, x):
-        # K/V [..., S, H] changed at each row's new position only: write that back, not the rows.
-        if path[-1].key in ("key", "value"):
-            return p.at[rows_R, ..., length_R, :].set(x[jnp.arange(x.shape[0]), ..., length_R, :])
-        return p.at[rows_R].set(x)
-
-    pool = jax.tree_util.tree_map_with_path(written, pool, bucket)
-    logits_BV = logits_BV.at[rows_R].set(logits_RV)
-    return pool, logits_BV, (prompt_BV, output_BV, bias_BV), token_R, summary
-
-
-def buckets(max_batch: int) -> tuple[int, ...]:
-    """The decode step's compiled widths: powers of two below `max_batch`, and `max_batch`."""
-    return tuple(1 << i for i in range(max(0, (max_batch - 1).bit_length()))) + (max_batch,)
+    logits_BV, pool = jax.vmap(one)(pool, token_B, length_B)
+    return pool, logits_BV, (prompt_BV, output_BV, bias_BV), token_B, summary
 
 
 # ------------------------------------------------------------------------ the engine
@@ -330,7 +309,6 @@ class Engine:
             raise ValueError(f"max_batch={max_batch} and chunk={chunk} must be >= 1, max_queue={max_queue} >= 0")
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.max_batch, self.max_len, self.chunk, self.max_queue = max_batch, max_len, chunk, max_queue
-        self.buckets = buckets(max_batch)
         self.vocab_size = cfg.vocab_size
         self.eos_ids = tuple(i for i in _eos_ids(tokenizer, cfg) if 0 <= i < cfg.vocab_size)
         # Chunks start at multiples of `chunk` and are written whole: round the slots up so
@@ -503,13 +481,11 @@ class Engine:
             return None
 
     def _warm_up(self) -> None:
-        """Compile prefill and every bucket's step once: no request compiles anything afterwards."""
-        seq = _Seq([0], SamplingParams(max_tokens=len(self.buckets), ignore_eos=True), lambda event: None,
-                   slot=self._free.pop(0))
+        """Compile prefill and step once: no request compiles anything afterwards."""
+        seq = _Seq([0], SamplingParams(max_tokens=1, ignore_eos=True), lambda event: None, slot=self._free.pop(0))
         self._running[seq.slot] = seq
         self._prefill_chunk(seq)
-        for width in self.buckets:
-            self._decode_step(width)
+        self._decode_step()
         jax.block_until_ready((self._pool, self._logits, self._tables))
         self.stats.clear()
 
@@ -580,51 +556,42 @@ class Engine:
                 [(self._text_of(int(i)), float(lp)) for i, lp in zip(top_ids[t][:k], top_lp[t][:k])],
             ))
 
-    def _decode_step(self, width: Optional[int] = None) -> None:
-        """One token for every slot whose prompt is in, in the smallest bucket that holds
-        them (or `width` rows, which warm-up uses to compile each bucket)."""
-        decoding = sorted((s for s in self._running.values() if s.filled == len(s.prompt)), key=lambda s: s.slot)
-        R = width or next(b for b in self.buckets if b >= len(decoding))
-        rows, length = np.zeros(R, np.int32), np.zeros(R, np.int32)
-        temperature, top_p, repetition = np.zeros(R, np.float32), np.ones(R, np.float32), np.ones(R, np.float32)
-        presence, frequency = np.zeros(R, np.float32), np.zeros(R, np.float32)
-        top_k, choice, step = (np.zeros(R, np.int32) for _ in range(3))
-        seed = np.zeros(R, np.uint32)
-        decoding_R, biased_R = np.zeros(R, bool), np.zeros(R, bool)
-
-        def settings(s: _Seq, r: int) -> bool:
-            p = s.params
-            rows[r], length[r] = s.slot, len(s.prompt) + len(s.tokens)
+    def _decode_step(self) -> None:
+        B = self.max_batch
+        length = np.zeros(B, np.int32)
+        temperature, top_p, repetition = np.zeros(B, np.float32), np.ones(B, np.float32), np.ones(B, np.float32)
+        presence, frequency = np.zeros(B, np.float32), np.zeros(B, np.float32)
+        top_k, seed, choice, step = (np.zeros(B, np.int32) for _ in range(4))
+        seed = seed.astype(np.uint32)
+        decoding = [s for s in self._running.values() if s.filled == len(s.prompt)]
+        decoding_B, biased_B = np.zeros(B, bool), np.zeros(B, bool)
+        for s in self._running.values():
+            # Every slot runs; one still being prefilled keeps its length, so the token
+            # written past it is overwritten by its next chunk.
+            length[s.slot] = s.filled
+        def settings(s: _Seq) -> bool:
+            p, b = s.params, s.slot
+            length[b] = len(s.prompt) + len(s.tokens)
             # top_k past the vocabulary keeps every token, as top_k = V does.
-            temperature[r], top_p[r], top_k[r] = p.temperature, p.top_p, min(p.top_k, self.vocab_size)
-            repetition[r], presence[r], frequency[r] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-            seed[r], choice[r], step[r] = p.seed % 2**32, p.choice, len(s.tokens)
-            decoding_R[r], biased_R[r] = True, bool(p.logit_bias)
+            temperature[b], top_p[b], top_k[b] = p.temperature, p.top_p, min(p.top_k, self.vocab_size)
+            repetition[b], presence[b], frequency[b] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+            seed[b], choice[b], step[b] = p.seed % 2**32, p.choice, len(s.tokens)
+            decoding_B[b], biased_B[b] = True, bool(p.logit_bias)
             return True
 
-        kept = []
-        for s in decoding:
-            if self._guarded(s, settings, s, len(kept)):
-                kept.append(s)
-        if not kept:
-            return
-        decoding = kept
-        # The rows left over repeat the first one's step (the same result), counting nothing.
-        for array in (rows, length, temperature, top_p, repetition, presence, frequency, top_k, choice, step, seed,
-                      biased_R):
-            array[len(decoding):] = array[0]
-        self._pool, self._logits, self._tables, token_R, summary = _step(
-            self.model, self.params, self._pool, self._logits, self._tables, rows, decoding_R, length, temperature,
-            top_k, top_p, biased_R, repetition, presence, frequency, seed, choice, step,
+        decoding = [s for s in decoding if self._guarded(s, settings, s)]
+        self._pool, self._logits, self._tables, token_B, summary = _step(
+            self.model, self.params, self._pool, self._logits, self._tables, decoding_B, length, temperature, top_k,
+            top_p, biased_B, repetition, presence, frequency, seed, choice, step,
         )
         self.stats["steps"] += 1
-        self.stats[f"steps_{R}_wide"] += 1
-        token_R, (lp_R, top_ids, top_lp, finite_R) = np.asarray(token_R), (np.asarray(a) for a in summary)
-        for r, s in enumerate(decoding):
-            if not finite_R[r]:
+        token_B, (lp_B, top_ids, top_lp, finite_B) = np.asarray(token_B), (np.asarray(a) for a in summary)
+        for s in decoding:
+            b = s.slot
+            if not finite_B[b]:
                 self._finish(s, "error", "the model's logits are not finite (NaN or inf) for this request")
                 continue
-            self._guarded(s, self._take_token, s, int(token_R[r]), float(lp_R[r]), top_ids[r], top_lp[r])
+            self._guarded(s, self._take_token, s, int(token_B[b]), float(lp_B[b]), top_ids[b], top_lp[b])
 
     def _text_of(self, token: int) -> str:
         text = self._token_text.get(token)
