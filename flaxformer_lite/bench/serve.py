@@ -32,6 +32,7 @@ import http.client
 import itertools
 import json
 import os
+import pathlib
 import random
 import socket
 import subprocess
@@ -65,6 +66,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--abuse", type=float, default=0, metavar="SECONDS",
                         help="instead of the phases above: clean clients for SECONDS without, then with, one bad "
                         "request a second (malformed, 20 MB, 10,000 stop strings with top_k 2**32)")
+    parser.add_argument("--against", choices=["transformers"],
+                        help="instead: the same greedy chat requests, through the openai client, to this server and "
+                        "to `transformers serve --continuous-batching` on one random SmolLM2-135M-Instruct-shaped "
+                        "folder, in alternating rounds (needs fastapi: pip install fastapi)")
+    parser.add_argument("--rounds", type=int, default=2, help="with --against: rounds, each server once per round")
     parser.add_argument("--abuse-kinds", nargs="+", choices=ABUSE_KINDS, default=list(ABUSE_KINDS),
                         help="with --abuse: the kinds of bad request sent, in turn")
     parser.add_argument("--json-schema", type=int, default=0, metavar="ROUNDS",
@@ -145,26 +151,48 @@ def _start_server(args, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "flaxformer_lite", "serve", "--config", "llama_tiny", "--set", *overrides,
                "--port", str(port), "--max-batch", str(args.max_batch), "--max-len", str(args.max_len),
                "--chunk", str(args.chunk), "--max-queue", str(max(64, args.clients))]
+    return _launch(command, port, "/health", "the server", {"FLAXFORMER_LITE_COMPILATION_CACHE": "0"})
+
+
+def _last_error(proc: subprocess.Popen) -> str:
+    """The last line of a server's log that names an error (else its last line)."""
+    proc.log.seek(0)
+    lines = proc.log.read().decode(errors="replace").strip().splitlines() or ["(no output)"]
+    return next((line for line in reversed(lines) if "Error" in line), lines[-1]).strip()
+
+
+def _launch(command: list, port: int, ready: str, who: str, env: dict) -> subprocess.Popen:
+    """Start a server subprocess; return it once GET `ready` answers 200 (SystemExit with
+    the end of its log if it exits first or takes over 900 s)."""
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "FLAXFORMER_LITE_COMPILATION_CACHE": "0"})
+    try:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    except OSError as e:
+        raise SystemExit(f"bench serve: {who} cannot start ({command[0]}: {e.strerror})") from None
     proc.log = log
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            log.seek(0)
-            raise SystemExit(f"bench serve: the server exited {proc.returncode}:\n{log.read().decode()[-2000:]}")
+            raise SystemExit(f"bench serve: {who} exited {proc.returncode} while starting: {_last_error(proc)}")
         try:
-            if _get(port, "/health").get("status") == "ok":
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", ready)
+            response = conn.getresponse()
+            body, status = response.read(), response.status
+            conn.close()
+            if status == 200 and (ready != "/health" or json.loads(body).get("status") == "ok"):
                 return proc
         except OSError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     proc.kill()
-    raise SystemExit("bench serve: the server did not start within 600 s")
+    raise SystemExit(f"bench serve: {who} did not start within 900 s")
 
 
 def run_serve(args: argparse.Namespace) -> dict:
     """Start the server, run the phases, stop it (SIGTERM); print and return the figures."""
+    if args.against:
+        return run_against(args)
     rng = random.Random(args.seed)
     lo, hi = args.prompt_len
     if not 1 <= lo <= hi or hi + args.new_tokens > args.max_len:
@@ -358,3 +386,170 @@ def _report(r: dict) -> None:
         print(f"  soak: {k['requests']} requests of mixed lengths, {k['compilations_after_warmup']} compilations "
               f"after warm-up; server RSS MiB {k['rss_mib']}")
     print(f"  server exit code after SIGTERM: {s['exit_code']}")
+
+
+# ------------------------------------------------------------ --against transformers
+
+# SmolLM2-135M-Instruct's config.json: the shape of the model both servers load.
+SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+                "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]  # ids 0 to 3; 0 to 2 as in SmolLM2
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _write_chat_folder(folder, seed: int) -> list:
+    """An HF folder of SmolLM2-135M-Instruct's shape with random weights and a word-level
+    tokenizer whose every id is a word ("w17"), so each generated token is text; returns
+    the words. The special tokens' embeddings are zero: their logit is 0 against the
+    thousands of positive ones, so greedy decoding never ends early on either server."""
+    import tokenizers
+    import torch
+    import transformers
+
+    words = [f"w{i}" for i in range(SMOLLM2_135M["vocab_size"] - len(SPECIALS))]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        {w: i for i, w in enumerate(SPECIALS + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIALS[:3])
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "chat_template": CHATML,
+        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}))
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**SMOLLM2_135M, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:3] = 0
+    model.save_pretrained(folder)
+    return words
+
+
+def _chat(port: int, model: str, content: str, max_tokens: int) -> dict:
+    """One streamed greedy chat completion through the openai client: {'start', 'first'
+    (the first content's arrival), 'end', 'tokens' (usage.completion_tokens)}."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=900, max_retries=0)
+    start, first, tokens = time.perf_counter(), None, None
+    for chunk in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0,
+            stream=True, stream_options={"include_usage": True}):
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    client.close()
+    return {"start": start, "first": first, "end": time.perf_counter(), "tokens": tokens}
+
+
+def _chat_phase(port: int, model: str, prompts: list, max_tokens: int, clients: int) -> dict:
+    """The prompts through `clients` concurrent clients: tokens/s and time to first token."""
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda p: _chat(port, model, p, max_tokens), prompts))
+    wall = time.perf_counter() - start
+    counts = sorted({r["tokens"] for r in results})
+    if counts != [max_tokens]:
+        raise SystemExit(f"bench serve: {model} generated {counts} tokens per request, not {max_tokens}: "
+                         "the comparison needs both servers to generate exactly --new-tokens")
+    ttft = [r["first"] - r["start"] for r in results]
+    return {"clients": clients, "requests": len(results), "tokens_per_s": round(len(results) * max_tokens / wall, 2),
+            "ttft_ms_p50": round(1e3 * _percentile(ttft, 50), 1), "wall_s": round(wall, 2)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_against(args: argparse.Namespace) -> dict:
+    """`flaxformer-lite serve` against `transformers serve --continuous-batching` on one
+    random SmolLM2-135M-Instruct-shaped folder, in alternating rounds: see BENCHMARKS.md."""
+    import importlib.util
+    import shutil
+
+    import openai
+
+    theirs_cli = shutil.which("transformers")
+    if theirs_cli is None or importlib.util.find_spec("fastapi") is None:
+        raise SystemExit("bench serve: transformers serve cannot start here: it needs the transformers command and "
+                         "fastapi (pip install transformers fastapi)")
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp) / "SmolLM2-135M-Instruct-random"
+        words = _write_chat_folder(folder, args.seed)
+        lo, hi = args.prompt_len
+        prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) for _ in range(args.requests)]
+        ports = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        ours_cmd = [sys.executable, "-m", "flaxformer_lite", "serve", "--hf", str(folder), "--port", str(ports[0]),
+                    "--max-batch", str(args.max_batch), "--max-len", str(args.max_len), "--chunk", str(args.chunk),
+                    "--max-queue", str(max(64, args.clients))]
+        # Their KV cache holds what our pool holds (on a CPU it would take 60% of free memory).
+        theirs_cmd = [theirs_cli, "serve", str(folder), "--continuous-batching", "--device", "cpu", "--dtype",
+                      "float32", "--host", "127.0.0.1", "--port", str(ports[1]), "--cb-block-size", "32",
+                      "--cb-num-blocks", str(-(-args.max_batch * args.max_len // 32))]
+        servers, start_s = {}, {}
+        try:  # theirs first: it starts sooner, and a failure there costs no compilation of ours
+            for name, who, command, port, ready, model in (
+                    ("transformers", "transformers serve", theirs_cmd, ports[1], "/v1/models", str(folder)),
+                    ("ours", "flaxformer-lite serve", ours_cmd, ports[0], "/health", folder.name)):
+                started = time.perf_counter()
+                servers[name] = (_launch(command, port, ready, who, {}), port, model)
+                start_s[name] = round(time.perf_counter() - started, 1)
+
+            def phase(name: str, some: list, clients: int) -> dict:
+                proc, port, model = servers[name]
+                try:
+                    return _chat_phase(port, model, some, args.new_tokens, clients)
+                except openai.APIError as e:
+                    why = f"exited {proc.returncode}: {_last_error(proc)}" if proc.poll() is not None else e
+                    raise SystemExit(f"bench serve: {name} failed a request ({why})") from None
+
+            for name in servers:  # first-request effects
+                phase(name, prompts[:2], 2)
+            rounds = []
+            for _ in range(args.rounds):
+                for name in servers:
+                    idle = {n: _cpu_seconds(p.pid) for n, (p, _, _) in servers.items() if n != name}
+                    row = {"server": name, "load_1m": round(os.getloadavg()[0], 2),
+                           "one_at_a_time": phase(name, prompts, 1), "concurrent": phase(name, prompts, args.clients)}
+                    row["idle_cpu_s"] = {n: round(_cpu_seconds(servers[n][0].pid) - c, 2) for n, c in idle.items()}
+                    rounds.append(row)
+        finally:
+            for proc, _, _ in servers.values():
+                proc.terminate()
+            for proc, _, _ in servers.values():
+                proc.wait(timeout=120)
+    results = {"against": "transformers", "model": "SmolLM2-135M-Instruct shape, random weights, float32",
+               "requests": args.requests, "new_tokens": args.new_tokens, "clients": args.clients,
+               "server": {"max_batch": args.max_batch, "max_len": args.max_len, "chunk": args.chunk,
+                          "start_s": start_s},
+               "rounds": rounds}
+    for phase in ("one_at_a_time", "concurrent"):
+        best = {n: max(r[phase]["tokens_per_s"] for r in rounds if r["server"] == n) for n in servers}
+        results[f"{phase}_ratio"] = round(best["ours"] / best["transformers"], 2)
+    _report_against(results)
+    return results
+
+
+def _report_against(r: dict) -> None:
+    s = r["server"]
+    print(f"bench serve --against transformers: {r['model']}; {r['requests']} chat requests of {r['new_tokens']} "
+          f"greedy tokens per phase; ours --max-batch {s['max_batch']} --max-len {s['max_len']} --chunk {s['chunk']} "
+          f"(ready in {s['start_s']['ours']} s), transformers serve --continuous-batching "
+          f"(ready in {s['start_s']['transformers']} s)")
+    for row in r["rounds"]:
+        one, many = row["one_at_a_time"], row["concurrent"]
+        print(f"  {row['server']:>12}: alone {one['tokens_per_s']:.1f} tokens/s, TTFT p50 {one['ttft_ms_p50']:.0f} ms; "
+              f"{many['clients']} concurrent {many['tokens_per_s']:.1f} tokens/s, TTFT p50 {many['ttft_ms_p50']:.0f} ms; "
+              f"load {row['load_1m']}; the idle server's CPU meanwhile {row['idle_cpu_s']} s")
+    print(f"  ours / transformers (best rounds): alone {r['one_at_a_time_ratio']}x, "
+          f"{r['clients']} concurrent {r['concurrent_ratio']}x tokens/s")

@@ -59,7 +59,7 @@ import numpy as np
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.inference import decode
 from flaxformer_lite.inference.grammar import Grammar, Grammars, mask_words
-from flaxformer_lite.inference.text import StopMatcher
+from flaxformer_lite.inference.text import Detokenizer, StopMatcher
 from flaxformer_lite.models import build_model
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit for completions)
@@ -166,6 +166,7 @@ class _Seq:
     stops: Optional[StopMatcher] = None  # made by submit, on the caller's thread
     stop_ids: frozenset = frozenset()
     matcher: object = None  # the grammar's llguidance matcher, advanced after each token
+    detokenizer: Detokenizer = dataclasses.field(default_factory=Detokenizer)
 
 
 # ------------------------------------------------------------------------ the programs
@@ -657,10 +658,9 @@ class Engine:
         if stops_on_id:
             self._finish(seq, "stop")
             return
-        text = self.tokenizer.decode(seq.tokens)
         # A trailing U+FFFD is a character split between tokens: the next tokens may change
         # it, so it is neither final for stop strings nor sent.
-        final = len(text.rstrip("\ufffd"))
+        text, final = seq.detokenizer.add(seq.tokens, self.tokenizer.decode)
         cut, held = seq.stops.find(text, final) if seq.stops is not None else (-1, 0)
         if cut >= 0:
             seq.text = text[:cut]

@@ -4,7 +4,7 @@ and tool-call tags): how much of a growing text is safe to send, and where it st
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 
 def held_back(text: str, marks: Sequence[str]) -> int:
@@ -75,3 +75,31 @@ class StopMatcher:
             if i + 1 == final:
                 self._read, self._held = text[:final], held
         return cut, len(held)
+
+
+class Detokenizer:
+    """The text of a growing list of tokens, decoding a few recent tokens per new one (the
+    whole list each time would cost O(n^2) over a reply).
+
+    Text is decoded from `prefix`, the start of the tokens read last time: the text of
+    tokens[prefix:] minus that of tokens[prefix:read] is what is new, so a tokenizer that
+    drops the leading space of the first token it decodes (SentencePiece) still gives
+    the space between two tokens. New text that ends in U+FFFD (a character split
+    between tokens) is pending: the next tokens may complete it, so it is re-read with
+    them; the text before it is final.
+    """
+
+    def __init__(self):
+        self.text = ""  # the final text of tokens[:read]
+        self._prefix = self._read = 0
+
+    def add(self, tokens: Sequence[int], decode: Callable[[Sequence[int]], str]) -> tuple[str, int]:
+        """(the text of all `tokens`, how many of its characters are final), after tokens
+        were appended to the list given last time."""
+        before = decode(tokens[self._prefix:self._read]) if self._read > self._prefix else ""
+        new = decode(tokens[self._prefix:])[len(before):]
+        if new.endswith("\ufffd"):
+            return self.text + new, len(self.text) + len(new.rstrip("\ufffd"))
+        self.text += new
+        self._prefix, self._read = self._read, len(tokens)
+        return self.text, len(self.text)

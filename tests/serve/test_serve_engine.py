@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from flaxformer_lite.inference.decode import generate
 from flaxformer_lite.inference.engine import Engine, EngineError, SamplingParams
-from flaxformer_lite.inference.text import StopMatcher, held_back
+from flaxformer_lite.inference.text import Detokenizer, StopMatcher, held_back
 from flaxformer_lite.interop import hf
 from flaxformer_lite.models import build_model
 
@@ -290,6 +290,24 @@ def test_stop_matcher_equals_find_over_random_texts_and_pieces():
             read = end
         else:
             assert got == expected
+
+
+def test_detokenizer_equals_decoding_every_token_so_far(hf_dir):
+    """Token by token, the incremental text is the whole list's decoding, and only a
+    trailing U+FFFD (a character split between tokens) is not final: over random ids and
+    over accented and emoji text, whose characters the byte-level BPE splits."""
+    tokenizer = hf.load_tokenizer(hf_dir)
+    rng = np.random.default_rng(3)
+    texts = ["caf\u00e9 na\u00efve \u00e9t\u00e9 \U0001f600\U0001f680 \u4e2d\u6587 fin", "d\u00e9j\u00e0 vu \u2192 \u00bd"]
+    lists = [tokenizer.encode(t) for t in texts] + [rng.integers(0, tokenizer.vocab_size, 60).tolist() for _ in range(4)]
+    split = 0
+    for tokens in lists:
+        detokenizer = Detokenizer()
+        for i in range(1, len(tokens) + 1):
+            whole = tokenizer.decode(tokens[:i])
+            assert detokenizer.add(tokens[:i], tokenizer.decode) == (whole, len(whole.rstrip("\ufffd")))
+            split += whole.endswith("\ufffd")
+    assert split  # some character was split between tokens
 
 
 def test_sources_set_name_bos_and_chat_template(tmp_path, hf_dir):
