@@ -45,8 +45,9 @@ def engine_programs(model, params, max_batch: int, max_len: int, chunk: int) -> 
     i32, f32 = (lambda *s: spec(s, jnp.int32)), (lambda *s: spec(s, jnp.float32))
     prefill = (i32(), i32(), i32(chunk), i32(chunk), i32(), i32(engine.MAX_LOGIT_BIAS), f32(engine.MAX_LOGIT_BIAS))
     B = max_batch
+    # ... then the grammar's packed next-token masks and which slots they constrain.
     step = (spec((B,), jnp.bool_), i32(B), f32(B), i32(B), f32(B), spec((B,), jnp.bool_), f32(B), f32(B), f32(B),
-            spec((B,), jnp.uint32), i32(B), i32(B))
+            spec((B,), jnp.uint32), i32(B), i32(B), i32(B, engine.mask_words(V)), spec((B,), jnp.bool_))
     return {"prefill": (engine._prefill, (model, params, pool, logits, tables, *prefill)),
             "step": (engine._step, (model, params, pool, logits, tables, *step))}
 

@@ -139,9 +139,15 @@ def require_libtpu() -> None:
 
 
 def compile_devices(topo: Topology) -> list:
-    """The slice's devices for compiling only (one per chip), from libtpu's topology."""
+    """The slice's devices for compiling only (one per chip), from libtpu's topology.
+
+    Turns off JAX's persistent compilation cache in this process: an executable compiled
+    without a chip cannot be read back from it (JAX warns and compiles again)."""
     require_libtpu()
+    import jax
     from jax.experimental import topologies
+
+    jax.config.update("jax_enable_compilation_cache", False)
 
     extra = {"chip_config_name": "megacore"} if topo.chip.cores_per_name_unit == 2 else {}
     try:
