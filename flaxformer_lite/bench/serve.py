@@ -21,6 +21,12 @@ seconds (the last after 3 s of quiet), and whether it still answers /health.
 phase's requests, in ROUNDS alternating rounds without and with a `response_format`
 JSON schema (BENCH_SCHEMA: free text inside the JSON, so replies run to --new-tokens),
 and reports the tokens/s of each and their ratio.
+
+`--shared-prefix TOKENS` measures instead what the prefix cache saves: --rounds pairs of
+requests, one at a time, whose prompts share a new random prefix of TOKENS tokens and
+differ in their last 16; the first of a pair computes the prefix (a miss), the second
+reads it from the cache (a hit). Reported: the median time to first token of each and
+their ratio, and the prompt tokens the server's usage reports as cached.
 """
 
 from __future__ import annotations
@@ -70,12 +76,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: the same greedy chat requests, through the openai client, to this server and "
                         "to `transformers serve --continuous-batching` on one random SmolLM2-135M-Instruct-shaped "
                         "folder, in alternating rounds (needs fastapi: pip install fastapi)")
-    parser.add_argument("--rounds", type=int, default=2, help="with --against: rounds, each server once per round")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="with --against: rounds, each server once per round; with --shared-prefix: pairs")
     parser.add_argument("--abuse-kinds", nargs="+", choices=ABUSE_KINDS, default=list(ABUSE_KINDS),
                         help="with --abuse: the kinds of bad request sent, in turn")
     parser.add_argument("--json-schema", type=int, default=0, metavar="ROUNDS",
                         help="instead of the phases above: the concurrent phase in ROUNDS alternating rounds without "
                         "and with a response_format JSON schema; tokens/s of each and their ratio")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
+                        help="instead of the phases above: --rounds pairs of prompts sharing a TOKENS-token prefix, "
+                        "one at a time; time to first token of a miss and of a hit of the prefix cache")
 
 
 def _percentile(values, q):
@@ -94,18 +104,22 @@ def _stream(port: int, prompt: list, max_tokens: int, extra: Optional[dict] = No
     response = conn.getresponse()
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
-    arrivals, tokens, text = [], 0, []
+    arrivals, tokens, text, usage = [], 0, [], None
     for line in response:
         if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
             continue
-        choice = json.loads(line[6:])["choices"][0]
+        chunk = json.loads(line[6:])
+        usage = chunk.get("usage") or usage
+        if not chunk["choices"]:
+            continue
+        choice = chunk["choices"][0]
         n = len((choice.get("logprobs") or {}).get("tokens") or [])
         now = time.perf_counter()
         arrivals += [now] * n
         tokens += n
         text.append(choice.get("text") or "")
     conn.close()
-    return {"start": start, "arrivals": arrivals, "tokens": tokens, "text": "".join(text)}
+    return {"start": start, "arrivals": arrivals, "tokens": tokens, "text": "".join(text), "usage": usage}
 
 
 def _phase(port: int, prompts: list, max_tokens, clients: int, extra: Optional[dict] = None) -> dict:
@@ -213,6 +227,8 @@ def run_serve(args: argparse.Namespace) -> dict:
             results["abuse"] = _abuse(port, proc, prompts, args, rng)
         elif args.json_schema:
             results["json_schema"] = _json_schema(port, prompts, args)
+        elif args.shared_prefix:
+            results["shared_prefix"] = _shared_prefix(port, args, rng)
         else:
             results["one_at_a_time"] = single = _phase(port, prompts, args.new_tokens, 1)
             results["concurrent"] = many = _phase(port, prompts, args.new_tokens, args.clients)
@@ -254,6 +270,25 @@ def _json_schema(port: int, prompts: list, args) -> dict:
             "per_round": {name: [p["tokens_per_s"] for p in phases] for name, phases in rounds.items()},
             "ratio": round(tokens_per_s["json_schema"] / tokens_per_s["free"], 3),
             "compilations_after_warmup": _get(port, "/health")["compilations_after_warmup"]}
+
+
+def _shared_prefix(port: int, args, rng: random.Random) -> dict:
+    """Pairs of prompts sharing a fresh prefix of --shared-prefix tokens: TTFT of the first
+    (a miss) and the second (a hit), and the cached tokens the usage reports."""
+    if args.shared_prefix + 16 + args.new_tokens > args.max_len:
+        raise SystemExit(f"--shared-prefix {args.shared_prefix} + 16 + --new-tokens {args.new_tokens} must fit "
+                         f"--max-len {args.max_len}")
+    ttft, cached = {"miss": [], "hit": []}, {"miss": [], "hit": []}
+    for _ in range(args.rounds):
+        prefix = [rng.randrange(35, 130) for _ in range(args.shared_prefix)]
+        for kind in ("miss", "hit"):
+            r = _stream(port, prefix + [rng.randrange(35, 130) for _ in range(16)], args.new_tokens,
+                        {"stream_options": {"include_usage": True}})
+            ttft[kind].append(r["arrivals"][0] - r["start"])
+            cached[kind].append(r["usage"]["prompt_tokens_details"]["cached_tokens"])
+    median = {kind: round(1e3 * _percentile(values, 50), 1) for kind, values in ttft.items()}
+    return {"prefix_tokens": args.shared_prefix, "pairs": args.rounds, "ttft_ms_p50": median,
+            "cached_tokens": cached, "ratio": round(median["miss"] / median["hit"], 2)}
 
 
 def _clean_clients(port: int, prompts: list, new_tokens: int, clients: int, seconds: float) -> tuple[list, float]:
@@ -372,6 +407,11 @@ def _report(r: dict) -> None:
               f"{j['per_round']['free']}, JSON schema {j['tokens_per_s']['json_schema']} tokens/s "
               f"{j['per_round']['json_schema']}; ratio {j['ratio']}x; tokens {j['new_tokens']}; compilations after "
               f"warm-up {j['compilations_after_warmup']}")
+    if "shared_prefix" in r:
+        x = r["shared_prefix"]
+        print(f"  {x['pairs']} pairs sharing a {x['prefix_tokens']}-token prefix, one at a time: TTFT p50 miss "
+              f"{x['ttft_ms_p50']['miss']} ms, hit {x['ttft_ms_p50']['hit']} ms: {x['ratio']}x lower on a hit; "
+              f"cached prompt tokens {x['cached_tokens']}")
     if "concurrent" not in r:
         print(f"  server exit code after SIGTERM: {s.get('exit_code')}")
         return

@@ -111,13 +111,15 @@ def _init_decoder_cache(module, src_BS, dec_BT):
     return module.decode(dec_BT, module.encode(src_BS).hidden_states, decode=True)
 
 
-def _empty_cache(model: nn.Module, batch: int, slots: int, encoder_len: int):
+def _empty_cache(model: nn.Module, batch: int, slots: int, encoder_len: int,
+                 axis_names: tuple = ("batch", "cache_rows")):
     """(zero cache for `slots` decoder positions, per-leaf index of its batch axis or -1).
 
     A fresh cache is all zeros (the cross-attention K/V are written by the prefill), so
     only its shapes are traced; the logical axis names say which axis is the batch one
     (`batch`, or `cache_rows` for K/V rows), whether or not the layers are scanned (a
-    leading 'layers' axis).
+    leading 'layers' axis). Other `axis_names` find other axes (`("kv_length",)`: the
+    positions').
     """
     key, dec_BT = jax.random.key(0), jnp.ones((batch, slots), jnp.int32)
     if model.cfg.family == "decoder":
@@ -127,7 +129,7 @@ def _empty_cache(model: nn.Module, batch: int, slots: int, encoder_len: int):
         init = lambda: model.init(key, src_BS, dec_BT, method=_init_decoder_cache)  # noqa: E731
     boxed = jax.eval_shape(init)["cache"]
     batch_axes = jax.tree.map(
-        lambda spec: next((spec.index(a) for a in ("batch", "cache_rows") if a in spec), -1),
+        lambda spec: next((spec.index(a) for a in axis_names if a in spec), -1),
         nn.get_partition_spec(boxed),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )

@@ -26,12 +26,21 @@ Two compiled programs serve every request:
 A long prompt is prefilled one chunk per engine iteration, between decode steps, so the
 running streams wait at most one chunk's time for their next token.
 
+Prefix caching: each full chunk a prompt prefills is also copied into a store of blocks
+(`prefix_blocks` of them, one chunk of positions each), keyed by the prompt's tokens up
+to the block's end. A later prompt that starts with the same tokens copies those blocks
+into its slot instead of computing them (`_restore`) and prefills only the rest; the
+least recently used block makes room for a new one. A block holds exactly what the
+prefill computed for those tokens at those positions, so greedy output is the same with
+the cache on or off. Requests that ask for their prompt's log-probs (`echo`) compute
+every position.
+
 All JAX work runs on the engine's own thread; `submit` and `cancel` are thread-safe and
 return at once. Each request's events go to its `sink` (called on the engine thread):
   {"type": "token", "text": new text, "tokens": [TokenInfo, ...]}   as text is final
   {"type": "done", "finish_reason": "stop"|"length"|"cancelled"|"error", "text": full
    text, "prompt_logprobs": [...] or None, "prompt_tokens": n, "completion_tokens": n,
-   "error": message or None}
+   "cached_tokens": n (prompt tokens read from the prefix cache), "error": message or None}
 
 A failure stays with its request: an exception while handling one sequence (its
 sampling settings, its text, its sink) ends that sequence with finish_reason "error"
@@ -163,6 +172,7 @@ class _Seq:
     cancelled: bool = False
     finished: bool = False
     arrived: float = 0.0
+    cached: int = 0  # prompt tokens copied from the prefix cache
     stops: Optional[StopMatcher] = None  # made by submit, on the caller's thread
     stop_ids: frozenset = frozenset()
     matcher: object = None  # the grammar's llguidance matcher, advanced after each token
@@ -302,6 +312,45 @@ def _step(model, params, pool, logits_BV, tables, decoding_B, length_B, temperat
     return pool, logits_BV, (prompt_BV, output_BV, bias_BV), token_B, summary
 
 
+def _slot_leaves(pool, axes, slot):
+    """The position-holding leaves of slot `slot` of the pool, with their position axis."""
+    return [(x[slot], a) for x, a in zip(jax.tree.leaves(pool), axes) if a >= 0]
+
+
+@functools.partial(jax.jit, static_argnames=("axes",), donate_argnames=("store",))
+def _save_block(axes, store, pool, slot, start, block):
+    """Positions [start, start + P) of slot `slot` (every leaf with a position axis, whose
+    index in a slot's cache `axes` gives, -1 for none) into block `block` of the store:
+    a list of [blocks, ...P...] arrays."""
+    return [s.at[block].set(jax.lax.dynamic_slice_in_dim(x, start, s.shape[a + 1], axis=a))
+            for s, (x, a) in zip(store, _slot_leaves(pool, axes, slot))]
+
+
+@functools.partial(jax.jit, static_argnames=("axes",), donate_argnames=("pool", "tables"))
+def _restore(axes, pool, tables, store, slot, blocks_M, n_blocks, ids_S, bias_ids_K, bias_K):
+    """Slot `slot` starts a prompt whose first `n_blocks` blocks are in the store: those
+    (`blocks_M`, padded to the slot's M blocks) are copied to its first positions, and its
+    tables start afresh with the prompt tokens `ids_S` (ids past the vocabulary pad) and
+    the logit bias, as a prompt's first prefill chunk starts them."""
+    leaves, treedef = jax.tree.flatten(pool)
+    stored = iter(store)
+    out = []
+    for x, a in zip(leaves, axes):
+        if a >= 0:
+            g = jnp.moveaxis(next(stored)[blocks_M], 0, a)  # [..., M, P, ...]
+            g = g.reshape(x.shape[1:])
+            P, S = g.shape[a] // blocks_M.shape[0], g.shape[a]
+            keep = (jnp.arange(S) < n_blocks * P).reshape([S if i == a else 1 for i in range(g.ndim)])
+            x = x.at[slot].set(jnp.where(keep, g, x[slot]))
+        out.append(x)
+    prompt_BV, output_BV, bias_BV = tables
+    V = prompt_BV.shape[1]
+    prompt_BV = prompt_BV.at[slot].set(jnp.zeros(V, bool).at[ids_S].set(True, mode="drop"))
+    output_BV = output_BV.at[slot].set(0)
+    bias_BV = bias_BV.at[slot].set(jnp.zeros(V, bias_BV.dtype).at[bias_ids_K].set(bias_K, mode="drop"))
+    return jax.tree.unflatten(treedef, out), (prompt_BV, output_BV, bias_BV)
+
+
 # ------------------------------------------------------------------------ the engine
 
 
@@ -315,10 +364,12 @@ class Engine:
       max_len: cache positions per slot: prompt + max_tokens must fit (<= model.max_len).
       chunk: prompt tokens prefilled per engine iteration.
       max_queue: requests allowed to wait for a slot; more are refused (QueueFull).
+      prefix_blocks: blocks of `chunk` positions the prefix cache holds (None: as many as
+        the slots hold, so the cache doubles the KV memory; 0: no prefix caching).
     """
 
     def __init__(self, model, params, tokenizer, *, max_batch: int = 8, max_len: Optional[int] = None,
-                 chunk: int = 64, max_queue: int = 64):
+                 chunk: int = 64, max_queue: int = 64, prefix_blocks: Optional[int] = None):
         cfg = model.cfg
         if cfg.family != "decoder":
             raise ValueError(
@@ -327,8 +378,9 @@ class Engine:
         max_len = cfg.max_len if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_len:
             raise ValueError(f"--max-len {max_len} must be in [1, model.max_len={cfg.max_len}]")
-        if max_batch < 1 or chunk < 1 or max_queue < 0:
-            raise ValueError(f"max_batch={max_batch} and chunk={chunk} must be >= 1, max_queue={max_queue} >= 0")
+        if max_batch < 1 or chunk < 1 or max_queue < 0 or (prefix_blocks is not None and prefix_blocks < 0):
+            raise ValueError(f"max_batch={max_batch} and chunk={chunk} must be >= 1, max_queue={max_queue} and "
+                             f"prefix_blocks={prefix_blocks} >= 0")
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.max_batch, self.max_len, self.chunk, self.max_queue = max_batch, max_len, chunk, max_queue
         self.vocab_size = cfg.vocab_size
@@ -340,6 +392,13 @@ class Engine:
         shape_model = build_model(dataclasses.replace(cfg, max_len=max(cfg.max_len, self.slots)))
         one, _ = decode._empty_cache(shape_model, 1, self.slots, 0)
         self._pool = jax.tree.map(lambda x: jnp.zeros((max_batch, *x.shape), x.dtype), one)
+        # The prefix cache: blocks of `chunk` positions of every leaf with a position axis.
+        _, axes = decode._empty_cache(shape_model, 1, self.slots, 0, axis_names=("kv_length",))
+        self._axes = tuple(jax.tree.leaves(axes))
+        self.prefix_blocks = max_batch * (self.slots // chunk) if prefix_blocks is None else prefix_blocks
+        self._store = [jnp.zeros((self.prefix_blocks, *x.shape[:a], chunk, *x.shape[a + 1:]), x.dtype)
+                       for x, a in zip(jax.tree.leaves(one), self._axes) if a >= 0]
+        self._blocks: collections.OrderedDict = collections.OrderedDict()  # prompt prefix -> block, LRU first
         self._logits = jnp.zeros((max_batch, cfg.vocab_size), jnp.float32)
         # Each slot's prompt tokens, output token counts and logit bias, for the penalties.
         shape = (max_batch, cfg.vocab_size)
@@ -397,6 +456,13 @@ class Engine:
             self._incoming.put(seq)
         self._wake.set()
         return Handle(self, seq)
+
+    def set_params(self, params) -> None:
+        """Decode with `params` from now on (the same shapes: nothing compiles again) and
+        empty the prefix cache, whose blocks the old ones computed. Call it while no
+        request is running (GRPO swaps in the policy's weights between its rollouts)."""
+        self.params = params
+        self._blocks.clear()
 
     def _raise_if_dead(self) -> None:
         if self.failure is not None:
@@ -511,9 +577,16 @@ class Engine:
             return None
 
     def _warm_up(self) -> None:
-        """Compile prefill and step once: no request compiles anything afterwards."""
+        """Compile prefill and step (and the prefix cache's copies) once: no request
+        compiles anything afterwards."""
         seq = _Seq([0], SamplingParams(max_tokens=1, ignore_eos=True), lambda event: None, slot=self._free.pop(0))
         self._running[seq.slot] = seq
+        if self.prefix_blocks:  # no block is kept or restored: these calls only compile
+            slot, none = np.int32(seq.slot), np.int32(0)
+            self._store = _save_block(self._axes, self._store, self._pool, slot, none, none)
+            self._pool, self._tables = _restore(
+                self._axes, self._pool, self._tables, self._store, slot, np.zeros(self.slots // self.chunk, np.int32),
+                none, np.full(self.slots, self.vocab_size, np.int32), *self._prefill_inputs(seq)[3:])
         self._prefill_chunk(seq)
         self._decode_step()
         jax.block_until_ready((self._pool, self._logits, self._tables))
@@ -540,6 +613,44 @@ class Engine:
             self._wake.wait(0.05)
             self._wake.clear()
 
+    def _reuse_prefix(self, seq: _Seq) -> None:
+        """Copy the stored blocks `seq`'s prompt starts with into its slot (at least its last
+        token is left to prefill, for the logits it leaves)."""
+        C, found = self.chunk, []
+        for end in range(C, len(seq.prompt), C):
+            block = self._blocks.get(tuple(seq.prompt[:end]))
+            if block is None:
+                break
+            found.append(block)
+        if not found:
+            return
+        for end in range(C, (len(found) + 1) * C, C):
+            self._blocks.move_to_end(tuple(seq.prompt[:end]))
+        blocks_M = np.zeros(self.slots // C, np.int32)
+        blocks_M[:len(found)] = found
+        ids_S = np.full(self.slots, self.vocab_size, np.int32)
+        ids_S[:len(found) * C] = seq.prompt[:len(found) * C]
+        _, _, _, bias_ids_K, bias_K = self._prefill_inputs(seq)
+        self._pool, self._tables = _restore(self._axes, self._pool, self._tables, self._store, np.int32(seq.slot),
+                                            blocks_M, np.int32(len(found)), ids_S, bias_ids_K, bias_K)
+        seq.filled = seq.cached = len(found) * C
+        self.stats["prefix_cached_tokens"] += seq.cached
+
+    def _keep_block(self, seq: _Seq, start: int) -> None:
+        """Store the block of `seq`'s slot at [start, start + chunk), just prefilled whole."""
+        key = tuple(seq.prompt[:start + self.chunk])
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+            return
+        if len(self._blocks) < self.prefix_blocks:
+            block = len(self._blocks)
+        else:
+            _, block = self._blocks.popitem(last=False)
+            self.stats["prefix_evicted_blocks"] += 1
+        self._store = _save_block(self._axes, self._store, self._pool, np.int32(seq.slot), np.int32(start),
+                                  np.int32(block))
+        self._blocks[key] = block
+
     def _prefill_inputs(self, seq: _Seq) -> tuple:
         """The host arrays of `seq`'s next prompt chunk: (ids, targets, count, logit-bias ids, biases)."""
         start, C = seq.filled, self.chunk
@@ -555,6 +666,10 @@ class Engine:
         return ids_C, targets_C, len(ids), bias_ids_K, bias_K
 
     def _prefill_chunk(self, seq: _Seq) -> None:
+        if seq.filled == 0 and self.prefix_blocks and not seq.params.echo_logprobs:
+            self._guarded(seq, self._reuse_prefix, seq)
+            if seq.finished:
+                return
         inputs = self._guarded(seq, self._prefill_inputs, seq)
         if inputs is None:
             return
@@ -564,6 +679,8 @@ class Engine:
             np.int32(seq.filled), ids_C, targets_C, np.int32(n), bias_ids_K, bias_K,
         )
         self.stats["prefill_chunks"] += 1
+        if n == self.chunk and self.prefix_blocks:
+            self._keep_block(seq, seq.filled)
         seq.filled += n
         if seq.params.echo_logprobs or not np.all(np.asarray(summary[3])[:n]):
             self._guarded(seq, self._record_prompt_logprobs, seq, summary, n)
@@ -696,7 +813,7 @@ class Engine:
             seq.sink({
                 "type": "done", "finish_reason": reason, "text": seq.text, "error": error,
                 "prompt_logprobs": seq.prompt_logprobs if seq.params.echo_logprobs else None,
-                "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
+                "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens), "cached_tokens": seq.cached,
             })
         except Exception:
             log.exception("a request's sink failed")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -233,6 +234,7 @@ class _Run:
             clock.token(event)
         else:
             self.metrics.finished(event)
+            event = {**event, "index": index}
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
         except RuntimeError:  # the loop has closed (the server stopped): nobody is waiting
@@ -297,10 +299,17 @@ async def _collect(run: _Run) -> Optional[tuple[dict, dict]]:
 
 
 def _usage(done: list[dict], prompts: list[list[int]]) -> dict:
+    """OpenAI's usage: each prompt counted once (whatever `n`), with the most of its tokens
+    any of its choices read from the prefix cache."""
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(e["completion_tokens"] for e in done)
+    n = max(1, len(done) // len(prompts))
+    cached = collections.Counter()
+    for e in done:
+        cached[e["index"] // n] = max(cached[e["index"] // n], e["cached_tokens"])
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
 
 class _Stream(StreamingResponse):

@@ -57,6 +57,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=positive_int, default=None,
                         help="tokens per slot, prompt + completion (default: model.max_len, at most 2048)")
     parser.add_argument("--chunk", type=positive_int, default=64, help="prompt tokens prefilled per engine step")
+    parser.add_argument("--prefix-cache-blocks", type=non_negative_int, default=None, metavar="N",
+                        help="blocks of --chunk positions the prefix cache keeps, least recently used dropped first; "
+                        "a prompt starting with a cached prefix prefills only the rest (default: as many as the "
+                        "slots hold, which doubles the KV-cache memory; 0 turns it off)")
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache_blocks", action="store_const", const=0,
+                        help="turn the prefix cache off, as --prefix-cache-blocks 0 does (default: on)")
     parser.add_argument("--max-queue", type=non_negative_int, default=64,
                         help="requests that may wait for a slot; more get 429 with Retry-After")
     parser.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
@@ -143,7 +149,7 @@ def _load(args):
     from flaxformer_lite.inference.engine import Engine
 
     served.engine = Engine(model, params, tokenizer, max_batch=args.max_batch, max_len=max_len,
-                           chunk=args.chunk, max_queue=args.max_queue)
+                           chunk=args.chunk, max_queue=args.max_queue, prefix_blocks=args.prefix_cache_blocks)
     return served, served.engine
 
 

@@ -137,8 +137,8 @@ class Rollouts:
                 temperature: float) -> tuple[dict[tuple[int, int], dict], float]:
         """{(prompt k, choice j): {"ids", "logps", "text"}} of the batch's real prompts, and
         the seconds it took. The Engine reads `params` as they are (no copy); it is idle
-        between calls, so swapping them here is safe."""
-        self.engine.params = params
+        between calls, so swapping them here is safe (which empties its prefix cache)."""
+        self.engine.set_params(params)
         done: queue.SimpleQueue = queue.SimpleQueue()
         out: dict[tuple[int, int], dict] = {}
 

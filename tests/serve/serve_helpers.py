@@ -102,7 +102,7 @@ class ScriptedEngine:
         for start in range(0, len(self.text), self.piece):
             sink({"type": "token", "text": self.text[start:start + self.piece], "tokens": []})
         sink({"type": "done", "finish_reason": "stop", "text": self.text, "error": None, "prompt_logprobs": None,
-              "prompt_tokens": len(prompt), "completion_tokens": 7})
+              "prompt_tokens": len(prompt), "completion_tokens": 7, "cached_tokens": 0})
         return self
 
     def cancel(self):

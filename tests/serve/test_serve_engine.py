@@ -118,11 +118,11 @@ def test_non_finite_logits_fail_only_their_request(engine):
     poison = next(i for i in range(4, 320) if i not in good and i not in solo)
     clean = engine.params
     table = clean["params"]["token_embed"]["embedding"]
-    engine.params = {"params": {**clean["params"], "token_embed": {"embedding": table.at[poison].set(jnp.nan)}}}
+    engine.set_params({"params": {**clean["params"], "token_embed": {"embedding": table.at[poison].set(jnp.nan)}}})
     try:
         tokens, done = _run(engine, [[poison, *good[:5]], good])
     finally:
-        engine.params = clean
+        engine.set_params(clean)
     assert done[0]["finish_reason"] == "error" and "not finite" in done[0]["error"]
     assert tokens[1] == solo and done[1]["finish_reason"] == "length"
 

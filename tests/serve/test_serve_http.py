@@ -53,6 +53,9 @@ def test_completion_stream_equals_plain_and_usage_counts(servers, hf_dir):
     n_prompt = len(tokenizer.encode(prompt))
     for u in (plain.usage, usage):
         assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (n_prompt, 20, n_prompt + 20)
+    # The second request reads the first's whole 16-token blocks from the prefix cache.
+    assert n_prompt > 16 and plain.usage.prompt_tokens_details.cached_tokens == 0
+    assert usage.prompt_tokens_details.cached_tokens == 16 * ((n_prompt - 1) // 16)
 
 
 def test_sixteen_concurrent_greedy_requests_equal_their_solo_outputs(servers):
