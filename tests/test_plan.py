@@ -158,7 +158,8 @@ def test_serve_plans_the_engine_programs_per_chip(plans):
     assert kv <= m["kv_cache_pool"] <= 1.05 * kv
     for name, tokens in (("prefill", SERVE["chunk"]), ("step", SERVE["max_batch"])):
         p = r["programs"][name]
-        assert p["total"] >= m["parameters"] + m["kv_cache_pool"] and p["temporaries"] > 0
+        assert p["total"] >= m["parameters"] + m["kv_cache_pool"]
+        assert p["temporaries"] > 0 or name == "prefill"  # a chunk can fit in the donated pool's buffers
         assert p["tokens_per_call"] == tokens
         assert p["roofline_tokens_per_s"] * p["roofline_seconds"] == pytest.approx(tokens)
 

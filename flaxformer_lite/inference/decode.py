@@ -111,30 +111,39 @@ def _init_decoder_cache(module, src_BS, dec_BT):
     return module.decode(dec_BT, module.encode(src_BS).hidden_states, decode=True)
 
 
-def _empty_cache(model: nn.Module, batch: int, slots: int, encoder_len: int,
-                 axis_names: tuple = ("batch", "cache_rows")):
+def _empty_cache(model: nn.Module, batch: int, slots: int, encoder_len: int):
     """(zero cache for `slots` decoder positions, per-leaf index of its batch axis or -1).
 
     A fresh cache is all zeros (the cross-attention K/V are written by the prefill), so
-    only its shapes are traced; the logical axis names say which axis is the batch one
-    (`batch`, or `cache_rows` for K/V rows), whether or not the layers are scanned (a
-    leading 'layers' axis). Other `axis_names` find other axes (`("kv_length",)`: the
-    positions').
+    only its shapes are traced (`cache_shapes`).
     """
-    key, dec_BT = jax.random.key(0), jnp.ones((batch, slots), jnp.int32)
-    if model.cfg.family == "decoder":
-        init = lambda: model.init(key, dec_BT, decode=True)  # noqa: E731
-    else:
-        src_BS = jnp.ones((batch, encoder_len), jnp.int32)
-        init = lambda: model.init(key, src_BS, dec_BT, method=_init_decoder_cache)  # noqa: E731
+    shapes, batch_axes = cache_shapes(model, batch, slots, encoder_len)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), batch_axes
+
+
+def cache_shapes(model: nn.Module, batch: int, slots: int, encoder_len: int,
+                 axis_names: tuple = ("batch", "cache_rows")):
+    """(the cache's abstract arrays, per-leaf index of the axis `axis_names` name, or -1).
+
+    The logical axis names say which axis is the batch one (`batch`, or `cache_rows` for
+    K/V rows; `("kv_length",)` finds the positions' axis instead), whether or not the
+    layers are scanned (a leading 'layers' axis).
+    """
+    def init():  # traced only: no array is made
+        key, dec_BT = jax.random.key(0), jnp.ones((batch, slots), jnp.int32)
+        if model.cfg.family == "decoder":
+            return model.init(key, dec_BT, decode=True)
+        return model.init(key, jnp.ones((batch, encoder_len), jnp.int32), dec_BT, method=_init_decoder_cache)
+
     boxed = jax.eval_shape(init)["cache"]
-    batch_axes = jax.tree.map(
+    axes = jax.tree.map(
         lambda spec: next((spec.index(a) for a in axis_names if a in spec), -1),
         nn.get_partition_spec(boxed),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(boxed))
-    return cache, batch_axes
+    # The boxes' values, without nn.unbox's sharding constraint (no mesh is needed here).
+    boxed_leaf = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree.map(lambda x: x.value if boxed_leaf(x) else x, boxed, is_leaf=boxed_leaf), axes
 
 
 def _take_rows(cache, batch_axes, rows_B: Array, batch: int):

@@ -6,23 +6,27 @@
     ...                                              # sink(event) is called per token
     engine.stop()
 
-The pool holds `max_batch` slots; each is a batch-1 cache of decode.py's layout (the
-model's own 'cache' collection) and the pool stacks them on a leading slot axis. A
-decode step runs the model on every slot at once through `jax.vmap`, so each slot keeps
-its own write index, length and positions: a request joins a free slot between two
-steps and leaves it when it finishes, whatever the others are doing. The model's layers
-are not changed for this: under vmap, decode.py's scalar cache index is a per-slot one.
+The pool is the model's own decode cache (decode.py's layout) for `max_batch` rows, one
+row a slot, with one write index per row (`PoolLayout`): a request joins a free slot
+between two steps and leaves it when it finishes, whatever the others are doing. The
+running slots are kept at the front of the pool (a slot that frees is filled by moving
+the last one into it), so a decode step runs the model as one batch over the first
+`rows` slots only, for the smallest bucket (1, 4, 16, ..., max_batch) that holds them:
+a lone request does not pay for the idle slots. The layers write each row's new K/V at
+its own index into the whole pool in place and attend over its first rows.
 
-Two compiled programs serve every request:
+The compiled programs (all compiled at start-up):
   - `prefill`: one chunk of `chunk` prompt tokens into one slot (the last chunk is
     padded; its padding slots are marked invalid and later overwritten), returning the
     prompt tokens' log-probs (for `echo` + `logprobs`) and leaving the last position's
     logits in the slot;
-  - `step`: for every slot, pick a token from its logits (greedy, or seeded sampling with
-    temperature, top-k, top-p, after the repetition, presence and frequency penalties,
-    among the tokens its grammar allows where it has one), then run the model on it: one
-    new token per slot. A grammar's mask (grammar.py) is computed on the host after each
-    token and reaches the step as a packed per-slot table.
+  - `step`, one per bucket: for each of the first `rows` slots, pick a token from its
+    logits (greedy, or seeded sampling with temperature, top-k, top-p, after the
+    repetition, presence and frequency penalties, among the tokens its grammar allows
+    where it has one), then run the model on them: one new token per slot. A grammar's
+    mask (grammar.py) is computed on the host after each token and reaches the step as
+    a packed per-slot table;
+  - `_move` (one slot into another) and the prefix cache's `_save_block` and `_restore`.
 A long prompt is prefilled one chunk per engine iteration, between decode steps, so the
 running streams wait at most one chunk's time for their next token.
 
@@ -211,27 +215,83 @@ def _logprob_summary(logits_TV, target_T):
     return chosen_T, top_ids.astype(jnp.int32), top_lp, jnp.all(jnp.isfinite(logits_TV), axis=-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolLayout:
+    """Where each leaf of the KV-cache pool keeps its slots (static, hashable).
+
+    The pool is the model's decode cache for `max_batch` rows, with one write index per
+    row: leaf i holds the slots on axis `batch[i]` (each slot `one[i][batch[i]]` rows of
+    it: the K/V heads for K/V, one for validity and positions) and a slot's own cache
+    leaf has shape `one[i]`, its positions on axis `length[i]` (-1: none, the index).
+    """
+
+    batch: tuple
+    one: tuple
+    length: tuple
+
+
+def pool_layout(model, max_batch: int, slots: int) -> tuple:
+    """(the pool's abstract arrays, its PoolLayout) for `max_batch` slots of `slots` positions."""
+    one, batch_axes = decode.cache_shapes(model, 1, slots, 0)
+    _, length_axes = decode.cache_shapes(model, 1, slots, 0, axis_names=("kv_length",))
+    leaves, treedef = jax.tree.flatten(one)
+    batch = tuple(max(a, 0) for a in jax.tree.leaves(batch_axes))  # the scalar index: a vector of slots
+    pool = [jax.ShapeDtypeStruct(x.shape[:a] + (max_batch * (x.shape[a] if x.ndim else 1),) + x.shape[a + 1:],
+                                 x.dtype) for x, a in zip(leaves, batch)]
+    layout = PoolLayout(batch, tuple(x.shape for x in leaves), tuple(jax.tree.leaves(length_axes)))
+    return jax.tree.unflatten(treedef, pool), layout
+
+
+def _take_slot(pool, layout: PoolLayout, slot):
+    """Slot `slot`'s own cache (batch 1, a scalar write index) out of the pool."""
+    leaves, treedef = jax.tree.flatten(pool)
+    return jax.tree.unflatten(treedef, [
+        jax.lax.dynamic_index_in_dim(_split_slots(x, a, one), slot, axis=a, keepdims=False).reshape(one)
+        for x, a, one in zip(leaves, layout.batch, layout.one)])
+
+
+def _put_slot(pool, layout: PoolLayout, slot, cache):
+    """The pool with slot `slot` set to `cache` (as _take_slot gives it)."""
+    leaves, treedef = jax.tree.flatten(pool)
+    out = []
+    for x, a, one, y in zip(leaves, layout.batch, layout.one, jax.tree.leaves(cache)):
+        view = _split_slots(x, a, one)
+        y = y.reshape(view.shape[:a] + (1,) + view.shape[a + 1:])
+        out.append(jax.lax.dynamic_update_slice_in_dim(view, y, slot, axis=a).reshape(x.shape))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _split_slots(x, a: int, one: tuple):
+    """Pool leaf `x` with its slot axis `a` split into (slots, a slot's rows)."""
+    rows = one[a] if one else 1
+    return x.reshape(x.shape[:a] + (x.shape[a] // rows, rows) + x.shape[a + 1:])
+
+
 def _with_length(cache, length):
-    """A slot's cache set to hold `length` tokens: the write index, and validity cut there."""
+    """A cache set to hold `length` tokens (a slot's, or the first rows' of the pool, one
+    length each): the write index, and validity cut there."""
 
     def fix(path, x):
         name = path[-1].key
         if name == "index":
-            return jnp.asarray(length, x.dtype)
+            return jnp.asarray(length, x.dtype) if x.ndim == 0 else x.at[:length.shape[0]].set(length)
         if name == "key_valid":
+            if x.ndim == 2 and jnp.ndim(length) == 1:
+                rows = length.shape[0]
+                return x.at[:rows].set(x[:rows] & (jnp.arange(x.shape[-1]) < length[:, None]))
             return x & (jnp.arange(x.shape[-1]) < length)
         return x
 
     return jax.tree_util.tree_map_with_path(fix, cache)
 
 
-def _apply_one(model, params, cache, ids_T, valid_T, positions_T):
-    """The model on one slot's tokens [T]: (float32 logits [T,V], updated cache)."""
+def _apply(model, params, cache, ids_BT, valid_BT, positions_BT):
+    """The model on tokens [B,T] (the cache's first B rows): (float32 logits [B,T,V], updated cache)."""
     out, mutated = model.apply(
-        {**params, "cache": cache}, ids_T[None], attention_mask=valid_T[None], positions=positions_T[None],
+        {**params, "cache": cache}, ids_BT, attention_mask=valid_BT, positions=positions_BT,
         decode=True, mutable=["cache"],
     )
-    return out.logits[0].astype(jnp.float32), mutated["cache"]
+    return out.logits.astype(jnp.float32), mutated["cache"]
 
 
 def _allow(logits_BV, allowed_BW, constrained_B):
@@ -260,17 +320,20 @@ def _penalize(logits_BV, tables, biased_B, repetition_B, presence_B, frequency_B
     return jax.lax.cond(used, penalized, lambda: logits_BV)
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV", "tables"))
-def _prefill(model, params, pool, logits_BV, tables, slot, start, ids_C, targets_C, n_valid, bias_ids_K, bias_K):
+@functools.partial(jax.jit, static_argnames=("model", "layout"), donate_argnames=("pool", "logits_BV", "tables"))
+def _prefill(model, layout, params, pool, logits_BV, tables, slot, start, ids_C, targets_C, n_valid, bias_ids_K,
+             bias_K):
     """One prompt chunk into slot `slot` at cache position `start`. The slot's `tables`
     (its prompt's tokens [B,V] bool, its output's counts [B,V], its logit bias [B,V], set
     from `bias_ids_K`, `bias_K`; ids past the vocabulary pad) start afresh with a prompt's
     first chunk."""
     C = ids_C.shape[0]
-    cache = _with_length(jax.tree.map(lambda x: x[slot], pool), start)
+    cache = _with_length(_take_slot(pool, layout, slot), start)
     valid_C = jnp.arange(C) < n_valid
-    logits_CV, cache = _apply_one(model, params, cache, ids_C, valid_C, start + jnp.arange(C, dtype=jnp.int32))
-    pool = jax.tree.map(lambda p, x: p.at[slot].set(x), pool, cache)
+    logits_1CV, cache = _apply(model, params, cache, ids_C[None], valid_C[None],
+                               start + jnp.arange(C, dtype=jnp.int32)[None])
+    logits_CV = logits_1CV[0]
+    pool = _put_slot(pool, layout, slot, cache)
     logits_BV = logits_BV.at[slot].set(logits_CV[n_valid - 1])
     prompt_BV, output_BV, bias_BV = tables
     fresh = start == 0
@@ -286,69 +349,78 @@ def _prefill(model, params, pool, logits_BV, tables, slot, start, ids_C, targets
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV", "tables"))
 def _step(model, params, pool, logits_BV, tables, decoding_B, length_B, temperature_B, top_k_B, top_p_B,
           biased_B, repetition_B, presence_B, frequency_B, seed_B, choice_B, step_B, allowed_BW, constrained_B):
-    """Pick every slot's next token from its penalised logits (only among those its
-    grammar's packed mask `allowed_BW` allows where `constrained_B`), then run the model on it.
+    """Pick the next token of the pool's first B slots (B: the length of the per-slot
+    arguments, a bucket) from their penalised logits (only among those a grammar's packed
+    mask `allowed_BW` allows where `constrained_B`), then run the model on them as one batch.
 
-    Returns (pool, next logits, tables, tokens [B], (log p [B], top ids [B,5], top log p
-    [B,5], finite [B])), the log-probs under the model's own logits (before bias and
-    penalties). Slots not in use compute too (fixed shapes); the host ignores them, and
-    only `decoding_B` slots count their token.
+    Returns (pool, logits, tables, tokens [B], (log p [B], top ids [B,5], top log p [B,5],
+    finite [B])), the log-probs under the model's own logits (before bias and penalties);
+    slots past the bucket are left as they are. Slots in the bucket but not in use compute
+    too (fixed shapes); the host ignores them, and only `decoding_B` slots count their token.
     """
+    B = length_B.shape[0]
+    whole = (logits_BV, tables)
+    logits_BV, tables = jax.tree.map(lambda x: x[:B], whole)
     chosen_BV = _penalize(logits_BV, tables, biased_B, repetition_B, presence_B, frequency_B)
     chosen_BV = _allow(chosen_BV, allowed_BW, constrained_B)
     token_B = _pick(chosen_BV, temperature_B, top_k_B, top_p_B, seed_B, choice_B, step_B)
     summary = _logprob_summary(logits_BV, token_B)
     prompt_BV, output_BV, bias_BV = tables
-    output_BV = output_BV.at[jnp.arange(token_B.shape[0]), token_B].add(decoding_B.astype(output_BV.dtype))
-
-    def one(cache, token, length):
-        cache = _with_length(cache, length)
-        logits_TV, cache = _apply_one(
-            model, params, cache, token[None], jnp.ones((1,), bool), length[None].astype(jnp.int32)
-        )
-        return logits_TV[0], cache
-
-    logits_BV, pool = jax.vmap(one)(pool, token_B, length_B)
-    return pool, logits_BV, (prompt_BV, output_BV, bias_BV), token_B, summary
+    output_BV = output_BV.at[jnp.arange(B), token_B].add(decoding_B.astype(output_BV.dtype))
+    logits_B1V, pool = _apply(model, params, _with_length(pool, length_B), token_B[:, None], jnp.ones((B, 1), bool),
+                              length_B[:, None])
+    logits_BV, tables = jax.tree.map(lambda x, part: x.at[:B].set(part), whole,
+                                     (logits_B1V[:, 0], (prompt_BV, output_BV, bias_BV)))
+    return pool, logits_BV, tables, token_B, summary
 
 
-def _slot_leaves(pool, axes, slot):
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("pool", "logits_BV", "tables"))
+def _move(layout, pool, logits_BV, tables, src, dst):
+    """Slot `src`'s cache, logits and tables copied into slot `dst` (the engine keeps its
+    running slots at the front of the pool, so a step runs on the fewest slots it can)."""
+    pool = _put_slot(pool, layout, dst, _take_slot(pool, layout, src))
+    logits_BV, tables = jax.tree.map(lambda x: x.at[dst].set(x[src]), (logits_BV, tables))
+    return pool, logits_BV, tables
+
+
+def _slot_leaves(pool, layout: PoolLayout, slot):
     """The position-holding leaves of slot `slot` of the pool, with their position axis."""
-    return [(x[slot], a) for x, a in zip(jax.tree.leaves(pool), axes) if a >= 0]
+    return [(x, a) for x, a in zip(jax.tree.leaves(_take_slot(pool, layout, slot)), layout.length) if a >= 0]
 
 
-@functools.partial(jax.jit, static_argnames=("axes",), donate_argnames=("store",))
-def _save_block(axes, store, pool, slot, start, block):
-    """Positions [start, start + P) of slot `slot` (every leaf with a position axis, whose
-    index in a slot's cache `axes` gives, -1 for none) into block `block` of the store:
-    a list of [blocks, ...P...] arrays."""
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("store",))
+def _save_block(layout, store, pool, slot, start, block):
+    """Positions [start, start + P) of slot `slot` (every leaf with a position axis) into
+    block `block` of the store: a list of [blocks, ...P...] arrays."""
     return [s.at[block].set(jax.lax.dynamic_slice_in_dim(x, start, s.shape[a + 1], axis=a))
-            for s, (x, a) in zip(store, _slot_leaves(pool, axes, slot))]
+            for s, (x, a) in zip(store, _slot_leaves(pool, layout, slot))]
 
 
-@functools.partial(jax.jit, static_argnames=("axes",), donate_argnames=("pool", "tables"))
-def _restore(axes, pool, tables, store, slot, blocks_M, n_blocks, ids_S, bias_ids_K, bias_K):
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("pool", "tables"))
+def _restore(layout, pool, tables, store, slot, blocks_M, n_blocks, ids_S, bias_ids_K, bias_K):
     """Slot `slot` starts a prompt whose first `n_blocks` blocks are in the store: those
     (`blocks_M`, padded to the slot's M blocks) are copied to its first positions, and its
     tables start afresh with the prompt tokens `ids_S` (ids past the vocabulary pad) and
     the logit bias, as a prompt's first prefill chunk starts them."""
-    leaves, treedef = jax.tree.flatten(pool)
+    cache = _take_slot(pool, layout, slot)
+    leaves, treedef = jax.tree.flatten(cache)
     stored = iter(store)
     out = []
-    for x, a in zip(leaves, axes):
+    for x, a in zip(leaves, layout.length):
         if a >= 0:
             g = jnp.moveaxis(next(stored)[blocks_M], 0, a)  # [..., M, P, ...]
-            g = g.reshape(x.shape[1:])
+            g = g.reshape(x.shape)
             P, S = g.shape[a] // blocks_M.shape[0], g.shape[a]
             keep = (jnp.arange(S) < n_blocks * P).reshape([S if i == a else 1 for i in range(g.ndim)])
-            x = x.at[slot].set(jnp.where(keep, g, x[slot]))
+            x = jnp.where(keep, g, x)
         out.append(x)
+    pool = _put_slot(pool, layout, slot, jax.tree.unflatten(treedef, out))
     prompt_BV, output_BV, bias_BV = tables
     V = prompt_BV.shape[1]
     prompt_BV = prompt_BV.at[slot].set(jnp.zeros(V, bool).at[ids_S].set(True, mode="drop"))
     output_BV = output_BV.at[slot].set(0)
     bias_BV = bias_BV.at[slot].set(jnp.zeros(V, bias_BV.dtype).at[bias_ids_K].set(bias_K, mode="drop"))
-    return jax.tree.unflatten(treedef, out), (prompt_BV, output_BV, bias_BV)
+    return pool, (prompt_BV, output_BV, bias_BV)
 
 
 # ------------------------------------------------------------------------ the engine
@@ -390,14 +462,12 @@ class Engine:
         # reaches past max_len, which the requests' checks keep below).
         self.slots = -(-max_len // chunk) * chunk
         shape_model = build_model(dataclasses.replace(cfg, max_len=max(cfg.max_len, self.slots)))
-        one, _ = decode._empty_cache(shape_model, 1, self.slots, 0)
-        self._pool = jax.tree.map(lambda x: jnp.zeros((max_batch, *x.shape), x.dtype), one)
+        pool, self.layout = pool_layout(shape_model, max_batch, self.slots)
+        self._pool = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), pool)
         # The prefix cache: blocks of `chunk` positions of every leaf with a position axis.
-        _, axes = decode._empty_cache(shape_model, 1, self.slots, 0, axis_names=("kv_length",))
-        self._axes = tuple(jax.tree.leaves(axes))
         self.prefix_blocks = max_batch * (self.slots // chunk) if prefix_blocks is None else prefix_blocks
-        self._store = [jnp.zeros((self.prefix_blocks, *x.shape[:a], chunk, *x.shape[a + 1:]), x.dtype)
-                       for x, a in zip(jax.tree.leaves(one), self._axes) if a >= 0]
+        self._store = [jnp.zeros((self.prefix_blocks, *one[:a], chunk, *one[a + 1:]), x.dtype)
+                       for x, one, a in zip(jax.tree.leaves(pool), self.layout.one, self.layout.length) if a >= 0]
         self._blocks: collections.OrderedDict = collections.OrderedDict()  # prompt prefix -> block, LRU first
         self._logits = jnp.zeros((max_batch, cfg.vocab_size), jnp.float32)
         # Each slot's prompt tokens, output token counts and logit bias, for the penalties.
@@ -407,7 +477,11 @@ class Engine:
         # Each slot's next-token mask, packed, filled for the constrained slots before a step;
         # a step without any sends the same device array of zeros instead.
         self._allowed = np.zeros((max_batch, mask_words(cfg.vocab_size)), np.int32)
-        self._unconstrained = (jnp.asarray(self._allowed), jnp.zeros(max_batch, bool))
+        # A step runs on the pool's first `rows` slots, for the smallest bucket that holds
+        # every running one (they are kept at the front): 1, 4, 16, ... and max_batch (each
+        # bucket is one more program to compile at start-up).
+        self.buckets = sorted({min(4**i, max_batch) for i in range(max_batch.bit_length())})
+        self._unconstrained = {r: (jnp.asarray(self._allowed[:r]), jnp.zeros(r, bool)) for r in self.buckets}
         self._free = list(range(max_batch))
         self._running: dict[int, _Seq] = {}  # slot -> sequence
         self._waiting: collections.deque = collections.deque()
@@ -577,20 +651,38 @@ class Engine:
             return None
 
     def _warm_up(self) -> None:
-        """Compile prefill and step (and the prefix cache's copies) once: no request
-        compiles anything afterwards."""
+        """Compile prefill, each bucket's step, the slot move and the prefix cache's copies
+        once: no request compiles anything afterwards."""
         seq = _Seq([0], SamplingParams(max_tokens=1, ignore_eos=True), lambda event: None, slot=self._free.pop(0))
         self._running[seq.slot] = seq
+        slot, none = np.int32(seq.slot), np.int32(0)
         if self.prefix_blocks:  # no block is kept or restored: these calls only compile
-            slot, none = np.int32(seq.slot), np.int32(0)
-            self._store = _save_block(self._axes, self._store, self._pool, slot, none, none)
+            self._store = _save_block(self.layout, self._store, self._pool, slot, none, none)
             self._pool, self._tables = _restore(
-                self._axes, self._pool, self._tables, self._store, slot, np.zeros(self.slots // self.chunk, np.int32),
+                self.layout, self._pool, self._tables, self._store, slot, np.zeros(self.slots // self.chunk, np.int32),
                 none, np.full(self.slots, self.vocab_size, np.int32), *self._prefill_inputs(seq)[3:])
         self._prefill_chunk(seq)
         self._decode_step()
+        for rows in self.buckets[1:]:  # no sequence decodes in these steps: they only compile
+            self._decode_step(rows)
+        self._pool, self._logits, self._tables = _move(self.layout, self._pool, self._logits, self._tables, slot,
+                                                       slot)
         jax.block_until_ready((self._pool, self._logits, self._tables))
         self.stats.clear()
+
+    def _compact(self) -> None:
+        """Move the last running slots into the free ones below them, so the running
+        slots are 0 .. n-1 and a step over the first bucket of slots covers them all."""
+        while self._running and self._free and self._free[0] < max(self._running):
+            src, dst = max(self._running), self._free.pop(0)
+            self._pool, self._logits, self._tables = _move(self.layout, self._pool, self._logits, self._tables,
+                                                           np.int32(src), np.int32(dst))
+            seq = self._running.pop(src)
+            seq.slot = dst
+            self._running[dst] = seq
+            self._free.append(src)
+            self._free.sort()
+            self.stats["slot_moves"] += 1
 
     def _iteration(self) -> None:
         while not self._incoming.empty():
@@ -600,6 +692,7 @@ class Engine:
             self._finish(seq, "cancelled")
         for seq in [s for s in self._running.values() if s.cancelled]:
             self._finish(seq, "cancelled")
+        self._compact()
         while self._waiting and self._free:
             seq = self._waiting.popleft()
             seq.slot = self._free.pop(0)
@@ -631,7 +724,7 @@ class Engine:
         ids_S = np.full(self.slots, self.vocab_size, np.int32)
         ids_S[:len(found) * C] = seq.prompt[:len(found) * C]
         _, _, _, bias_ids_K, bias_K = self._prefill_inputs(seq)
-        self._pool, self._tables = _restore(self._axes, self._pool, self._tables, self._store, np.int32(seq.slot),
+        self._pool, self._tables = _restore(self.layout, self._pool, self._tables, self._store, np.int32(seq.slot),
                                             blocks_M, np.int32(len(found)), ids_S, bias_ids_K, bias_K)
         seq.filled = seq.cached = len(found) * C
         self.stats["prefix_cached_tokens"] += seq.cached
@@ -647,7 +740,7 @@ class Engine:
         else:
             _, block = self._blocks.popitem(last=False)
             self.stats["prefix_evicted_blocks"] += 1
-        self._store = _save_block(self._axes, self._store, self._pool, np.int32(seq.slot), np.int32(start),
+        self._store = _save_block(self.layout, self._store, self._pool, np.int32(seq.slot), np.int32(start),
                                   np.int32(block))
         self._blocks[key] = block
 
@@ -675,7 +768,7 @@ class Engine:
             return
         ids_C, targets_C, n, bias_ids_K, bias_K = inputs
         self._pool, self._logits, self._tables, summary = _prefill(
-            self.model, self.params, self._pool, self._logits, self._tables, np.int32(seq.slot),
+            self.model, self.layout, self.params, self._pool, self._logits, self._tables, np.int32(seq.slot),
             np.int32(seq.filled), ids_C, targets_C, np.int32(n), bias_ids_K, bias_K,
         )
         self.stats["prefill_chunks"] += 1
@@ -703,8 +796,9 @@ class Engine:
                 [(self._text_of(int(i)), float(lp)) for i, lp in zip(top_ids[t][:k], top_lp[t][:k])],
             ))
 
-    def _decode_step(self) -> None:
-        B = self.max_batch
+    def _decode_step(self, rows: Optional[int] = None) -> None:
+        """One step over the smallest bucket of slots that holds every running one (or `rows`)."""
+        B = rows or next(r for r in self.buckets if r > max(self._running, default=0))
         length = np.zeros(B, np.int32)
         temperature, top_p, repetition = np.zeros(B, np.float32), np.ones(B, np.float32), np.ones(B, np.float32)
         presence, frequency = np.zeros(B, np.float32), np.zeros(B, np.float32)
@@ -728,12 +822,12 @@ class Engine:
 
         decoding = [s for s in decoding if self._guarded(s, settings, s)]
         constrained = [(s.matcher, s.slot) for s in decoding if s.matcher is not None]
-        masks = self._unconstrained
+        masks = self._unconstrained[B]
         if constrained:
             self.grammars.fill(constrained, self._allowed)
             # Device arrays, as the unconstrained masks are: a numpy argument would be another
             # entry of the step's cache.
-            masks = (jnp.asarray(self._allowed), jnp.asarray(np.isin(np.arange(B), [b for _, b in constrained])))
+            masks = (jnp.asarray(self._allowed[:B]), jnp.asarray(np.isin(np.arange(B), [b for _, b in constrained])))
         self._pool, self._logits, self._tables, token_B, summary = _step(
             self.model, self.params, self._pool, self._logits, self._tables, decoding_B, length, temperature, top_k,
             top_p, biased_B, repetition, presence, frequency, seed, choice, step, *masks,

@@ -47,7 +47,9 @@ class MultiHeadAttention(nn.Module):
     Self-attention when `kv_BSD` is None, cross-attention otherwise. With `decode=True`
     the keys and values live in the 'cache' collection:
       - self-attention writes the new K/V at slot `cache_index` and attends over all
-        S = max slots (the caller's mask hides unwritten and future slots);
+        S = max slots (the caller's mask hides unwritten and future slots); a vector
+        `cache_index` [B] gives each row its own slot, and then the cache may hold more
+        rows than the call (the serving engine's pool): the call's are its first ones;
       - cross-attention computes K/V from `kv_BSD` when given (the prefill call) and
         reads them back from the cache when `kv_BSD` is None (each later step).
     The cache holds K (not N) heads, so GQA saves cache memory as well, as B*K rows of
@@ -209,6 +211,13 @@ class MultiHeadAttention(nn.Module):
             return cached_k.value, cached_v.value
         if not filled:  # init call: the cache was just created with max_len slots
             return k_RSH, v_RSH
+        if cache_index.ndim == 1:  # a write index per batch row: the call's rows are the cache's first R
+            R, T = k_RSH.shape[:2]
+            slots_RT = jnp.repeat(cache_index, R // cache_index.shape[0])[:, None] + jnp.arange(T)
+            rows_R1 = jnp.arange(R)[:, None]
+            cached_k.value = cached_k.value.at[rows_R1, slots_RT].set(k_RSH.astype(cached_k.value.dtype))
+            cached_v.value = cached_v.value.at[rows_R1, slots_RT].set(v_RSH.astype(cached_v.value.dtype))
+            return cached_k.value[:R], cached_v.value[:R]
         start = (0, cache_index, 0)
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_RSH.astype(cached_k.value.dtype), start)
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_RSH.astype(cached_v.value.dtype), start)

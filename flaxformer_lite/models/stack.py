@@ -166,11 +166,18 @@ class Stack(nn.Module):
             return slots_BT, valid_BT, positions_BT, None, slots_BT
         i = index.value
         S = key_valid.value.shape[1]
+        k_slots_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
+        if i.ndim == 1:  # a write index per row: the call's B rows are the cache's first B
+            q_slots_BT = i[:B, None] + jnp.arange(T)
+            rows_B1 = jnp.arange(B)[:, None]
+            key_valid.value = key_valid.value.at[rows_B1, q_slots_BT].set(valid_BT.astype(bool))
+            key_positions.value = key_positions.value.at[rows_B1, q_slots_BT].set(positions_BT.astype(jnp.int32))
+            index.value = i.at[:B].add(T)
+            return k_slots_BS, key_valid.value[:B], key_positions.value[:B], i[:B], q_slots_BT
         key_valid.value = jax.lax.dynamic_update_slice(key_valid.value, valid_BT.astype(bool), (0, i))
         key_positions.value = jax.lax.dynamic_update_slice(
             key_positions.value, positions_BT.astype(jnp.int32), (0, i)
         )
         index.value = i + T
         q_slots_BT = jnp.broadcast_to(i + jnp.arange(T), (B, T))
-        k_slots_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
         return k_slots_BS, key_valid.value, key_positions.value, i, q_slots_BT

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxformer_lite.config import Config, ConfigError
-from flaxformer_lite.inference import decode, engine
+from flaxformer_lite.inference import engine
 from flaxformer_lite.models import build_model, init_params
 from flaxformer_lite.plan.planner import compile_program, gib, msec, shard_bytes
 from flaxformer_lite.plan.topology import Topology
@@ -30,14 +30,14 @@ from flaxformer_lite.runtime import parallel
 
 
 def engine_programs(model, params, max_batch: int, max_len: int, chunk: int) -> dict[str, tuple]:
-    """{"prefill": (program, args), "step": (program, args)}: the engine's two jitted
-    programs with abstract arguments in their current signatures, the model static.
+    """{"prefill": ..., "step": ...}, each (program, its static arguments, params, the
+    KV-cache pool, the other arguments): the engine's two jitted programs with abstract
+    arguments in their current signatures; the step at its largest bucket (every slot).
     `params` is the abstract {'params': ...} tree. The one place that knows those
     signatures outside the engine."""
     slots = -(-max_len // chunk) * chunk  # as Engine rounds its cache up to whole chunks
     shape_model = build_model(dataclasses.replace(model.cfg, max_len=max(model.cfg.max_len, slots)))
-    one = jax.eval_shape(lambda: decode._empty_cache(shape_model, 1, slots, 0)[0])
-    pool = jax.tree.map(lambda x: jax.ShapeDtypeStruct((max_batch, *x.shape), x.dtype), one)
+    pool, layout = engine.pool_layout(shape_model, max_batch, slots)
     V = model.cfg.vocab_size
     spec = jax.ShapeDtypeStruct
     logits = spec((max_batch, V), jnp.float32)
@@ -48,8 +48,8 @@ def engine_programs(model, params, max_batch: int, max_len: int, chunk: int) -> 
     # ... then the grammar's packed next-token masks and which slots they constrain.
     step = (spec((B,), jnp.bool_), i32(B), f32(B), i32(B), f32(B), spec((B,), jnp.bool_), f32(B), f32(B), f32(B),
             spec((B,), jnp.uint32), i32(B), i32(B), i32(B, engine.mask_words(V)), spec((B,), jnp.bool_))
-    return {"prefill": (engine._prefill, (model, params, pool, logits, tables, *prefill)),
-            "step": (engine._step, (model, params, pool, logits, tables, *step))}
+    return {"prefill": (engine._prefill, (model, layout), params, pool, (logits, tables, *prefill)),
+            "step": (engine._step, (model,), params, pool, (logits, tables, *step))}
 
 
 def _placed(tree, sharding_of):
@@ -78,11 +78,11 @@ def plan_serve(cfg: Config, topo: Topology, devices: list, *, max_batch: int, ma
         replicated = NamedSharding(mesh, PartitionSpec())
         by_slot = NamedSharding(mesh, PartitionSpec(slot_axes))
         compiled, pool_bytes = {}, 0
-        for name, (program, (m, p, pool, *rest)) in programs.items():
+        for name, (program, statics, p, pool, rest) in programs.items():
             pool = _placed(pool, lambda x: by_slot)
             rest = _placed(rest, lambda x: by_slot if x.ndim and x.shape[0] == max_batch else replicated)
             pool_bytes = shard_bytes(pool)
-            compiled[name] = compile_program(program, (m, p, pool, *rest), {})
+            compiled[name] = compile_program(program, (*statics, p, pool, *rest), {})
     param_bytes = shard_bytes(params)
     report = {
         "config": cfg.name,

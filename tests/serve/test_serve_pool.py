@@ -1,6 +1,7 @@
-"""The engine's prefix cache: the same tokens with it on as off (a whole hit, a hit that
-ends inside a block, an evicted prefix, penalties and a logit bias after a hit, sampled
-choices of one prompt), and the cached-token counts."""
+"""The engine's pool. The prefix cache: the same tokens with it on as off (a whole hit, a
+hit that ends inside a block, an evicted prefix, penalties and a logit bias after a hit,
+sampled choices of one prompt), and the cached-token counts. Buckets: the same greedy
+tokens alone and in every bucket, with slots moving as others finish."""
 
 import queue
 
@@ -69,3 +70,32 @@ def test_new_weights_empty_the_prefix_cache(engines):
     assert _ask(on, prompt)[1] == [0] and _ask(on, prompt)[1] == [16]
     on.set_params(on.params)
     assert _ask(on, prompt)[1] == [0]
+
+
+def test_greedy_tokens_are_the_same_alone_and_in_every_bucket(hf_dir):
+    """Five slots (buckets of 1, 4 and 5 rows): requests alone, then three and five at
+    once with different lengths, so slots free in the middle and the last ones move."""
+    cfg, params = hf.load(hf_dir)
+    engine = Engine(build_model(cfg), params, hf.load_tokenizer(hf_dir), max_batch=5, max_len=64, chunk=CHUNK,
+                    prefix_blocks=0)
+    engine.start()
+    try:
+        assert engine.buckets == [1, 4, 5]
+        rng = np.random.default_rng(5)
+        prompts = [rng.integers(4, 320, n).tolist() for n in (3, 17, 9, 30, 12)]
+        lengths = [NEW, 2, NEW, 3, NEW]  # the second and fourth leave early
+        alone = [_ask(engine, p, max_tokens=m)[0][0] for p, m in zip(prompts, lengths)]
+        for k in (3, 5):
+            events = queue.SimpleQueue()
+            for i in range(k):
+                params = SamplingParams(max_tokens=lengths[i], temperature=0, ignore_eos=True, logprobs=0)
+                engine.submit(prompts[i], params, lambda e, i=i: events.put((i, e)))
+            together, finished = [[] for _ in range(k)], 0
+            while finished < k:
+                i, e = events.get(timeout=120)
+                together[i] += [t.id for t in e["tokens"]] if e["type"] == "token" else []
+                finished += e["type"] == "done"
+            assert together == alone[:k]
+        assert engine.stats["slot_moves"] > 0
+    finally:
+        engine.stop()
