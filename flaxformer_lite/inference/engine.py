@@ -27,8 +27,9 @@ The compiled programs (all compiled at start-up):
     mask (grammar.py) is computed on the host after each token and reaches the step as
     a packed per-slot table;
   - `_move` (one slot into another) and the prefix cache's `_save_block` and `_restore`.
-A long prompt is prefilled one chunk per engine iteration, between decode steps, so the
-running streams wait at most one chunk's time for their next token.
+Prompts are prefilled a few chunks (`prefill_budget` tokens) per engine iteration,
+oldest request first, between decode steps, so the running streams wait at most that
+long for their next token, however long the prompts that arrive.
 
 Prefix caching: each full chunk a prompt prefills is also copied into a store of blocks
 (`prefix_blocks` of them, one chunk of positions each), keyed by the prompt's tokens up
@@ -438,10 +439,14 @@ class Engine:
       max_queue: requests allowed to wait for a slot; more are refused (QueueFull).
       prefix_blocks: blocks of `chunk` positions the prefix cache holds (None: as many as
         the slots hold, so the cache doubles the KV memory; 0: no prefix caching).
+      prefill_budget: prompt tokens prefilled (whole chunks, oldest request first) before
+        each decode step (None: 4 chunks): more shortens the wait for a first token when
+        many requests arrive together, and lengthens the running streams' gap between two.
     """
 
     def __init__(self, model, params, tokenizer, *, max_batch: int = 8, max_len: Optional[int] = None,
-                 chunk: int = 64, max_queue: int = 64, prefix_blocks: Optional[int] = None):
+                 chunk: int = 64, max_queue: int = 64, prefix_blocks: Optional[int] = None,
+                 prefill_budget: Optional[int] = None):
         cfg = model.cfg
         if cfg.family != "decoder":
             raise ValueError(
@@ -450,11 +455,13 @@ class Engine:
         max_len = cfg.max_len if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_len:
             raise ValueError(f"--max-len {max_len} must be in [1, model.max_len={cfg.max_len}]")
-        if max_batch < 1 or chunk < 1 or max_queue < 0 or (prefix_blocks is not None and prefix_blocks < 0):
-            raise ValueError(f"max_batch={max_batch} and chunk={chunk} must be >= 1, max_queue={max_queue} and "
-                             f"prefix_blocks={prefix_blocks} >= 0")
+        prefill_budget = 4 * chunk if prefill_budget is None else prefill_budget
+        if min(max_batch, chunk, prefill_budget) < 1 or max_queue < 0 or (prefix_blocks or 0) < 0:
+            raise ValueError(f"max_batch={max_batch}, chunk={chunk} and prefill_budget={prefill_budget} must be >= 1, "
+                             f"max_queue={max_queue} and prefix_blocks={prefix_blocks} >= 0")
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.max_batch, self.max_len, self.chunk, self.max_queue = max_batch, max_len, chunk, max_queue
+        self.prefill_budget = prefill_budget
         self.vocab_size = cfg.vocab_size
         self.eos_ids = tuple(i for i in _eos_ids(tokenizer, cfg) if 0 <= i < cfg.vocab_size)
         # Chunks start at multiples of `chunk` and are written whole: round the slots up so
@@ -697,12 +704,16 @@ class Engine:
             seq = self._waiting.popleft()
             seq.slot = self._free.pop(0)
             self._running[seq.slot] = seq
-        prefilling = [s for s in self._running.values() if s.filled < len(s.prompt)]
-        if prefilling:
+        chunks = 0
+        while chunks * self.chunk < self.prefill_budget:
+            prefilling = [s for s in self._running.values() if s.filled < len(s.prompt)]
+            if not prefilling:
+                break
             self._prefill_chunk(min(prefilling, key=lambda s: s.arrived))
+            chunks += 1
         if any(s.filled == len(s.prompt) for s in self._running.values()):
             self._decode_step()
-        elif not prefilling:
+        elif not chunks:
             self._wake.wait(0.05)
             self._wake.clear()
 

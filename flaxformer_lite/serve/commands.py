@@ -57,6 +57,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=positive_int, default=None,
                         help="tokens per slot, prompt + completion (default: model.max_len, at most 2048)")
     parser.add_argument("--chunk", type=positive_int, default=64, help="prompt tokens prefilled per engine step")
+    parser.add_argument("--prefill-budget", type=positive_int, default=None, metavar="TOKENS",
+                        help="prompt tokens (whole --chunk's) prefilled between two decode steps: more shortens the "
+                        "first token's wait when many requests arrive together, and lengthens the gap between two "
+                        "tokens of the running streams (default: 4 chunks)")
     parser.add_argument("--prefix-cache-blocks", type=non_negative_int, default=None, metavar="N",
                         help="blocks of --chunk positions the prefix cache keeps, least recently used dropped first; "
                         "a prompt starting with a cached prefix prefills only the rest (default: as many as the "
@@ -149,7 +153,8 @@ def _load(args):
     from flaxformer_lite.inference.engine import Engine
 
     served.engine = Engine(model, params, tokenizer, max_batch=args.max_batch, max_len=max_len,
-                           chunk=args.chunk, max_queue=args.max_queue, prefix_blocks=args.prefix_cache_blocks)
+                           chunk=args.chunk, max_queue=args.max_queue, prefix_blocks=args.prefix_cache_blocks,
+                           prefill_budget=args.prefill_budget)
     return served, served.engine
 
 

@@ -234,8 +234,17 @@ def test_fuzzed_sampling_settings_run_or_are_refused_and_the_engine_survives(eng
 
 
 def test_a_long_prompt_is_prefilled_between_the_running_streams_steps(engine):
-    """A 50-token prompt takes 4 chunks of 16, one per engine iteration, each followed by
-    a decode step: the running stream gets a token after each, not one wait for all."""
+    """With a prefill budget of one chunk, a 50-token prompt takes 4 chunks of 16, one per
+    engine iteration, each followed by a decode step: the running stream gets a token
+    after each, not one wait for all."""
+    engine.prefill_budget = 16
+    try:
+        _long_prompt_between_steps(engine)
+    finally:
+        engine.prefill_budget = 64
+
+
+def _long_prompt_between_steps(engine):
     events = queue.SimpleQueue()
     engine.submit([5, 6, 7], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, logprobs=0),
                   lambda e: events.put(("running", e)))
