@@ -61,6 +61,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--prefill-budget", type=int, metavar="TOKENS",
+                        help="the server's --prefill-budget (default: the server's own)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=32, help="requests per phase (one at a time, concurrent)")
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -164,8 +166,13 @@ def _start_server(args, port: int) -> subprocess.Popen:
                  f"model.max_len={args.max_len}", f"data.seq_len={args.max_len}"]
     command = [sys.executable, "-m", "flaxformer_lite", "serve", "--config", "llama_tiny", "--set", *overrides,
                "--port", str(port), "--max-batch", str(args.max_batch), "--max-len", str(args.max_len),
-               "--chunk", str(args.chunk), "--max-queue", str(max(64, args.clients))]
+               "--chunk", str(args.chunk), "--max-queue", str(max(64, args.clients)), *_budget(args)]
     return _launch(command, port, "/health", "the server", {"FLAXFORMER_LITE_COMPILATION_CACHE": "0"})
+
+
+def _budget(args) -> list:
+    """The server flag of --prefill-budget, if one was given."""
+    return [] if args.prefill_budget is None else ["--prefill-budget", str(args.prefill_budget)]
 
 
 def _last_error(proc: subprocess.Popen) -> str:
@@ -220,6 +227,7 @@ def run_serve(args: argparse.Namespace) -> dict:
     proc = _start_server(args, port)
     results = {"model": {"layers": args.layers, "d_model": args.d_model, "heads": args.heads},
                "server": {"max_batch": args.max_batch, "max_len": args.max_len, "chunk": args.chunk,
+                          "prefill_budget": args.prefill_budget,
                           "start_s": round(time.perf_counter() - started, 1)}}
     try:
         _phase(port, prompts[: min(4, len(prompts))], args.new_tokens, 4)  # first-request effects
@@ -531,7 +539,7 @@ def run_against(args: argparse.Namespace) -> dict:
                 ports.append(s.getsockname()[1])
         ours_cmd = [sys.executable, "-m", "flaxformer_lite", "serve", "--hf", str(folder), "--port", str(ports[0]),
                     "--max-batch", str(args.max_batch), "--max-len", str(args.max_len), "--chunk", str(args.chunk),
-                    "--max-queue", str(max(64, args.clients))]
+                    "--max-queue", str(max(64, args.clients)), *_budget(args)]
         # Their KV cache holds what our pool holds (on a CPU it would take 60% of free memory).
         theirs_cmd = [theirs_cli, "serve", str(folder), "--continuous-batching", "--device", "cpu", "--dtype",
                       "float32", "--host", "127.0.0.1", "--port", str(ports[1]), "--cb-block-size", "32",
