@@ -15,7 +15,7 @@ from lm_eval.tasks import TaskManager
 
 from flaxformer_lite import data
 from flaxformer_lite.cli import main
-from flaxformer_lite.inference.scoring import Scorer
+from flaxformer_lite.inference.scoring import Scorer, plan_lengths
 from flaxformer_lite.interop import hf
 from flaxformer_lite.models import build_model
 
@@ -140,6 +140,27 @@ def test_bad_task_requests_are_one_line_errors(setup, capsys):
     assert "pass one model" in capsys.readouterr().err
     assert main(["eval", "--hf", str(setup / "model")]) == 2
     assert "go with --tasks" in capsys.readouterr().err
+
+
+def test_length_plan_is_the_cheapest_set_of_programs():
+    """Each batch pads to its own bucket or a longer one of the call; the plan's cost (one
+    compile per length plus the padded row-tokens) is the least of all subsets, by brute force."""
+    import itertools
+
+    rng = np.random.default_rng(3)
+    for compile_cost in (0, 300, 5000):
+        buckets = [int(b) for b in rng.choice([16, 18, 20, 24, 28, 32, 40], int(rng.integers(1, 12)))]
+        plan = plan_lengths(buckets, rows=4, compile_cost=compile_cost)
+        assert all(p >= b and p in buckets for p, b in zip(plan, buckets))
+
+        def cost(chosen):
+            return compile_cost * len(chosen) + 4 * sum(min(c for c in chosen if c >= b) for b in buckets)
+
+        others = sorted(set(buckets) - {max(buckets)})
+        subsets = [{max(buckets), *extra} for n in range(len(others) + 1) for extra in itertools.combinations(others, n)]
+        assert cost(set(plan)) == min(map(cost, subsets))
+    assert plan_lengths([32, 24, 16], rows=8, compile_cost=0) == [32, 24, 16]
+    assert plan_lengths([32, 24, 16], rows=8, compile_cost=10_000) == [32, 32, 32]
 
 
 @pytest.mark.parametrize("preset", ["llama3_tiny", "gemma2_tiny"])  # gemma2: softcapped logits, every position

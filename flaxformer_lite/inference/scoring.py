@@ -11,8 +11,12 @@ those positions are projected onto the vocabulary (`models.lm_head_inputs`): a
 multiple-choice continuation is a few tokens of a context of hundreds, and the
 projection onto a 49k vocabulary is a fifth of a small model's forward pass. Rows are
 run `batch_size` at a time, longest first, right-padded to a length bucket (an eighth
-of an octave: at most an eighth of a row is padding) and the continuations to a power of two,
-so a whole task compiles a handful of programs.
+of an octave: at most an eighth of a row is padding), and every row of a call reads the
+same number of positions (its longest continuation, to a power of two, at most the
+row's length). On a short task
+compiling dominates: each program costs as much as the forward pass of about
+COMPILE_ROW_TOKENS row-tokens, so the call merges neighbouring buckets upward wherever
+the padding that adds costs less than the program it saves (`plan_lengths`).
 
 Pairs whose model inputs are the same tokens (context + continuation minus its last
 token: the choices of a multiple-choice question that are one token each) share one
@@ -31,12 +35,40 @@ import numpy as np
 from flaxformer_lite.models import lm_head_inputs
 
 MIN_BUCKET = 16
+# A program's compile time in row-tokens of forward pass: 30 unrolled layers of
+# SmolLM2-135M's shape in float32 on a 2-core CPU compiled a program (T about 120) in the
+# time of about 1,100 row-tokens (BENCHMARKS.md, "Evaluation").
+COMPILE_ROW_TOKENS = 1024
 
 
 def _bucket(n: int, max_len: int) -> int:
     """n rounded up to an eighth of an octave (16, 18, ..., 32, 36, ..., 128, 144, ...), at most max_len."""
     step = max(MIN_BUCKET // 8, 1 << max((n - 1).bit_length() - 4, 0))
     return min(max_len, max(MIN_BUCKET, -(-n // step) * step))
+
+
+def plan_lengths(buckets: Sequence[int], rows: int, compile_cost: int = COMPILE_ROW_TOKENS) -> list[int]:
+    """The padded length of each batch: its bucket, or a longer one of the call where
+    compiling one more program would cost more (in row-tokens) than the padding saved.
+
+    buckets: each batch's own length bucket; rows: rows per batch (padded ones count).
+    """
+    lengths = sorted(set(buckets), reverse=True)
+    count = [sum(b == n for b in buckets) for n in lengths]
+    # best[i]: cost of the batches in lengths[i:] when lengths[i] is compiled; nxt[i] the next compiled.
+    best, nxt = [0] * (len(lengths) + 1), [len(lengths)] * len(lengths)
+    for i in reversed(range(len(lengths))):
+        best[i] = None
+        for j in range(i + 1, len(lengths) + 1):
+            cost = compile_cost + rows * lengths[i] * sum(count[i:j]) + best[j]
+            if best[i] is None or cost < best[i]:
+                best[i], nxt[i] = cost, j
+    padded, i = {}, 0
+    while i < len(lengths):
+        for n in lengths[i:nxt[i]]:
+            padded[n] = lengths[i]
+        i = nxt[i]
+    return [padded[b] for b in buckets]
 
 
 class Scorer:
@@ -91,11 +123,13 @@ class Scorer:
             groups.setdefault(tuple(inputs), []).append(i)
         members = sorted(groups.values(), key=lambda g: -len(rows[g[0]][0]))
         out: list = [None] * len(rows)
-        for start in range(0, len(members), self.batch_size):
-            chunk = members[start:start + self.batch_size]
-            T = _bucket(len(rows[chunk[0][0]][0]), self.max_len)
-            K = 1 << (max(rows[i][2] for group in chunk for i in group) - 1).bit_length()
-            G = 1 << (max(len(group) for group in chunk) - 1).bit_length()
+        chunks = [members[start:start + self.batch_size] for start in range(0, len(members), self.batch_size)]
+        lengths = plan_lengths([_bucket(len(rows[c[0][0]][0]), self.max_len) for c in chunks], self.batch_size)
+        # One read width and one group width for the call: neither multiplies the programs.
+        longest = 1 << (max(r[2] for r in rows) - 1).bit_length()
+        G = 1 << (max(len(group) for group in members) - 1).bit_length()
+        for chunk, T in zip(chunks, lengths):
+            K = min(longest, T)
             ids = np.zeros((self.batch_size, T), np.int32)
             targets = np.zeros((self.batch_size, G, K), np.int32)
             at = np.zeros((self.batch_size, K), np.int32)
