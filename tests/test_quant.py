@@ -101,27 +101,42 @@ def test_a_lora_step_on_an_nf4_base_trains_the_adapters_only():
     assert all(jax.tree.leaves(moved)) and losses[-1] < losses[0]
 
 
-def test_a_compiled_step_holds_less_with_each_narrower_base():
-    """The step's arguments shrink float32 > bfloat16 > int8 > nf4, and dequantizing inside
-    the layers (one layer at a time, scanned and rematerialised) adds no base-sized buffer:
-    the int8 and nf4 steps' temporaries stay within 5% of the float32 step's."""
-    base = ffl.load_config("llama_tiny", overrides=TINY + ["model.scan_layers=true", "model.remat_policy=full"])
+def _step_memory(base_dtypes, *overrides):
+    """{base_dtype: memory_analysis()} of the compiled LoRA step of the tiny Llama."""
+    base = ffl.load_config("llama_tiny", overrides=TINY + ["model.remat_policy=full", *overrides])
     optimizer = make_optimizer(base.train)
     batch = {k: jax.ShapeDtypeStruct((4, 16), jnp.float32 if k == "weights" else jnp.int32)
              for k in ("input_ids", "labels", "weights", "segment_ids", "positions")}
     memory = {}
-    for base_dtype in ("float32", "bfloat16", "int8", "nf4"):
+    for base_dtype in base_dtypes:
         cfg = dataclasses.replace(base, model=_with_base(base.model, base_dtype))
         state = jax.eval_shape(lambda c=cfg: init_train_state(
             lora.quantize_base(ffl.init_params(c.model, jax.random.key(0)), c.model), optimizer, 0, adapters_only=True))
         step = jax.jit(make_train_step(ffl.build_model(cfg.model), cfg, optimizer), donate_argnums=0)
         memory[base_dtype] = step.lower(state, batch).compile().memory_analysis()
+    return memory
+
+
+def test_a_compiled_step_holds_less_with_each_narrower_base():
+    """The step's arguments shrink float32 > bfloat16 > int8 > nf4, and dequantizing inside
+    the layers (one layer at a time, scanned and rematerialised) adds no base-sized buffer:
+    the int8 and nf4 steps' temporaries stay within 5% of the float32 step's."""
+    memory = _step_memory(("float32", "bfloat16", "int8", "nf4"), "model.scan_layers=true")
     arguments = [memory[d].argument_size_in_bytes for d in ("float32", "bfloat16", "int8", "nf4")]
     assert arguments == sorted(arguments, reverse=True) and len(set(arguments)) == 4
     for narrow in ("int8", "nf4"):
         assert memory[narrow].temp_size_in_bytes <= 1.05 * memory["float32"].temp_size_in_bytes
         total = memory[narrow].temp_size_in_bytes + memory[narrow].argument_size_in_bytes
         assert total < memory["float32"].temp_size_in_bytes + memory["float32"].argument_size_in_bytes
+
+
+def test_an_unrolled_bfloat16_base_converts_layer_by_layer():
+    """Unrolled layers (the fine-tune default) convert each bfloat16 kernel inside its own
+    layer, so the step's temporaries stay at the float32 step's (ahead of the first layer,
+    the converted copies of all layers would add a float32 base)."""
+    memory = _step_memory(("float32", "bfloat16"), "model.num_layers=4", "model.d_model=128", "model.d_ff=512")
+    assert memory["bfloat16"].argument_size_in_bytes < 0.6 * memory["float32"].argument_size_in_bytes
+    assert memory["bfloat16"].temp_size_in_bytes <= 1.05 * memory["float32"].temp_size_in_bytes
 
 
 def test_a_base_dtype_without_adapters_is_refused():

@@ -48,8 +48,8 @@ _PUBLIC = {
         "Documents", "Store", "chat_template_record", "is_store",
     )},
     **{name: ("flaxformer_lite.data.tokenizers", name) for name in (
-        "ByteTokenizer", "HFTokenizer", "SamplingDefaults", "Tokenizer", "bos_or_none", "load_tokenizer",
-        "sampling_defaults", "train_tokenizer",
+        "ByteTokenizer", "HFTokenizer", "SamplingDefaults", "Tokenizer", "bos_or_none", "leading_bos",
+        "load_tokenizer", "sampling_defaults", "train_tokenizer",
     )},
 }
 __all__ = sorted(_PUBLIC)

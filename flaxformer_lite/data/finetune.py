@@ -9,8 +9,8 @@ A DPO line is {"prompt": ..., "chosen": ..., "rejected": ...}. Each value is a s
 a list of messages. A GRPO line is {"prompt": ..., any other fields}: the model writes the
 completion, and the whole line reaches the reward function.
 
-Plain strings are joined as bos + prompt + completion + eos (bos where the tokenizer has
-one), the loss on completion + eos. Message lists are rendered with the checkpoint's chat
+Plain strings are joined as bos + prompt + completion + eos (bos where the tokenizer puts
+one first, `adds_bos`, as generate and serve encode a prompt), the loss on completion + eos. Message lists are rendered with the checkpoint's chat
 template (`data.chat.ChatTemplate`): the trained tokens of an assistant turn are what
 rendering the conversation through that turn adds to rendering the conversation before it
 with the generation prompt, i.e. the reply and its end-of-turn marker. Each rendering must
@@ -33,7 +33,7 @@ import numpy as np
 
 from flaxformer_lite.data.errors import DataError
 from flaxformer_lite.data.sources import JSONL_SUFFIXES, Source, files, jsonl_objects
-from flaxformer_lite.data.tokenizers import Tokenizer
+from flaxformer_lite.data.tokenizers import Tokenizer, leading_bos
 
 FIELDS = {"sft": (("messages",), ("prompt", "completion")), "dpo": (("prompt", "chosen", "rejected"),),
           "grpo": (("prompt",),)}
@@ -129,7 +129,7 @@ def optional_id(tok: Tokenizer, role: str) -> Optional[int]:
 
 
 def _plain(tok: Tokenizer, prompt: str, reply: str) -> tuple[np.ndarray, np.ndarray]:
-    bos = optional_id(tok, "bos")
+    bos = leading_bos(tok)
     head = ([bos] if bos is not None else []) + tok.encode(prompt)
     eos = optional_id(tok, "eos")
     if eos is None:
@@ -218,7 +218,7 @@ def grpo_prompt_tokens(record: Record, tok: Tokenizer, template=None) -> np.ndar
     chat template's rendering with the generation prompt for a message list."""
     prompt = record.fields["prompt"]
     if isinstance(prompt, str):
-        bos = optional_id(tok, "bos")
+        bos = leading_bos(tok)
         return np.asarray(([bos] if bos is not None else []) + tok.encode(prompt), np.int32)
     if template is None:
         raise DataError(

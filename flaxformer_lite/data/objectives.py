@@ -36,8 +36,9 @@ positions restart at 0 in every segment; padding ids are the tokenizer's pad_id 
 has none: padding carries no weight; seq2seq needs one as its decoder start). Rows of
 the padded last evaluation batch have segment_ids 0 everywhere (and label 0).
 
-Sequences: causal_lm documents are bos + text + eos (text + eos for a tokenizer without
-bos, as Qwen's); masked_lm and classification rows
+Sequences: causal_lm documents are bos + text + eos where the tokenizer puts bos first
+(`adds_bos`: as generate and serve encode a prompt), else text + eos (SmolLM2, Qwen,
+GPT-2); masked_lm and classification rows
 are bos + text + eos (the [CLS] ... [SEP] of BERT); seq2seq inputs and targets end with
 eos. Documents longer than a row are split, never cut, for the self-supervised
 objectives (causal_lm, masked_lm, span_corruption); causal_lm chunks overlap by one token
@@ -68,7 +69,7 @@ from flaxformer_lite.data import corpora, finetune, pipeline
 from flaxformer_lite.data.errors import DataError
 from flaxformer_lite.data.pipeline import Batch, Example
 from flaxformer_lite.data.store import REJECTED, TRAINED, Documents
-from flaxformer_lite.data.tokenizers import Tokenizer, bos_or_none
+from flaxformer_lite.data.tokenizers import Tokenizer, leading_bos
 
 OBJECTIVES = (
     "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "copy", "reverse", "sft", "dpo",
@@ -424,12 +425,12 @@ def _causal_lm_plan(docs: Documents, spec: _Spec) -> _Plan:
     tok, seq_len = spec.tokenizer, spec.seq_len
     if seq_len < 2:
         raise DataError(f"causal_lm needs seq_len >= 2, got {seq_len}")
-    bos = bos_or_none(tok)
+    bos = leading_bos(tok)
     features = functools.partial(
         _token_features, docs=docs, size=seq_len, shift=spec.shift_windows, bos=bos, eos=tok.eos_id
     )
     lengths = docs.lengths
-    lengths += 1 + (bos is not None)  # eos, and bos where the tokenizer has one
+    lengths += 1 + (bos is not None)  # eos, and bos where the tokenizer puts one first
     windows = _Windows(lengths, seq_len, seq_len - 1)
     return _Plan(windows, features, {"tokens": seq_len}, _finalizer(causal_lm_batch, spec), spec.pack)
 

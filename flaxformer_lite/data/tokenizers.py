@@ -71,6 +71,13 @@ def bos_or_none(tok: "Tokenizer") -> Optional[int]:
         return None
 
 
+def leading_bos(tok: "Tokenizer") -> Optional[int]:
+    """The id a training text or a text prompt starts with: bos where the tokenizer's files
+    put one first (`adds_bos`, as generate and serve encode prompts), else None (SmolLM2's,
+    Qwen's and GPT-2's texts start with their first token)."""
+    return tok.bos_id if tok.adds_bos else None
+
+
 def _with_specials(ids: list[int], tok: Tokenizer, bos: bool, eos: bool) -> list[int]:
     return ([tok.bos_id] if bos else []) + ids + ([tok.eos_id] if eos else [])
 

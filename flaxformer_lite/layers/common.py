@@ -33,7 +33,8 @@ def param(module: nn.Module, name: str, init, shape: tuple, axes: tuple, cfg: Mo
     """A parameter carrying logical axis names, cast to the compute dtype. A kernel stored
     quantized (lora.base_dtype, layers/lora.py) is dequantized: int8 with a `{name}_scale`
     beside it, nf4 codes with a `{name}_absmax`. With `anchor` (the layer's input), the
-    dequantized copy is tied to it (ops.tied), so XLA makes it inside the layer."""
+    dequantized or converted copy (of a bfloat16 base) is tied to it (ops.tied), so XLA
+    makes it inside the layer, not for every layer ahead of the first."""
     compute = dtype(cfg)
     if module.has_variable("params", f"{name}_absmax"):  # packed codes: not of `shape`, so not module.param
         codes, absmax = module.get_variable("params", name), module.get_variable("params", f"{name}_absmax")
@@ -43,6 +44,8 @@ def param(module: nn.Module, name: str, init, shape: tuple, axes: tuple, cfg: Mo
         if module.has_variable("params", f"{name}_scale"):
             scale = module.get_variable("params", f"{name}_scale")  # over the output axes, the trailing ones
             value = jnp.asarray(stored, compute) * jnp.asarray(scale, compute)
+        elif stored.dtype != compute and param_dtype(cfg) != DTYPES[cfg.param_dtype]:
+            value = jnp.asarray(stored, compute)  # a bfloat16 base: converted in the layer, like a dequantized one
         else:
             return jnp.asarray(stored, compute)
     return value if anchor is None else ops.tied(value, anchor)

@@ -231,7 +231,7 @@ def sample_prompts(texts: Iterable[str], count: int, tokenizer: data.Tokenizer) 
         (chosen if prose(text) else others).append(text)
         del others[count:]
     chosen += others[: count - len(chosen)]
-    bos = data.bos_or_none(tokenizer)
+    bos = data.leading_bos(tokenizer)
     start = [] if bos is None else [bos]
     return [start + tokenizer.encode(text)[: SAMPLE_PROMPT_TOKENS - len(start)] for text in chosen]
 

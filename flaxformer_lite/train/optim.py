@@ -29,6 +29,8 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
     The schedule sees the optimizer's update count (0 for the first update) and uses
     update number count + 1, so the first update is not spent at a learning rate of 0.
+    Warmup 0 is warmup 1: the first update is at the peak and the decay starts there, so
+    a run of one update trains at learning_rate (not at the decay's end, 0).
       cosine:        half a cosine from the peak to 0 at update num_steps.
       linear:        a straight line from the peak to 0 at update num_steps.
       inverse_sqrt:  peak * sqrt(warmup / n) after warmup: the 2017 paper's rule
@@ -36,13 +38,13 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
                      2017, eq. 3), whose peak d_model^-0.5 * warmup^-0.5 is learning_rate.
       constant:      the peak after warmup.
     """
-    peak, warmup_count = cfg.learning_rate, warmup_steps(cfg)
-    warmup, decay_steps = max(warmup_count, 1), max(cfg.num_steps - warmup_count, 1)
+    peak, warmup = cfg.learning_rate, max(warmup_steps(cfg), 1)
+    decay_steps = max(cfg.num_steps - warmup, 1)
 
     def schedule(count):
         n = jnp.asarray(count, jnp.float32) + 1.0
         warm = jnp.minimum(n / warmup, 1.0)
-        progress = jnp.clip((n - warmup_count) / decay_steps, 0.0, 1.0)
+        progress = jnp.clip((n - warmup) / decay_steps, 0.0, 1.0)
         if cfg.schedule == "cosine":
             decay = 0.5 * (1.0 + jnp.cos(math.pi * progress))
         elif cfg.schedule == "linear":

@@ -157,3 +157,46 @@ def test_train_on_bad_chat_data_is_one_line_and_exit_2(tmp_path, capsys, templat
     assert err.startswith("error: ") and err.count("\n") == 1
     assert re.search(rf"{chat}:[0-9]: " + ("messages need a chat template" if template is None else "the chat template refuses"), err), err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_training_examples_start_as_generate_encodes_the_prompt(tmp_path, adds_bos):
+    """Training follows the tokenizer files' bos rule (`adds_bos`), as generate does: a
+    SmolLM2-like folder whose post-processor adds no bos trains text without it, one that
+    adds bos trains bos + text; a chat template's own bos text is never doubled."""
+    import argparse
+
+    import tokenizers as hf
+
+    from flaxformer_lite.data import load_tokenizer
+    from flaxformer_lite.inference.commands import _chat_prompt, text_prompts
+
+    words = ["a", "b", "c", "d", "user", "assistant", "system"]
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    spec = hf.Tokenizer(hf.models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    spec.pre_tokenizer = hf.pre_tokenizers.Whitespace()
+    spec.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    if adds_bos:
+        spec.post_processor = hf.processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    spec.save(str(tmp_path / "tokenizer.json"))
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + '<|im_end|> ' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": chatml}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.adds_bos == adds_bos
+    rng = np.random.default_rng(int(adds_bos))
+    text, reply = (" ".join(rng.choice(["a", "b", "c", "d"], n)) for n in (5, 3))
+    prompt = text_prompts(argparse.Namespace(bos=None, prompt=[text]), tok, decoder_only=True)[0]
+    assert prompt[:1] == ([1] if adds_bos else [vocab[text[0]]])
+    batch = next(iter(make_dataset("causal_lm", [f"{text} {reply}"], tokenizer=tok, batch_size=1, seq_len=16, train=False)))
+    assert batch["input_ids"][0][: len(prompt)].tolist() == prompt
+    ids, trained = sft_tokens(Record("m:1", {"prompt": text, "completion": reply}), tok)
+    assert ids[: len(prompt)].tolist() == prompt and not trained[: len(prompt)].any() and trained[len(prompt):].all()
+    from flaxformer_lite.data.chat import ChatTemplate
+
+    chat = _chat_prompt(argparse.Namespace(prompt=None, chat=[text], system=None), tok, tmp_path)
+    ids, trained = sft_tokens(Record("m:2", {"messages": [{"role": "user", "content": text},
+                                                         {"role": "assistant", "content": reply}]}),
+                              tok, ChatTemplate.from_folder(tmp_path))
+    assert ids[: len(chat)].tolist() == chat and ids[:2].tolist() == [1, vocab["user"]]  # one bos: the template's

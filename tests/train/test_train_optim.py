@@ -76,3 +76,12 @@ def test_an_unset_warmup_is_a_tenth_of_the_steps_at_most_50():
     assert warmup_steps(TrainConfig(num_steps=10, warmup_steps=30)) == 30  # a set one is kept
     schedule = learning_rate_schedule(TrainConfig(num_steps=10, learning_rate=1e-3, schedule="constant"))
     assert float(schedule(0)) == pytest.approx(1e-3)  # warmup 1: the peak from the first update
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_a_run_of_one_update_trains_at_the_set_rate(schedule):
+    """Unset warmup is 0 for a short run; the one update is at the peak, not the decay's end."""
+    rate = float(np.random.default_rng(0).uniform(1e-4, 1e-2))
+    assert _lr(TrainConfig(num_steps=1, learning_rate=rate, schedule=schedule), 0) == pytest.approx(rate, rel=1e-6)
+    two = [_lr(TrainConfig(num_steps=2, learning_rate=rate, warmup_steps=0, schedule=schedule), c) for c in (0, 1)]
+    assert two[0] == pytest.approx(rate, rel=1e-6) and two[1] == pytest.approx(0.0, abs=1e-9)
