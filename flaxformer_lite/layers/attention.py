@@ -25,12 +25,6 @@ KV_AXES = ("batch", "kv_length", "kv_heads", "head_dim")
 CACHE_AXES = ("cache_rows", "kv_length", "head_dim")
 
 
-def _size(mesh, axes) -> int:
-    """Devices along mesh axes named as a PartitionSpec entry names them (a name or a tuple)."""
-    names = (axes,) if isinstance(axes, str) else axes
-    return int(np.prod([mesh.shape[a] for a in names]))
-
-
 def rope_frequencies(cfg: ModelConfig, is_local: Optional[jax.Array] = None) -> jax.Array:
     """[H/2] RoPE inverse frequencies of a layer: the local base on local layers, if it has one."""
     H = cfg.dim_per_head
@@ -169,18 +163,13 @@ class MultiHeadAttention(nn.Module):
 
     def _splash(self, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, is_local):
         """ops.splash_attention with the layer's mask: the Stack's segment ids (or token
-        validity), the causal triangle, and the window on a local layer; split over the
-        mesh axes the rules give the batch and, where both head counts divide them, the heads."""
+        validity), the causal triangle, and the window on a local layer. The kernel is
+        handed the mesh axes the logical rules give the batch and the heads (the heads only
+        where query and key/value heads share them) as data; the layer reads no mesh."""
         cfg = self.cfg
         batch_axes, head_axes, kv_axes = nn.logical_to_mesh_axes(("batch", "heads", "kv_heads"))
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty:
-            batch_axes = head_axes = None
-        if head_axes != kv_axes or (head_axes and (cfg.num_heads % _size(mesh, head_axes)
-                                                   or cfg.kv_heads % _size(mesh, head_axes))):
+        if head_axes != kv_axes:
             head_axes = None
-        if batch_axes and q_BTNH.shape[0] % _size(mesh, batch_axes):  # the init's one row, for one
-            batch_axes = None
         attend = functools.partial(ops.splash_attention, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, causal=self.causal,
                                    scale=cfg.attention_scale, softcap=cfg.attention_softcap,
                                    batch_axes=batch_axes, head_axes=head_axes)

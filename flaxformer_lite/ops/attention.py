@@ -8,6 +8,7 @@ attend, shaped [B, 1, T, S] (broadcast over heads). Biases are additive, shaped
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import jax
@@ -278,6 +279,15 @@ def splash_visible_blocks(length: int, *, causal: bool, window: Optional[int] = 
     return int(visible.sum())
 
 
+def _dividing(mesh, axes, *sizes: int):
+    """`axes` (a PartitionSpec entry: a mesh axis name or a tuple of them) if the devices
+    along them divide every one of `sizes`, else None (that dimension stays whole)."""
+    if not axes:
+        return None
+    devices = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return axes if all(size % devices == 0 for size in sizes) else None
+
+
 def splash_attention(
     q_BTNH: Array,
     k_BTKH: Array,
@@ -301,9 +311,10 @@ def splash_attention(
       causal: hide keys after the query; window: hide keys `window` or more positions away.
       scale: multiplies the logits (default 1/sqrt(H)); the kernel itself does not scale,
         so the queries are scaled before it. softcap: as dot_product_attention's.
-      batch_axes, head_axes: mesh axes the batch and the heads are split over under the
-        current mesh (jax.set_mesh), None where not split: under a mesh the kernel runs
-        per shard inside shard_map, which a Pallas call needs.
+      batch_axes, head_axes: mesh axes the batch and the heads may be split over under the
+        current mesh (jax.set_mesh), as a PartitionSpec entry names them; None: not split.
+        Under a mesh the kernel runs per shard inside shard_map, which a Pallas call needs,
+        split over each where its sizes divide the devices along it (B; N and K).
 
     On a TPU the kernel is compiled by Mosaic; on any other backend it runs in Pallas's
     interpret mode (slow, for tests). The length is padded to the kernel's tiles
@@ -352,6 +363,8 @@ def splash_attention(
 
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:  # a Pallas call runs per shard: the partitioner cannot split one
+        batch_axes = _dividing(mesh, batch_axes, B)  # not the init's one row, for one
+        head_axes = _dividing(mesh, head_axes, N, k_BTKH.shape[2])
         P = jax.sharding.PartitionSpec
         qs, kvs = P(batch_axes, head_axes), P(batch_axes, head_axes)
         attend = jax.shard_map(attend, mesh=mesh, in_specs=(qs, kvs, kvs, None if ids_BT is None else P(batch_axes)),
