@@ -59,6 +59,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import queue
@@ -178,6 +179,7 @@ class _Seq:
     finished: bool = False
     arrived: float = 0.0
     cached: int = 0  # prompt tokens copied from the prefix cache
+    block_keys: Optional[list] = None  # the prefix cache's keys of the prompt's whole blocks
     stops: Optional[StopMatcher] = None  # made by submit, on the caller's thread
     stop_ids: frozenset = frozenset()
     matcher: object = None  # the grammar's llguidance matcher, advanced after each token
@@ -721,15 +723,14 @@ class Engine:
         """Copy the stored blocks `seq`'s prompt starts with into its slot (at least its last
         token is left to prefill, for the logits it leaves)."""
         C, found = self.chunk, []
-        for end in range(C, len(seq.prompt), C):
-            block = self._blocks.get(tuple(seq.prompt[:end]))
+        for key in self._block_keys(seq)[:(len(seq.prompt) - 1) // C]:
+            block = self._blocks.get(key)
             if block is None:
                 break
             found.append(block)
+            self._blocks.move_to_end(key)
         if not found:
             return
-        for end in range(C, (len(found) + 1) * C, C):
-            self._blocks.move_to_end(tuple(seq.prompt[:end]))
         blocks_M = np.zeros(self.slots // C, np.int32)
         blocks_M[:len(found)] = found
         ids_S = np.full(self.slots, self.vocab_size, np.int32)
@@ -740,9 +741,21 @@ class Engine:
         seq.filled = seq.cached = len(found) * C
         self.stats["prefix_cached_tokens"] += seq.cached
 
+    def _block_keys(self, seq: _Seq) -> list:
+        """The keys of the prompt's whole blocks: block j's is the SHA-256 of block j-1's key
+        and its own tokens, so it names the whole prefix up to its end (computed once, in
+        one pass over the prompt, as vLLM chains its block hashes)."""
+        if seq.block_keys is None:
+            keys, key, C = [], b"", self.chunk
+            for end in range(C, len(seq.prompt) + 1, C):
+                key = hashlib.sha256(key + np.asarray(seq.prompt[end - C:end], np.int64).tobytes()).digest()
+                keys.append(key)
+            seq.block_keys = keys
+        return seq.block_keys
+
     def _keep_block(self, seq: _Seq, start: int) -> None:
         """Store the block of `seq`'s slot at [start, start + chunk), just prefilled whole."""
-        key = tuple(seq.prompt[:start + self.chunk])
+        key = self._block_keys(seq)[start // self.chunk]
         if key in self._blocks:
             self._blocks.move_to_end(key)
             return
