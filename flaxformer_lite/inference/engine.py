@@ -40,6 +40,18 @@ prefill computed for those tokens at those positions, so greedy output is the sa
 the cache on or off. Requests that ask for their prompt's log-probs (`echo`) compute
 every position.
 
+Many LoRA adapters (`max_adapters` > 0): the adapters live in one table (layers/lora.py
+`row_table`) of max_adapters + 1 entries, entry 0 the base (zeros), each padded to
+`max_lora_rank` with its alpha / r folded into B, so adapters of different ranks share
+a batch exactly. A sequence names its adapter at `submit`; each slot carries its entry's
+index, and `prefill` and `step` gather each row's A and B from the table (as S-LoRA and
+punica batch adapters). A batch with no adapted row runs the base's own programs, which
+compile no adapter path (nor do any when max_adapters is 0). `load_adapter` writes an
+entry in place between two steps (nothing compiles again); `unload_adapter` refuses the
+name to new requests at once and frees its entry when the last sequence using it ends,
+so no running sequence changes adapter. Prefix-cache keys of an adapted prompt are seeded
+by its load of the adapter: no adapter reads blocks another one (or the base) computed.
+
 All JAX work runs on the engine's own thread; `submit` and `cancel` are thread-safe and
 return at once. Each request's events go to its `sink` (called on the engine thread):
   {"type": "token", "text": new text, "tokens": [TokenInfo, ...]}   as text is final
@@ -57,6 +69,7 @@ engine is dead: `failure` says why, every sequence submitted gets its "error" ev
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -70,11 +83,13 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from flaxformer_lite.errors import UserError
 from flaxformer_lite.inference import decode
 from flaxformer_lite.inference.grammar import Grammar, Grammars, mask_words
 from flaxformer_lite.inference.text import Detokenizer, StopMatcher
+from flaxformer_lite.layers import lora
 from flaxformer_lite.models import build_model
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit for completions)
@@ -95,6 +110,14 @@ class QueueFull(EngineError):
 
 class Draining(EngineError):
     http_status = 503
+
+
+class UnknownAdapter(EngineError):
+    http_status = 404
+
+
+class AdaptersFull(EngineError):
+    http_status = 409
 
 
 class EngineDead(EngineError):
@@ -179,6 +202,8 @@ class _Seq:
     finished: bool = False
     arrived: float = 0.0
     cached: int = 0  # prompt tokens copied from the prefix cache
+    adapter: int = 0  # its entry of the adapter table (0: the base)
+    adapter_seed: bytes = b""  # the prefix cache's first key: its load of the adapter
     block_keys: Optional[list] = None  # the prefix cache's keys of the prompt's whole blocks
     stops: Optional[StopMatcher] = None  # made by submit, on the caller's thread
     stop_ids: frozenset = frozenset()
@@ -288,11 +313,14 @@ def _with_length(cache, length):
     return jax.tree_util.tree_map_with_path(fix, cache)
 
 
-def _apply(model, params, cache, ids_BT, valid_BT, positions_BT):
-    """The model on tokens [B,T] (the cache's first B rows): (float32 logits [B,T,V], updated cache)."""
+def _apply(model, params, cache, ids_BT, valid_BT, positions_BT, adapters=None, adapter_B=None):
+    """The model on tokens [B,T] (the cache's first B rows): (float32 logits [B,T,V], updated
+    cache); with an adapter table, row b adapted by its entry adapter_B[b]."""
+    variables = {**params, "cache": cache}
+    if adapters is not None:
+        variables[lora.ROWS] = jax.tree.map(lambda t: t[adapter_B], adapters)
     out, mutated = model.apply(
-        {**params, "cache": cache}, ids_BT, attention_mask=valid_BT, positions=positions_BT,
-        decode=True, mutable=["cache"],
+        variables, ids_BT, attention_mask=valid_BT, positions=positions_BT, decode=True, mutable=["cache"],
     )
     return out.logits.astype(jnp.float32), mutated["cache"]
 
@@ -325,16 +353,17 @@ def _penalize(logits_BV, tables, biased_B, repetition_B, presence_B, frequency_B
 
 @functools.partial(jax.jit, static_argnames=("model", "layout"), donate_argnames=("pool", "logits_BV", "tables"))
 def _prefill(model, layout, params, pool, logits_BV, tables, slot, start, ids_C, targets_C, n_valid, bias_ids_K,
-             bias_K):
-    """One prompt chunk into slot `slot` at cache position `start`. The slot's `tables`
-    (its prompt's tokens [B,V] bool, its output's counts [B,V], its logit bias [B,V], set
-    from `bias_ids_K`, `bias_K`; ids past the vocabulary pad) start afresh with a prompt's
-    first chunk."""
+             bias_K, adapters=None, adapter=None):
+    """One prompt chunk into slot `slot` at cache position `start` (adapted by entry
+    `adapter` of the `adapters` table, if given). The slot's `tables` (its prompt's tokens
+    [B,V] bool, its output's counts [B,V], its logit bias [B,V], set from `bias_ids_K`,
+    `bias_K`; ids past the vocabulary pad) start afresh with a prompt's first chunk."""
     C = ids_C.shape[0]
     cache = _with_length(_take_slot(pool, layout, slot), start)
     valid_C = jnp.arange(C) < n_valid
     logits_1CV, cache = _apply(model, params, cache, ids_C[None], valid_C[None],
-                               start + jnp.arange(C, dtype=jnp.int32)[None])
+                               start + jnp.arange(C, dtype=jnp.int32)[None], adapters,
+                               None if adapter is None else adapter[None])
     logits_CV = logits_1CV[0]
     pool = _put_slot(pool, layout, slot, cache)
     logits_BV = logits_BV.at[slot].set(logits_CV[n_valid - 1])
@@ -351,10 +380,12 @@ def _prefill(model, layout, params, pool, logits_BV, tables, slot, start, ids_C,
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pool", "logits_BV", "tables"))
 def _step(model, params, pool, logits_BV, tables, decoding_B, length_B, temperature_B, top_k_B, top_p_B,
-          biased_B, repetition_B, presence_B, frequency_B, seed_B, choice_B, step_B, allowed_BW, constrained_B):
+          biased_B, repetition_B, presence_B, frequency_B, seed_B, choice_B, step_B, allowed_BW, constrained_B,
+          adapters=None, adapter_B=None):
     """Pick the next token of the pool's first B slots (B: the length of the per-slot
     arguments, a bucket) from their penalised logits (only among those a grammar's packed
-    mask `allowed_BW` allows where `constrained_B`), then run the model on them as one batch.
+    mask `allowed_BW` allows where `constrained_B`), then run the model on them as one batch
+    (each row adapted by its entry `adapter_B` of the `adapters` table, if given).
 
     Returns (pool, logits, tables, tokens [B], (log p [B], top ids [B,5], top log p [B,5],
     finite [B])), the log-probs under the model's own logits (before bias and penalties);
@@ -371,10 +402,16 @@ def _step(model, params, pool, logits_BV, tables, decoding_B, length_B, temperat
     prompt_BV, output_BV, bias_BV = tables
     output_BV = output_BV.at[jnp.arange(B), token_B].add(decoding_B.astype(output_BV.dtype))
     logits_B1V, pool = _apply(model, params, _with_length(pool, length_B), token_B[:, None], jnp.ones((B, 1), bool),
-                              length_B[:, None])
+                              length_B[:, None], adapters, adapter_B)
     logits_BV, tables = jax.tree.map(lambda x, part: x.at[:B].set(part), whole,
                                      (logits_B1V[:, 0], (prompt_BV, output_BV, bias_BV)))
     return pool, logits_BV, tables, token_B, summary
+
+
+@functools.partial(jax.jit, donate_argnames=("adapters",))
+def _write_adapter(adapters, index, entry):
+    """The adapter table with entry `index` set to `entry` (the table's tree, one entry's shapes)."""
+    return jax.tree.map(lambda t, x: t.at[index].set(x.astype(t.dtype)), adapters, entry)
 
 
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("pool", "logits_BV", "tables"))
@@ -444,11 +481,17 @@ class Engine:
       prefill_budget: prompt tokens prefilled (whole chunks, oldest request first) before
         each decode step (None: 4 chunks): more shortens the wait for a first token when
         many requests arrive together, and lengthens the running streams' gap between two.
+      max_adapters: LoRA adapters the engine can hold at once (`load_adapter`); 0: none,
+        and no adapter path is compiled.
+      max_lora_rank: the largest adapter rank the table holds (smaller ones are padded).
+      lora_targets: the projections (layers/lora.py AXES) the table adapts (None: every
+        projection the model has); an adapter of others is refused.
     """
 
     def __init__(self, model, params, tokenizer, *, max_batch: int = 8, max_len: Optional[int] = None,
                  chunk: int = 64, max_queue: int = 64, prefix_blocks: Optional[int] = None,
-                 prefill_budget: Optional[int] = None):
+                 prefill_budget: Optional[int] = None, max_adapters: int = 0, max_lora_rank: int = 16,
+                 lora_targets: Optional[Sequence[str]] = None):
         cfg = model.cfg
         if cfg.family != "decoder":
             raise ValueError(
@@ -504,6 +547,29 @@ class Engine:
         self._error: Optional[BaseException] = None
         self.stats = collections.Counter()
         self._token_text: dict[int, str] = {}
+        self._init_adapters(params, max_adapters, max_lora_rank, lora_targets)
+
+    def _init_adapters(self, params, max_adapters: int, max_lora_rank: int, lora_targets) -> None:
+        """The adapter table (None when max_adapters is 0) and its bookkeeping."""
+        self.max_adapters, self.max_lora_rank = max_adapters, max_lora_rank
+        self.lora_targets = tuple(t for t in lora.AXES if lora_targets is None or t in lora_targets)
+        self._adapters = None
+        if max_adapters:
+            cfg = self.model.cfg
+            if cfg.lora.rank or cfg.scan_layers:
+                raise ValueError("serving many adapters needs a base model without its own LoRA (model.lora.rank=0) "
+                                 "and with unrolled layers (model.scan_layers=false), as hf.load gives")
+            if max_lora_rank < 1:
+                raise ValueError(f"--max-lora-rank {max_lora_rank} must be >= 1")
+            self._adapters = lora.row_table(cfg, params, self.lora_targets, max_adapters + 1, max_lora_rank)
+            if not self._adapters:
+                raise ValueError(f"the model has no projection of {', '.join(self.lora_targets)} to adapt")
+        self._named: dict[str, tuple[int, bytes]] = {}  # adapter name -> (table entry, prefix-cache seed)
+        self._loading: dict[str, int] = {}  # adapter name -> the table entry it is being written into
+        self._users = collections.Counter()  # table entry -> sequences using it, not finished
+        self._loads = 0  # adapters loaded so far: each load's prefix-cache seed
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()  # (entry, weights, name, seed, Future)
+        self._warming_adapters = False  # compiling the adapter path at start-up
 
     # -- public, any thread
 
@@ -523,8 +589,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Sink) -> Handle:
-        """Queue one sequence; raises EngineError (400), QueueFull (429), Draining or EngineDead (503)."""
+    def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Sink, adapter: Optional[str] = None) -> Handle:
+        """Queue one sequence, adapted by the loaded adapter named `adapter` (None: the
+        base); raises EngineError (400), UnknownAdapter (404), QueueFull (429), Draining or
+        EngineDead (503)."""
         if self.draining or self._stopping:
             raise Draining("the server is shutting down and takes no new requests")
         self.check(prompt, params)
@@ -536,6 +604,12 @@ class Engine:
             self._raise_if_dead()
             if self.queued() >= self.max_queue + len(self._free):
                 raise QueueFull(f"{self.queued()} requests are waiting for a slot; retry shortly")
+            if adapter is not None:
+                if adapter not in self._named:
+                    raise UnknownAdapter(f"no adapter named {adapter!r} is loaded (loaded: "
+                                         f"{', '.join(self._named) or 'none'})")
+                seq.adapter, seq.adapter_seed = self._named[adapter]
+                self._users[seq.adapter] += 1
             self._incoming.put(seq)
         self._wake.set()
         return Handle(self, seq)
@@ -546,6 +620,67 @@ class Engine:
         request is running (GRPO swaps in the policy's weights between its rollouts)."""
         self.params = params
         self._blocks.clear()
+
+    def adapters(self) -> list[str]:
+        """The names of the adapters requests may use now."""
+        with self._lock:
+            return list(self._named)
+
+    def load_adapter(self, name: str, lora_cfg, adapters) -> concurrent.futures.Future:
+        """Write adapter `name` (its model.lora and {'params': adapters} tree, as
+        interop.peft.adapter_params gives them) into a free entry of the table, between two
+        steps; the Future is done once requests may name it. EngineError (400) for an
+        adapter the table cannot hold, AdaptersFull (409) when every entry is in use."""
+        self._raise_if_dead()
+        if self._adapters is None:
+            raise EngineError("this server holds no adapters: start it with --max-adapters N (N >= 1)")
+        if lora_cfg.rank > self.max_lora_rank:
+            raise EngineError(f"adapter {name!r} has rank {lora_cfg.rank}, above the --max-lora-rank of "
+                              f"{self.max_lora_rank} the adapter table holds: restart with --max-lora-rank "
+                              f"{lora_cfg.rank} or more")
+        others = [t for t in lora_cfg.targets if t not in self.lora_targets]
+        if others:
+            raise EngineError(f"adapter {name!r} adapts {', '.join(others)}, which the adapter table does not hold "
+                              f"(it holds {', '.join(self.lora_targets)}: the projections of the adapters the server "
+                              "started with): start the server with an adapter of those projections among its --peft")
+        entry = self._table_entry(name, lora.row_weights(adapters, lora_cfg.scale, self.max_lora_rank))
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._raise_if_dead()
+            if name in self._named or name in self._loading:
+                raise EngineError(f"an adapter named {name!r} is already loaded: unload it first, or pick another "
+                                  "name")
+            busy = {i for i, _ in self._named.values()} | set(self._loading.values()) | {
+                i for i, n in self._users.items() if n}
+            free = [i for i in range(1, self.max_adapters + 1) if i not in busy]
+            if not free:
+                raise AdaptersFull(f"the server holds --max-adapters {self.max_adapters} adapters (or requests still "
+                                   "run on unloaded ones): unload one first, or restart with a larger --max-adapters")
+            self._loads += 1
+            seed = hashlib.sha256(f"adapter load {self._loads}".encode()).digest()
+            self._loading[name] = free[0]
+            self._writes.put((free[0], entry, name, seed, future))
+        self._wake.set()
+        return future
+
+    def unload_adapter(self, name: str) -> None:
+        """Refuse adapter `name` to new requests from now on; its entry is freed once the
+        sequences running on it end. UnknownAdapter (404) if none is loaded by that name."""
+        with self._lock:
+            if name not in self._named:
+                raise UnknownAdapter(f"no adapter named {name!r} is loaded (loaded: {', '.join(self._named) or 'none'})")
+            del self._named[name]
+
+    def _table_entry(self, name: str, weights: dict) -> dict:
+        """One entry of the adapter table (its tree; zeros where the adapter adapts nothing)
+        from an adapter's row weights, EngineError naming a tensor made for another base."""
+        table = traverse_util.flatten_dict(self._adapters)
+        for key, x in weights.items():
+            if key not in table or tuple(table[key].shape[1:]) != x.shape:
+                raise EngineError(f"adapter {name!r}: {'/'.join(map(str, key))} {list(x.shape)} does not fit this "
+                                  "base: the adapter was made for another model; load one trained on this base")
+        return traverse_util.unflatten_dict(
+            {key: weights.get(key, np.zeros(t.shape[1:], np.float32)) for key, t in table.items()})
 
     def _raise_if_dead(self) -> None:
         if self.failure is not None:
@@ -649,6 +784,8 @@ class Engine:
         for seq in list(self._running.values()) + list(self._waiting):
             self._finish(seq, "error", f"the engine stopped: {self.failure}")
         self._waiting.clear()
+        while not self._writes.empty():
+            self._writes.get()[-1].set_exception(EngineDead(f"the engine stopped: {self.failure}"))
 
     def _guarded(self, seq: _Seq, work: Callable, *args):
         """work(*args) for one sequence; an exception fails that sequence, not the loop."""
@@ -662,21 +799,28 @@ class Engine:
     def _warm_up(self) -> None:
         """Compile prefill, each bucket's step, the slot move and the prefix cache's copies
         once: no request compiles anything afterwards."""
-        seq = _Seq([0], SamplingParams(max_tokens=1, ignore_eos=True), lambda event: None, slot=self._free.pop(0))
-        self._running[seq.slot] = seq
-        slot, none = np.int32(seq.slot), np.int32(0)
-        if self.prefix_blocks:  # no block is kept or restored: these calls only compile
-            self._store = _save_block(self.layout, self._store, self._pool, slot, none, none)
-            self._pool, self._tables = _restore(
-                self.layout, self._pool, self._tables, self._store, slot, np.zeros(self.slots // self.chunk, np.int32),
-                none, np.full(self.slots, self.vocab_size, np.int32), *self._prefill_inputs(seq)[3:])
-        self._prefill_chunk(seq)
-        self._decode_step()
-        for rows in self.buckets[1:]:  # no sequence decodes in these steps: they only compile
-            self._decode_step(rows)
+        slot, none = np.int32(self._free[0]), np.int32(0)
+        if self._adapters is not None:  # entry 0, the base's zeros, written over with zeros: this only compiles
+            self._adapters = _write_adapter(self._adapters, none, jax.tree.map(lambda t: np.zeros(t.shape[1:], t.dtype),
+                                                                               self._adapters))
+            self._write_adapters()
+        for self._warming_adapters in (False, True) if self._adapters is not None else (False,):
+            seq = _Seq([0], SamplingParams(max_tokens=1, ignore_eos=True), lambda event: None, slot=self._free.pop(0))
+            self._running[seq.slot] = seq
+            if self.prefix_blocks:  # no block is kept or restored: these calls only compile
+                self._store = _save_block(self.layout, self._store, self._pool, slot, none, none)
+                self._pool, self._tables = _restore(
+                    self.layout, self._pool, self._tables, self._store, slot,
+                    np.zeros(self.slots // self.chunk, np.int32), none, np.full(self.slots, self.vocab_size, np.int32),
+                    *self._prefill_inputs(seq)[3:])
+            self._prefill_chunk(seq)
+            self._decode_step()
+            for rows in self.buckets[1:]:  # no sequence decodes in these steps: they only compile
+                self._decode_step(rows)
+        self._warming_adapters = False
         self._pool, self._logits, self._tables = _move(self.layout, self._pool, self._logits, self._tables, slot,
                                                        slot)
-        jax.block_until_ready((self._pool, self._logits, self._tables))
+        jax.block_until_ready((self._pool, self._logits, self._tables, self._adapters))
         self.stats.clear()
 
     def _compact(self) -> None:
@@ -693,7 +837,18 @@ class Engine:
             self._free.sort()
             self.stats["slot_moves"] += 1
 
+    def _write_adapters(self) -> None:
+        """Write the queued adapters into the table, then let requests name them."""
+        while not self._writes.empty():
+            entry, weights, name, seed, future = self._writes.get()
+            self._adapters = _write_adapter(self._adapters, np.int32(entry), weights)
+            with self._lock:
+                del self._loading[name]
+                self._named[name] = (entry, seed)
+            future.set_result(None)
+
     def _iteration(self) -> None:
+        self._write_adapters()
         while not self._incoming.empty():
             self._waiting.append(self._incoming.get())
         for seq in [s for s in self._waiting if s.cancelled]:
@@ -744,9 +899,10 @@ class Engine:
     def _block_keys(self, seq: _Seq) -> list:
         """The keys of the prompt's whole blocks: block j's is the SHA-256 of block j-1's key
         and its own tokens, so it names the whole prefix up to its end (computed once, in
-        one pass over the prompt, as vLLM chains its block hashes)."""
+        one pass over the prompt, as vLLM chains its block hashes); block 0's chains from
+        the sequence's adapter seed (empty for the base)."""
         if seq.block_keys is None:
-            keys, key, C = [], b"", self.chunk
+            keys, key, C = [], seq.adapter_seed, self.chunk
             for end in range(C, len(seq.prompt) + 1, C):
                 key = hashlib.sha256(key + np.asarray(seq.prompt[end - C:end], np.int64).tobytes()).digest()
                 keys.append(key)
@@ -794,6 +950,7 @@ class Engine:
         self._pool, self._logits, self._tables, summary = _prefill(
             self.model, self.layout, self.params, self._pool, self._logits, self._tables, np.int32(seq.slot),
             np.int32(seq.filled), ids_C, targets_C, np.int32(n), bias_ids_K, bias_K,
+            *self._adapter_rows(np.int32(seq.adapter)),
         )
         self.stats["prefill_chunks"] += 1
         if n == self.chunk and self.prefix_blocks:
@@ -852,9 +1009,13 @@ class Engine:
             # Device arrays, as the unconstrained masks are: a numpy argument would be another
             # entry of the step's cache.
             masks = (jnp.asarray(self._allowed[:B]), jnp.asarray(np.isin(np.arange(B), [b for _, b in constrained])))
+        adapter_B = np.zeros(B, np.int32)
+        for s in self._running.values():
+            adapter_B[s.slot] = s.adapter
         self._pool, self._logits, self._tables, token_B, summary = _step(
             self.model, self.params, self._pool, self._logits, self._tables, decoding_B, length, temperature, top_k,
             top_p, biased_B, repetition, presence, frequency, seed, choice, step, *masks,
+            *self._adapter_rows(adapter_B),
         )
         self.stats["steps"] += 1
         token_B, (lp_B, top_ids, top_lp, finite_B) = np.asarray(token_B), (np.asarray(a) for a in summary)
@@ -866,6 +1027,13 @@ class Engine:
             self._guarded(s, self._take_token, s, int(token_B[b]), float(lp_B[b]), top_ids[b], top_lp[b])
             if s.matcher is not None and not s.finished:
                 self._guarded(s, self._advance_grammar, s, int(token_B[b]))
+
+    def _adapter_rows(self, adapter) -> tuple:
+        """The adapter arguments of prefill or step for these rows' table entries: none
+        (the base's program) unless one row is adapted, or while warming that path up."""
+        if self._adapters is None or not (np.any(adapter) or self._warming_adapters):
+            return ()
+        return self._adapters, adapter
 
     def _advance_grammar(self, seq: _Seq, token: int) -> None:
         """Feed the token to the sequence's grammar; a complete grammar ends the sequence."""
@@ -919,6 +1087,9 @@ class Engine:
         if seq.finished:
             return
         seq.finished = True
+        if seq.adapter:
+            with self._lock:
+                self._users[seq.adapter] -= 1
         if seq.slot >= 0:
             self._running.pop(seq.slot, None)
             self._free.append(seq.slot)

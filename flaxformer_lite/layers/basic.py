@@ -98,7 +98,7 @@ class FeedForward(nn.Module):
         # residual dropout here; the hidden activation is large and worth a constraint.
         adapters = {
             name: functools.partial(lora.delta, self, name, out_shape=(size,), cfg=cfg, deterministic=deterministic)
-            for name, size in (("wi", F), ("wg", F), ("wo", D)) if lora.targets(cfg, name)
+            for name, size in (("wi", F), ("wg", F), ("wo", D)) if lora.adapted(self, cfg, name)
         }
         out_BTD = ops.feed_forward(
             constrain(x_BTD, ("batch", "length", "embed")), wi, wo,

@@ -15,6 +15,13 @@ a float32 scale per output channel (`{name}_scale`, max |w| / 127 over the input
 with nf4, as QLoRA's 4-bit NormalFloat codes with a float32 absmax per block of 64
 (`{name}_absmax`; ops/quant.py). layers.common.param dequantizes either as it is read,
 inside the layer (ops.tied), so only one layer's kernels exist in the compute dtype.
+
+Many adapters in one batch (serving): a model applied with a `lora_rows` collection
+(ROWS) beside its params, holding per-row `{name}_lora_a` [B, in..., R] and
+`{name}_lora_b` [B, R, out...], adds each row's own x A B (the scale folded into B, as
+`row_weights` does): the rows of one batch may use different adapters, of different
+ranks zero-padded to one R, as S-LoRA and punica batch them. `row_table` makes the zero
+table such rows are gathered from, one adapter per entry.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from flaxformer_lite import ops
@@ -32,6 +40,7 @@ from flaxformer_lite.config import ModelConfig
 from flaxformer_lite.layers.common import DTYPES
 
 SUFFIXES = ("_lora_a", "_lora_b")
+ROWS = "lora_rows"  # the collection of per-row adapters (see the module docstring)
 # Each projection's kernel axes: (input axes, output axes).
 AXES = {
     "query": (("embed",), ("heads", "head_dim")),
@@ -49,11 +58,20 @@ def targets(cfg: ModelConfig, name: str) -> bool:
     return bool(cfg.lora.rank) and name in cfg.lora.targets
 
 
+def adapted(module: nn.Module, cfg: ModelConfig, name: str) -> bool:
+    """True when projection `name` of `module` gets an adapter: cfg's, or per-row ones."""
+    return targets(cfg, name) or module.has_variable(ROWS, f"{name}_lora_a")
+
+
 def delta(module: nn.Module, name: str, x: jax.Array, out_shape: tuple[int, ...], cfg: ModelConfig, *,
           deterministic: bool) -> Optional[jax.Array]:
     """(alpha / R) * dropout(x) A B for projection `name` of `module` (its parameters are
     created there), shaped x's leading axes + out_shape; None if the projection has no
-    adapter. x's trailing axes are the projection's input axes."""
+    adapter. x's trailing axes are the projection's input axes. Per-row adapters (ROWS),
+    where the model is applied with them, take the place of cfg's."""
+    if module.has_variable(ROWS, f"{name}_lora_a"):
+        return _row_delta(x, module.get_variable(ROWS, f"{name}_lora_a"), module.get_variable(ROWS, f"{name}_lora_b"),
+                          out_shape)
     if not targets(cfg, name):
         return None
     in_axes, out_axes = AXES[name]
@@ -71,6 +89,47 @@ def delta(module: nn.Module, name: str, x: jax.Array, out_shape: tuple[int, ...]
     compute = x.dtype
     h = jnp.tensordot(x, a.astype(compute), axes=n_in)
     return jnp.tensordot(h * jnp.asarray(cfg.lora.scale, compute), b.astype(compute), axes=1)
+
+
+def _row_delta(x, a, b, out_shape: tuple[int, ...]) -> jax.Array:
+    """x A_b B_b for each row b of x [B, ..., in...], with a [B, in..., R], b [B, R, out...]."""
+    B, R = a.shape[0], a.shape[-1]
+    n_in = a.ndim - 2
+    compute = x.dtype
+    x_BTI = x.reshape(B, -1, math.prod(a.shape[1:-1]))
+    h_BTR = jnp.einsum("BTI,BIR->BTR", x_BTI, a.reshape(B, -1, R).astype(compute))
+    out_BTO = jnp.einsum("BTR,BRO->BTO", h_BTR, b.reshape(B, R, -1).astype(compute))
+    return out_BTO.reshape(x.shape[:x.ndim - n_in] + tuple(out_shape))
+
+
+def row_table(cfg: ModelConfig, params: Any, names: tuple[str, ...], size: int, rank: int, dtype=jnp.float32) -> dict:
+    """Zero per-row adapters for every projection kernel of `params` ({'params': ...} or
+    its tree; unrolled layers) named in `names`: a nested dict, as ROWS holds them, of
+    `{name}_lora_a` [size, in..., rank] and `{name}_lora_b` [size, rank, out...]."""
+    tree = params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
+    out = {}
+    for key, leaf in traverse_util.flatten_dict(tree).items():
+        name = str(key[-1])
+        if name in names and tuple(leaf.shape) == kernel_shape(cfg, name):
+            n_in = len(AXES[name][0])
+            out[key[:-1] + (f"{name}_lora_a",)] = jnp.zeros((size, *leaf.shape[:n_in], rank), dtype)
+            out[key[:-1] + (f"{name}_lora_b",)] = jnp.zeros((size, rank, *leaf.shape[n_in:]), dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def row_weights(adapters: Any, scale: float, rank: int) -> dict:
+    """One adapter's entry of a row_table (a flat {path: array} dict, numpy float32): each
+    A zero-padded to `rank` columns, each B scaled by `scale` (alpha / r) and zero-padded
+    to `rank` rows. The padding adds exactly zero to x A B."""
+    tree = adapters["params"] if isinstance(adapters, dict) and set(adapters) == {"params"} else adapters
+    out = {}
+    for key, x in traverse_util.flatten_dict(tree).items():
+        x = np.asarray(jax.device_get(x), np.float32)
+        if str(key[-1]).endswith("_lora_a"):
+            out[key] = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, rank - x.shape[-1])])
+        else:
+            out[key] = np.pad(x * np.float32(scale), [(0, rank - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    return out
 
 
 QUANTIZED = {"int8": "_scale", "nf4": "_absmax"}  # base_dtype -> suffix of the array beside the kernel

@@ -30,3 +30,16 @@ def servers(hf_dir, bert_dir):
     finally:
         for server in started.values():
             server.close()
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory):
+    """Three PEFT adapters of tiny_model()'s base (hf_dir's), of ranks 2, 4 and 8 on
+    different projections: {name: folder}."""
+    from serve_helpers import adapter_folder
+
+    root = tmp_path_factory.mktemp("serve_adapters")
+    shapes = {"r2": (2, ("query", "value")), "r4": (4, ("query", "key", "value", "out")),
+              "r8": (8, ("query", "value", "wi", "wo"))}
+    return {name: adapter_folder(root / name, rank, targets, seed)
+            for seed, (name, (rank, targets)) in enumerate(shapes.items())}

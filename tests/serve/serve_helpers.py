@@ -46,8 +46,6 @@ def tiny_model(preset="llama_tiny", overrides=TINY):
     return cfg, jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-
-
 def llama_folder(path: pathlib.Path) -> pathlib.Path:
     """config.json + model.safetensors + tokenizer.json + tokenizer_config.json (chat template)."""
     cfg, params = tiny_model()
@@ -171,3 +169,20 @@ class Server:
         self.proc.wait()
 
 
+
+
+def adapter_folder(path: pathlib.Path, rank: int, targets: tuple, seed: int, alpha: float = 16.0) -> pathlib.Path:
+    """A PEFT LoRA folder for tiny_model()'s base: random A and B (not PEFT's zero B), so
+    the adapter changes what the model says."""
+    import dataclasses
+
+    from flaxformer_lite.config import LoraConfig
+    from flaxformer_lite.interop import peft
+    from flaxformer_lite.layers import lora
+
+    base_cfg, base = tiny_model()
+    cfg = dataclasses.replace(base_cfg, lora=LoraConfig(rank=rank, alpha=alpha, targets=targets))
+    shapes = lora.split(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))[0]
+    rng = np.random.default_rng(seed)
+    adapters = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), shapes)
+    return peft.save_adapters(cfg, lora.join(adapters, base), path, model_type="llama")

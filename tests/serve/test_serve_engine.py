@@ -30,15 +30,16 @@ def engine(hf_dir):
     engine.stop()
 
 
-def _run(engine, prompts, settings=None):
+def _run(engine, prompts, settings=None, adapters=None):
     """Each prompt's (new token ids, done event), all submitted at once; `settings`, one
-    dict of SamplingParams fields per prompt, adds to greedy decoding."""
+    dict of SamplingParams fields per prompt, adds to greedy decoding; `adapters` names
+    each prompt's adapter (None: the base)."""
     events = queue.SimpleQueue()
     for i, p in enumerate(prompts):
         extra = settings[i] if settings else {}
         engine.submit(p, SamplingParams(**{"max_tokens": NEW, "temperature": 0, "ignore_eos": True, "logprobs": 0,
                                            **extra}),
-                      lambda e, i=i: events.put((i, e)))
+                      lambda e, i=i: events.put((i, e)), adapter=adapters[i] if adapters else None)
     tokens, done = [[] for _ in prompts], [None] * len(prompts)
     while any(d is None for d in done):
         i, e = events.get(timeout=120)
