@@ -89,8 +89,16 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print tokens as they are generated (one prompt, greedy/sample); the output is the same")
 
 
-def add_peft_argument(group) -> None:
-    """--peft ADAPTER, for commands that load a model from --hf."""
+def add_peft_argument(group, many: bool = False) -> None:
+    """--peft ADAPTER, for commands that load a model from --hf (`many`: repeatable, as
+    serve takes it, [NAME=]DIR)."""
+    if many:
+        group.add_argument("--peft", action="append", metavar="[NAME=]DIR", help="with --hf: a PEFT LoRA adapter "
+                           "folder for that base (repeatable). One bare DIR alone: the base with that adapter is the "
+                           "model served, named after the folder. NAME=DIR, several, or with --max-adapters: each "
+                           "adapter is a model requests name (NAME, else its folder's name) beside the base, and "
+                           "requests of different adapters share one batch (docs/serving.md, 'Many adapters')")
+        return
     group.add_argument("--peft", metavar="ADAPTER", help="with --hf: a PEFT LoRA adapter folder (adapter_config.json, "
                        "adapter_model.safetensors) for that base, used unmerged")
 

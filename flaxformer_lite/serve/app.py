@@ -1,18 +1,19 @@
 """The HTTP side: OpenAI's /v1 routes as a Starlette (ASGI) app over the engine.
 
     app = build_app(Served(name, engine=engine, tokenizer=tok, ...), policy=access.Policy(...))
-    # POST /v1/completions, /v1/chat/completions, /v1/embeddings; GET /v1/models, /health,
-    # /metrics (Prometheus), /openapi.json (the protocol's document)
+    # POST /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/load_lora_adapter,
+    # /v1/unload_lora_adapter; GET /v1/models, /health, /metrics (Prometheus), /openapi.json
 
 Handlers run on the event loop and never call JAX: they read the body (JSON only, at most
 --max-body-bytes, counted as it arrives), parse it into the protocol's typed models
 (serve/protocol.py), check the prompt's length in characters, tokenize and render chat
 templates on a thread of their own, submit sequences to the engine (which runs JAX on its
 own thread) and turn its events, handed over with `loop.call_soon_threadsafe`, into a
-JSON body or server-sent events. Errors have OpenAI's shape, {"error": {"message",
+JSON body or server-sent events. A request's `model` names the base or one of the
+engine's loaded LoRA adapters (--peft NAME=DIR, /v1/load_lora_adapter). Errors have OpenAI's shape, {"error": {"message",
 "type", "param", "code"}}: 400 bad parameters (the field named), 401 no or a wrong key,
-404 unknown model, 413 body too large, 415 not JSON, 429 (with Retry-After) when the queue
-is full, 503 while the server drains, 500 when the model fails on a request (non-finite
+404 unknown model (or adapter), 409 no free adapter entry, 413 body too large, 415 not
+JSON, 429 (with Retry-After) when the queue is full, 503 while the server drains, 500 when the model fails on a request (non-finite
 logits) or the server has a bug (no traceback goes to the client).
 """
 
@@ -81,20 +82,33 @@ class Served:
     compilations: Callable[[], int] = lambda: 0
     max_body_bytes: int = MAX_BODY_BYTES  # larger bodies get 413, counted while they are read
     allow_special_tokens: bool = False  # parse special-token text in user and tool messages
+    # A PEFT folder's (model.lora, adapters) for this base, for /v1/load_lora_adapter; None: none load.
+    read_adapter: Optional[Callable[[str], tuple]] = None
+    adapter_folders: dict = dataclasses.field(default_factory=dict)  # adapter name -> its folder, for /v1/models
 
     @property
     def draining(self) -> bool:
         worker = self.engine or self.embedder
         return worker.draining
 
+    def adapters(self) -> list[str]:
+        """The names of the LoRA adapters requests may name now."""
+        return self.engine.adapters() if self.engine is not None else []
+
 
 # ------------------------------------------------------------------------ request parsing
 
 
 def _check_model(served: Served, model: Optional[str]) -> None:
-    if model is not None and model != served.name:
-        raise ApiError(404, f"The model '{model}' does not exist: this server serves '{served.name}' (GET /v1/models)",
+    if model is not None and model != served.name and model not in served.adapters():
+        known = ", ".join(f"'{name}'" for name in [served.name, *served.adapters()])
+        raise ApiError(404, f"The model '{model}' does not exist: this server serves {known} (GET /v1/models)",
                        "model", "model_not_found")
+
+
+def _adapter(served: Served, body) -> Optional[str]:
+    """The adapter a request names (None: the base), its model checked by _json_body."""
+    return None if body.model in (None, served.name) else body.model
 
 
 def _unsupported(body) -> None:
@@ -212,7 +226,7 @@ class _Run:
         self.clocks = {}
         self.arrived = request.scope.get("ffl.arrived", time.perf_counter())
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int) -> None:
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int, adapter: Optional[str]) -> None:
         engine = self.served.engine
         try:
             for p in prompts:
@@ -220,10 +234,10 @@ class _Run:
             for i, p in enumerate(prompts):
                 for j in range(n):
                     sink = functools.partial(self._sink, i * n + j)
-                    self.handles.append(engine.submit(p, dataclasses.replace(params, choice=j), sink))
+                    self.handles.append(engine.submit(p, dataclasses.replace(params, choice=j), sink, adapter=adapter))
         except EngineError as e:
             self.cancel()
-            raise ApiError(e.http_status, str(e)) from None
+            raise ApiError(e.http_status, str(e), "model" if e.http_status == 404 else None) from None
 
     def _sink(self, index: int, event: dict) -> None:
         """Called on the engine thread: hand the event to the event loop."""
@@ -379,8 +393,9 @@ async def completions(request: Request) -> Response:
     if grammar is not None:
         params = dataclasses.replace(params, grammar=grammar)
     run = _Run(served, request)
-    run.submit(prompts, params, n)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    adapter = _adapter(served, body)
+    run.submit(prompts, params, n, adapter)
+    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), adapter or served.name
 
     def scored_prompt(index: int, done: dict) -> Optional[dict]:
         """The echoed prompt's logprobs object (its tokens from offset 0), None without echo."""
@@ -392,7 +407,7 @@ async def completions(request: Request) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def sse():
-            chunk = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
+            chunk = {"id": rid, "object": "text_completion", "created": created, "model": model}
             done_events, offsets = [], {}
             async for index, event in run.events_until_done():
                 choice = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
@@ -442,7 +457,7 @@ async def completions(request: Request) -> Response:
         return out
 
     return JSONResponse({
-        "id": rid, "object": "text_completion", "created": created, "model": served.name,
+        "id": rid, "object": "text_completion", "created": created, "model": model,
         "choices": await _off_loop(request, choices), "usage": _usage(list(done.values()), prompts),
     })
 
@@ -605,8 +620,9 @@ async def chat_completions(request: Request) -> Response:
         params = dataclasses.replace(params, grammar=await _off_loop(request, _grammar, served, body, forced_tools))
     stream = bool(body.stream)
     run = _Run(served, request)
-    run.submit([prompt], params, n)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    adapter = _adapter(served, body)
+    run.submit([prompt], params, n, adapter)
+    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), adapter or served.name
 
     def chat_logprobs(infos):
         if not want_logprobs:
@@ -620,7 +636,7 @@ async def chat_completions(request: Request) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def sse():
-            chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
+            chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
             replies, done_events = {}, []
             async for index, event in run.events_until_done():
                 delta = {} if index in replies else {"role": "assistant", "content": ""}
@@ -657,7 +673,7 @@ async def chat_completions(request: Request) -> Response:
         choices.append({"index": i, "message": message, "logprobs": chat_logprobs(infos.get(i, [])),
                         "finish_reason": finish_reason})
     return JSONResponse({
-        "id": rid, "object": "chat.completion", "created": created, "model": served.name,
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
         "choices": choices, "usage": _usage(list(done.values()), [prompt]),
     })
 
@@ -692,10 +708,52 @@ async def embeddings(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     served: Served = request.app.state.served
-    return JSONResponse({"object": "list", "data": [{
-        "id": served.name, "object": "model", "created": served.created, "owned_by": "flaxformer_lite",
-        "max_model_len": served.max_len,
-    }]})
+    card = {"object": "model", "created": served.created, "owned_by": "flaxformer_lite",
+            "max_model_len": served.max_len}
+    return JSONResponse({"object": "list", "data": [{"id": served.name, **card}, *(
+        {"id": name, **card, "root": served.adapter_folders.get(name), "parent": served.name}
+        for name in served.adapters())]})
+
+
+def _adapter_table(served: Served) -> Any:
+    """The engine, if it holds adapters (else ApiError naming --max-adapters)."""
+    if served.engine is None or not served.engine.max_adapters or served.read_adapter is None:
+        raise ApiError(400, "this server holds no LoRA adapters: start it with --max-adapters N (and --hf)",
+                       "lora_name")
+    return served.engine
+
+
+async def load_lora_adapter(request: Request) -> Response:
+    """vLLM's route: read a PEFT folder (off the event loop), write it into a free entry of
+    the engine's adapter table, and answer once requests may name it."""
+    served: Served = request.app.state.served
+    body = await _json_body(request, served, protocol.LoadLoraAdapterRequest)
+    engine = _adapter_table(served)
+    if body.lora_name == served.name or body.lora_name in served.adapters():
+        raise ApiError(400, f"'{body.lora_name}' already names a model of this server: unload it first, or pick "
+                       "another lora_name", "lora_name")
+    loop = asyncio.get_running_loop()
+    try:
+        adapter = await loop.run_in_executor(None, served.read_adapter, body.lora_path)
+        await asyncio.wrap_future(engine.load_adapter(body.lora_name, *adapter))
+    except EngineError as e:
+        raise ApiError(e.http_status, str(e), "lora_path" if e.http_status == 400 else "lora_name") from None
+    except ValueError as e:  # the folder: HFError, or a file that is not safetensors or JSON
+        raise ApiError(400, f"lora_path: {e}", "lora_path") from None
+    served.adapter_folders[body.lora_name] = body.lora_path
+    return JSONResponse({"id": body.lora_name, "object": "lora_adapter", "status": "loaded"})
+
+
+async def unload_lora_adapter(request: Request) -> Response:
+    """vLLM's route: new requests may no longer name the adapter; those running on it finish."""
+    served: Served = request.app.state.served
+    body = await _json_body(request, served, protocol.UnloadLoraAdapterRequest)
+    try:
+        _adapter_table(served).unload_adapter(body.lora_name)
+    except EngineError as e:
+        raise ApiError(e.http_status, str(e), "lora_name") from None
+    served.adapter_folders.pop(body.lora_name, None)
+    return JSONResponse({"id": body.lora_name, "object": "lora_adapter", "status": "unloaded"})
 
 
 async def health(request: Request) -> Response:
@@ -747,7 +805,7 @@ async def _json_body(request: Request, served: Served, model: type):
             raise too_large
         chunks.append(chunk)
     body = protocol.parse(model, b"".join(chunks))
-    _check_model(served, body.model)
+    _check_model(served, getattr(body, "model", None))
     return body
 
 
@@ -795,6 +853,8 @@ def build_app(served: Served, on_shutdown: Callable[[], None] = lambda: None,
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),

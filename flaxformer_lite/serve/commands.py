@@ -17,6 +17,7 @@ engine dies, /health answers 503 and the process exits 1, for a supervisor to re
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import signal
 import socket
@@ -44,12 +45,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--workdir", help="a training run's directory: its config, latest checkpoint, tokenizer")
     source.add_argument("--hf", metavar="DIR", help="a local HuggingFace folder: config.json, *.safetensors, "
                         "tokenizer files, chat template (encoders serve /v1/embeddings)")
-    inference_commands.add_peft_argument(source)
+    inference_commands.add_peft_argument(source, many=True)
     source.add_argument("--config", help="alone: a randomly initialised model of this config, to try the server")
     source.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="with --config: override config keys, e.g. --set model.num_layers=4 (default: none)")
     source.add_argument("--step", type=non_negative_int, help="checkpoint step to load from --workdir (default: the latest)")
     parser.add_argument("--name", help="the model id clients pass as 'model' (default: the folder or config name)")
+    parser.add_argument("--max-adapters", type=non_negative_int, default=None, metavar="N",
+                        help="LoRA adapters held at once, from --peft NAME=DIR and POST /v1/load_lora_adapter; 0 "
+                        "serves the base alone and compiles no adapter path (default: the number of --peft NAME=DIR)")
+    parser.add_argument("--max-lora-rank", type=positive_int, default=None, metavar="R",
+                        help="the largest adapter rank held; every adapter is zero-padded to it, so a step's "
+                        "adapter work grows with it (default: the largest rank among --peft, else 16)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; one other than loopback "
                         "(0.0.0.0) reaches other machines: set --api-key too (docs/serving.md)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -99,6 +106,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                          "otherwise it is plain text, so a message cannot forge a turn")
 
 
+def _adapter_folders(entries: list) -> dict:
+    """{name: folder} of --peft NAME=DIR entries (a bare DIR is named after its folder)."""
+    from flaxformer_lite.config import ConfigError
+
+    out = {}
+    for entry in entries:
+        name, sep, folder = entry.partition("=")
+        if not sep:
+            name, folder = pathlib.Path(entry).resolve().name, entry
+        if not name or not folder:
+            raise ConfigError(f"--peft {entry!r}: give NAME=DIR (or a bare DIR, named after its folder)")
+        if name in out:
+            raise ConfigError(f"--peft: two adapters are named {name!r}: name them apart with --peft NAME=DIR")
+        out[name] = folder
+    return out
+
+
 def _load(args):
     """(Served, engine-or-embedder) for the chosen model source."""
     import jax
@@ -110,6 +134,14 @@ def _load(args):
     from flaxformer_lite.serve.app import Served
 
     inference_commands.check_peft(args)
+    entries = args.peft or []
+    # One bare --peft DIR alone: that adapter inside the model, as generate loads it.
+    single = entries[0] if len(entries) == 1 and "=" not in entries[0] and args.max_adapters is None else None
+    folders = {} if single else _adapter_folders(entries)
+    max_adapters = len(folders) if args.max_adapters is None else args.max_adapters
+    if len(folders) > max_adapters:
+        raise ConfigError(f"--peft names {len(folders)} adapters, more than --max-adapters {max_adapters}: raise "
+                          "--max-adapters or drop some")
     if args.set and not args.config:
         raise ConfigError("--set overrides --config keys: add --config, or drop --set")
     if args.config and not (args.workdir or args.hf):
@@ -121,8 +153,9 @@ def _load(args):
         tokenizer, name = data.load_tokenizer(cfg.data.tokenizer), cfg.name
         folder = inference_commands.tokenizer_folder(cfg.data.tokenizer)
     else:
-        model_cfg, params, tokenizer, folder = inference_commands.load_model(args)
-        name = pathlib.Path(args.peft or args.hf or args.workdir).resolve().name
+        model_cfg, params, tokenizer, folder = inference_commands.load_model(argparse.Namespace(**{
+            **vars(args), "peft": single}))
+        name = pathlib.Path(single or args.hf or args.workdir).resolve().name
     template = ChatTemplate.from_folder(folder) if folder is not None else None
     sampling = sampling_defaults(folder) if folder is not None else None
     if sampling is not None and (sampling.applied or sampling.unapplied):
@@ -152,9 +185,25 @@ def _load(args):
         return served, served.embedder
     from flaxformer_lite.inference.engine import Engine
 
+    adapters = {}
+    if max_adapters:
+        from flaxformer_lite.interop import hf, peft
+
+        model_type = hf.read_config(args.hf).get("model_type") if args.hf else None
+        served.read_adapter = functools.partial(peft.adapter_params, model_cfg, model_type=model_type)
+        adapters = {name: served.read_adapter(folder) for name, folder in folders.items()}
+        if served.name in adapters:
+            raise ConfigError(f"--peft {served.name}=...: {served.name!r} is the base model's name (--name): "
+                              "name the adapter otherwise")
+    served.adapter_folders = folders
+    ranks = [lora_cfg.rank for lora_cfg, _ in adapters.values()]
+    targets = {t for lora_cfg, _ in adapters.values() for t in lora_cfg.targets} or None
     served.engine = Engine(model, params, tokenizer, max_batch=args.max_batch, max_len=max_len,
                            chunk=args.chunk, max_queue=args.max_queue, prefix_blocks=args.prefix_cache_blocks,
-                           prefill_budget=args.prefill_budget)
+                           prefill_budget=args.prefill_budget, max_adapters=max_adapters,
+                           max_lora_rank=args.max_lora_rank or max(ranks, default=16), lora_targets=targets)
+    for name, adapter in adapters.items():
+        served.engine.load_adapter(name, *adapter)  # written into the table as the engine warms up
     return served, served.engine
 
 

@@ -214,6 +214,25 @@ class EmbeddingRequest(_Model):
     user: Optional[str] = None
 
 
+AdapterName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^\S+$",
+                                    description="the name requests pass as 'model' (no spaces)")]
+
+
+class LoadLoraAdapterRequest(_Model):
+    """POST /v1/load_lora_adapter (vLLM's): a PEFT LoRA folder on the server's disk."""
+
+    lora_name: AdapterName
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)] = Field(
+        description="a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors) on the server, made for "
+        "its base model")
+
+
+class UnloadLoraAdapterRequest(_Model):
+    """POST /v1/unload_lora_adapter (vLLM's)."""
+
+    lora_name: AdapterName
+
+
 # ------------------------------------------------------------------------ responses (the document)
 
 
@@ -297,6 +316,16 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    root: Optional[str] = None  # an adapter's folder
+    parent: Optional[str] = None  # an adapter's base model
+
+
+class AdapterStatus(BaseModel):
+    """The reply of the adapter routes."""
+
+    id: str
+    object: Literal["lora_adapter"]
+    status: Literal["loaded", "unloaded"]
 
 
 class ModelList(BaseModel):
@@ -369,10 +398,13 @@ _ROUTES = {
     "/v1/completions": ("post", CompletionRequest, Completion, "Complete a prompt (OpenAI's legacy completions)"),
     "/v1/chat/completions": ("post", ChatCompletionRequest, ChatCompletion, "Reply to a conversation"),
     "/v1/embeddings": ("post", EmbeddingRequest, EmbeddingList, "Embed text (encoder models)"),
-    "/v1/models": ("get", None, ModelList, "The served model"),
+    "/v1/models": ("get", None, ModelList, "The base model and its adapters"),
+    "/v1/load_lora_adapter": ("post", LoadLoraAdapterRequest, AdapterStatus, "Load a LoRA adapter (--max-adapters)"),
+    "/v1/unload_lora_adapter": ("post", UnloadLoraAdapterRequest, AdapterStatus, "Unload a LoRA adapter"),
 }
 _ERRORS = {"400": "bad request (the field is named)", "401": "no or wrong API key",
-           "404": "another model is named", "413": "the body exceeds --max-body-bytes",
+           "404": "a model (or adapter) the server does not hold is named",
+           "409": "every adapter entry is in use (--max-adapters)", "413": "the body exceeds --max-body-bytes",
            "415": "the body is not application/json", "429": "the queue is full (Retry-After)",
            "503": "the server is draining"}
 

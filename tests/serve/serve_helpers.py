@@ -81,6 +81,7 @@ class ScriptedEngine:
 
     draining = False
     max_batch = 1
+    max_adapters = 0
     stats: dict = {}
 
     def __init__(self, text, piece=1000):
@@ -95,7 +96,10 @@ class ScriptedEngine:
     def busy(self):
         return 0
 
-    def submit(self, prompt, params, sink):
+    def adapters(self):
+        return []
+
+    def submit(self, prompt, params, sink, adapter=None):
         self.prompts.append(prompt)
         for start in range(0, len(self.text), self.piece):
             sink({"type": "token", "text": self.text[start:start + self.piece], "tokens": []})

@@ -133,3 +133,86 @@ def test_adapters_the_table_cannot_hold_are_refused_by_name(engine, loaded, base
     plain = Engine(build_model(cfg), params, tokenizer, max_batch=1, max_len=32, chunk=16)
     with pytest.raises(EngineError, match="--max-adapters N"):
         plain.load_adapter("r2", *loaded["r2"])
+
+
+def _serve_args(*flags):
+    import argparse
+
+    from flaxformer_lite.serve import commands
+
+    parser = argparse.ArgumentParser()
+    commands.add_serve_arguments(parser)
+    return parser.parse_args(list(flags))
+
+
+def test_serve_flags_name_adapters_and_refuse_what_cannot_serve(hf_dir, adapter_dirs, tmp_path):
+    from flaxformer_lite.config import ConfigError
+    from flaxformer_lite.serve import commands
+
+    r2, r8 = adapter_dirs["r2"], adapter_dirs["r8"]
+    served, engine = commands._load(_serve_args("--hf", str(hf_dir), "--peft", f"small={r2}", "--peft", str(r8),
+                                                "--max-len", "32", "--chunk", "16", "--max-batch", "1"))
+    assert (served.name, served.adapter_folders) == (hf_dir.name, {"small": str(r2), "r8": str(r8)})
+    assert (engine.max_adapters, engine.max_lora_rank) == (2, 8)
+    assert engine.lora_targets == ("query", "value", "wi", "wo")  # the union of the adapters' projections
+    cases = [
+        (("--peft", f"a={r2}", "--peft", f"a={r8}"), "two adapters are named 'a'"),
+        (("--peft", f"a={r2}", "--peft", f"b={r8}", "--max-adapters", "1"), "more than --max-adapters 1"),
+        (("--peft", f"a={r8}", "--max-lora-rank", "4"), "--max-lora-rank 8 or more"),
+        (("--peft", f"{hf_dir.name}={r2}"), "is the base model's name"),
+        (("--peft", f"a={tmp_path}"), f"{tmp_path}: not a PEFT adapter folder"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(ValueError, match=message):
+            commands._load(_serve_args("--hf", str(hf_dir), "--max-len", "32", *flags))
+    with pytest.raises(ConfigError, match="--peft ADAPTER goes with --hf"):
+        commands._load(_serve_args("--config", "llama_tiny", "--peft", f"a={r2}"))
+
+
+def test_http_requests_pick_adapters_and_keyed_routes_load_and_unload_them(engine, hf_dir, adapter_dirs, base,
+                                                                           tmp_path):
+    from test_serve_protocol import call
+
+    from flaxformer_lite.serve import access, app
+
+    cfg, _, tokenizer = base
+    served = app.Served(name="tiny", tokenizer=tokenizer, max_len=96, engine=engine,
+                        read_adapter=lambda path: peft.adapter_params(cfg, path, model_type="llama"))
+    application = app.build_app(served, policy=access.Policy(api_keys=("key",)))
+    key = {"authorization": "Bearer key"}
+
+    def complete(model):
+        body = {"model": model, "prompt": [5, 80, 17, 200, 9], "max_tokens": NEW, "temperature": 0,
+                "ignore_eos": True}
+        return call(application, "POST", "/v1/completions", body=body, headers=key)
+
+    listed = call(application, "GET", "/v1/models", headers=key).json()["data"]
+    assert [(m["id"], m.get("parent")) for m in listed] == [("tiny", None), ("r2", "tiny"), ("r4", "tiny"),
+                                                            ("r8", "tiny")]
+    replies = {}
+    for model in ("tiny", "r2", "r4"):
+        response = complete(model)
+        assert response.status_code == 200 and response.json()["model"] == model
+        replies[model] = response.json()["choices"][0]["text"]
+    assert len(set(replies.values())) == 3
+    missing = complete("r5")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    assert "'tiny', 'r2', 'r4', 'r8'" in missing.json()["error"]["message"]
+
+    load = {"lora_name": "second", "lora_path": str(adapter_dirs["r2"])}
+    assert call(application, "POST", "/v1/load_lora_adapter", body=load).status_code == 401
+    assert call(application, "POST", "/v1/unload_lora_adapter", body={"lora_name": "r2"}).status_code == 401
+    loaded = call(application, "POST", "/v1/load_lora_adapter", body=load, headers=key)
+    assert loaded.status_code == 200 and loaded.json()["status"] == "loaded"
+    assert complete("second").json()["choices"][0]["text"] == replies["r2"]
+    again = call(application, "POST", "/v1/load_lora_adapter", body=load, headers=key)
+    assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
+    bad = call(application, "POST", "/v1/load_lora_adapter", body={"lora_name": "bad", "lora_path": str(tmp_path)},
+               headers=key)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "lora_path"
+    assert str(tmp_path) in bad.json()["error"]["message"]
+    assert call(application, "POST", "/v1/unload_lora_adapter", body={"lora_name": "second"},
+                headers=key).status_code == 200
+    assert complete("second").status_code == 404
+    gone = call(application, "POST", "/v1/unload_lora_adapter", body={"lora_name": "second"}, headers=key)
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "lora_name"
