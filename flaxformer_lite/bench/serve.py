@@ -27,6 +27,13 @@ requests, one at a time, whose prompts share a new random prefix of TOKENS token
 differ in their last 16; the first of a pair computes the prefix (a miss), the second
 reads it from the cache (a hit). Reported: the median time to first token of each and
 their ratio, and the prompt tokens the server's usage reports as cached.
+
+`--adapters N` measures instead what serving many LoRA adapters costs: N random PEFT
+adapters of mixed ranks (ADAPTER_RANKS in turn) on every projection of the model are
+loaded through POST /v1/load_lora_adapter into a server started with --max-adapters N;
+then --rounds alternating rounds of the concurrent phase, once on the base alone and once
+with the requests naming the adapters round-robin (every batch mixes them). Reported:
+the tokens/s of each, their ratio, and the compilations after warm-up.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import time
 from typing import Optional
 
 ABUSE_KINDS = ("malformed", "oversized", "pathological")
+ADAPTER_RANKS = (8, 16, 4, 12)  # --adapters' ranks, in turn
 BENCH_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "tags": {
     "type": "array", "items": {"type": "string"}}, "year": {"type": "integer"}}, "required": ["title", "tags", "year"]}
 
@@ -88,6 +96,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
                         help="instead of the phases above: --rounds pairs of prompts sharing a TOKENS-token prefix, "
                         "one at a time; time to first token of a miss and of a hit of the prefix cache")
+    parser.add_argument("--adapters", type=int, default=0, metavar="N",
+                        help="instead of the phases above: N random LoRA adapters of mixed ranks loaded while "
+                        "serving, and --rounds alternating rounds of the concurrent phase on the base alone and on "
+                        "the adapters round-robin; tokens/s of each and their ratio")
 
 
 def _percentile(values, q):
@@ -124,12 +136,14 @@ def _stream(port: int, prompt: list, max_tokens: int, extra: Optional[dict] = No
     return {"start": start, "arrivals": arrivals, "tokens": tokens, "text": "".join(text), "usage": usage}
 
 
-def _phase(port: int, prompts: list, max_tokens, clients: int, extra: Optional[dict] = None) -> dict:
-    """Run the requests with `clients` concurrent clients; their latency figures."""
+def _phase(port: int, prompts: list, max_tokens, clients: int, extra=None) -> dict:
+    """Run the requests with `clients` concurrent clients; their latency figures.
+    `max_tokens` and `extra` (fields added to the requests) are one for all or a list."""
     max_tokens = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    extra = extra if isinstance(extra, list) else [extra] * len(prompts)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda a: _stream(port, *a, extra), zip(prompts, max_tokens)))
+        results = list(pool.map(lambda a: _stream(port, *a), zip(prompts, max_tokens, extra)))
     return _figures(results, time.perf_counter() - start, clients)
 
 
@@ -160,13 +174,19 @@ def _rss_mib(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+def _overrides(args) -> list:
+    """The --set overrides of the served llama_tiny model."""
+    return [f"model.d_model={args.d_model}", f"model.num_layers={args.layers}", f"model.num_heads={args.heads}",
+            f"model.num_kv_heads={args.heads}", f"model.d_ff={args.d_model * 11 // 4}",
+            f"model.max_len={args.max_len}", f"data.seq_len={args.max_len}"]
+
+
 def _start_server(args, port: int) -> subprocess.Popen:
-    overrides = [f"model.d_model={args.d_model}", f"model.num_layers={args.layers}", f"model.num_heads={args.heads}",
-                 f"model.num_kv_heads={args.heads}", f"model.d_ff={args.d_model * 11 // 4}",
-                 f"model.max_len={args.max_len}", f"data.seq_len={args.max_len}"]
-    command = [sys.executable, "-m", "flaxformer_lite", "serve", "--config", "llama_tiny", "--set", *overrides,
+    adapters = ["--max-adapters", str(args.adapters), "--max-lora-rank",
+                str(max(ADAPTER_RANKS[:args.adapters]))] if args.adapters else []
+    command = [sys.executable, "-m", "flaxformer_lite", "serve", "--config", "llama_tiny", "--set", *_overrides(args),
                "--port", str(port), "--max-batch", str(args.max_batch), "--max-len", str(args.max_len),
-               "--chunk", str(args.chunk), "--max-queue", str(max(64, args.clients)), *_budget(args)]
+               "--chunk", str(args.chunk), "--max-queue", str(max(64, args.clients)), *_budget(args), *adapters]
     return _launch(command, port, "/health", "the server", {"FLAXFORMER_LITE_COMPILATION_CACHE": "0"})
 
 
@@ -237,6 +257,8 @@ def run_serve(args: argparse.Namespace) -> dict:
             results["json_schema"] = _json_schema(port, prompts, args)
         elif args.shared_prefix:
             results["shared_prefix"] = _shared_prefix(port, args, rng)
+        elif args.adapters:
+            results["adapters"] = _adapters(port, prompts, args)
         else:
             results["one_at_a_time"] = single = _phase(port, prompts, args.new_tokens, 1)
             results["concurrent"] = many = _phase(port, prompts, args.new_tokens, args.clients)
@@ -270,13 +292,73 @@ def _json_schema(port: int, prompts: list, args) -> dict:
     for _ in range(args.json_schema):
         for name, extra in (("free", {}), ("json_schema", constrained)):
             rounds[name].append(_phase(port, prompts, args.new_tokens, args.clients, extra))
+    return {"rounds": args.json_schema, "clients": args.clients, **_round_totals(rounds, "json_schema", "free"),
+            "compilations_after_warmup": _get(port, "/health")["compilations_after_warmup"]}
+
+
+def _round_totals(rounds: dict, measured: str, reference: str) -> dict:
+    """Tokens/s over all rounds of each kind ({kind: [phase figures]}), each round's, and
+    the ratio of the measured kind's to the reference's."""
     totals = {name: (sum(p["new_tokens"] for p in phases), sum(p["wall_s"] for p in phases))
               for name, phases in rounds.items()}
     tokens_per_s = {name: round(tokens / wall, 1) for name, (tokens, wall) in totals.items()}
-    return {"rounds": args.json_schema, "clients": args.clients, "tokens_per_s": tokens_per_s,
-            "new_tokens": {name: tokens for name, (tokens, _) in totals.items()},
+    return {"tokens_per_s": tokens_per_s, "new_tokens": {name: tokens for name, (tokens, _) in totals.items()},
             "per_round": {name: [p["tokens_per_s"] for p in phases] for name, phases in rounds.items()},
-            "ratio": round(tokens_per_s["json_schema"] / tokens_per_s["free"], 3),
+            "ratio": round(tokens_per_s[measured] / tokens_per_s[reference], 3)}
+
+
+def _write_adapters(folder: pathlib.Path, args) -> list:
+    """--adapters random PEFT folders for the served model (ADAPTER_RANKS in turn, alpha
+    twice the rank, every projection): their paths."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from flaxformer_lite.config import LoraConfig, load_config
+    from flaxformer_lite.interop import peft
+    from flaxformer_lite.layers import lora
+    from flaxformer_lite.models import init_params
+
+    cfg = load_config("llama_tiny", overrides=_overrides(args)).model
+    rng = np.random.default_rng(args.seed)
+    paths = []
+    for i in range(args.adapters):
+        rank = ADAPTER_RANKS[i % len(ADAPTER_RANKS)]
+        adapted = dataclasses.replace(cfg, lora=LoraConfig(rank=rank, alpha=2.0 * rank, targets=tuple(lora.AXES)))
+        shapes = lora.split(jax.eval_shape(lambda: init_params(adapted, jax.random.key(0))))[0]
+        adapters = jax.tree.map(lambda s: rng.normal(0, 0.02, s.shape).astype(np.float32), shapes)
+        paths.append(str(peft.save_adapters(adapted, adapters, folder / f"adapter{i}", model_type="llama")))
+    return paths
+
+
+def _post(port: int, path: str, body: dict) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    reply = response.read()
+    conn.close()
+    return response.status, reply
+
+
+def _adapters(port: int, prompts: list, args) -> dict:
+    """--adapters random adapters loaded while serving, then alternating rounds of the
+    concurrent phase on the base and on the adapters round-robin: tokens/s of each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, path in enumerate(_write_adapters(pathlib.Path(tmp), args)):
+            status, reply = _post(port, "/v1/load_lora_adapter", {"lora_name": f"adapter{i}", "lora_path": path})
+            if status != 200:
+                raise SystemExit(f"bench serve: loading adapter{i} failed: HTTP {status} {reply[:300]!r}")
+    names = [f"adapter{i}" for i in range(args.adapters)]
+    mixed = [{"model": names[i % len(names)]} for i in range(len(prompts))]
+    _phase(port, prompts[:len(names)], args.new_tokens, len(names), mixed[:len(names)])  # first-request effects
+    rounds = {"base": [], "adapters": []}
+    for _ in range(args.rounds):
+        rounds["base"].append(_phase(port, prompts, args.new_tokens, args.clients))
+        rounds["adapters"].append(_phase(port, prompts, args.new_tokens, args.clients, mixed))
+    return {"adapters": args.adapters, "ranks": [ADAPTER_RANKS[i % len(ADAPTER_RANKS)] for i in range(args.adapters)],
+            "rounds": args.rounds, "clients": args.clients, **_round_totals(rounds, "adapters", "base"),
+            "load_1m": round(os.getloadavg()[0], 2),
             "compilations_after_warmup": _get(port, "/health")["compilations_after_warmup"]}
 
 
@@ -420,6 +502,12 @@ def _report(r: dict) -> None:
         print(f"  {x['pairs']} pairs sharing a {x['prefix_tokens']}-token prefix, one at a time: TTFT p50 miss "
               f"{x['ttft_ms_p50']['miss']} ms, hit {x['ttft_ms_p50']['hit']} ms: {x['ratio']}x lower on a hit; "
               f"cached prompt tokens {x['cached_tokens']}")
+    if "adapters" in r:
+        a = r["adapters"]
+        print(f"  {a['clients']} clients, {a['rounds']} alternating rounds: base alone {a['tokens_per_s']['base']} "
+              f"tokens/s {a['per_round']['base']}, {a['adapters']} adapters of ranks {a['ranks']} round-robin "
+              f"{a['tokens_per_s']['adapters']} tokens/s {a['per_round']['adapters']}; ratio {a['ratio']}x; "
+              f"load {a['load_1m']}; compilations after warm-up {a['compilations_after_warmup']}")
     if "concurrent" not in r:
         print(f"  server exit code after SIGTERM: {s.get('exit_code')}")
         return

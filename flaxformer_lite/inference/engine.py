@@ -41,12 +41,12 @@ the cache on or off. Requests that ask for their prompt's log-probs (`echo`) com
 every position.
 
 Many LoRA adapters (`max_adapters` > 0): the adapters live in one table (layers/lora.py
-`row_table`) of max_adapters + 1 entries, entry 0 the base (zeros), each padded to
-`max_lora_rank` with its alpha / r folded into B, so adapters of different ranks share
-a batch exactly. A sequence names its adapter at `submit`; each slot carries its entry's
-index, and `prefill` and `step` gather each row's A and B from the table (as S-LoRA and
-punica batch adapters). A batch with no adapted row runs the base's own programs, which
-compile no adapter path (nor do any when max_adapters is 0). `load_adapter` writes an
+`row_table`) of max_adapters entries, each padded to `max_lora_rank` with its alpha / r
+folded into B, so adapters of different ranks share a batch exactly. A sequence names
+its adapter at `submit`; each slot carries its entry (0: the base, none), and `prefill`
+and `step` add to each row its own entry's x A B (lora.rows). A batch with no adapted
+row runs the base's own programs, which compile no adapter path (nor do any when
+max_adapters is 0). `load_adapter` writes an
 entry in place between two steps (nothing compiles again); `unload_adapter` refuses the
 name to new requests at once and frees its entry when the last sequence using it ends,
 so no running sequence changes adapter. Prefix-cache keys of an adapted prompt are seeded
@@ -315,10 +315,10 @@ def _with_length(cache, length):
 
 def _apply(model, params, cache, ids_BT, valid_BT, positions_BT, adapters=None, adapter_B=None):
     """The model on tokens [B,T] (the cache's first B rows): (float32 logits [B,T,V], updated
-    cache); with an adapter table, row b adapted by its entry adapter_B[b]."""
+    cache); with an adapter table, row b adapted by its entry adapter_B[b] (0: none)."""
     variables = {**params, "cache": cache}
     if adapters is not None:
-        variables[lora.ROWS] = jax.tree.map(lambda t: t[adapter_B], adapters)
+        variables[lora.ROWS] = lora.rows(adapters, adapter_B)
     out, mutated = model.apply(
         variables, ids_BT, attention_mask=valid_BT, positions=positions_BT, decode=True, mutable=["cache"],
     )
@@ -410,7 +410,8 @@ def _step(model, params, pool, logits_BV, tables, decoding_B, length_B, temperat
 
 @functools.partial(jax.jit, donate_argnames=("adapters",))
 def _write_adapter(adapters, index, entry):
-    """The adapter table with entry `index` set to `entry` (the table's tree, one entry's shapes)."""
+    """The adapter table with index `index` (an entry less one) set to `entry` (the
+    table's tree, one entry's shapes)."""
     return jax.tree.map(lambda t, x: t.at[index].set(x.astype(t.dtype)), adapters, entry)
 
 
@@ -561,7 +562,7 @@ class Engine:
                                  "and with unrolled layers (model.scan_layers=false), as hf.load gives")
             if max_lora_rank < 1:
                 raise ValueError(f"--max-lora-rank {max_lora_rank} must be >= 1")
-            self._adapters = lora.row_table(cfg, params, self.lora_targets, max_adapters + 1, max_lora_rank)
+            self._adapters = lora.row_table(cfg, params, self.lora_targets, max_adapters, max_lora_rank)
             if not self._adapters:
                 raise ValueError(f"the model has no projection of {', '.join(self.lora_targets)} to adapt")
         self._named: dict[str, tuple[int, bytes]] = {}  # adapter name -> (table entry, prefix-cache seed)
@@ -673,12 +674,16 @@ class Engine:
 
     def _table_entry(self, name: str, weights: dict) -> dict:
         """One entry of the adapter table (its tree; zeros where the adapter adapts nothing)
-        from an adapter's row weights, EngineError naming a tensor made for another base."""
+        from an adapter's row weights, EngineError naming a tensor made for another base
+        or not finite."""
         table = traverse_util.flatten_dict(self._adapters)
         for key, x in weights.items():
             if key not in table or tuple(table[key].shape[1:]) != x.shape:
                 raise EngineError(f"adapter {name!r}: {'/'.join(map(str, key))} {list(x.shape)} does not fit this "
                                   "base: the adapter was made for another model; load one trained on this base")
+            if not np.all(np.isfinite(x)):  # one row's NaN would reach every row of its batch (lora.rows)
+                raise EngineError(f"adapter {name!r}: {'/'.join(map(str, key))} holds weights that are not finite "
+                                  "(NaN or inf): the adapter is damaged; load a sound copy")
         return traverse_util.unflatten_dict(
             {key: weights.get(key, np.zeros(t.shape[1:], np.float32)) for key, t in table.items()})
 
@@ -800,7 +805,7 @@ class Engine:
         """Compile prefill, each bucket's step, the slot move and the prefix cache's copies
         once: no request compiles anything afterwards."""
         slot, none = np.int32(self._free[0]), np.int32(0)
-        if self._adapters is not None:  # entry 0, the base's zeros, written over with zeros: this only compiles
+        if self._adapters is not None:  # zeros over the first entry's zeros: this only compiles
             self._adapters = _write_adapter(self._adapters, none, jax.tree.map(lambda t: np.zeros(t.shape[1:], t.dtype),
                                                                                self._adapters))
             self._write_adapters()
@@ -841,7 +846,7 @@ class Engine:
         """Write the queued adapters into the table, then let requests name them."""
         while not self._writes.empty():
             entry, weights, name, seed, future = self._writes.get()
-            self._adapters = _write_adapter(self._adapters, np.int32(entry), weights)
+            self._adapters = _write_adapter(self._adapters, np.int32(entry - 1), weights)
             with self._lock:
                 del self._loading[name]
                 self._named[name] = (entry, seed)

@@ -17,11 +17,11 @@ with nf4, as QLoRA's 4-bit NormalFloat codes with a float32 absmax per block of 
 inside the layer (ops.tied), so only one layer's kernels exist in the compute dtype.
 
 Many adapters in one batch (serving): a model applied with a `lora_rows` collection
-(ROWS) beside its params, holding per-row `{name}_lora_a` [B, in..., R] and
-`{name}_lora_b` [B, R, out...], adds each row's own x A B (the scale folded into B, as
-`row_weights` does): the rows of one batch may use different adapters, of different
-ranks zero-padded to one R, as S-LoRA and punica batch them. `row_table` makes the zero
-table such rows are gathered from, one adapter per entry.
+(ROWS) beside its params adds to each row of the batch its own adapter's x A B. ROWS
+holds a table of adapters (`row_table`), `{name}_lora_a` [E, in..., R] and
+`{name}_lora_b` [E, R, out...], each entry zero-padded to one rank R with its scale
+folded into B (`row_weights`), so adapters of different ranks compute exactly what they
+compute alone; and `{name}_lora_rows` [B, E], which entry each row uses (none: the base).
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def delta(module: nn.Module, name: str, x: jax.Array, out_shape: tuple[int, ...]
     adapter. x's trailing axes are the projection's input axes. Per-row adapters (ROWS),
     where the model is applied with them, take the place of cfg's."""
     if module.has_variable(ROWS, f"{name}_lora_a"):
-        return _row_delta(x, module.get_variable(ROWS, f"{name}_lora_a"), module.get_variable(ROWS, f"{name}_lora_b"),
-                          out_shape)
+        a, b, rows = (module.get_variable(ROWS, f"{name}_lora_{part}") for part in ("a", "b", "rows"))
+        return _row_delta(x, a, b, rows, out_shape)
     if not targets(cfg, name):
         return None
     in_axes, out_axes = AXES[name]
@@ -91,15 +91,34 @@ def delta(module: nn.Module, name: str, x: jax.Array, out_shape: tuple[int, ...]
     return jnp.tensordot(h * jnp.asarray(cfg.lora.scale, compute), b.astype(compute), axes=1)
 
 
-def _row_delta(x, a, b, out_shape: tuple[int, ...]) -> jax.Array:
-    """x A_b B_b for each row b of x [B, ..., in...], with a [B, in..., R], b [B, R, out...]."""
-    B, R = a.shape[0], a.shape[-1]
+def _row_delta(x, a, b, rows_BE, out_shape: tuple[int, ...]) -> jax.Array:
+    """x A_e B_e for each row of x [B, ..., in...] and the entry e its row of rows_BE
+    (bool [B, E]) picks, of a [E, in..., R] and b [E, R, out...]; zero where none.
+
+    Every entry's x A_e is computed and those a row does not use are zeroed (not
+    multiplied by 0, which would carry a NaN across rows): the table is read once however
+    many rows there are, where gathering each row's A and B (punica's BGMV without its
+    kernel) would copy B of them on every call (docs/serving.md, "Many adapters")."""
+    B, E, R = x.shape[0], a.shape[0], a.shape[-1]
     n_in = a.ndim - 2
     compute = x.dtype
     x_BTI = x.reshape(B, -1, math.prod(a.shape[1:-1]))
-    h_BTR = jnp.einsum("BTI,BIR->BTR", x_BTI, a.reshape(B, -1, R).astype(compute))
-    out_BTO = jnp.einsum("BTR,BRO->BTO", h_BTR, b.reshape(B, R, -1).astype(compute))
+    h_BTER = jnp.einsum("BTI,EIR->BTER", x_BTI, a.reshape(E, -1, R).astype(compute))
+    h_BTER = jnp.where(rows_BE[:, None, :, None], h_BTER, 0)
+    out_BTO = jnp.einsum("BTER,ERO->BTO", h_BTER, b.reshape(E, R, -1).astype(compute))
     return out_BTO.reshape(x.shape[:x.ndim - n_in] + tuple(out_shape))
+
+
+def rows(table: dict, entry_B: jax.Array) -> dict:
+    """The ROWS collection for a batch whose row b uses entry entry_B[b] - 1 of `table`
+    (a row_table; 0: no adapter, the base)."""
+    flat = traverse_util.flatten_dict(table)
+    rows_BE = jax.nn.one_hot(entry_B - 1, next(iter(flat.values())).shape[0], dtype=bool)
+    out = dict(flat)
+    for key in flat:
+        if str(key[-1]).endswith("_lora_a"):
+            out[key[:-1] + (str(key[-1])[: -len("_a")] + "_rows",)] = rows_BE
+    return traverse_util.unflatten_dict(out)
 
 
 def row_table(cfg: ModelConfig, params: Any, names: tuple[str, ...], size: int, rank: int, dtype=jnp.float32) -> dict:

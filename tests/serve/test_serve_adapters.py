@@ -7,6 +7,7 @@ import dataclasses
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 from test_serve_engine import NEW
@@ -129,6 +130,9 @@ def test_adapters_the_table_cannot_hold_are_refused_by_name(engine, loaded, base
         engine.load_adapter("big", dataclasses.replace(lora_cfg, rank=16), adapters)
     with pytest.raises(EngineError, match="adapts wg, which the adapter table does not hold"):
         engine.load_adapter("gate", dataclasses.replace(lora_cfg, targets=("wg",)), adapters)
+    damaged = jax.tree.map(lambda x: np.where(np.arange(x.size).reshape(x.shape) == 1, np.nan, x), adapters)
+    with pytest.raises(EngineError, match="not finite"):
+        engine.load_adapter("damaged", lora_cfg, damaged)
     cfg, params, tokenizer = base
     plain = Engine(build_model(cfg), params, tokenizer, max_batch=1, max_len=32, chunk=16)
     with pytest.raises(EngineError, match="--max-adapters N"):
