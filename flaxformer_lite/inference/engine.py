@@ -26,7 +26,8 @@ The compiled programs (all compiled at start-up):
     where it has one), then run the model on them: one new token per slot. A grammar's
     mask (grammar.py) is computed on the host after each token and reaches the step as
     a packed per-slot table;
-  - `_move` (one slot into another) and the prefix cache's `_save_block` and `_restore`.
+  - `_move` (one slot into another), the prefix cache's `_save_block` and `_restore`, and
+    `_write_adapter` (one entry of the adapter table, below).
 Prompts are prefilled a few chunks (`prefill_budget` tokens) per engine iteration,
 oldest request first, between decode steps, so the running streams wait at most that
 long for their next token, however long the prompts that arrive.

@@ -174,6 +174,9 @@ def _load(args):
     if model_cfg.family == "encoder":
         from flaxformer_lite.inference.embedder import Embedder
 
+        if max_adapters:
+            raise ConfigError("--peft NAME=DIR and --max-adapters serve adapters of a decoder-only model; an encoder "
+                              "serves /v1/embeddings of its own weights: drop them")
         if not args.hf:
             raise ConfigError("an encoder serves /v1/embeddings from an HF folder: pass --hf DIR")
         settings = inference_commands.sentence_transformers_settings(args.hf)

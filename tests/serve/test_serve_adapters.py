@@ -149,7 +149,7 @@ def _serve_args(*flags):
     return parser.parse_args(list(flags))
 
 
-def test_serve_flags_name_adapters_and_refuse_what_cannot_serve(hf_dir, adapter_dirs, tmp_path):
+def test_serve_flags_name_adapters_and_refuse_what_cannot_serve(hf_dir, bert_dir, adapter_dirs, tmp_path):
     from flaxformer_lite.config import ConfigError
     from flaxformer_lite.serve import commands
 
@@ -169,6 +169,8 @@ def test_serve_flags_name_adapters_and_refuse_what_cannot_serve(hf_dir, adapter_
     for flags, message in cases:
         with pytest.raises(ValueError, match=message):
             commands._load(_serve_args("--hf", str(hf_dir), "--max-len", "32", *flags))
+    with pytest.raises(ConfigError, match="an encoder serves /v1/embeddings"):
+        commands._load(_serve_args("--hf", str(bert_dir), "--max-adapters", "1"))
     with pytest.raises(ConfigError, match="--peft ADAPTER goes with --hf"):
         commands._load(_serve_args("--config", "llama_tiny", "--peft", f"a={r2}"))
 
