@@ -70,8 +70,8 @@ def delta(module: nn.Module, name: str, x: jax.Array, out_shape: tuple[int, ...]
     adapter. x's trailing axes are the projection's input axes. Per-row adapters (ROWS),
     where the model is applied with them, take the place of cfg's."""
     if module.has_variable(ROWS, f"{name}_lora_a"):
-        a, b, rows = (module.get_variable(ROWS, f"{name}_lora_{part}") for part in ("a", "b", "rows"))
-        return _row_delta(x, a, b, rows, out_shape)
+        a, b, rows_BE = (module.get_variable(ROWS, f"{name}_lora_{part}") for part in ("a", "b", "rows"))
+        return _row_delta(x, a, b, rows_BE, out_shape)
     if not targets(cfg, name):
         return None
     in_axes, out_axes = AXES[name]
