@@ -222,8 +222,10 @@ def with_batch(cfg: Config, batch_size: int) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch_size))
 
 
-def largest_batch(cfg: Config, devices: list, hbm: int) -> tuple[int, Compiled]:
-    """(the largest global batch whose step fits `hbm` per chip, its compile).
+def largest_batch(cfg: Config, devices: list, hbm: int) -> tuple[int, Compiled, dict]:
+    """(the largest global batch whose step fits `hbm` per chip, its compile, and the
+    smallest batch tried that does not fit: {"global", "total"}, total None where libtpu
+    refused the program outright).
 
     The batch moves in units of one row a data-parallel chip (times the accumulation
     steps). Memory grows nearly linearly with the batch: after a trial that fits, the next
@@ -261,7 +263,8 @@ def largest_batch(cfg: Config, devices: list, hbm: int) -> tuple[int, Compiled]:
             fitting.append(guess)
         else:
             hi = guess
-    return lo * unit, runs[lo]
+    over = runs[hi].memory.get("total") if runs[hi].fits else None
+    return lo * unit, runs[lo], {"global": hi * unit, "total": over}
 
 
 def plan_train(cfg: Config, topo: Topology, devices: list, *, auto_batch: bool = False,
@@ -275,10 +278,10 @@ def plan_train(cfg: Config, topo: Topology, devices: list, *, auto_batch: bool =
     except ConfigError as e:
         raise ConfigError(f"{e}; --topology {topo.name} has {topo.chips} chips") from None
     if auto_batch:
-        batch_size, compiled = largest_batch(cfg, devices, chip.hbm_bytes)
+        batch_size, compiled, over = largest_batch(cfg, devices, chip.hbm_bytes)
         cfg = with_batch(cfg, batch_size)
     else:
-        compiled = compile_step(cfg, devices)
+        compiled, over = compile_step(cfg, devices), None
     tokens = cfg.data.batch_size * flops.tokens_per_sequence(cfg.model, cfg.data.seq_len, cfg.data.target_len)
     state = compiled.state_bytes
     report = {
@@ -287,7 +290,8 @@ def plan_train(cfg: Config, topo: Topology, devices: list, *, auto_batch: bool =
                      "hbm_gib": chip.hbm_bytes / 2**30, "peak_bf16_flops": chip.peak_bf16_flops},
         "mesh": dict(zip(parallel.MESH_AXES, parallel.mesh_shape(cfg.parallel, len(devices)))),
         "batch": {"global": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "tokens": tokens,
-                  "grad_accum_steps": cfg.train.grad_accum_steps, "auto": auto_batch},
+                  "grad_accum_steps": cfg.train.grad_accum_steps, "auto": auto_batch,
+                  **({"smallest_over": over} if over else {})},
         "model": {"remat_policy": cfg.model.remat_policy, "scan_layers": cfg.model.scan_layers,
                   "attention_impl": cfg.model.attention_impl, "dtype": cfg.model.dtype},
         "memory_per_chip": {"parameters": state["params"], "optimizer": state["optimizer"],
@@ -357,7 +361,8 @@ def format_report(r: dict) -> str:
     head = [
         f"plan: {r['config']} on {t['name']} ({t['chips']} chips of TPU {t['version']}, {t['libtpu']}), mesh {mesh}",
         f"batch: {b['global']} x {b['seq_len']} ({b['tokens']} tokens a step"
-        + (", the largest that fits" if b["auto"] else "") + f"), grad_accum_steps {b['grad_accum_steps']}, "
+        + (", the largest that fits" if b["auto"] else "")
+        + (f"; {b['smallest_over']['global']} does not" if "smallest_over" in b else "") + f"), grad_accum_steps {b['grad_accum_steps']}, "
         + f"remat {r['model']['remat_policy']}, attention {r['model']['attention_impl']}",
     ]
     if "compiler_says" in r:
