@@ -181,10 +181,13 @@ def test_scores_equal_log_softmax_of_the_full_forward_pass(preset):
     pairs += [(shared, [int(t)]) for t in rng.integers(3, cfg.vocab_size, 3)]
     pairs += [(shared, [int(a), int(b)]), (shared + [int(a)], [int(rng.integers(3, cfg.vocab_size))])]
     got = Scorer(model, params, batch_size=2)(pairs)
-    for (context, continuation), (logprob, greedy) in zip(pairs, got):
-        ids = np.asarray([context + continuation])
-        logp = jax.nn.log_softmax(model.apply(params, ids[:, :-1]).logits[0].astype(np.float32), axis=-1)
-        rows = logp[len(context) - 1:]
+    # The reference: one forward pass over every pair, right-padded (a causal model's
+    # logits at a position do not depend on the tokens after it).
+    width = max(len(c) + len(k) for c, k in pairs)
+    ids = np.asarray([c + k + [3] * (width - len(c) - len(k)) for c, k in pairs])
+    logp_all = jax.nn.log_softmax(jax.jit(model.apply)(params, ids).logits.astype(np.float32), axis=-1)
+    for (context, continuation), (logprob, greedy), logp in zip(pairs, got, logp_all):
+        rows = logp[len(context) - 1:len(context) + len(continuation) - 1]
         want = sum(float(rows[j, t]) for j, t in enumerate(continuation))
         assert logprob == pytest.approx(want, abs=1e-4)
         assert greedy == all(int(np.argmax(rows[j])) == t for j, t in enumerate(continuation))

@@ -172,10 +172,11 @@ def _cli(*args):
 
 
 def test_cli_prints_estimates_labelled_as_estimates():
-    out = _cli("--config", "llama3_tiny", "--topology", "v5litepod-4", "--set", "data.batch_size=8")
+    """The README's plan command, as written there."""
+    out = _cli("--config", "llama3_tiny", "--topology", "v5e-4", "--set", "data.batch_size=8")
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
-    assert "llama3_tiny on v5litepod-4 (4 chips of TPU v5e, v5e:2x2)" in text and "fits" in text
+    assert "llama3_tiny on v5e-4 (4 chips of TPU v5e, v5e:2x2)" in text and "fits" in text
     time_line = next(line for line in text.splitlines() if "step time" in line)
     assert time_line.startswith("estimated step time") and "estimated MFU" in time_line
     assert "compiler estimate" in time_line and "roofline estimate" in time_line
