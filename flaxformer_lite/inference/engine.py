@@ -1013,8 +1013,9 @@ class Engine:
         if constrained:
             self.grammars.fill(constrained, self._allowed)
             # Device arrays, as the unconstrained masks are: a numpy argument would be another
-            # entry of the step's cache.
-            masks = (jnp.asarray(self._allowed[:B]), jnp.asarray(np.isin(np.arange(B), [b for _, b in constrained])))
+            # entry of the step's cache. device_put, not jnp.asarray, which compiles a copy
+            # program for each new shape and dtype (one per bucket, after warm-up).
+            masks = jax.device_put((self._allowed[:B], np.isin(np.arange(B), [b for _, b in constrained])))
         adapter_B = np.zeros(B, np.int32)
         for s in self._running.values():
             adapter_B[s.slot] = s.adapter
